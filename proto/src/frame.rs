@@ -1,0 +1,285 @@
+//! Framing of the si protocol.
+//!
+//! Every frame is
+//!
+//! ```text
+//! length: u32 LE (bytes after the 5-byte header) | kind: u8 | payload
+//! ```
+//!
+//! `kind` 1 is a [`Msg`](crate::msg::Msg) encoded with bincode 2 (standard config, decode limit
+//! [`MAX_FRAME`]); kind 2 is raw bulk data (compressed objects, manifest bytes) that never goes
+//! through the serializer. The length is checked against [`MAX_FRAME`] *before* anything is
+//! allocated. A clean end of stream between frames reads as `Ok(None)`; a stream that ends inside
+//! a frame, an unknown kind, an oversized length or an undecodable message is an error, after
+//! which the connection must be closed.
+
+use crate::msg::Msg;
+use std::io::{self, Read, Write};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest frame payload accepted.
+pub const MAX_FRAME: usize = 8 << 20;
+pub const HEADER_LEN: usize = 5;
+const KIND_MSG: u8 = 1;
+const KIND_DATA: u8 = 2;
+
+#[derive(Debug, Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("undecodable message: {0}")]
+    Decode(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+#[derive(Debug)]
+pub enum Frame {
+    Msg(Msg),
+    Data(Vec<u8>),
+}
+
+fn cfg() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Encodes a message into one frame (header included).
+pub fn encode_msg(m: &Msg) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_LEN];
+    bincode::serde::encode_into_std_write(m, &mut out, bincode::config::standard())
+        .expect("messages serialize");
+    let n = out.len() - HEADER_LEN;
+    assert!(n <= MAX_FRAME, "message of {n} bytes exceeds the frame limit");
+    out[..4].copy_from_slice(&(n as u32).to_le_bytes());
+    out[4] = KIND_MSG;
+    out
+}
+
+/// The header of a data frame of `len` bytes.
+pub fn data_header(len: usize) -> [u8; HEADER_LEN] {
+    assert!(len <= MAX_FRAME, "data frame of {len} bytes exceeds the frame limit");
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    h[4] = KIND_DATA;
+    h
+}
+
+/// Decodes a message payload. Never panics, whatever the bytes.
+pub fn decode_msg(payload: &[u8]) -> Result<Msg, FrameError> {
+    let (m, used): (Msg, usize) = bincode::serde::decode_from_slice(payload, cfg())
+        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    if used != payload.len() {
+        return Err(FrameError::Decode(format!(
+            "{} trailing bytes after the message",
+            payload.len() - used
+        )));
+    }
+    Ok(m)
+}
+
+fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(usize, u8), FrameError> {
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    if h[4] != KIND_MSG && h[4] != KIND_DATA {
+        return Err(FrameError::BadKind(h[4]));
+    }
+    Ok((len, h[4]))
+}
+
+fn finish(kind: u8, payload: Vec<u8>) -> Result<Frame, FrameError> {
+    if kind == KIND_MSG {
+        Ok(Frame::Msg(decode_msg(&payload)?))
+    } else {
+        Ok(Frame::Data(payload))
+    }
+}
+
+/// Decodes one frame from the front of `buf`: `Ok(None)` if `buf` holds less than a whole
+/// frame, else the frame and the number of bytes it used.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let (len, kind) = parse_header(buf[..HEADER_LEN].try_into().unwrap())?;
+    if buf.len() < HEADER_LEN + len {
+        return Ok(None);
+    }
+    let payload = buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+    Ok(Some((finish(kind, payload)?, HEADER_LEN + len)))
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before a header.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (len, kind) = parse_header(&h)?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(e),
+    })?;
+    finish(kind, payload).map(Some)
+}
+
+/// Async twin of [`read_frame`].
+pub async fn read_frame_async<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Frame>, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut h[got..]).await {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (len, kind) = parse_header(&h)?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await.map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(e),
+    })?;
+    finish(kind, payload).map(Some)
+}
+
+pub fn write_msg<W: Write>(w: &mut W, m: &Msg) -> io::Result<()> {
+    w.write_all(&encode_msg(m))
+}
+
+pub fn write_data<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
+    w.write_all(&data_header(data.len()))?;
+    w.write_all(data)
+}
+
+pub async fn write_msg_async<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> io::Result<()> {
+    w.write_all(&encode_msg(m)).await
+}
+
+pub async fn write_data_async<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> io::Result<()> {
+    w.write_all(&data_header(data.len())).await?;
+    w.write_all(data).await
+}
+
+/// Reads a frame that must be a message.
+pub fn recv_msg<R: Read>(r: &mut R) -> Result<Msg, FrameError> {
+    match read_frame(r)? {
+        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Protocol(format!(
+            "peer reported {kind:?}: {message}"
+        ))),
+        Some(Frame::Msg(m)) => Ok(m),
+        Some(Frame::Data(_)) => Err(FrameError::Protocol("expected a message, got data".into())),
+        None => Err(FrameError::Truncated),
+    }
+}
+
+/// Reads a frame that must be data.
+pub fn recv_data<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+    match read_frame(r)? {
+        Some(Frame::Data(d)) => Ok(d),
+        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Protocol(format!(
+            "peer reported {kind:?}: {message}"
+        ))),
+        Some(Frame::Msg(_)) => Err(FrameError::Protocol("expected data, got a message".into())),
+        None => Err(FrameError::Truncated),
+    }
+}
+
+pub async fn recv_msg_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, FrameError> {
+    match read_frame_async(r).await? {
+        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Protocol(format!(
+            "peer reported {kind:?}: {message}"
+        ))),
+        Some(Frame::Msg(m)) => Ok(m),
+        Some(Frame::Data(_)) => Err(FrameError::Protocol("expected a message, got data".into())),
+        None => Err(FrameError::Truncated),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::msg::{ErrorKind, Msg};
+
+    #[test]
+    fn round_trip_and_clean_eof() {
+        let mut buf = Vec::new();
+        write_msg(&mut buf, &Msg::Bye).unwrap();
+        write_data(&mut buf, b"bulk").unwrap();
+        let mut r = &buf[..];
+        assert!(matches!(read_frame(&mut r).unwrap(), Some(Frame::Msg(Msg::Bye))));
+        assert!(matches!(read_frame(&mut r).unwrap(), Some(Frame::Data(d)) if d == b"bulk"));
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_frame_rejected_before_allocation() {
+        let mut buf = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+        buf.push(KIND_DATA);
+        assert!(matches!(read_frame(&mut &buf[..]), Err(FrameError::TooLarge(_))));
+        let mut buf = u32::MAX.to_le_bytes().to_vec();
+        buf.push(KIND_MSG);
+        assert!(matches!(read_frame(&mut &buf[..]), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn truncated_and_garbage_frames() {
+        let full = encode_msg(&Msg::Error { kind: ErrorKind::Refused, message: "x".into() });
+        for cut in 1..full.len() {
+            assert!(matches!(read_frame(&mut &full[..cut]), Err(FrameError::Truncated)), "cut {cut}");
+        }
+        let mut bad = full.clone();
+        bad[4] = 7;
+        assert!(matches!(read_frame(&mut &bad[..]), Err(FrameError::BadKind(7))));
+        let mut junk = 4u32.to_le_bytes().to_vec();
+        junk.push(KIND_MSG);
+        junk.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(read_frame(&mut &junk[..]), Err(FrameError::Decode(_))));
+    }
+
+    #[test]
+    fn claimed_vec_length_is_bounded() {
+        // A Want message claiming 2^60 digests in a tiny frame must fail, not allocate.
+        let mut payload = Vec::new();
+        // variant index of Want, then a huge varint length (0xff marker + u64).
+        let idx = match decode_msg(&encode_msg(&Msg::Want(vec![]))[HEADER_LEN..]).unwrap() {
+            Msg::Want(_) => encode_msg(&Msg::Want(vec![]))[HEADER_LEN],
+            _ => unreachable!(),
+        };
+        payload.push(idx);
+        payload.push(253);
+        payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(decode_msg(&payload).is_err());
+    }
+
+    #[tokio::test]
+    async fn async_reader_matches_sync() {
+        let mut buf = Vec::new();
+        write_msg(&mut buf, &Msg::Bye).unwrap();
+        let mut r = &buf[..];
+        assert!(matches!(read_frame_async(&mut r).await.unwrap(), Some(Frame::Msg(Msg::Bye))));
+        assert!(read_frame_async(&mut r).await.unwrap().is_none());
+        let mut r = &buf[..3];
+        assert!(matches!(read_frame_async(&mut r).await, Err(FrameError::Truncated)));
+    }
+}

@@ -1,0 +1,182 @@
+//! Protocol messages.
+//!
+//! # Version handshake
+//!
+//! The connecting side sends [`Msg::Hello`] with [`MAGIC`], the highest protocol version it
+//! speaks and the lowest it accepts; the other side answers [`Msg::Welcome`] with the version
+//! both will use, or [`Msg::Error`] and closes. [`negotiate`] implements the choice.
+//!
+//! # Capture (master connects to the golden client's `si-prepareclient`)
+//!
+//! ```text
+//! master                                   golden client
+//! Hello{role: Capture, token}        ->
+//!                                    <-    Welcome
+//! CaptureStart{excludes}             ->
+//! Have([digest..]) ... HaveEnd       ->    (objects the master already has; not sent again)
+//!                                    <-    Layout(toml)
+//!                                    <-    Entries([..]) / Blob{..} + Data ... (interleaved)
+//!                                    <-    ScanEnd{stats}
+//! Bye                                ->
+//! ```
+//!
+//! # Deploy (node connects to `si-server`)
+//!
+//! ```text
+//! node                                     master
+//! Hello{role: Deploy}                ->
+//!                                    <-    Welcome
+//! GetManifest{image, version}        ->
+//!                                    <-    ManifestIs{..} + Data ... (manifest bytes)
+//! Want([digest..])                   ->    (at most MAX_WANT per message)
+//!                                    <-    Blob{..} + Data, one per digest, in order
+//! ...
+//! Bye                                ->
+//! ```
+//!
+//! A [`Msg::Blob`] is always followed by exactly one data frame holding the zstd-compressed
+//! object; the receiver decompresses at most `raw_len` bytes and checks the BLAKE3 digest
+//! before the object is used.
+
+use crate::digest::Digest;
+use crate::manifest::Entry;
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: [u8; 4] = *b"SI\x00P";
+/// Protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Oldest protocol version this build accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Most digests in one `Want` or `Have` message.
+pub const MAX_WANT: usize = 16_384;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Capture,
+    Deploy,
+    Push,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    Version,
+    Refused,
+    NotFound,
+    BadRequest,
+    Busy,
+    Internal,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanStats {
+    pub entries: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub bytes_read: u64,
+    pub files_read: u64,
+    pub blobs_sent: u64,
+    pub bytes_sent: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageVersionInfo {
+    pub image: String,
+    pub version: u32,
+    pub created: String,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    Hello {
+        magic: [u8; 4],
+        version: u32,
+        min_version: u32,
+        role: Role,
+        token: String,
+        client: String,
+    },
+    Welcome {
+        version: u32,
+        server: String,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+    Bye,
+
+    // capture
+    CaptureStart {
+        excludes: Vec<String>,
+    },
+    Have(Vec<Digest>),
+    HaveEnd,
+    Layout(String),
+    Entries(Vec<Entry>),
+    Blob {
+        digest: Digest,
+        raw_len: u32,
+    },
+    ScanEnd {
+        stats: ScanStats,
+    },
+
+    // deploy
+    ListImages,
+    Images(Vec<ImageVersionInfo>),
+    GetManifest {
+        image: String,
+        version: Option<u32>,
+    },
+    ManifestIs {
+        info: ImageVersionInfo,
+        digest: Digest,
+        bytes: u64,
+    },
+    Want(Vec<Digest>),
+    /// Node reports install progress or completion (free text, bounded by the frame).
+    Report {
+        node: String,
+        state: String,
+        detail: String,
+    },
+    Ok,
+}
+
+/// Chooses the version to speak with a peer that sent `Hello{version, min_version}`.
+pub fn negotiate(peer_version: u32, peer_min: u32) -> Result<u32, String> {
+    let v = peer_version.min(PROTOCOL_VERSION);
+    if v < MIN_PROTOCOL_VERSION || v < peer_min {
+        return Err(format!(
+            "no common protocol version: peer speaks {peer_min}..={peer_version}, \
+             this build {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
+        ));
+    }
+    Ok(v)
+}
+
+pub fn hello(role: Role, token: &str, client: &str) -> Msg {
+    Msg::Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
+        role,
+        token: token.to_string(),
+        client: client.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation() {
+        assert_eq!(negotiate(1, 1), Ok(1));
+        assert_eq!(negotiate(7, 1), Ok(1));
+        assert!(negotiate(9, 5).is_err());
+        assert!(negotiate(0, 0).is_err());
+    }
+}

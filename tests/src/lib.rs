@@ -1,0 +1,145 @@
+//! Shared helpers for si's end-to-end tests (the tests themselves are in `tests/tests/`).
+//!
+//! Privileged tests call [`require_root!`] first: without root they print why they skip and
+//! return. Network tests create namespaces through [`Netns`], named `si-t<pid>-<n>`, and only
+//! ever use addresses in 10.213.0.0/16 inside them; leftovers of dead test processes are removed
+//! by [`Netns::new`], and every namespace is deleted on drop.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub fn is_root() -> bool {
+    nix_geteuid() == 0
+}
+
+fn nix_geteuid() -> u32 {
+    // Read from /proc to avoid an unsafe libc call.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        })
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// Returns from the calling test, with a message, unless running as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("SKIP {}: needs root (network namespaces, loop devices, mknod); CI runs it as root", module_path!());
+            return;
+        }
+    };
+}
+
+/// Path of a binary of the workspace (built by `cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs a command, failing with its output if it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+pub fn sh(script: &str) -> Result<Output> {
+    run(Command::new("sh").arg("-ec").arg(script))
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace that exists for the life of the value.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Result<Netns> {
+        remove_stale_namespaces();
+        let name = format!(
+            "si-t{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A command to run inside the namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    pub fn sh(&self, script: &str) -> Result<Output> {
+        run(self.cmd("sh").arg("-ec").arg(script))
+    }
+
+    /// Connects `self` and `other` by a veth pair and gives each side an address (CIDR).
+    pub fn link(&self, addr: &str, other: &Netns, other_addr: &str) -> Result<()> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let a = format!("sv{}a{n}", std::process::id() % 100000);
+        let b = format!("sv{}b{n}", std::process::id() % 100000);
+        run(Command::new("ip").args(["link", "add", &a, "netns", &self.name, "type", "veth", "peer", "name", &b, "netns", &other.name]))?;
+        self.ip(&["addr", "add", addr, "dev", &a])?;
+        self.ip(&["link", "set", &a, "up"])?;
+        other.ip(&["addr", "add", other_addr, "dev", &b])?;
+        other.ip(&["link", "set", &b, "up"])?;
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|o| {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        });
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Deletes `si-t<pid>-*` namespaces whose test process is gone.
+pub fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("si-t") else { continue };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}

@@ -301,6 +301,55 @@ mod tests {
         assert!(decode_msg(&payload).is_err());
     }
 
+    /// Fuzz-style: errors are fine, panics are bugs. Random bytes and mutations of valid frames.
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid: Vec<Vec<u8>> = vec![
+            encode_msg(&Msg::Bye),
+            encode_msg(&Msg::Want(vec![crate::Digest::of(b"a"); 3])),
+            encode_msg(&crate::msg::hello(crate::msg::Role::Capture, "token", "host")),
+            encode_msg(&Msg::Entries(vec![crate::manifest::Entry {
+                path: b"a/b".to_vec(),
+                kind: crate::manifest::Kind::Symlink { target: b"x".to_vec() },
+                mode: 0o777,
+                uid: 1,
+                gid: 2,
+                mtime: 3,
+                mtime_nsec: 4,
+                xattrs: vec![],
+            }])),
+        ];
+        for i in 0..20_000 {
+            let mut buf = if i % 2 == 0 {
+                let n = (next() % 64) as usize;
+                (0..n).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                let mut v = valid[(next() % valid.len() as u64) as usize].clone();
+                for _ in 0..1 + next() % 4 {
+                    let j = (next() % v.len() as u64) as usize;
+                    v[j] = next() as u8;
+                }
+                v
+            };
+            if i % 7 == 0 {
+                let cut = (next() % (buf.len() as u64 + 1)) as usize;
+                buf.truncate(cut);
+            }
+            let _ = read_frame(&mut &buf[..]);
+            let _ = decode_frame(&buf);
+            if buf.len() > HEADER_LEN {
+                let _ = decode_msg(&buf[HEADER_LEN..]);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn async_reader_matches_sync() {
         let mut buf = Vec::new();

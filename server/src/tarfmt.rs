@@ -1,6 +1,7 @@
 //! Import and export of images as tar streams (POSIX pax; xattrs as `SCHILY.xattr.*`,
 //! nanosecond mtimes as pax `mtime`), so a debootstrap or container rootfs tarball can become
-//! an image without a golden node, and an image can leave the store.
+//! an image without a golden node, and an image can leave the store. Files larger than one chunk
+//! keep their runs of zeros (whole chunks of zeros) as holes, so sparse files stay sparse.
 
 use crate::capture::Summary;
 use crate::store::{PackWriter, Store, VersionMeta};
@@ -38,13 +39,17 @@ fn store_stream<R: Read>(w: &mut PackWriter<'_>, r: R, len: u64) -> Result<Vec<C
     let mut total = 0;
     for c in fastcdc::v2020::StreamCDC::new(r.take(len), CDC_MIN, CDC_AVG, CDC_MAX) {
         let c = c.map_err(|e| anyhow!("reading tar entry data: {e}"))?;
+        total += c.length as u64;
+        // Runs of zeros become holes: tar streams carry sparse files expanded.
+        if c.data.iter().all(|&b| b == 0) {
+            continue;
+        }
         let d = w.add_raw(&c.data)?;
         chunks.push(Chunk {
             offset: c.offset,
             len: c.length as u32,
             digest: d,
         });
-        total += c.length as u64;
     }
     if total != len {
         bail!("tar entry data is truncated");

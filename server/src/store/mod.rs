@@ -348,3 +348,6 @@ impl si_agent::apply::ObjectSource for Store {
         Ok(v)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -314,10 +314,16 @@ mod tests {
         let valid: Vec<Vec<u8>> = vec![
             encode_msg(&Msg::Bye),
             encode_msg(&Msg::Want(vec![crate::Digest::of(b"a"); 3])),
-            encode_msg(&crate::msg::hello(crate::msg::Role::Capture, "token", "host")),
+            encode_msg(&crate::msg::hello(
+                crate::msg::Role::Capture,
+                "token",
+                "host",
+            )),
             encode_msg(&Msg::Entries(vec![crate::manifest::Entry {
                 path: b"a/b".to_vec(),
-                kind: crate::manifest::Kind::Symlink { target: b"x".to_vec() },
+                kind: crate::manifest::Kind::Symlink {
+                    target: b"x".to_vec(),
+                },
                 mode: 0o777,
                 uid: 1,
                 gid: 2,

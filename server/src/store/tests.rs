@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -30,27 +32,63 @@ fn make_tree(dir: &Path) {
     std::os::unix::fs::symlink("/nonexistent/x", dir.join("dangling")).unwrap();
     std::fs::hard_link(dir.join("dup1"), dir.join("etc/hard")).unwrap();
     std::fs::hard_link(dir.join("dup1"), dir.join("zz-hard")).unwrap();
-    nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    nix::unistd::mkfifo(
+        &dir.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
     let sparse = std::fs::File::create(dir.join("sparse")).unwrap();
     sparse.set_len(64 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&sparse, b"data in the middle", 32 << 20).unwrap();
     drop(sparse);
-    std::fs::write(dir.join(std::ffi::OsStr::from_bytes(b"non-utf8-\xff\xfe")), b"x").unwrap();
+    std::fs::write(
+        dir.join(std::ffi::OsStr::from_bytes(b"non-utf8-\xff\xfe")),
+        b"x",
+    )
+    .unwrap();
     std::fs::write(dir.join("name with\nnewline"), b"y").unwrap();
-    std::fs::set_permissions(dir.join("etc/empty"), std::fs::Permissions::from_mode(0o3775)).unwrap();
+    std::fs::set_permissions(
+        dir.join("etc/empty"),
+        std::fs::Permissions::from_mode(0o3775),
+    )
+    .unwrap();
     std::fs::set_permissions(dir.join("empty"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let _ = xattr::set(dir.join("etc/passwd"), "user.si-test", b"value\0with nul");
     let t = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec { tv_sec: 1_000_000_000, tv_nsec: 123_456_789 },
-        last_modification: rustix::fs::Timespec { tv_sec: 1_000_000_000, tv_nsec: 123_456_789 },
+        last_access: rustix::fs::Timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
     };
-    rustix::fs::utimensat(rustix::fs::CWD, dir.join("big"), &t, rustix::fs::AtFlags::empty()).unwrap();
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        dir.join("big"),
+        &t,
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap();
 }
 
 /// Compares two trees by lstat data, content, link targets, xattrs, sparseness, hard links.
 fn compare(a: &Path, b: &Path) {
-    let ma = si_agent::scan::scan(&si_agent::scan::ScanConfig::new(a), &Default::default(), &mut Discard).unwrap().manifest;
-    let mb = si_agent::scan::scan(&si_agent::scan::ScanConfig::new(b), &Default::default(), &mut Discard).unwrap().manifest;
+    let ma = si_agent::scan::scan(
+        &si_agent::scan::ScanConfig::new(a),
+        &Default::default(),
+        &mut Discard,
+    )
+    .unwrap()
+    .manifest;
+    let mb = si_agent::scan::scan(
+        &si_agent::scan::ScanConfig::new(b),
+        &Default::default(),
+        &mut Discard,
+    )
+    .unwrap()
+    .manifest;
     let mut ea = ma.entries.clone();
     let mut eb = mb.entries.clone();
     // The roots differ in mtime (the target was created now); compare the rest exactly.
@@ -62,7 +100,12 @@ fn compare(a: &Path, b: &Path) {
     }
     let sa = std::fs::metadata(a.join("sparse")).unwrap();
     let sb = std::fs::metadata(b.join("sparse")).unwrap();
-    assert!(sb.blocks() <= sa.blocks() + 64, "sparse file lost its holes: {} vs {}", sb.blocks(), sa.blocks());
+    assert!(
+        sb.blocks() <= sa.blocks() + 64,
+        "sparse file lost its holes: {} vs {}",
+        sb.blocks(),
+        sa.blocks()
+    );
     let ia = std::fs::metadata(b.join("dup1")).unwrap().ino();
     assert_eq!(std::fs::metadata(b.join("etc/hard")).unwrap().ino(), ia);
     assert_eq!(std::fs::metadata(b.join("zz-hard")).unwrap().ino(), ia);
@@ -107,7 +150,10 @@ fn commit_checkout_round_trip_and_dedup() {
     let s3 = capture::commit(&store, &src, "img", &[], None).unwrap();
     assert!(s3.new_objects <= 3, "{} new objects", s3.new_objects);
     assert!(s3.new_bytes < 1_200_000, "{} new bytes", s3.new_bytes);
-    let d = si_proto::manifest::diff(&store.manifest("img", 2).unwrap(), &store.manifest("img", 3).unwrap());
+    let d = si_proto::manifest::diff(
+        &store.manifest("img", 2).unwrap(),
+        &store.manifest("img", 3).unwrap(),
+    );
     assert_eq!(d.changed, vec![b"big".to_vec()]);
     assert!(d.added.is_empty() && d.removed.is_empty());
     assert!(store.fsck().unwrap().problems.is_empty());
@@ -129,7 +175,13 @@ fn fsck_finds_corruption() {
     std::fs::write(&p, &data).unwrap();
     let rep = store.fsck().unwrap();
     assert!(!rep.problems.is_empty());
-    assert!(rep.problems.iter().any(|p| p.contains("corrupt") || p.contains("decompress")), "{:?}", rep.problems);
+    assert!(
+        rep.problems
+            .iter()
+            .any(|p| p.contains("corrupt") || p.contains("decompress")),
+        "{:?}",
+        rep.problems
+    );
 }
 
 #[test]
@@ -170,9 +222,15 @@ fn image_management() {
     capture::commit(&store, &src, "a", &[], None).unwrap();
     store.copy("a", "b").unwrap();
     assert_eq!(store.versions("b").unwrap(), vec![1, 2]);
-    assert_eq!(store.meta("b", 1).unwrap().message.as_deref(), Some("first"));
+    assert_eq!(
+        store.meta("b", 1).unwrap().message.as_deref(),
+        Some("first")
+    );
     store.rename("b", "c").unwrap();
-    assert_eq!(store.images().unwrap(), vec!["a".to_string(), "c".to_string()]);
+    assert_eq!(
+        store.images().unwrap(),
+        vec!["a".to_string(), "c".to_string()]
+    );
     store.remove("a", Some(1)).unwrap();
     assert_eq!(store.versions("a").unwrap(), vec![2]);
     assert!(store.copy("a", "c").is_err(), "copy onto an existing image");
@@ -199,7 +257,9 @@ fn tar_export_import_round_trip() {
     for (x, y) in a.entries.iter().zip(&b.entries).skip(1) {
         if x.path == b"sparse" {
             // Chunk boundaries differ (tar expands holes), the content and holes survive.
-            let Kind::File { chunks, size } = &y.kind else { panic!() };
+            let Kind::File { chunks, size } = &y.kind else {
+                panic!()
+            };
             assert_eq!((*size, chunks.len()), (64 << 20, 1));
             continue;
         }
@@ -239,15 +299,39 @@ fn apply_never_leaves_the_target() {
     let fd = si_agent::apply::open_root(&root).unwrap();
     use std::os::fd::AsFd;
     for p in [&b"evil"[..], b"evil2", b"..", b"../outside", b"/etc"] {
-        assert!(si_agent::apply::open_dir_beneath(fd.as_fd(), p).is_err(), "{}", String::from_utf8_lossy(p));
+        assert!(
+            si_agent::apply::open_dir_beneath(fd.as_fd(), p).is_err(),
+            "{}",
+            String::from_utf8_lossy(p)
+        );
     }
     // A manifest that puts a file below a symlink is refused before anything is written.
-    let e = |p: &str, kind| si_proto::manifest::Entry { path: p.into(), kind, mode: 0o755, uid: 0, gid: 0, mtime: 0, mtime_nsec: 0, xattrs: vec![] };
+    let e = |p: &str, kind| si_proto::manifest::Entry {
+        path: p.into(),
+        kind,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        xattrs: vec![],
+    };
     let m = si_proto::Manifest {
         entries: vec![
             e("", Kind::Dir),
-            e("l", Kind::Symlink { target: outside.as_os_str().as_encoded_bytes().to_vec() }),
-            e("l/pwned", Kind::File { size: 0, chunks: vec![] }),
+            e(
+                "l",
+                Kind::Symlink {
+                    target: outside.as_os_str().as_encoded_bytes().to_vec(),
+                },
+            ),
+            e(
+                "l/pwned",
+                Kind::File {
+                    size: 0,
+                    chunks: vec![],
+                },
+            ),
         ],
     };
     let store = Store::open(&t.path().join("store")).unwrap();
@@ -258,7 +342,15 @@ fn apply_never_leaves_the_target() {
     assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
 }
 
-fn serve(master: &str, token: &str, root: &Path, state: &Path) -> (std::net::SocketAddr, std::thread::JoinHandle<Result<si_proto::msg::ScanStats>>) {
+fn serve(
+    master: &str,
+    token: &str,
+    root: &Path,
+    state: &Path,
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Result<si_proto::msg::ScanStats>>,
+) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     drop(l);
@@ -312,7 +404,12 @@ fn network_capture_with_stat_cache() {
     let s2 = get(&store, addr, "tok").unwrap();
     h.join().unwrap().unwrap();
     assert_eq!((s2.files_read, s2.new_objects), (0, 0));
-    assert!(s2.bytes_sent < s1.bytes_sent / 10, "{} vs {}", s2.bytes_sent, s1.bytes_sent);
+    assert!(
+        s2.bytes_sent < s1.bytes_sent / 10,
+        "{} vs {}",
+        s2.bytes_sent,
+        s1.bytes_sent
+    );
     assert_eq!(store.manifest("net", 2).unwrap(), m);
 }
 

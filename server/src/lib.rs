@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod imagecmd;
+pub mod serve;
 pub mod store;
 pub mod tarfmt;
 

@@ -12,4 +12,6 @@ pub mod capture;
 pub mod exclude;
 pub mod fsutil;
 pub mod layout;
+pub mod pull;
 pub mod scan;
+pub mod update;

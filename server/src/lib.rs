@@ -10,3 +10,6 @@ pub mod tarfmt;
 pub fn hostname() -> String {
     si_agent::capture::hostname()
 }
+
+#[cfg(test)]
+mod deploy_tests;

@@ -22,7 +22,9 @@ pub struct ServeConfig {
 
 impl Default for ServeConfig {
     fn default() -> Self {
-        ServeConfig { max_connections: 512 }
+        ServeConfig {
+            max_connections: 512,
+        }
     }
 }
 
@@ -60,7 +62,10 @@ pub async fn run(
                     let mut sock = sock;
                     let _ = write_msg_async(
                         &mut sock,
-                        &Msg::Error { kind: ErrorKind::Busy, message: "too many connections; retry later".into() },
+                        &Msg::Error {
+                            kind: ErrorKind::Busy,
+                            message: "too many connections; retry later".into(),
+                        },
                     )
                     .await;
                 });
@@ -71,10 +76,21 @@ pub async fn run(
 
 fn info(store: &Store, image: &str, v: u32) -> Result<ImageVersionInfo> {
     let m = store.meta(image, v)?;
-    Ok(ImageVersionInfo { image: image.into(), version: v, created: m.created, entries: m.entries, bytes: m.bytes })
+    Ok(ImageVersionInfo {
+        image: image.into(),
+        version: v,
+        created: m.created,
+        entries: m.entries,
+        bytes: m.bytes,
+    })
 }
 
-async fn handle(sock: TcpStream, peer: SocketAddr, store: Arc<Store>, report: Option<ReportHook>) -> Result<()> {
+async fn handle(
+    sock: TcpStream,
+    peer: SocketAddr,
+    store: Arc<Store>,
+    report: Option<ReportHook>,
+) -> Result<()> {
     sock.set_nodelay(true).ok();
     let (r, w) = sock.into_split();
     let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
@@ -82,7 +98,14 @@ async fn handle(sock: TcpStream, peer: SocketAddr, store: Arc<Store>, report: Op
     let hello = tokio::time::timeout(std::time::Duration::from_secs(30), read_frame_async(&mut r))
         .await
         .context("no hello within 30 s")??;
-    let Some(Frame::Msg(Msg::Hello { magic, version, min_version, role, .. })) = hello else {
+    let Some(Frame::Msg(Msg::Hello {
+        magic,
+        version,
+        min_version,
+        role,
+        ..
+    })) = hello
+    else {
         bail!("expected a hello");
     };
     if magic != msg::MAGIC {
@@ -91,21 +114,46 @@ async fn handle(sock: TcpStream, peer: SocketAddr, store: Arc<Store>, report: Op
     let v = match msg::negotiate(version, min_version) {
         Ok(v) => v,
         Err(m) => {
-            write_msg_async(&mut w, &Msg::Error { kind: ErrorKind::Version, message: m.clone() }).await?;
+            write_msg_async(
+                &mut w,
+                &Msg::Error {
+                    kind: ErrorKind::Version,
+                    message: m.clone(),
+                },
+            )
+            .await?;
             w.flush().await?;
             bail!(m);
         }
     };
     if role != Role::Deploy {
-        write_msg_async(&mut w, &Msg::Error { kind: ErrorKind::BadRequest, message: "this service serves deploys".into() }).await?;
+        write_msg_async(
+            &mut w,
+            &Msg::Error {
+                kind: ErrorKind::BadRequest,
+                message: "this service serves deploys".into(),
+            },
+        )
+        .await?;
         w.flush().await?;
         bail!("wrong role {role:?}");
     }
-    write_msg_async(&mut w, &Msg::Welcome { version: v, server: crate::hostname() }).await?;
+    write_msg_async(
+        &mut w,
+        &Msg::Welcome {
+            version: v,
+            server: crate::hostname(),
+        },
+    )
+    .await?;
     w.flush().await?;
     loop {
-        let Some(frame) = read_frame_async(&mut r).await? else { return Ok(()) };
-        let Frame::Msg(m) = frame else { bail!("unexpected data frame") };
+        let Some(frame) = read_frame_async(&mut r).await? else {
+            return Ok(());
+        };
+        let Frame::Msg(m) = frame else {
+            bail!("unexpected data frame")
+        };
         let res: Result<()> = match m {
             Msg::Bye => return Ok(()),
             Msg::ListImages => {
@@ -120,25 +168,43 @@ async fn handle(sock: TcpStream, peer: SocketAddr, store: Arc<Store>, report: Op
                     Ok(out)
                 })
                 .await??;
-                write_msg_async(&mut w, &Msg::Images(list)).await.map_err(Into::into)
+                write_msg_async(&mut w, &Msg::Images(list))
+                    .await
+                    .map_err(Into::into)
             }
             Msg::GetManifest { image, version } => {
                 let st = store.clone();
-                let got = tokio::task::spawn_blocking(move || -> Result<(ImageVersionInfo, Vec<u8>)> {
-                    let v = st.resolve(&image, version)?;
-                    Ok((info(&st, &image, v)?, st.manifest_bytes(&image, v)?))
-                })
-                .await?;
+                let got =
+                    tokio::task::spawn_blocking(move || -> Result<(ImageVersionInfo, Vec<u8>)> {
+                        let v = st.resolve(&image, version)?;
+                        Ok((info(&st, &image, v)?, st.manifest_bytes(&image, v)?))
+                    })
+                    .await?;
                 match got {
                     Ok((info, bytes)) => {
-                        write_msg_async(&mut w, &Msg::ManifestIs { info, digest: Digest::of(&bytes), bytes: bytes.len() as u64 }).await?;
+                        write_msg_async(
+                            &mut w,
+                            &Msg::ManifestIs {
+                                info,
+                                digest: Digest::of(&bytes),
+                                bytes: bytes.len() as u64,
+                            },
+                        )
+                        .await?;
                         for part in bytes.chunks(MAX_FRAME / 2) {
                             write_data_async(&mut w, part).await?;
                         }
                         Ok(())
                     }
                     Err(e) => {
-                        write_msg_async(&mut w, &Msg::Error { kind: ErrorKind::NotFound, message: format!("{e:#}") }).await?;
+                        write_msg_async(
+                            &mut w,
+                            &Msg::Error {
+                                kind: ErrorKind::NotFound,
+                                message: format!("{e:#}"),
+                            },
+                        )
+                        .await?;
                         Ok(())
                     }
                 }
@@ -151,18 +217,35 @@ async fn handle(sock: TcpStream, peer: SocketAddr, store: Arc<Store>, report: Op
                     let st = store.clone();
                     let group = group.to_vec();
                     let objs = tokio::task::spawn_blocking(move || {
-                        group.iter().map(|d| st.get_compressed(d).map(|(raw, z)| (*d, raw, z))).collect::<Result<Vec<_>>>()
+                        group
+                            .iter()
+                            .map(|d| st.get_compressed(d).map(|(raw, z)| (*d, raw, z)))
+                            .collect::<Result<Vec<_>>>()
                     })
                     .await?;
                     match objs {
                         Ok(objs) => {
                             for (d, raw, z) in objs {
-                                write_msg_async(&mut w, &Msg::Blob { digest: d, raw_len: raw }).await?;
+                                write_msg_async(
+                                    &mut w,
+                                    &Msg::Blob {
+                                        digest: d,
+                                        raw_len: raw,
+                                    },
+                                )
+                                .await?;
                                 write_data_async(&mut w, &z).await?;
                             }
                         }
                         Err(e) => {
-                            write_msg_async(&mut w, &Msg::Error { kind: ErrorKind::NotFound, message: format!("{e:#}") }).await?;
+                            write_msg_async(
+                                &mut w,
+                                &Msg::Error {
+                                    kind: ErrorKind::NotFound,
+                                    message: format!("{e:#}"),
+                                },
+                            )
+                            .await?;
                             w.flush().await?;
                             bail!("{e:#}");
                         }
@@ -170,7 +253,11 @@ async fn handle(sock: TcpStream, peer: SocketAddr, store: Arc<Store>, report: Op
                 }
                 Ok(())
             }
-            Msg::Report { node, state, detail } => {
+            Msg::Report {
+                node,
+                state,
+                detail,
+            } => {
                 eprintln!("si-server: {peer}: node {node}: {state} {detail}");
                 if let Some(h) = &report {
                     h(&node, &state, &detail);
@@ -178,7 +265,14 @@ async fn handle(sock: TcpStream, peer: SocketAddr, store: Arc<Store>, report: Op
                 write_msg_async(&mut w, &Msg::Ok).await.map_err(Into::into)
             }
             other => {
-                write_msg_async(&mut w, &Msg::Error { kind: ErrorKind::BadRequest, message: format!("unexpected {:?}", std::mem::discriminant(&other)) }).await?;
+                write_msg_async(
+                    &mut w,
+                    &Msg::Error {
+                        kind: ErrorKind::BadRequest,
+                        message: format!("unexpected {:?}", std::mem::discriminant(&other)),
+                    },
+                )
+                .await?;
                 w.flush().await?;
                 bail!("unexpected message");
             }

@@ -22,9 +22,17 @@ struct Args {
 async fn main() -> Result<()> {
     let a = Args::parse();
     let store = Arc::new(a.store.open()?);
-    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
-    eprintln!("si-server: serving images from {} on {}", a.store.store.display(), listener.local_addr()?);
-    let cfg = si_server::serve::ServeConfig { max_connections: a.max_connections };
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
+    eprintln!(
+        "si-server: serving images from {} on {}",
+        a.store.store.display(),
+        listener.local_addr()?
+    );
+    let cfg = si_server::serve::ServeConfig {
+        max_connections: a.max_connections,
+    };
     si_server::serve::run(listener, store, cfg, None, async {
         let _ = tokio::signal::ctrl_c().await;
     })

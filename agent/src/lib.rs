@@ -7,6 +7,7 @@
 //! - [`capture`]: `si-prepareclient`, the golden client's capture service.
 //! - [`exclude`]: exclude patterns.
 
+pub mod agentd;
 pub mod apply;
 pub mod capture;
 pub mod exclude;

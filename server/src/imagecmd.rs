@@ -385,3 +385,15 @@ pub fn getimage(cli: GetImageCli) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clis_are_consistent() {
+        ImageCli::command().debug_assert();
+        GetImageCli::command().debug_assert();
+    }
+}

@@ -2,6 +2,8 @@
 
 pub mod capture;
 pub mod imagecmd;
+pub mod push;
+pub mod ranges;
 pub mod serve;
 pub mod store;
 pub mod tarfmt;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Update this node to an image version from si-server: fetch only missing objects, swap
 /// changed files in atomically, delete what the version no longer has, record the version.
 #[derive(Parser)]
-#[command(version)]
+#[command(disable_version_flag = true)]
 struct Args {
     /// The si-server (HOST or HOST:PORT; port 7811 by default).
     #[arg(long)]
@@ -79,4 +79,10 @@ fn main() -> Result<()> {
         std::fs::write(p, serde_json::to_vec_pretty(&s)?)?;
     }
     Ok(())
+}
+
+#[test]
+fn cli_is_consistent() {
+    use clap::CommandFactory;
+    Args::command().debug_assert();
 }

@@ -38,3 +38,9 @@ async fn main() -> Result<()> {
     })
     .await
 }
+
+#[test]
+fn cli_is_consistent() {
+    use clap::CommandFactory;
+    Args::command().debug_assert();
+}

@@ -1,1 +1,3 @@
 //! si agent
+
+pub mod layout;

@@ -675,6 +675,49 @@ pub fn run_lsblk(dev: Option<&Path>) -> Result<Vec<BlockDev>> {
     parse_lsblk(&command_output(&mut cmd)?)
 }
 
+/// Parses `blkid -o export` output into (TYPE, LABEL, UUID).
+pub fn parse_blkid_export(text: &str) -> (Option<String>, Option<String>, Option<String>) {
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .filter(|v| !v.is_empty())
+            .map(|v| v.replace("\\ ", " "))
+    };
+    (get("TYPE"), get("LABEL"), get("UUID"))
+}
+
+/// Fills in the filesystem type, label and UUID of a device that lsblk left empty (lsblk
+/// reads them from the udev database, which an initramfs or a container may not have) by
+/// probing it with `blkid -p`.
+pub fn probe_with_blkid(dev: &mut BlockDev, path: &Path) -> Result<()> {
+    if dev.fstype.is_some() {
+        return Ok(());
+    }
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .context("running blkid")?;
+    match out.status.code() {
+        Some(0) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let (t, l, u) = parse_blkid_export(&text);
+            dev.fstype = t;
+            dev.label = dev.label.take().or(l);
+            dev.uuid = dev.uuid.take().or(u);
+            Ok(())
+        }
+        Some(2) => Ok(()), // nothing recognized
+        _ => bail!(
+            "blkid -p {} failed ({}): {}",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
 /// Runs `sfdisk -J` on a disk (device or image file).
 pub fn run_sfdisk(dev: &Path) -> Result<PartTable> {
     let text = command_output(Command::new("sfdisk").arg("-J").arg(dev))?;
@@ -738,9 +781,14 @@ pub fn detect(root: &Path) -> Result<Layout> {
     } else {
         Vec::new()
     };
+    let mut devices = run_lsblk(None)?;
+    for d in devices.iter_mut().filter(|d| d.kind == "part") {
+        let path = Path::new("/dev").join(&d.name);
+        probe_with_blkid(d, &path).with_context(|| format!("probing {}", path.display()))?;
+    }
     let probe = Probe {
         mounts: parse_mountinfo(&mountinfo)?,
-        devices: run_lsblk(None)?,
+        devices,
         fstab,
         swaps,
         uefi: Path::new("/sys/firmware/efi").exists(),
@@ -1202,6 +1250,17 @@ mod tests {
         assert!(parse_sfdisk(r#"{"partitiontable": {"label": "sun", "partitions": []}}"#).is_err());
         let old = parse_lsblk(r#"{"blockdevices": [{"name": "sda", "type": "disk", "size": "42", "mountpoint": "/x"}]}"#).unwrap();
         assert_eq!((old[0].size, old[0].mountpoints[0].as_str()), (42, "/x"));
+        let b = parse_blkid_export(
+            "DEVNAME=/dev/loop1\nLABEL=my\\ disk\nUUID=96353574-8e6b\nBLOCK_SIZE=1024\nTYPE=ext4\n",
+        );
+        assert_eq!(
+            b,
+            (
+                Some("ext4".into()),
+                Some("my disk".into()),
+                Some("96353574-8e6b".into())
+            )
+        );
     }
 
     #[test]

@@ -56,7 +56,10 @@ pub fn encode_msg(m: &Msg) -> Vec<u8> {
     bincode::serde::encode_into_std_write(m, &mut out, bincode::config::standard())
         .expect("messages serialize");
     let n = out.len() - HEADER_LEN;
-    assert!(n <= MAX_FRAME, "message of {n} bytes exceeds the frame limit");
+    assert!(
+        n <= MAX_FRAME,
+        "message of {n} bytes exceeds the frame limit"
+    );
     out[..4].copy_from_slice(&(n as u32).to_le_bytes());
     out[4] = KIND_MSG;
     out
@@ -64,7 +67,10 @@ pub fn encode_msg(m: &Msg) -> Vec<u8> {
 
 /// The header of a data frame of `len` bytes.
 pub fn data_header(len: usize) -> [u8; HEADER_LEN] {
-    assert!(len <= MAX_FRAME, "data frame of {len} bytes exceeds the frame limit");
+    assert!(
+        len <= MAX_FRAME,
+        "data frame of {len} bytes exceeds the frame limit"
+    );
     let mut h = [0u8; HEADER_LEN];
     h[..4].copy_from_slice(&(len as u32).to_le_bytes());
     h[4] = KIND_DATA;
@@ -156,10 +162,12 @@ pub async fn read_frame_async<R: AsyncRead + Unpin>(
     }
     let (len, kind) = parse_header(&h)?;
     let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await.map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-        _ => FrameError::Io(e),
-    })?;
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Io(e),
+        })?;
     finish(kind, payload).map(Some)
 }
 
@@ -227,7 +235,10 @@ mod tests {
         write_msg(&mut buf, &Msg::Bye).unwrap();
         write_data(&mut buf, b"bulk").unwrap();
         let mut r = &buf[..];
-        assert!(matches!(read_frame(&mut r).unwrap(), Some(Frame::Msg(Msg::Bye))));
+        assert!(matches!(
+            read_frame(&mut r).unwrap(),
+            Some(Frame::Msg(Msg::Bye))
+        ));
         assert!(matches!(read_frame(&mut r).unwrap(), Some(Frame::Data(d)) if d == b"bulk"));
         assert!(read_frame(&mut r).unwrap().is_none());
     }
@@ -236,25 +247,43 @@ mod tests {
     fn oversized_frame_rejected_before_allocation() {
         let mut buf = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
         buf.push(KIND_DATA);
-        assert!(matches!(read_frame(&mut &buf[..]), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut &buf[..]),
+            Err(FrameError::TooLarge(_))
+        ));
         let mut buf = u32::MAX.to_le_bytes().to_vec();
         buf.push(KIND_MSG);
-        assert!(matches!(read_frame(&mut &buf[..]), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut &buf[..]),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn truncated_and_garbage_frames() {
-        let full = encode_msg(&Msg::Error { kind: ErrorKind::Refused, message: "x".into() });
+        let full = encode_msg(&Msg::Error {
+            kind: ErrorKind::Refused,
+            message: "x".into(),
+        });
         for cut in 1..full.len() {
-            assert!(matches!(read_frame(&mut &full[..cut]), Err(FrameError::Truncated)), "cut {cut}");
+            assert!(
+                matches!(read_frame(&mut &full[..cut]), Err(FrameError::Truncated)),
+                "cut {cut}"
+            );
         }
         let mut bad = full.clone();
         bad[4] = 7;
-        assert!(matches!(read_frame(&mut &bad[..]), Err(FrameError::BadKind(7))));
+        assert!(matches!(
+            read_frame(&mut &bad[..]),
+            Err(FrameError::BadKind(7))
+        ));
         let mut junk = 4u32.to_le_bytes().to_vec();
         junk.push(KIND_MSG);
         junk.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(read_frame(&mut &junk[..]), Err(FrameError::Decode(_))));
+        assert!(matches!(
+            read_frame(&mut &junk[..]),
+            Err(FrameError::Decode(_))
+        ));
     }
 
     #[test]
@@ -272,14 +301,75 @@ mod tests {
         assert!(decode_msg(&payload).is_err());
     }
 
+    /// Fuzz-style: errors are fine, panics are bugs. Random bytes and mutations of valid frames.
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid: Vec<Vec<u8>> = vec![
+            encode_msg(&Msg::Bye),
+            encode_msg(&Msg::Want(vec![crate::Digest::of(b"a"); 3])),
+            encode_msg(&crate::msg::hello(
+                crate::msg::Role::Capture,
+                "token",
+                "host",
+            )),
+            encode_msg(&Msg::Entries(vec![crate::manifest::Entry {
+                path: b"a/b".to_vec(),
+                kind: crate::manifest::Kind::Symlink {
+                    target: b"x".to_vec(),
+                },
+                mode: 0o777,
+                uid: 1,
+                gid: 2,
+                mtime: 3,
+                mtime_nsec: 4,
+                xattrs: vec![],
+            }])),
+        ];
+        for i in 0..20_000 {
+            let mut buf = if i % 2 == 0 {
+                let n = (next() % 64) as usize;
+                (0..n).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                let mut v = valid[(next() % valid.len() as u64) as usize].clone();
+                for _ in 0..1 + next() % 4 {
+                    let j = (next() % v.len() as u64) as usize;
+                    v[j] = next() as u8;
+                }
+                v
+            };
+            if i % 7 == 0 {
+                let cut = (next() % (buf.len() as u64 + 1)) as usize;
+                buf.truncate(cut);
+            }
+            let _ = read_frame(&mut &buf[..]);
+            let _ = decode_frame(&buf);
+            if buf.len() > HEADER_LEN {
+                let _ = decode_msg(&buf[HEADER_LEN..]);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn async_reader_matches_sync() {
         let mut buf = Vec::new();
         write_msg(&mut buf, &Msg::Bye).unwrap();
         let mut r = &buf[..];
-        assert!(matches!(read_frame_async(&mut r).await.unwrap(), Some(Frame::Msg(Msg::Bye))));
+        assert!(matches!(
+            read_frame_async(&mut r).await.unwrap(),
+            Some(Frame::Msg(Msg::Bye))
+        ));
         assert!(read_frame_async(&mut r).await.unwrap().is_none());
         let mut r = &buf[..3];
-        assert!(matches!(read_frame_async(&mut r).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame_async(&mut r).await,
+            Err(FrameError::Truncated)
+        ));
     }
 }

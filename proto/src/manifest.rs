@@ -51,12 +51,23 @@ pub struct Chunk {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     Dir,
-    File { size: u64, chunks: Vec<Chunk> },
-    Symlink { target: Vec<u8> },
+    File {
+        size: u64,
+        chunks: Vec<Chunk>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// Another name for the inode first recorded at `target` (a manifest path).
-    Hardlink { target: Vec<u8> },
-    CharDev { rdev: u64 },
-    BlockDev { rdev: u64 },
+    Hardlink {
+        target: Vec<u8>,
+    },
+    CharDev {
+        rdev: u64,
+    },
+    BlockDev {
+        rdev: u64,
+    },
     Fifo,
     Socket,
 }
@@ -329,10 +340,30 @@ pub(crate) mod tests {
         Manifest {
             entries: vec![
                 entry("", Kind::Dir),
-                entry("a", Kind::File { size: 10, chunks: vec![Chunk { offset: 0, len: 1, digest: d }] }),
-                entry("b", Kind::Hardlink { target: b"a".to_vec() }),
+                entry(
+                    "a",
+                    Kind::File {
+                        size: 10,
+                        chunks: vec![Chunk {
+                            offset: 0,
+                            len: 1,
+                            digest: d,
+                        }],
+                    },
+                ),
+                entry(
+                    "b",
+                    Kind::Hardlink {
+                        target: b"a".to_vec(),
+                    },
+                ),
                 entry("d", Kind::Dir),
-                entry("d/l", Kind::Symlink { target: b"../a".to_vec() }),
+                entry(
+                    "d/l",
+                    Kind::Symlink {
+                        target: b"../a".to_vec(),
+                    },
+                ),
             ],
         }
     }
@@ -353,13 +384,22 @@ pub(crate) mod tests {
         m.entries.swap(1, 2);
         assert!(m.validate().is_err());
         let mut m = sample();
-        m.entries[2].kind = Kind::Hardlink { target: b"zz".to_vec() };
+        m.entries[2].kind = Kind::Hardlink {
+            target: b"zz".to_vec(),
+        };
         assert!(m.validate().is_err());
         let mut m = sample();
         m.entries.insert(4, entry("d/x/y", Kind::Fifo));
         assert!(m.validate().is_err(), "missing parent accepted");
         let mut m = sample();
-        m.entries[1].kind = Kind::File { size: 0, chunks: vec![Chunk { offset: 0, len: 1, digest: Digest::default() }] };
+        m.entries[1].kind = Kind::File {
+            size: 0,
+            chunks: vec![Chunk {
+                offset: 0,
+                len: 1,
+                digest: Digest::default(),
+            }],
+        };
         assert!(m.validate().is_err());
     }
 
@@ -368,7 +408,10 @@ pub(crate) mod tests {
         assert!(matches!(Manifest::decode(b"xx"), Err(ManifestError::Magic)));
         let mut enc = sample().encode();
         enc[4] = 9;
-        assert!(matches!(Manifest::decode(&enc), Err(ManifestError::Format(9))));
+        assert!(matches!(
+            Manifest::decode(&enc),
+            Err(ManifestError::Format(9))
+        ));
         let mut enc = sample().encode();
         let n = enc.len();
         enc.truncate(n - 3);

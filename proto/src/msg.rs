@@ -15,7 +15,9 @@
 //! CaptureStart{excludes}             ->
 //! Have([digest..]) ... HaveEnd       ->    (objects the master already has; not sent again)
 //!                                    <-    Layout(toml)
-//!                                    <-    Entries([..]) / Blob{..} + Data ... (interleaved)
+//!                                    <-    Totals{files, bytes}
+//!                                    <-    Blob{..} + Data / Progress ... (objects not in Have)
+//!                                    <-    Entries([..]) ...  (the whole tree, any order)
 //!                                    <-    ScanEnd{stats}
 //! Bye                                ->
 //! ```
@@ -118,6 +120,16 @@ pub enum Msg {
     Blob {
         digest: Digest,
         raw_len: u32,
+    },
+    /// Sent once the golden client has walked its tree: what the content pass will cover.
+    Totals {
+        files: u64,
+        bytes: u64,
+    },
+    /// Content pass progress (files and bytes done, read or found unchanged in the stat cache).
+    Progress {
+        files: u64,
+        bytes: u64,
     },
     ScanEnd {
         stats: ScanStats,

@@ -92,7 +92,16 @@ mod tests {
 
     #[test]
     fn accepts_clean_paths() {
-        for p in [&b""[..], b"etc", b"etc/passwd", b"a/b/c", b"\xff\xfe/x", b"..a", b"a..", b".hidden"] {
+        for p in [
+            &b""[..],
+            b"etc",
+            b"etc/passwd",
+            b"a/b/c",
+            b"\xff\xfe/x",
+            b"..a",
+            b"a..",
+            b".hidden",
+        ] {
             validate(p).unwrap();
         }
     }
@@ -110,10 +119,17 @@ mod tests {
             b"a\0b",
             b".",
         ] {
-            assert!(validate(p).is_err(), "{:?} accepted", String::from_utf8_lossy(p));
+            assert!(
+                validate(p).is_err(),
+                "{:?} accepted",
+                String::from_utf8_lossy(p)
+            );
         }
         assert_eq!(validate(&vec![b'a'; 5000]), Err(PathError::TooLong(5000)));
-        assert!(matches!(validate(&vec![b'a'; 300]), Err(PathError::NameTooLong(_))));
+        assert!(matches!(
+            validate(&vec![b'a'; 300]),
+            Err(PathError::NameTooLong(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,600 @@
+//! Scanning a tree into a manifest and content objects.
+//!
+//! The scan runs in two passes. The walk reads metadata only (lstat, xattrs, symlink targets)
+//! and is cheap. The content pass reads regular files on a pool of threads, splits them into
+//! chunks, hashes each chunk with BLAKE3, and hands every chunk the receiver does not already
+//! have (the `have` set) to a [`BlobSink`], zstd-compressed. A [`StatCache`] from the previous
+//! scan lets unchanged files (same inode, size, mtime and ctime) skip the read altogether when
+//! the receiver still has all their chunks.
+//!
+//! The walk stays on the root's filesystem, but descends into mounts of local disk
+//! filesystems (a separate /boot, /boot/efi, /home...); other mounts (proc, sysfs, tmpfs, NFS,
+//! Lustre...) appear as empty directories. Excluded paths are skipped with their subtrees.
+
+use crate::exclude::Excludes;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use si_proto::manifest::{Chunk, Entry, Kind, Manifest, Xattr};
+use si_proto::msg::ScanStats;
+use si_proto::Digest;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Files larger than this are split into content-defined chunks.
+pub const CDC_THRESHOLD: u64 = 1 << 20;
+pub const CDC_MIN: u32 = 64 << 10;
+pub const CDC_AVG: u32 = 256 << 10;
+pub const CDC_MAX: u32 = 1 << 20;
+/// Largest object (uncompressed) any producer makes; receivers refuse bigger ones.
+pub const MAX_OBJECT: u32 = CDC_MAX;
+/// Compression level of objects.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Filesystems the walk descends into when they are mounted below the root.
+const LOCAL_FS: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "f2fs", "jfs", "reiserfs", "zfs",
+];
+
+/// Receives the objects of a scan.
+pub trait BlobSink {
+    /// `zdata` is the zstd-compressed object whose uncompressed bytes hash to `digest`.
+    fn blob(&mut self, digest: Digest, raw_len: u32, zdata: Vec<u8>) -> Result<()>;
+    /// Called once between the walk and the content pass: files and bytes the pass covers.
+    fn totals(&mut self, _files: u64, _bytes: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Content-pass progress: files and bytes done so far.
+    fn progress(&mut self, _files: u64, _bytes: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ScanConfig {
+    pub root: PathBuf,
+    pub excludes: Excludes,
+    /// Where the stat cache lives (none: every file is read).
+    pub stat_cache: Option<PathBuf>,
+    pub threads: usize,
+}
+
+impl ScanConfig {
+    pub fn new(root: impl Into<PathBuf>) -> ScanConfig {
+        ScanConfig {
+            root: root.into(),
+            excludes: Excludes::default(),
+            stat_cache: None,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct CacheRec {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    ctime: i64,
+    ctime_nsec: i64,
+    chunks: Vec<Chunk>,
+}
+
+/// Content digests of the files seen by the previous scan, keyed by path and stat data.
+#[derive(Default, Serialize, Deserialize)]
+pub struct StatCache {
+    files: HashMap<Vec<u8>, CacheRec>,
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"SISTAT01";
+
+impl StatCache {
+    pub fn load(path: &Path) -> StatCache {
+        let Ok(data) = std::fs::read(path) else {
+            return StatCache::default();
+        };
+        if data.len() < 8 || &data[..8] != CACHE_MAGIC {
+            return StatCache::default();
+        }
+        let cfg = bincode::config::standard().with_limit::<{ 1 << 30 }>();
+        match bincode::serde::decode_from_slice::<StatCache, _>(&data[8..], cfg) {
+            Ok((c, _)) => c,
+            Err(_) => StatCache::default(),
+        }
+    }
+
+    /// Writes the cache atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut data = CACHE_MAGIC.to_vec();
+        bincode::serde::encode_into_std_write(self, &mut data, bincode::config::standard())
+            .context("encoding the stat cache")?;
+        crate::fsutil::write_atomic(path, &data)
+            .with_context(|| format!("writing stat cache {}", path.display()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// A scan's result: the manifest, its statistics, and the stat cache to save once the
+/// receiver has durably stored everything.
+pub struct ScanResult {
+    pub manifest: Manifest,
+    pub stats: ScanStats,
+    pub cache: StatCache,
+}
+
+struct Pending {
+    index: usize,
+    abs: PathBuf,
+    rel: Vec<u8>,
+    md: std::fs::Metadata,
+}
+
+/// Mount points below the root with their filesystem type (from /proc/self/mountinfo).
+fn mount_types() -> HashMap<PathBuf, String> {
+    let mut m = HashMap::new();
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return m;
+    };
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|&x| x == "-") else {
+            continue;
+        };
+        if f.len() <= sep + 1 || f.len() < 5 {
+            continue;
+        }
+        m.insert(PathBuf::from(unescape_mount(f[4])), f[sep + 1].to_string());
+    }
+    m
+}
+
+fn unescape_mount(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn entry_from(rel: Vec<u8>, md: &std::fs::Metadata, kind: Kind, xattrs: Vec<Xattr>) -> Entry {
+    Entry {
+        path: rel,
+        kind,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec() as u32,
+        xattrs,
+    }
+}
+
+/// Reads every extended attribute of `path` without following symlinks, sorted by name.
+pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("listing xattrs of {}", path.display())),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        if let Some(value) = xattr::get(path, &name)
+            .with_context(|| format!("reading xattr {name:?} of {}", path.display()))?
+        {
+            out.push(Xattr {
+                name: name.into_vec(),
+                value,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+struct Walker<'a> {
+    cfg: &'a ScanConfig,
+    mounts: HashMap<PathBuf, String>,
+    entries: Vec<Entry>,
+    pending: Vec<Pending>,
+    /// (dev, ino) of multiply-linked files → index of the first entry seen.
+    links: HashMap<(u64, u64), Vec<usize>>,
+    total_bytes: u64,
+}
+
+impl Walker<'_> {
+    fn walk(&mut self, abs: &Path, rel: Vec<u8>, parent_dev: Option<u64>) -> Result<()> {
+        let md = std::fs::symlink_metadata(abs)
+            .with_context(|| format!("reading metadata of {}", abs.display()))?;
+        let xattrs = read_xattrs(abs)?;
+        let ft = md.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_dir() {
+            self.entries
+                .push(entry_from(rel.clone(), &md, Kind::Dir, xattrs));
+            let crosses = parent_dev.is_some_and(|d| d != md.dev());
+            if crosses {
+                let local = self
+                    .mounts
+                    .get(abs)
+                    .is_some_and(|t| LOCAL_FS.contains(&t.as_str()));
+                if !local {
+                    return Ok(());
+                }
+            }
+            let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(abs)
+                .with_context(|| format!("listing {}", abs.display()))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<std::io::Result<_>>()
+                .with_context(|| format!("listing {}", abs.display()))?;
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for name in names {
+                let child_rel = si_proto::path::join(&rel, name.as_bytes());
+                if self.cfg.excludes.is_excluded(&child_rel) {
+                    continue;
+                }
+                self.walk(&abs.join(&name), child_rel, Some(md.dev()))?;
+            }
+            return Ok(());
+        }
+        let kind = if ft.is_file() {
+            if md.nlink() > 1 {
+                self.links
+                    .entry((md.dev(), md.ino()))
+                    .or_default()
+                    .push(self.entries.len());
+            }
+            self.total_bytes += md.len();
+            self.pending.push(Pending {
+                index: self.entries.len(),
+                abs: abs.to_path_buf(),
+                rel: rel.clone(),
+                md: md.clone(),
+            });
+            Kind::File {
+                size: md.len(),
+                chunks: vec![],
+            }
+        } else if ft.is_symlink() {
+            let t = std::fs::read_link(abs)
+                .with_context(|| format!("reading symlink {}", abs.display()))?;
+            Kind::Symlink {
+                target: t.into_os_string().into_vec(),
+            }
+        } else if ft.is_char_device() {
+            Kind::CharDev { rdev: md.rdev() }
+        } else if ft.is_block_device() {
+            Kind::BlockDev { rdev: md.rdev() }
+        } else if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_socket() {
+            Kind::Socket
+        } else {
+            bail!("{}: unknown file type", abs.display());
+        };
+        self.entries.push(entry_from(rel, &md, kind, xattrs));
+        Ok(())
+    }
+}
+
+/// Data extents `(offset, len)` of a file: one extent unless the file has holes.
+fn data_extents(f: &File, md: &std::fs::Metadata) -> Result<Vec<(u64, u64)>> {
+    let size = md.len();
+    if size == 0 {
+        return Ok(vec![]);
+    }
+    if md.blocks() * 512 >= size {
+        return Ok(vec![(0, size)]);
+    }
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    let mut fh = f;
+    while pos < size {
+        let data = match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e).context("seeking to data"),
+        };
+        let hole =
+            rustix::fs::seek(f, rustix::fs::SeekFrom::Hole(data)).context("seeking to a hole")?;
+        let end = hole.min(size);
+        if end > data {
+            out.push((data, end - data));
+        }
+        pos = hole;
+    }
+    fh.seek(SeekFrom::Start(0))?;
+    Ok(out)
+}
+
+struct Shared<'a> {
+    have: &'a HashSet<Digest>,
+    sent: Mutex<HashSet<Digest>>,
+    files_done: AtomicU64,
+    bytes_done: AtomicU64,
+    files_read: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+enum Out {
+    Blob(Digest, u32, Vec<u8>),
+    Done(usize, u64, Vec<Chunk>, Option<CacheRec>),
+    Err(anyhow::Error),
+}
+
+impl Shared<'_> {
+    /// Hashes one chunk and, if the receiver lacks it and nobody sent it yet, compresses it.
+    fn chunk(
+        &self,
+        offset: u64,
+        data: &[u8],
+        tx: &crossbeam_channel::Sender<Out>,
+    ) -> Result<Chunk> {
+        let digest = Digest::of(data);
+        let len = data.len() as u32;
+        if !self.have.contains(&digest) && self.sent.lock().expect("sent set").insert(digest) {
+            let z = zstd::bulk::compress(data, ZSTD_LEVEL).context("compressing")?;
+            tx.send(Out::Blob(digest, len, z)).context("sink gone")?;
+        }
+        Ok(Chunk {
+            offset,
+            len,
+            digest,
+        })
+    }
+
+    fn read_file(
+        &self,
+        p: &Pending,
+        tx: &crossbeam_channel::Sender<Out>,
+    ) -> Result<(u64, Vec<Chunk>)> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME)
+            .open(&p.abs)
+            .or_else(|_| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&p.abs)
+            })
+            .with_context(|| format!("opening {}", p.abs.display()))?;
+        let mut chunks = Vec::new();
+        let mut end = 0u64;
+        for (off, len) in data_extents(&f, &p.md)? {
+            let mut fh = &f;
+            fh.seek(SeekFrom::Start(off))?;
+            let reader = fh.take(len);
+            if len <= CDC_THRESHOLD {
+                let mut buf = Vec::with_capacity(len as usize);
+                reader
+                    .take(len)
+                    .read_to_end(&mut buf)
+                    .with_context(|| format!("reading {}", p.abs.display()))?;
+                if !buf.is_empty() {
+                    chunks.push(self.chunk(off, &buf, tx)?);
+                }
+                end = off + buf.len() as u64;
+                self.bytes_read
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            } else {
+                for c in fastcdc::v2020::StreamCDC::new(reader, CDC_MIN, CDC_AVG, CDC_MAX) {
+                    let c = c.map_err(|e| anyhow::anyhow!("reading {}: {e}", p.abs.display()))?;
+                    chunks.push(self.chunk(off + c.offset, &c.data, tx)?);
+                    end = off + c.offset + c.length as u64;
+                    self.bytes_read
+                        .fetch_add(c.length as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        self.files_read.fetch_add(1, Ordering::Relaxed);
+        // A file that grew while read keeps what was read; one that shrank keeps its old size.
+        Ok((p.md.len().max(end), chunks))
+    }
+}
+
+fn cache_rec(md: &std::fs::Metadata, chunks: Vec<Chunk>) -> CacheRec {
+    CacheRec {
+        dev: md.dev(),
+        ino: md.ino(),
+        size: md.len(),
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec(),
+        ctime: md.ctime(),
+        ctime_nsec: md.ctime_nsec(),
+        chunks,
+    }
+}
+
+/// Walks the tree under `cfg.root`, then reads the files' content, sending what the receiver
+/// lacks to `sink`.
+pub fn scan(
+    cfg: &ScanConfig,
+    have: &HashSet<Digest>,
+    sink: &mut dyn BlobSink,
+) -> Result<ScanResult> {
+    let old_cache = cfg
+        .stat_cache
+        .as_deref()
+        .map(StatCache::load)
+        .unwrap_or_default();
+    let mut w = Walker {
+        cfg,
+        mounts: mount_types(),
+        entries: Vec::new(),
+        pending: Vec::new(),
+        links: HashMap::new(),
+        total_bytes: 0,
+    };
+    let root = cfg
+        .root
+        .canonicalize()
+        .with_context(|| format!("opening root {}", cfg.root.display()))?;
+    if !root.is_dir() {
+        bail!("{} is not a directory", root.display());
+    }
+    w.walk(&root, Vec::new(), None)?;
+    // Hard links: only the first name of each group carries content.
+    let mut second_names: HashSet<usize> = HashSet::new();
+    for group in w.links.values() {
+        second_names.extend(group.iter().skip(1));
+    }
+    w.pending.retain(|p| !second_names.contains(&p.index));
+    sink.totals(w.pending.len() as u64, w.total_bytes)?;
+
+    let shared = Shared {
+        have,
+        sent: Mutex::new(HashSet::new()),
+        files_done: AtomicU64::new(0),
+        bytes_done: AtomicU64::new(0),
+        files_read: AtomicU64::new(0),
+        bytes_read: AtomicU64::new(0),
+    };
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = crossbeam_channel::bounded::<Out>(64);
+    let mut new_cache = StatCache::default();
+    let mut blobs_sent = 0u64;
+    let mut bytes_sent = 0u64;
+    let pending = &w.pending;
+    let mut results: Vec<(usize, u64, Vec<Chunk>)> = Vec::with_capacity(pending.len());
+    let mut first_err: Option<anyhow::Error> = None;
+    std::thread::scope(|s| {
+        for _ in 0..cfg.threads.max(1) {
+            let tx = tx.clone();
+            let (shared, next, old_cache) = (&shared, &next, &old_cache);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(p) = pending.get(i) else { break };
+                let rec = cache_rec(&p.md, vec![]);
+                let cached = old_cache.files.get(&p.rel).filter(|c| {
+                    CacheRec {
+                        chunks: vec![],
+                        ..(*c).clone()
+                    } == rec
+                        && c.chunks.iter().all(|ch| shared.have.contains(&ch.digest))
+                });
+                let out = match cached {
+                    Some(c) => Ok((p.md.len(), c.chunks.clone())),
+                    None => shared.read_file(p, &tx),
+                };
+                shared.files_done.fetch_add(1, Ordering::Relaxed);
+                shared.bytes_done.fetch_add(p.md.len(), Ordering::Relaxed);
+                let msg = match out {
+                    Ok((size, chunks)) => {
+                        let rec = (size == p.md.len()).then(|| cache_rec(&p.md, chunks.clone()));
+                        Out::Done(p.index, size, chunks, rec)
+                    }
+                    Err(e) => Out::Err(e),
+                };
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut last = std::time::Instant::now();
+        for out in rx.iter() {
+            match out {
+                Out::Blob(d, raw, z) => {
+                    if first_err.is_none() {
+                        blobs_sent += 1;
+                        bytes_sent += z.len() as u64;
+                        if let Err(e) = sink.blob(d, raw, z) {
+                            first_err = Some(e);
+                            next.store(usize::MAX / 2, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Out::Done(i, size, chunks, rec) => {
+                    if let Some(rec) = rec {
+                        new_cache.files.insert(w.entries[i].path.clone(), rec);
+                    }
+                    results.push((i, size, chunks));
+                }
+                Out::Err(e) => {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                        next.store(usize::MAX / 2, Ordering::Relaxed);
+                    }
+                }
+            }
+            if first_err.is_none() && last.elapsed().as_millis() >= 250 {
+                last = std::time::Instant::now();
+                if let Err(e) = sink.progress(
+                    shared.files_done.load(Ordering::Relaxed),
+                    shared.bytes_done.load(Ordering::Relaxed),
+                ) {
+                    first_err = Some(e);
+                    next.store(usize::MAX / 2, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    for (i, size, chunks) in results {
+        w.entries[i].kind = Kind::File { size, chunks };
+    }
+    let mut entries = w.entries;
+    // Hard-link groups: after sorting, the first path carries the content.
+    let groups: Vec<Vec<usize>> = w.links.into_values().filter(|g| g.len() > 1).collect();
+    for g in &groups {
+        let mut paths: Vec<(Vec<u8>, usize)> =
+            g.iter().map(|&i| (entries[i].path.clone(), i)).collect();
+        paths.sort();
+        let content = entries[g[0]].kind.clone();
+        let first = paths[0].1;
+        entries[first].kind = content;
+        for (_, i) in &paths[1..] {
+            entries[*i].kind = Kind::Hardlink {
+                target: paths[0].0.clone(),
+            };
+        }
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let stats = ScanStats {
+        entries: entries.len() as u64,
+        files: pending.len() as u64,
+        bytes: w.total_bytes,
+        bytes_read: shared.bytes_read.load(Ordering::Relaxed),
+        files_read: shared.files_read.load(Ordering::Relaxed),
+        blobs_sent,
+        bytes_sent,
+    };
+    let manifest = Manifest { entries };
+    manifest
+        .validate()
+        .context("the scanned tree does not make a valid manifest")?;
+    Ok(ScanResult {
+        manifest,
+        stats,
+        cache: new_cache,
+    })
+}

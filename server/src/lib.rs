@@ -1,1 +1,4 @@
 //! si server
+pub mod bootcfg;
+pub mod http;
+pub mod tftp;

@@ -82,6 +82,7 @@ pub async fn serve(
         let reply = match packet::parse(&buf[..n]) {
             Ok(Packet::Request(req)) if !req.write => match permits.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    tracing::info!(%peer, file = req.filename, options = ?req.options, "TFTP read request");
                     let cfg = cfg.clone();
                     let generated = generated.clone();
                     tokio::spawn(async move {

@@ -9,12 +9,14 @@
 //! - BIOS: the NIC's iPXE ROM (e1000) → TFTP `boot.ipxe` → HTTP `boot/<mac>.ipxe` → HTTP kernel + initrd;
 //! - UEFI: OVMF's own PXE (virtio-net, no option ROM) → TFTP `ipxe.efi` (blksize 1468,
 //!   windowsize 4) → iPXE → the same scripts, `initrd=` on the kernel line for the EFI stub;
-//! - BIOS: iPXE ROM → TFTP `pxelinux.0` → `pxelinux.cfg/01-<mac>` → kernel + initrd over TFTP.
+//! - BIOS: iPXE ROM → TFTP `pxelinux.0` → `pxelinux.cfg/01-<mac>` → kernel + initrd over TFTP;
+//! - UEFI: OVMF's own PXE → TFTP `grubx64.efi` (grub-mkimage) → `grub/grub.cfg-01-<mac>` →
+//!   kernel + initrd over TFTP (blksize 1024).
 //!
 //! DHCP comes from dnsmasq in DHCP-only mode (`--port=0`) for now: see [`start_dhcp`].
 //!
 //! Needs root and the Debian packages qemu-system-x86, ipxe-qemu, ipxe, ovmf, pxelinux,
-//! syslinux-common, dnsmasq-base, busybox-static and linux-image-amd64 (a kernel in /boot
+//! syslinux-common, grub-common, grub-efi-amd64-bin, dnsmasq-base, busybox-static and linux-image-amd64 (a kernel in /boot
 //! with its modules in /lib/modules).
 
 use anyhow::{bail, Context, Result};
@@ -79,6 +81,8 @@ enum Firmware {
     UefiOvmf,
     /// SeaBIOS + iPXE ROM handing over to pxelinux.0.
     BiosPxelinux,
+    /// OVMF's own PXE chaining a GRUB network image (built with grub-mkimage).
+    UefiGrub,
 }
 
 /// Who serves the boot files.
@@ -208,6 +212,28 @@ fn lab(subnet: u8, fw: Firmware, provider: Provider) -> Result<Lab> {
         "/usr/lib/syslinux/modules/bios/ldlinux.c32",
         &root.join("ldlinux.c32"),
     )?;
+    if fw == Firmware::UefiGrub {
+        // GRUB's prefix (tftp)/grub makes it search grub/grub.cfg-01-<mac> first.
+        let mods = [
+            "normal",
+            "configfile",
+            "linux",
+            "efinet",
+            "tftp",
+            "net",
+            "echo",
+            "test",
+            "regexp",
+            "gzio",
+        ];
+        si_tests::run(
+            std::process::Command::new("grub-mkimage")
+                .args(["-O", "x86_64-efi", "-p", "(tftp)/grub", "-o"])
+                .arg(root.join("grubx64.efi"))
+                .args(mods),
+        )
+        .context("building a GRUB network image (grub-common, grub-efi-amd64-bin)")?;
+    }
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .subsec_nanos();
@@ -312,7 +338,11 @@ fn lab(subnet: u8, fw: Firmware, provider: Provider) -> Result<Lab> {
         } else {
             "undionly.kpxe"
         },
-        efi_file: "ipxe.efi",
+        efi_file: if fw == Firmware::UefiGrub {
+            "grubx64.efi"
+        } else {
+            "ipxe.efi"
+        },
         ipxe_file,
         tftp_root: (provider == Provider::Dnsmasq).then_some(root.as_path()),
     };
@@ -370,7 +400,7 @@ impl Lab {
                     &format!("e1000,netdev=n0,mac={MAC}"),
                 ]);
             }
-            Firmware::UefiOvmf => {
+            Firmware::UefiOvmf | Firmware::UefiGrub => {
                 let vars = self.dir.path().join("OVMF_VARS.fd");
                 copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)?;
                 c.args(["-machine", "q35"])
@@ -505,6 +535,25 @@ fn pxe_bios_pxelinux_boots_over_tftp() {
         "{log}"
     );
     assert!(log.contains("file=\"vmlinuz\""), "{log}");
+}
+
+#[test]
+fn pxe_uefi_grub_boots_over_tftp() {
+    require_root!();
+    let _l = vm_lock();
+    let lab = lab(15, Firmware::UefiGrub, Provider::Si).unwrap();
+    let (took, console) = lab.boot_or_explain(Firmware::UefiGrub);
+    eprintln!("UEFI/GRUB boot to marker: {took:.1?}");
+    let log = lab.log("bootd.log");
+    assert!(
+        log.contains("file=\"/grub/grub.cfg-01-52-54-00-d1-00-01\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("file=\"/vmlinuz\"") && log.contains("(\"blksize\", \"1024\")"),
+        "{log}"
+    );
+    assert!(console.contains("si: vm1"), "{console}");
 }
 
 /// `bench/pxe.sh`: seconds from VM start to the marker, si vs dnsmasq's TFTP.

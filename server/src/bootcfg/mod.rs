@@ -230,7 +230,8 @@ pub fn ipxe_script(
             Firmware::Bios => o.push_str("sanboot --no-describe --drive 0x80 || exit\n"),
             Firmware::Uefi => o.push_str("exit\n"),
             Firmware::Any => o.push_str(
-                "iseq ${platform} efi && exit ||\nsanboot --no-describe --drive 0x80 || exit\n",
+                "iseq ${platform} efi && goto si_exit || goto si_sanboot\n\
+                 :si_sanboot\nsanboot --no-describe --drive 0x80 || goto si_exit\n:si_exit\nexit\n",
             ),
         },
         Some(k) => {

@@ -260,6 +260,14 @@ fn negotiates_within_limits() {
     );
     assert!(n.reply.is_empty());
     assert_eq!(n.blksize, 512);
+    // At most 1 MiB in flight: the window shrinks for big blocks.
+    let cfg = TftpConfig {
+        max_windowsize: 64,
+        ..TftpConfig::default()
+    };
+    let n = negotiate(&cfg, &o(&[("windowsize", "64"), ("blksize", "65464")]), 1);
+    assert_eq!(n.windowsize, 16);
+    assert_eq!(n.reply, o(&[("windowsize", "16"), ("blksize", "65464")]));
 }
 
 #[test]

@@ -12,8 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::UdpSocket;
 use tokio::time::{timeout_at, Instant};
 
-/// Bytes read from a file at once (rounded up to whole windows).
+/// Bytes read from a file at once (at least one window).
 const READ_CHUNK: usize = 256 << 10;
+/// Most bytes in one window (windowsize × blksize), which bounds memory per transfer.
+const MAX_WINDOW_BYTES: usize = 1 << 20;
 
 /// Where the bytes of a transfer come from.
 enum Source {
@@ -193,6 +195,16 @@ pub(crate) fn negotiate(cfg: &TftpConfig, options: &[(String, String)], size: u6
             _ => {}
         }
     }
+    // Bound the bytes in flight (and buffered) per transfer.
+    let max_window = (MAX_WINDOW_BYTES / n.blksize).max(1) as u64;
+    if n.windowsize > max_window {
+        n.windowsize = max_window;
+        for (k, v) in &mut n.reply {
+            if k == "windowsize" {
+                *v = max_window.to_string();
+            }
+        }
+    }
     n
 }
 
@@ -216,6 +228,8 @@ async fn send_error(sock: &UdpSocket, code: ErrorCode, msg: &str) {
 enum Reply {
     Ack(u64),
     Timeout,
+    /// The client sent an ERROR: firmware does so after reading `tsize` from the OACK.
+    Aborted(u16, String),
 }
 
 /// Waits until `deadline` for an ACK naming a block in `lo..=hi`; other packets are ignored.
@@ -237,12 +251,17 @@ async fn wait_ack(
                     return Ok(Reply::Ack(abs));
                 }
             }
-            Ok(Packet::Error { code, message }) => bail!("client sent error {code}: {message}"),
+            Ok(Packet::Error { code, message }) => return Ok(Reply::Aborted(code, message)),
             Ok(_) | Err(_) => {
                 tracing::trace!("ignoring unexpected packet during transfer");
             }
         }
     }
+}
+
+fn client_ended(code: u16, msg: &str) -> Result<()> {
+    tracing::debug!(code, msg, "client ended the transfer");
+    Ok(())
 }
 
 pub(crate) async fn run(
@@ -287,6 +306,7 @@ pub(crate) async fn run(
             sock.send(&out).await.context("sending OACK")?;
             match wait_ack(&sock, &mut rbuf, Instant::now() + neg.timeout, 0, 0).await? {
                 Reply::Ack(_) => break,
+                Reply::Aborted(code, msg) => return client_ended(code, &msg),
                 Reply::Timeout => {
                     tries += 1;
                     if tries > cfg.retries {
@@ -333,9 +353,11 @@ pub(crate) async fn run(
                         retries = 0;
                     }
                     Reply::Timeout => retries += 1,
+                    Reply::Aborted(code, msg) => return client_ended(code, &msg),
                 }
             }
             Reply::Timeout => retries += 1,
+            Reply::Aborted(code, msg) => return client_ended(code, &msg),
         }
         if retries > cfg.retries {
             send_error(&sock, ErrorCode::NotDefined, "timed out").await;

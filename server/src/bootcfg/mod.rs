@@ -383,7 +383,12 @@ pub fn write_tree(dir: &Path, files: &BTreeMap<String, String>) -> Result<()> {
         let parent = path.parent().context("generated path has no parent")?;
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
-        let tmp = path.with_extension("si-tmp");
+        let mut tmp_name = path
+            .file_name()
+            .context("generated path has no file name")?
+            .to_owned();
+        tmp_name.push(".si-tmp");
+        let tmp = path.with_file_name(tmp_name);
         {
             use std::io::Write;
             let mut fh = std::fs::File::create(&tmp)

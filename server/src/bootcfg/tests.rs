@@ -131,3 +131,31 @@ fn parses_nodes_file() {
     assert_eq!(nodes[1].action, BootAction::Local);
     assert!(parse_nodes("[[node]]\nname='x'\nmacs=['zz']\naction={type='local'}").is_err());
 }
+
+#[test]
+fn writes_tree_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = render(&settings(), &[node()]).unwrap();
+    write_tree(dir.path(), &files).unwrap();
+    for (rel, body) in &files {
+        assert_eq!(
+            &std::fs::read_to_string(dir.path().join(rel)).unwrap(),
+            body
+        );
+    }
+    // Rewriting replaces files in place of the old ones, leaving no temporaries.
+    write_tree(dir.path(), &files).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("pxelinux.cfg"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "si-tmp")
+        })
+        .collect();
+    assert!(leftovers.is_empty());
+    let g = Generated::new(files);
+    assert!(g.get("boot.ipxe").is_some() && g.get("nope").is_none());
+}

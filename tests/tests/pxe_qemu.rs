@@ -535,6 +535,8 @@ fn pxe_bios_pxelinux_boots_over_tftp() {
         "{log}"
     );
     assert!(log.contains("file=\"vmlinuz\""), "{log}");
+    // pxelinux asks for 1408-byte blocks.
+    assert!(log.contains("(\"blksize\", \"1408\")"), "{log}");
 }
 
 #[test]

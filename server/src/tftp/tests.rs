@@ -23,11 +23,20 @@ async fn start(
     root: &std::path::Path,
     generated: Generated,
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    start_with(root, generated, 256).await
+}
+
+async fn start_with(
+    root: &std::path::Path,
+    generated: Generated,
+    max_transfers: usize,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
     let cfg = TftpConfig {
         root: root.to_path_buf(),
         timeout: Duration::from_millis(300),
+        max_transfers,
         ..TftpConfig::default()
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -351,4 +360,40 @@ async fn server_survives_fuzzed_datagrams() {
             .unwrap(),
         content(5000)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_many_transfers_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), content(300_000)).unwrap();
+    let (addr, _stop) = start(dir.path(), Generated::default()).await;
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let opts: &[(&str, &str)] = if i % 2 == 0 {
+                    &[("blksize", "1432")]
+                } else {
+                    &[("windowsize", "8")]
+                };
+                fetch(addr, "f", opts).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap() == content(300_000));
+    }
+}
+
+#[tokio::test]
+async fn refuses_beyond_max_transfers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), content(5000)).unwrap();
+    let (addr, _stop) = start_with(dir.path(), Generated::default(), 1).await;
+    // A client that never acks holds the only slot until its retries run out.
+    let stalled = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    stalled.send_to(&rrq("f", &[]), addr).await.unwrap();
+    let mut buf = [0u8; 600];
+    stalled.recv_from(&mut buf).await.unwrap();
+    let err = fetch(addr, "f", &[]).await.unwrap_err();
+    assert_eq!(err, "server busy");
 }

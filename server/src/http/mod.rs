@@ -344,6 +344,73 @@ mod tests {
         assert_eq!(parse_range("items=0-1", 100), None);
     }
 
+    async fn get(addr: std::net::SocketAddr, req: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn serves_over_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("k"), b"0123456789").unwrap();
+        std::fs::write(dir.path().join("secret"), b"secret").unwrap();
+        std::os::unix::fs::symlink("../secret", root.join("out")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gen = Generated::new([("boot/x.ipxe".to_string(), "#!ipxe\n".to_string())].into());
+        let cfg = HttpConfig {
+            root,
+            ..HttpConfig::default()
+        };
+        tokio::spawn(serve(listener, cfg, gen, std::future::pending()));
+        let close = "Connection: close\r\n\r\n";
+        let r = get(addr, &format!("GET /k HTTP/1.1\r\nHost: x\r\n{close}")).await;
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("\r\n\r\n0123456789"),
+            "{r}"
+        );
+        let r = get(
+            addr,
+            &format!("GET /k HTTP/1.1\r\nRange: bytes=-3\r\n{close}"),
+        )
+        .await;
+        assert!(
+            r.starts_with("HTTP/1.1 206")
+                && r.contains("content-range: bytes 7-9/10")
+                && r.ends_with("789"),
+            "{r}"
+        );
+        let r = get(
+            addr,
+            &format!("GET /k HTTP/1.1\r\nRange: bytes=10-\r\n{close}"),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 416"), "{r}");
+        let r = get(addr, &format!("HEAD /boot/x.ipxe HTTP/1.1\r\n{close}")).await;
+        assert!(
+            r.starts_with("HTTP/1.1 200")
+                && r.contains("content-length: 7")
+                && !r.contains("#!ipxe"),
+            "{r}"
+        );
+        for bad in ["/../secret", "/%2e%2e/secret", "/out"] {
+            let r = get(addr, &format!("GET {bad} HTTP/1.1\r\n{close}")).await;
+            assert!(r.starts_with("HTTP/1.1 403"), "{bad}: {r}");
+        }
+        let r = get(
+            addr,
+            &format!("POST /k HTTP/1.1\r\nContent-Length: 0\r\n{close}"),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    }
+
     #[test]
     fn decodes() {
         assert_eq!(percent_decode("/a%20b").as_deref(), Some("/a b"));

@@ -254,7 +254,9 @@ fn http_serves_files_beneath_root() {
     ] {
         let script = format!(
             "(printf '{}'; sleep 1) | busybox nc {SERVER} 8080",
-            req.replace('%', "%%").replace('\r', "\\r").replace('\n', "\\n")
+            req.replace('%', "%%")
+                .replace('\r', "\\r")
+                .replace('\n', "\\n")
         );
         let o = s.client.sh(&script).unwrap();
         let text = String::from_utf8_lossy(&o.stdout);

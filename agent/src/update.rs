@@ -150,14 +150,16 @@ struct DiskEntry {
     md: std::fs::Metadata,
 }
 
-/// Lists the tree on disk beneath `root` (relative paths), skipping excluded paths and not
-/// descending into mounts of non-local filesystems.
-fn walk_disk(
-    root: &Path,
-    excludes: &Excludes,
-) -> Result<(HashMap<Vec<u8>, DiskEntry>, HashSet<Vec<u8>>)> {
+/// Lists the tree on disk beneath `root` (relative paths), skipping excluded paths, descending
+/// into mounts of local disk filesystems (a separate /boot) but not into others (proc, NFS).
+/// The tree on disk by relative path, and the directories kept because something excluded
+/// lies beneath them.
+type DiskTree = (HashMap<Vec<u8>, DiskEntry>, HashSet<Vec<u8>>);
+
+fn walk_disk(root: &Path, excludes: &Excludes) -> Result<DiskTree> {
     let mut out = HashMap::new();
     let mut keep = HashSet::new();
+    let mounts = scan::mount_types();
     let root_md =
         std::fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
     let mut stack = vec![(root.to_path_buf(), Vec::new(), root_md.dev())];
@@ -179,8 +181,13 @@ fn walk_disk(
             let p = e.path();
             let md = std::fs::symlink_metadata(&p)
                 .with_context(|| format!("reading {}", p.display()))?;
-            if md.is_dir() && md.dev() == dev {
-                stack.push((p, crel.clone(), dev));
+            if md.is_dir() {
+                let local = md.dev() == dev
+                    || mounts.get(&p).is_some_and(|t| scan::LOCAL_FS.contains(&t.as_str()));
+                if local {
+                    let d = md.dev();
+                    stack.push((p, crel.clone(), d));
+                }
             }
             out.insert(crel, DiskEntry { md });
         }
@@ -270,15 +277,11 @@ fn classify(e: &Entry, d: &DiskEntry, abs: &Path, verify: bool) -> Result<Action
                 return Ok(Action::Replace);
             }
         }
-        Kind::Symlink { target } => {
-            if std::fs::read_link(abs)?.as_os_str().as_bytes() != target.as_slice() {
-                return Ok(Action::Replace);
-            }
+        Kind::Symlink { target } if std::fs::read_link(abs)?.as_os_str().as_bytes() != target.as_slice() => {
+            return Ok(Action::Replace);
         }
-        Kind::CharDev { rdev } | Kind::BlockDev { rdev } => {
-            if md.rdev() != *rdev {
-                return Ok(Action::Replace);
-            }
+        Kind::CharDev { rdev } | Kind::BlockDev { rdev } if md.rdev() != *rdev => {
+            return Ok(Action::Replace);
         }
         _ => {}
     }

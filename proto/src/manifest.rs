@@ -228,10 +228,10 @@ impl Manifest {
                     Some(Kind::File { .. }) => {}
                     _ => return Err(bad(e, "hard link target is not an earlier regular file")),
                 },
-                Kind::Symlink { target } => {
-                    if target.is_empty() || target.len() > path::MAX_PATH || target.contains(&0) {
-                        return Err(bad(e, "bad symlink target"));
-                    }
+                Kind::Symlink { target }
+                    if target.is_empty() || target.len() > path::MAX_PATH || target.contains(&0) =>
+                {
+                    return Err(bad(e, "bad symlink target"));
                 }
                 _ => {}
             }

@@ -134,6 +134,61 @@ impl Client {
         Ok((info, m, data))
     }
 
+    fn recv_bytes(&mut self, n: u64) -> Result<Vec<u8>> {
+        if n > si_proto::manifest::MAX_MANIFEST_BYTES {
+            bail!("manifest of {n} bytes is too large");
+        }
+        let mut data = Vec::with_capacity(n.min(64 << 20) as usize);
+        while (data.len() as u64) < n {
+            let part = si_proto::frame::recv_data(&mut self.r)?;
+            data.extend_from_slice(&part);
+        }
+        if data.len() as u64 != n {
+            bail!("manifest data has the wrong length");
+        }
+        Ok(data)
+    }
+
+    /// Like [`Client::manifest`], but when the node has `base` (image, version, manifest)
+    /// only the difference moves; the rebuilt manifest is checked against the target's digest.
+    pub fn manifest_from(
+        &mut self,
+        image: &str,
+        version: Option<u32>,
+        base: Option<(&str, u32, &Manifest)>,
+    ) -> Result<(ImageVersionInfo, Manifest, Vec<u8>)> {
+        let Some((bimage, bversion, bm)) = base else { return self.manifest(image, version) };
+        write_msg(
+            &mut self.w,
+            &Msg::GetManifestDelta { image: image.into(), version, base_image: bimage.into(), base_version: bversion },
+        )?;
+        self.w.flush()?;
+        match recv_msg(&mut self.r)? {
+            Msg::ManifestDeltaIs { info, digest, bytes, delta_bytes } => {
+                let data = self.recv_bytes(delta_bytes)?;
+                let delta = si_proto::manifest::Delta::decode(&data)?;
+                if let Ok(m) = delta.apply(bm) {
+                    let enc = m.encode();
+                    if enc.len() as u64 == bytes && Digest::of(&enc) == digest {
+                        return Ok((info, m, enc));
+                    }
+                }
+                // The rebuilt manifest does not match: take the whole one.
+                let v = info.version;
+                self.manifest(image, Some(v))
+            }
+            Msg::ManifestIs { info, digest, bytes } => {
+                let data = self.recv_bytes(bytes)?;
+                if Digest::of(&data) != digest {
+                    bail!("manifest of {image} arrived corrupt");
+                }
+                let m = Manifest::decode(&data)?;
+                Ok((info, m, data))
+            }
+            m => bail!("unexpected answer: {m:?}"),
+        }
+    }
+
     /// Fetches `wants` (digest, expected length), verifying each, and hands them to `f` on
     /// `threads` worker threads, in no particular order.
     pub fn fetch(

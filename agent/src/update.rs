@@ -727,7 +727,9 @@ fn free_bytes(p: &Path) -> Result<u64> {
 pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateSummary> {
     let start = std::time::Instant::now();
     let mut client = Client::connect(&o.server, Duration::from_secs(10))?;
-    let (info, m, mbytes) = client.manifest(&o.image, o.version)?;
+    let installed = read_installed(&state_dir(o));
+    let base = installed.as_ref().and_then(|(i, m)| m.as_ref().map(|m| (i.image.as_str(), i.version, m)));
+    let (info, m, mbytes) = client.manifest_from(&o.image, o.version, base)?;
     std::fs::create_dir_all(&o.root).with_context(|| format!("creating {}", o.root.display()))?;
     let p = plan(o, &info.image, info.version, &m)?;
     let mut sum = UpdateSummary {

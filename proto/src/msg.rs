@@ -157,6 +157,22 @@ pub enum Msg {
         digest: Digest,
         bytes: u64,
     },
+    /// Like `GetManifest`, for a node that has `base_version` of `base_image`: the answer is
+    /// `ManifestDeltaIs` (or `ManifestIs` when the server no longer has the base).
+    GetManifestDelta {
+        image: String,
+        version: Option<u32>,
+        base_image: String,
+        base_version: u32,
+    },
+    /// Followed by data frames holding an encoded `manifest::Delta`; `digest` and `bytes` are
+    /// those of the full target manifest the delta rebuilds.
+    ManifestDeltaIs {
+        info: ImageVersionInfo,
+        digest: Digest,
+        bytes: u64,
+        delta_bytes: u64,
+    },
     Want(Vec<Digest>),
     /// Node reports install progress or completion (free text, bounded by the frame).
     Report {

@@ -11,6 +11,7 @@
 //! Passwords never appear in history, `Debug` output or the CLI (`***`).
 
 pub mod catalog;
+pub mod cli;
 pub mod model;
 mod schema;
 
@@ -593,9 +594,14 @@ impl Inventory {
 }
 
 fn default_actor() -> String {
-    std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into())
+    if let Ok(u) = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")) {
+        return u;
+    }
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => u.name,
+        _ => format!("uid {uid}"),
+    }
 }
 
 fn history(

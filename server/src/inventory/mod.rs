@@ -435,6 +435,17 @@ impl Inventory {
     /// then subnets absent from the file.
     pub fn import(&self, cluster: &Cluster, catalog: &dyn ImageCatalog, prune: bool) -> Result<()> {
         self.write(|tx, actor| {
+            if prune {
+                // Nodes first, so that their MACs and addresses are free for renamed nodes.
+                let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+                for n in all_names(tx, "nodes")? {
+                    if !names.contains(&n.as_str()) {
+                        tx.execute("DELETE FROM nodes WHERE name = ?1", [&n])
+                            .context("pruning node")?;
+                        history(tx, actor, &format!("node/{n}"), "rm", "import --prune")?;
+                    }
+                }
+            }
             for s in &cluster.subnets {
                 put_subnet(tx, actor, s)?;
             }
@@ -474,14 +485,6 @@ impl Inventory {
             }
             if prune {
                 let keep = |list: &[String], name: &str| list.iter().any(|n| n == name);
-                let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-                for n in all_names(tx, "nodes")? {
-                    if !keep(&names, &n) {
-                        tx.execute("DELETE FROM nodes WHERE name = ?1", [&n])
-                            .context("pruning node")?;
-                        history(tx, actor, &format!("node/{n}"), "rm", "import --prune")?;
-                    }
-                }
                 let names: Vec<String> = cluster.groups.iter().map(|n| n.name.clone()).collect();
                 for n in all_names(tx, "groups")? {
                     if !keep(&names, &n) {

@@ -447,3 +447,20 @@ fn fuzz_no_panic() {
         "some mutated packets should still be answered"
     );
 }
+
+/// dhcproto asserts (debug) on option 94 with a length other than 3: such a packet must be
+/// answered as if the option were absent, not crash the server.
+#[test]
+fn bad_option_94_does_not_panic() {
+    let (_d, h) = setup(cfg());
+    let mut p = packet(mac(1), MessageType::Discover, &[]);
+    let end = p.iter().rposition(|&b| b == 255).unwrap();
+    p.truncate(end);
+    p.extend_from_slice(&[94, 1, 1, 255]);
+    let r = h.handle(&p, src(), Port::Dhcp).unwrap();
+    assert_eq!(r.msg.yiaddr(), Ipv4Addr::new(10, 213, 0, 11));
+    // Truncated option framing: dropped.
+    let n = p.len();
+    p[n - 3] = 200;
+    assert!(h.handle(&p, src(), Port::Dhcp).is_none());
+}

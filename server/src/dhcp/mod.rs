@@ -52,11 +52,14 @@ fn bind(interface: &str, port: u16) -> Result<UdpSocket> {
     UdpSocket::from_std(s.into()).context("registering socket with tokio")
 }
 
+/// Requests waiting for the worker; more are dropped (and counted), as on a saturated wire.
+const QUEUE: usize = 1024;
+
 /// Runs the DHCP service until `shutdown` completes.
 ///
 /// Listens on `cfg.port` (67) and `cfg.proxy_port` (4011) of `cfg.interface` only. Packets are
-/// handled one at a time on the blocking pool (the inventory is SQLite), so the runtime's
-/// threads never wait for the database.
+/// handled in order by one worker thread (the inventory is SQLite, so the runtime's threads
+/// never wait for the database) through a bounded queue; replies are sent from here.
 pub async fn serve(
     cfg: DhcpConfig,
     inventory: Arc<Inventory>,
@@ -70,42 +73,69 @@ pub async fn serve(
     let pxe = bind(&cfg.interface, cfg.proxy_port)?;
     info!(interface = %cfg.interface, %server_ip, mode = ?cfg.mode, unknown = ?cfg.unknown, "DHCP service started");
     let handler = Arc::new(Handler::new(cfg, inventory, server_ip));
+
+    let (req_tx, req_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, SocketAddrV4, Port)>(QUEUE);
+    let (rep_tx, mut rep_rx) = tokio::sync::mpsc::channel::<(Reply, Port)>(QUEUE);
+    let h = Arc::clone(&handler);
+    let worker = std::thread::Builder::new()
+        .name("si-dhcp".into())
+        .spawn(move || {
+            while let Ok((pkt, src, port)) = req_rx.recv() {
+                if let Some(r) = h.handle(&pkt, src, port) {
+                    if rep_tx.blocking_send((r, port)).is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+        .context("starting the DHCP worker thread")?;
+
     tokio::pin!(shutdown);
     let mut b1 = vec![0u8; handler::MAX_LEN + 1];
     let mut b2 = vec![0u8; handler::MAX_LEN + 1];
+    let mut dropped: u64 = 0;
     loop {
-        let (len, src, port, sock) = tokio::select! {
+        let (r, port) = tokio::select! {
             _ = &mut shutdown => break,
-            r = dhcp.recv_from(&mut b1) => {
-                let (n, s) = r.context("receiving on port 67")?;
-                (n, s, Port::Dhcp, &dhcp)
+            Some((reply, port)) = rep_rx.recv() => {
+                let sock = if port == Port::Dhcp { &dhcp } else { &pxe };
+                debug!(dest = %reply.dest, len = reply.bytes.len(), "sending reply");
+                if let Err(e) = sock.send_to(&reply.bytes, reply.dest).await {
+                    warn!(dest = %reply.dest, error = %e, "sending reply failed");
+                }
+                continue;
             }
-            r = pxe.recv_from(&mut b2) => {
-                let (n, s) = r.context("receiving on the PXE port")?;
-                (n, s, Port::Pxe, &pxe)
-            }
+            r = dhcp.recv_from(&mut b1) => (r.map(|(n, s)| (b1[..n].to_vec(), s)), Port::Dhcp),
+            r = pxe.recv_from(&mut b2) => (r.map(|(n, s)| (b2[..n].to_vec(), s)), Port::Pxe),
         };
-        let SocketAddr::V4(src) = src else { continue };
-        let pkt = if port == Port::Dhcp {
-            b1[..len].to_vec()
-        } else {
-            b2[..len].to_vec()
-        };
-        let h = Arc::clone(&handler);
-        let reply = match tokio::task::spawn_blocking(move || h.handle(&pkt, src, port)).await {
-            Ok(r) => r,
+        let (pkt, src) = match r {
+            Ok(v) => v,
             Err(e) => {
-                warn!(error = %e, "packet handler failed");
+                warn!(?port, error = %e, "receive failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };
-        if let Some(r) = reply {
-            debug!(dest = %r.dest, len = r.bytes.len(), "sending reply");
-            if let Err(e) = sock.send_to(&r.bytes, r.dest).await {
-                warn!(dest = %r.dest, error = %e, "sending reply failed");
+        let SocketAddr::V4(src) = src else { continue };
+        match req_tx.try_send((pkt, src, port)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                dropped += 1;
+                if dropped.is_power_of_two() {
+                    warn!(dropped, "request queue full: dropping requests");
+                }
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                bail!("the DHCP worker thread stopped")
             }
         }
     }
-    info!("DHCP service stopped");
+    drop(req_tx);
+    drop(rep_rx);
+    tokio::task::spawn_blocking(move || worker.join())
+        .await
+        .context("waiting for the DHCP worker")?
+        .map_err(|_| anyhow::anyhow!("the DHCP worker thread panicked"))?;
+    info!(dropped, "DHCP service stopped");
     Ok(())
 }

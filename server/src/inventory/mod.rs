@@ -259,10 +259,8 @@ impl Inventory {
         let mac = normalize_mac(mac)?;
         let c = self.conn();
         let name: Option<String> = c
-            .query_row("SELECT node FROM node_macs WHERE mac = ?1", [&mac], |r| {
-                r.get(0)
-            })
-            .optional()
+            .prepare_cached("SELECT node FROM node_macs WHERE mac = ?1")
+            .and_then(|mut st| st.query_row([&mac], |r| r.get(0)).optional())
             .context("looking up MAC")?;
         match name {
             Some(n) => node(&c, &n),
@@ -523,12 +521,8 @@ impl Inventory {
 
     pub fn lease_by_mac(&self, mac: &str) -> Result<Option<Lease>> {
         self.conn()
-            .query_row(
-                "SELECT mac, ip, expires, state, hostname FROM leases WHERE mac = ?1",
-                [mac],
-                lease_from_row,
-            )
-            .optional()
+            .prepare_cached("SELECT mac, ip, expires, state, hostname FROM leases WHERE mac = ?1")
+            .and_then(|mut st| st.query_row([mac], lease_from_row).optional())
             .context("looking up lease")
     }
 
@@ -538,22 +532,20 @@ impl Inventory {
         let c = self.conn();
         let ip = ip.to_string();
         let by_node: bool = c
-            .query_row(
+            .prepare_cached(
                 "SELECT EXISTS(SELECT 1 FROM nodes n WHERE n.ip = ?1 AND NOT EXISTS
                    (SELECT 1 FROM node_macs m WHERE m.node = n.name AND m.mac = ?2))",
-                [&ip, mac],
-                |r| r.get(0),
             )
+            .and_then(|mut st| st.query_row([&ip, mac], |r| r.get(0)))
             .context("checking static addresses")?;
         if by_node {
             return Ok(true);
         }
-        c.query_row(
+        c.prepare_cached(
             "SELECT EXISTS(SELECT 1 FROM leases WHERE ip = ?1 AND mac <> ?2
                AND (expires IS NULL OR expires > ?3))",
-            params![ip, mac, now],
-            |r| r.get(0),
         )
+        .and_then(|mut st| st.query_row(params![ip, mac, now], |r| r.get(0)))
         .context("checking leases")
     }
 
@@ -561,16 +553,16 @@ impl Inventory {
     pub fn put_lease(&self, l: &Lease) -> Result<()> {
         self.write(|tx, _| {
             let ip = l.ip.to_string();
-            tx.execute(
-                "DELETE FROM leases WHERE ip = ?1 AND mac <> ?2",
-                [&ip, &l.mac],
-            )
-            .context("replacing an old lease")?;
-            tx.execute(
+            tx.prepare_cached("DELETE FROM leases WHERE ip = ?1 AND mac <> ?2")
+                .and_then(|mut st| st.execute([&ip, &l.mac]))
+                .context("replacing an old lease")?;
+            tx.prepare_cached(
                 "INSERT OR REPLACE INTO leases (mac, ip, expires, state, hostname, updated)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![l.mac, ip, l.expires, l.state, l.hostname, now()],
             )
+            .and_then(|mut st| {
+                st.execute(params![l.mac, ip, l.expires, l.state, l.hostname, now()])
+            })
             .context("writing lease")?;
             Ok(())
         })
@@ -726,7 +718,7 @@ fn lease_from_row(r: &Row<'_>) -> rusqlite::Result<Lease> {
 
 fn subnets(c: &Connection) -> Result<Vec<Subnet>> {
     let mut st = c
-        .prepare(&format!("SELECT {SUBNET_COLS} FROM subnets ORDER BY name"))
+        .prepare_cached(&format!("SELECT {SUBNET_COLS} FROM subnets ORDER BY name"))
         .context("listing subnets")?;
     let v = st
         .query_map([], subnet_from_row)
@@ -748,18 +740,14 @@ fn group(c: &Connection, name: &str) -> Result<Option<Group>> {
 
 fn node(c: &Connection, name: &str) -> Result<Option<Node>> {
     let Some(mut n) = c
-        .query_row(
-            &format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"),
-            [name],
-            node_from_row,
-        )
-        .optional()
+        .prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"))
+        .and_then(|mut st| st.query_row([name], node_from_row).optional())
         .with_context(|| format!("looking up node {name:?}"))?
     else {
         return Ok(None);
     };
     let mut st = c
-        .prepare("SELECT mac FROM node_macs WHERE node = ?1 ORDER BY rowid")
+        .prepare_cached("SELECT mac FROM node_macs WHERE node = ?1 ORDER BY rowid")
         .context("listing MACs")?;
     n.macs = st
         .query_map([name], |r| r.get(0))

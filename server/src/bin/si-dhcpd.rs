@@ -7,8 +7,9 @@ use si_server::inventory::Inventory;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Run only the si DHCP / ProxyDHCP service, on one interface, from the inventory.
 #[derive(Parser, Debug)]
-#[command(name = "si-dhcpd", version)]
+#[command(name = "si-dhcpd", version, long_about = None)]
 struct Cli {
     /// Server state directory holding inventory.db.
     #[arg(long, env = "SI_STATE_DIR", default_value = "/var/lib/si")]

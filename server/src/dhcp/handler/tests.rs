@@ -464,3 +464,84 @@ fn bad_option_94_does_not_panic() {
     p[n - 3] = 200;
     assert!(h.handle(&p, src(), Port::Dhcp).is_none());
 }
+
+#[test]
+fn unknown_ipxe_gets_discovery_script() {
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    c.http_base = Some("http://10.213.0.1:8080/".into());
+    let (_d, h) = setup(c);
+    let o = [
+        DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007:UNDI:003016".to_vec()),
+        DhcpOption::ClientSystemArchitecture(7.into()),
+        DhcpOption::UserClass(b"iPXE".to_vec()),
+    ];
+    let r = h
+        .handle(
+            &packet(mac(77), MessageType::Discover, &o),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert!(h.inv.subnets().unwrap()[0].in_pool(r.msg.yiaddr()));
+    assert_eq!(
+        opt(&r.msg, OptionCode::BootfileName),
+        Some(&DhcpOption::BootfileName(
+            b"http://10.213.0.1:8080/boot/discovery.ipxe".to_vec()
+        ))
+    );
+    // iPXE gets no PXE menu control (option 43).
+    assert!(opt(&r.msg, OptionCode::VendorExtensions).is_none());
+}
+
+#[test]
+fn release_frees_the_pool_address() {
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    let (_d, h) = setup(c);
+    let r = h
+        .handle(
+            &packet(mac(20), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    let ip = r.msg.yiaddr();
+    let req = packet(
+        mac(20),
+        MessageType::Request,
+        &[
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(ip),
+        ],
+    );
+    assert_eq!(
+        h.handle(&req, src(), Port::Dhcp)
+            .unwrap()
+            .msg
+            .opts()
+            .msg_type(),
+        Some(MessageType::Ack)
+    );
+    assert!(h
+        .inv
+        .ip_taken(ip, "52:54:00:00:00:15", inventory::now())
+        .unwrap());
+    let mut m = decode(&packet(mac(20), MessageType::Release, &[])).unwrap();
+    m.set_ciaddr(ip);
+    let mut b = Vec::new();
+    m.encode(&mut Encoder::new(&mut b)).unwrap();
+    assert!(h.handle(&b, src(), Port::Dhcp).is_none());
+    assert!(!h
+        .inv
+        .ip_taken(ip, "52:54:00:00:00:15", inventory::now() + 1)
+        .unwrap());
+    assert_eq!(
+        h.inv
+            .lease_by_mac("52:54:00:00:00:14")
+            .unwrap()
+            .unwrap()
+            .state,
+        "released"
+    );
+}

@@ -52,7 +52,8 @@ pub struct BmcArgs {
     pub bmc_port: Option<u16>,
     #[arg(long)]
     pub bmc_user: Option<String>,
-    /// Stored in the inventory (mode 0600), never displayed.
+    /// Stored in the inventory (mode 0600), never displayed. `-` reads it from the first line
+    /// of stdin (command lines are visible to other users in `ps`).
     #[arg(long)]
     pub bmc_password: Option<String>,
     /// ipmi, redfish...
@@ -64,6 +65,22 @@ pub struct BmcArgs {
 }
 
 impl BmcArgs {
+    /// Replaces a `-` password by the first line of stdin.
+    fn read_secret(&mut self) -> Result<()> {
+        if self.bmc_password.as_deref() == Some("-") {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the BMC password from stdin")?;
+            let p = line.trim_end_matches(['\n', '\r']).to_string();
+            if p.is_empty() {
+                bail!("empty BMC password on stdin");
+            }
+            self.bmc_password = Some(p);
+        }
+        Ok(())
+    }
+
     /// Applies the given fields over `b`; `host_offset` increments an IPv4 host.
     fn apply(&self, b: &mut Bmc, host_offset: u32) -> Result<()> {
         if let Some(h) = &self.bmc_host {
@@ -78,8 +95,8 @@ impl BmcArgs {
         if self.bmc_user.is_some() {
             b.user.clone_from(&self.bmc_user);
         }
-        if self.bmc_password.is_some() {
-            b.password.clone_from(&self.bmc_password);
+        if let Some(p) = &self.bmc_password {
+            b.password = Some(p.clone());
         }
         if self.bmc_driver.is_some() {
             b.driver.clone_from(&self.bmc_driver);
@@ -299,7 +316,11 @@ fn existing(inv: &Inventory, expr: &str) -> Result<Vec<Node>> {
     Ok(out)
 }
 
-pub fn node_main(cli: NodeCli) -> Result<()> {
+pub fn node_main(mut cli: NodeCli) -> Result<()> {
+    match &mut cli.cmd {
+        NodeCmd::Add { bmc, .. } | NodeCmd::Set { bmc, .. } => bmc.read_secret()?,
+        _ => {}
+    }
     let c = &cli.common;
     let inv = c.open()?;
     let mut out = std::io::stdout().lock();
@@ -612,7 +633,11 @@ fn apply_group(g: &mut Group, a: &GroupArgs) -> Result<()> {
     a.bmc.apply(&mut g.bmc, 0)
 }
 
-pub fn group_main(cli: GroupCli) -> Result<()> {
+pub fn group_main(mut cli: GroupCli) -> Result<()> {
+    match &mut cli.cmd {
+        GroupCmd::Add { args, .. } | GroupCmd::Set { args, .. } => args.bmc.read_secret()?,
+        _ => {}
+    }
     let c = &cli.common;
     let inv = c.open()?;
     let mut out = std::io::stdout().lock();

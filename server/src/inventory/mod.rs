@@ -118,7 +118,11 @@ impl Inventory {
     /// Runs `f` in one transaction.
     fn write<T>(&self, f: impl FnOnce(&Transaction<'_>, &str) -> Result<T>) -> Result<T> {
         let mut c = self.conn();
-        let tx = c.transaction().context("starting a transaction")?;
+        // IMMEDIATE: take the write lock up front (waiting up to the busy timeout), so that a
+        // CLI and the server writing at once never fail on a read-to-write upgrade.
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .context("starting a transaction")?;
         let v = f(&tx, &self.actor)?;
         tx.commit().context("committing to the inventory")?;
         Ok(v)

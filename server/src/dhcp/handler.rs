@@ -88,7 +88,7 @@ impl Handler {
         // dhcproto asserts on some malformed options (e.g. option 94 with a length other than
         // 3, classless routes with a prefix over 32): it only ever sees a rebuilt packet that
         // carries the options we use, each with a valid length.
-        let Some(clean) = sanitize(buf) else {
+        let Some((clean, relay_info)) = sanitize(buf) else {
             debug!(%src, "dropping packet with malformed options");
             return None;
         };
@@ -115,7 +115,16 @@ impl Handler {
             return None;
         };
         match self.dispatch(&msg, &mac, mtype, src, port) {
-            Ok(Some(r)) => {
+            Ok(Some(mut r)) => {
+                // RFC 3046 2.2: echo the relay agent information option to the relay.
+                if let Some(info) = relay_info.filter(|_| !msg.giaddr().is_unspecified()) {
+                    r.msg
+                        .opts_mut()
+                        .insert(DhcpOption::Unknown(v4::UnknownOption::new(
+                            OptionCode::RelayAgentInformation,
+                            info,
+                        )));
+                }
                 let mut bytes = Vec::with_capacity(576);
                 if let Err(e) = r.msg.encode(&mut Encoder::new(&mut bytes)) {
                     warn!(%mac, error = %e, "cannot encode reply");
@@ -603,15 +612,17 @@ fn option_ok(code: u8, len: usize) -> bool {
     }
 }
 
-/// The fixed header and the known, well-formed options of `buf` (first occurrence of each);
-/// `None` when the header or the option framing is broken.
-fn sanitize(buf: &[u8]) -> Option<Vec<u8>> {
+/// The fixed header and the known, well-formed options of `buf` (first occurrence of each),
+/// and the raw relay agent information (option 82) to echo; `None` when the header or the
+/// option framing is broken.
+fn sanitize(buf: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
     if buf.len() < MIN_LEN || buf[236..240] != v4::MAGIC {
         return None;
     }
     let mut out = Vec::with_capacity(buf.len().min(MAX_LEN));
     out.extend_from_slice(&buf[..MIN_LEN]);
     let mut seen = [false; 256];
+    let mut relay_info = None;
     let mut i = MIN_LEN;
     while i < buf.len() {
         let code = buf[i];
@@ -625,6 +636,9 @@ fn sanitize(buf: &[u8]) -> Option<Vec<u8>> {
         }
         let len = usize::from(*buf.get(i + 1)?);
         let data = buf.get(i + 2..i + 2 + len)?;
+        if code == 82 && relay_info.is_none() && len > 0 {
+            relay_info = Some(data.to_vec());
+        }
         if option_ok(code, len) && !seen[usize::from(code)] {
             seen[usize::from(code)] = true;
             out.push(code);
@@ -634,7 +648,7 @@ fn sanitize(buf: &[u8]) -> Option<Vec<u8>> {
         i += 2 + len;
     }
     out.push(255);
-    Some(out)
+    Some((out, relay_info))
 }
 
 fn requested_ip(msg: &Message) -> Option<Ipv4Addr> {

@@ -545,3 +545,28 @@ fn release_frees_the_pool_address() {
         "released"
     );
 }
+
+#[test]
+fn relay_agent_information_is_echoed() {
+    let (_d, h) = setup(cfg());
+    let mut m = decode(&packet(mac(1), MessageType::Discover, &[])).unwrap();
+    m.set_giaddr(Ipv4Addr::new(10, 213, 7, 1));
+    let mut b = Vec::new();
+    m.encode(&mut Encoder::new(&mut b)).unwrap();
+    let end = b.iter().rposition(|&x| x == 255).unwrap();
+    b.truncate(end);
+    b.extend_from_slice(&[82, 6, 1, 4, b'p', b'o', b'r', b't', 255]);
+    let r = h
+        .handle(
+            &b,
+            SocketAddrV4::new(Ipv4Addr::new(10, 213, 7, 1), 67),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert!(
+        r.bytes
+            .windows(8)
+            .any(|w| w == [82, 6, 1, 4, b'p', b'o', b'r', b't']),
+        "option 82 echoed"
+    );
+}

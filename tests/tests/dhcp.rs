@@ -27,8 +27,25 @@ struct Client {
     dir: PathBuf,
 }
 
+/// Fails with the Debian package to install when a client program is missing.
+fn need(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{program} is missing: apt-get install {package}");
+}
+
 impl Lab {
     fn new() -> Result<Lab> {
+        for (p, pkg) in [
+            ("dhclient", "isc-dhcp-client"),
+            ("busybox", "busybox (udhcpc)"),
+            ("dhcpcd", "dhcpcd5"),
+            ("dnsmasq", "dnsmasq-base"),
+            ("ss", "iproute2"),
+        ] {
+            need(p, pkg);
+        }
         let server = Netns::new()?;
         server.sh("ip link add br0 type bridge && ip addr add 10.213.0.1/16 dev br0 && ip link set br0 up")?;
         let dir = tempfile::tempdir().context("temp dir")?;

@@ -32,10 +32,7 @@ fn nix_geteuid() -> u32 {
 macro_rules! require_root {
     () => {
         if !$crate::is_root() {
-            eprintln!(
-                "SKIP {}: needs root (network namespaces, loop devices, mknod); CI runs it as root",
-                module_path!()
-            );
+            eprintln!("SKIP {}: needs root (network namespaces, loop devices, mknod); CI runs it as root", module_path!());
             return;
         }
     };
@@ -114,20 +111,7 @@ impl Netns {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let a = format!("sv{}a{n}", std::process::id() % 100000);
         let b = format!("sv{}b{n}", std::process::id() % 100000);
-        run(Command::new("ip").args([
-            "link",
-            "add",
-            &a,
-            "netns",
-            &self.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &b,
-            "netns",
-            &other.name,
-        ]))?;
+        run(Command::new("ip").args(["link", "add", &a, "netns", &self.name, "type", "veth", "peer", "name", &b, "netns", &other.name]))?;
         self.ip(&["addr", "add", addr, "dev", &a])?;
         self.ip(&["link", "set", &a, "up"])?;
         other.ip(&["addr", "add", other_addr, "dev", &b])?;
@@ -138,30 +122,21 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            });
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|o| {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        });
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
 /// Deletes `si-t<pid>-*` namespaces whose test process is gone.
 pub fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("si-t") else {
-            continue;
-        };
+        let Some(rest) = name.strip_prefix("si-t") else { continue };
         let pid = rest.split('-').next().unwrap_or("");
         if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();

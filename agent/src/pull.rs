@@ -157,14 +157,26 @@ impl Client {
         version: Option<u32>,
         base: Option<(&str, u32, &Manifest)>,
     ) -> Result<(ImageVersionInfo, Manifest, Vec<u8>)> {
-        let Some((bimage, bversion, bm)) = base else { return self.manifest(image, version) };
+        let Some((bimage, bversion, bm)) = base else {
+            return self.manifest(image, version);
+        };
         write_msg(
             &mut self.w,
-            &Msg::GetManifestDelta { image: image.into(), version, base_image: bimage.into(), base_version: bversion },
+            &Msg::GetManifestDelta {
+                image: image.into(),
+                version,
+                base_image: bimage.into(),
+                base_version: bversion,
+            },
         )?;
         self.w.flush()?;
         match recv_msg(&mut self.r)? {
-            Msg::ManifestDeltaIs { info, digest, bytes, delta_bytes } => {
+            Msg::ManifestDeltaIs {
+                info,
+                digest,
+                bytes,
+                delta_bytes,
+            } => {
                 let data = self.recv_bytes(delta_bytes)?;
                 let delta = si_proto::manifest::Delta::decode(&data)?;
                 if let Ok(m) = delta.apply(bm) {
@@ -177,7 +189,11 @@ impl Client {
                 let v = info.version;
                 self.manifest(image, Some(v))
             }
-            Msg::ManifestIs { info, digest, bytes } => {
+            Msg::ManifestIs {
+                info,
+                digest,
+                bytes,
+            } => {
                 let data = self.recv_bytes(bytes)?;
                 if Digest::of(&data) != digest {
                     bail!("manifest of {image} arrived corrupt");

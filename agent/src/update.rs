@@ -183,7 +183,9 @@ fn walk_disk(root: &Path, excludes: &Excludes) -> Result<DiskTree> {
                 .with_context(|| format!("reading {}", p.display()))?;
             if md.is_dir() {
                 let local = md.dev() == dev
-                    || mounts.get(&p).is_some_and(|t| scan::LOCAL_FS.contains(&t.as_str()));
+                    || mounts
+                        .get(&p)
+                        .is_some_and(|t| scan::LOCAL_FS.contains(&t.as_str()));
                 if local {
                     let d = md.dev();
                     stack.push((p, crel.clone(), d));
@@ -277,7 +279,9 @@ fn classify(e: &Entry, d: &DiskEntry, abs: &Path, verify: bool) -> Result<Action
                 return Ok(Action::Replace);
             }
         }
-        Kind::Symlink { target } if std::fs::read_link(abs)?.as_os_str().as_bytes() != target.as_slice() => {
+        Kind::Symlink { target }
+            if std::fs::read_link(abs)?.as_os_str().as_bytes() != target.as_slice() =>
+        {
             return Ok(Action::Replace);
         }
         Kind::CharDev { rdev } | Kind::BlockDev { rdev } if md.rdev() != *rdev => {
@@ -728,7 +732,9 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
     let start = std::time::Instant::now();
     let mut client = Client::connect(&o.server, Duration::from_secs(10))?;
     let installed = read_installed(&state_dir(o));
-    let base = installed.as_ref().and_then(|(i, m)| m.as_ref().map(|m| (i.image.as_str(), i.version, m)));
+    let base = installed
+        .as_ref()
+        .and_then(|(i, m)| m.as_ref().map(|m| (i.image.as_str(), i.version, m)));
     let (info, m, mbytes) = client.manifest_from(&o.image, o.version, base)?;
     std::fs::create_dir_all(&o.root).with_context(|| format!("creating {}", o.root.display()))?;
     let p = plan(o, &info.image, info.version, &m)?;

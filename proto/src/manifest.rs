@@ -229,7 +229,9 @@ impl Manifest {
                     _ => return Err(bad(e, "hard link target is not an earlier regular file")),
                 },
                 Kind::Symlink { target }
-                    if target.is_empty() || target.len() > path::MAX_PATH || target.contains(&0) =>
+                    if target.is_empty()
+                        || target.len() > path::MAX_PATH
+                        || target.contains(&0) =>
                 {
                     return Err(bad(e, "bad symlink target"));
                 }
@@ -322,12 +324,16 @@ impl Delta {
                 upserts.push(e.clone());
             }
         }
-        Delta { upserts, removed: d.removed }
+        Delta {
+            upserts,
+            removed: d.removed,
+        }
     }
 
     /// Rebuilds the new manifest from the old one (validated).
     pub fn apply(&self, old: &Manifest) -> Result<Manifest, ManifestError> {
-        let removed: std::collections::HashSet<&[u8]> = self.removed.iter().map(|p| p.as_slice()).collect();
+        let removed: std::collections::HashSet<&[u8]> =
+            self.removed.iter().map(|p| p.as_slice()).collect();
         let mut map: std::collections::BTreeMap<Vec<u8>, Entry> = old
             .entries
             .iter()
@@ -337,13 +343,16 @@ impl Delta {
         for e in &self.upserts {
             map.insert(e.path.clone(), e.clone());
         }
-        let m = Manifest { entries: map.into_values().collect() };
+        let m = Manifest {
+            entries: map.into_values().collect(),
+        };
         m.validate()?;
         Ok(m)
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let raw = bincode::serde::encode_to_vec(self, bincode::config::standard()).expect("delta serializes");
+        let raw = bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .expect("delta serializes");
         let mut out = DELTA_MAGIC.to_vec();
         out.extend_from_slice(&MANIFEST_FORMAT.to_le_bytes());
         out.extend_from_slice(&zstd_compress(&raw));
@@ -358,9 +367,10 @@ impl Delta {
         if fmt != MANIFEST_FORMAT {
             return Err(ManifestError::Format(fmt));
         }
-        let raw = zstd_decompress_bounded(&data[8..], MAX_MANIFEST_BYTES).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-        let (d, used): (Delta, usize) =
-            bincode::serde::decode_from_slice(&raw, config()).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        let raw = zstd_decompress_bounded(&data[8..], MAX_MANIFEST_BYTES)
+            .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        let (d, used): (Delta, usize) = bincode::serde::decode_from_slice(&raw, config())
+            .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
         if used != raw.len() {
             return Err(ManifestError::Corrupt("trailing bytes".into()));
         }
@@ -500,7 +510,11 @@ pub(crate) mod tests {
         assert_eq!(d.upserts.len(), 2);
         let d2 = Delta::decode(&d.encode()).unwrap();
         assert_eq!(d2.apply(&a).unwrap(), b);
-        assert_eq!(d2.apply(&a).unwrap().encode(), b.encode(), "encoding is deterministic");
+        assert_eq!(
+            d2.apply(&a).unwrap().encode(),
+            b.encode(),
+            "encoding is deterministic"
+        );
         assert!(Delta::decode(b"SIMD\x01\0\0\0garbage").is_err());
     }
 

@@ -1,9 +1,18 @@
-//! si's master: the image store, capture from golden clients, image management, serving.
+//! si's master.
+//!
+//! - [`store`]: the content-addressed image store; [`capture`], [`tarfmt`], [`imagecmd`]:
+//!   capture, import/export and the image commands.
+//! - [`serve`]: the image service nodes deploy and update from; [`push`]: pushed updates.
+//! - [`inventory`]: nodes, groups, subnets, DHCP leases and change history in SQLite.
+//! - [`dhcp`], [`tftp`], [`http`], [`bootcfg`]: the network boot services.
+//! - [`ranges`]: node range expressions (`node[001-128]`).
 
 pub mod bootcfg;
 pub mod capture;
+pub mod dhcp;
 pub mod http;
 pub mod imagecmd;
+pub mod inventory;
 pub mod push;
 pub mod ranges;
 pub mod serve;

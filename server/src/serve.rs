@@ -209,26 +209,38 @@ async fn handle(
                     }
                 }
             }
-            Msg::GetManifestDelta { image, version, base_image, base_version } => {
+            Msg::GetManifestDelta {
+                image,
+                version,
+                base_image,
+                base_version,
+            } => {
                 let st = store.clone();
-                let got = tokio::task::spawn_blocking(move || -> Result<(ImageVersionInfo, Vec<u8>, Option<Vec<u8>>)> {
-                    let v = st.resolve(&image, version)?;
-                    let bytes = st.manifest_bytes(&image, v)?;
-                    let delta = match st.manifest(&base_image, base_version) {
-                        Ok(base) => {
-                            let target = si_proto::Manifest::decode(&bytes)?;
-                            Some(si_proto::manifest::Delta::between(&base, &target).encode())
-                        }
-                        Err(_) => None,
-                    };
-                    Ok((info(&st, &image, v)?, bytes, delta))
-                })
+                let got = tokio::task::spawn_blocking(
+                    move || -> Result<(ImageVersionInfo, Vec<u8>, Option<Vec<u8>>)> {
+                        let v = st.resolve(&image, version)?;
+                        let bytes = st.manifest_bytes(&image, v)?;
+                        let delta = match st.manifest(&base_image, base_version) {
+                            Ok(base) => {
+                                let target = si_proto::Manifest::decode(&bytes)?;
+                                Some(si_proto::manifest::Delta::between(&base, &target).encode())
+                            }
+                            Err(_) => None,
+                        };
+                        Ok((info(&st, &image, v)?, bytes, delta))
+                    },
+                )
                 .await?;
                 match got {
                     Ok((info, bytes, Some(delta))) => {
                         write_msg_async(
                             &mut w,
-                            &Msg::ManifestDeltaIs { info, digest: Digest::of(&bytes), bytes: bytes.len() as u64, delta_bytes: delta.len() as u64 },
+                            &Msg::ManifestDeltaIs {
+                                info,
+                                digest: Digest::of(&bytes),
+                                bytes: bytes.len() as u64,
+                                delta_bytes: delta.len() as u64,
+                            },
                         )
                         .await?;
                         for part in delta.chunks(MAX_FRAME / 2) {
@@ -237,14 +249,29 @@ async fn handle(
                         Ok(())
                     }
                     Ok((info, bytes, None)) => {
-                        write_msg_async(&mut w, &Msg::ManifestIs { info, digest: Digest::of(&bytes), bytes: bytes.len() as u64 }).await?;
+                        write_msg_async(
+                            &mut w,
+                            &Msg::ManifestIs {
+                                info,
+                                digest: Digest::of(&bytes),
+                                bytes: bytes.len() as u64,
+                            },
+                        )
+                        .await?;
                         for part in bytes.chunks(MAX_FRAME / 2) {
                             write_data_async(&mut w, part).await?;
                         }
                         Ok(())
                     }
                     Err(e) => {
-                        write_msg_async(&mut w, &Msg::Error { kind: ErrorKind::NotFound, message: format!("{e:#}") }).await?;
+                        write_msg_async(
+                            &mut w,
+                            &Msg::Error {
+                                kind: ErrorKind::NotFound,
+                                message: format!("{e:#}"),
+                            },
+                        )
+                        .await?;
                         Ok(())
                     }
                 }

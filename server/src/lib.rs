@@ -1,1 +1,2 @@
 //! si server
+pub mod power;

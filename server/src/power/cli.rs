@@ -6,6 +6,7 @@ use super::{BmcTarget, BootDevice, PowerAction, PowerState};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -59,29 +60,71 @@ struct Report<'a, T> {
 }
 
 /// Prints results (text or JSON) and returns the exit code: failure if any node failed.
-fn finish<T: Serialize>(out: &[NodeOutcome<T>], json: bool, text: impl Fn(&T) -> String) -> Result<ExitCode> {
-    let failed: Vec<&str> = out.iter().filter(|o| !o.ok()).map(|o| o.node.as_str()).collect();
-    if json {
-        let r = Report { results: out, failed: failed.clone() };
-        println!("{}", serde_json::to_string_pretty(&r).context("encoding JSON output")?);
-    } else {
-        for o in out {
-            match (&o.result, &o.error) {
-                (Some(v), _) => println!("{}: {}", o.node, text(v)),
-                (_, Some(e)) => println!("{}: ERROR {e}", o.node),
-                _ => {}
+fn finish<T: Serialize>(
+    out: &[NodeOutcome<T>],
+    json: bool,
+    text: impl Fn(&T) -> String,
+) -> Result<ExitCode> {
+    let failed: Vec<&str> = out
+        .iter()
+        .filter(|o| !o.ok())
+        .map(|o| o.node.as_str())
+        .collect();
+    let mut w = std::io::stdout().lock();
+    let written = (|| -> std::io::Result<()> {
+        if json {
+            let r = Report {
+                results: out,
+                failed: failed.clone(),
+            };
+            writeln!(w, "{}", serde_json::to_string_pretty(&r)?)?;
+        } else {
+            for o in out {
+                match (&o.result, &o.error) {
+                    (Some(v), _) => writeln!(w, "{}: {}", o.node, text(v))?,
+                    (_, Some(e)) => writeln!(w, "{}: ERROR {e}", o.node)?,
+                    _ => {}
+                }
             }
         }
-        if !failed.is_empty() {
-            eprintln!("{} of {} nodes failed: {}", failed.len(), out.len(), failed.join(","));
-        }
+        w.flush()
+    })();
+    match written {
+        // A closed pipe (`| head`) is the reader's choice, not a failure of the work.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.context("writing results")?,
     }
-    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    if !json && !failed.is_empty() {
+        eprintln!(
+            "{} of {} nodes failed: {}",
+            failed.len(),
+            out.len(),
+            failed.join(",")
+        );
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Records `result` in the history; a failure to record turns success into an error.
-fn recorded<T>(dir: &dyn BmcDirectory, node: &str, action: &str, result: Result<T>, detail: impl Fn(&T) -> String) -> Result<T> {
-    let ev = HistoryEvent::new(node, action, &result.as_ref().map(&detail).map_err(|e| anyhow::anyhow!("{e:#}")));
+fn recorded<T>(
+    dir: &dyn BmcDirectory,
+    node: &str,
+    action: &str,
+    result: Result<T>,
+    detail: impl Fn(&T) -> String,
+) -> Result<T> {
+    let ev = HistoryEvent::new(
+        node,
+        action,
+        &result
+            .as_ref()
+            .map(&detail)
+            .map_err(|e| anyhow::anyhow!("{e:#}")),
+    );
     let rec = dir.record(&ev);
     let v = result?;
     rec.with_context(|| format!("{action} succeeded but recording it in the history failed"))?;
@@ -105,7 +148,10 @@ pub fn power(cmd: PowerCmd, c: &Common) -> Result<ExitCode> {
         }),
         Some(a) => {
             let r = with_bmc(t, deadline, |b| b.power(a));
-            recorded(&dir, &t.node, &format!("power {}", a.name()), r, |_| String::new()).map(|_| a.name().to_string())
+            recorded(&dir, &t.node, &format!("power {}", a.name()), r, |_| {
+                String::new()
+            })
+            .map(|_| a.name().to_string())
         }
     });
     finish(&out, c.json, |s| s.clone())
@@ -113,7 +159,11 @@ pub fn power(cmd: PowerCmd, c: &Common) -> Result<ExitCode> {
 
 pub fn bootdev(dev: BootDevice, persistent: bool, c: &Common) -> Result<ExitCode> {
     let (dir, targets, timeout) = c.setup()?;
-    let what = format!("bootdev {}{}", dev.name(), if persistent { " persistent" } else { "" });
+    let what = format!(
+        "bootdev {}{}",
+        dev.name(),
+        if persistent { " persistent" } else { "" }
+    );
     let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| {
         let r = with_bmc(t, deadline, |b| b.set_boot_device(dev, persistent));
         recorded(&dir, &t.node, &what, r, |_| String::new()).map(|_| what.clone())
@@ -152,7 +202,9 @@ fn fmt_opt(v: Option<f64>) -> String {
 
 pub fn sensors(c: &Common) -> Result<ExitCode> {
     let (_dir, targets, timeout) = c.setup()?;
-    let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| with_bmc(t, deadline, |b| b.sensors()));
+    let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| {
+        with_bmc(t, deadline, |b| b.sensors())
+    });
     finish(&out, c.json, |v| {
         let mut s = format!("{} sensors", v.len());
         for r in v {
@@ -177,12 +229,16 @@ pub fn sensors(c: &Common) -> Result<ExitCode> {
 
 pub fn inventory(c: &Common) -> Result<ExitCode> {
     let (_dir, targets, timeout) = c.setup()?;
-    let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| with_bmc(t, deadline, |b| b.inventory()));
+    let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| {
+        with_bmc(t, deadline, |b| b.inventory())
+    });
     finish(&out, c.json, |i| {
         let o = |x: &Option<String>| x.clone().unwrap_or_else(|| "-".into());
         format!(
             "vendor {} | product {} | serial {} | board {} {} serial {}",
-            o(&i.product_manufacturer.clone().or_else(|| i.board_manufacturer.clone())),
+            o(&i.product_manufacturer
+                .clone()
+                .or_else(|| i.board_manufacturer.clone())),
             o(&i.product_name),
             o(&i.product_serial),
             o(&i.board_manufacturer),
@@ -199,15 +255,28 @@ pub fn reinstall(c: &Common) -> Result<ExitCode> {
     let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| {
         with_bmc(t, deadline, |b| {
             let r = b.set_boot_device(BootDevice::Pxe, false);
-            recorded(&dir, &t.node, "reinstall: bootdev pxe", r, |_| String::new())?;
+            recorded(&dir, &t.node, "reinstall: bootdev pxe", r, |_| {
+                String::new()
+            })?;
             let r = dir.set_boot_action(&t.node, "install");
-            recorded(&dir, &t.node, "reinstall: boot-action install", r, |_| String::new())?;
+            recorded(&dir, &t.node, "reinstall: boot-action install", r, |_| {
+                String::new()
+            })?;
             let r = b.power_status().and_then(|s| {
-                let a = if s == PowerState::On { PowerAction::Cycle } else { PowerAction::On };
+                let a = if s == PowerState::On {
+                    PowerAction::Cycle
+                } else {
+                    PowerAction::On
+                };
                 b.power(a).map(|_| a)
             });
-            let a = recorded(&dir, &t.node, "reinstall: power", r, |a| format!("power {}", a.name()))?;
-            Ok(format!("reinstalling (pxe, boot action install, power {})", a.name()))
+            let a = recorded(&dir, &t.node, "reinstall: power", r, |a| {
+                format!("power {}", a.name())
+            })?;
+            Ok(format!(
+                "reinstalling (pxe, boot action install, power {})",
+                a.name()
+            ))
         })
     });
     finish(&out, c.json, |s| s.clone())

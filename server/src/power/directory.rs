@@ -60,7 +60,13 @@ impl HistoryEvent {
             Ok(d) => ("ok", d.clone()),
             Err(e) => ("error", format!("{e:#}")),
         };
-        HistoryEvent { time, node: node.into(), action: action.into(), outcome: outcome.into(), detail }
+        HistoryEvent {
+            time,
+            node: node.into(),
+            action: action.into(),
+            outcome: outcome.into(),
+            detail,
+        }
     }
 }
 
@@ -128,21 +134,25 @@ pub struct TomlDirectory {
 
 impl std::fmt::Debug for TomlDirectory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TomlDirectory").field("state_dir", &self.state_dir).finish_non_exhaustive()
+        f.debug_struct("TomlDirectory")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
     }
 }
 
 impl TomlDirectory {
     /// Reads the file, refusing it if group or others have any access to it.
     pub fn open(path: &Path) -> Result<TomlDirectory> {
-        let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
         let mode = meta.permissions().mode() & 0o777;
         ensure!(
             mode & 0o077 == 0,
             "refusing to read {}: mode {mode:03o} lets group/others read BMC passwords (chmod 600 it)",
             path.display()
         );
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -159,11 +169,22 @@ impl TomlDirectory {
         }
         for (node, n) in &file.nodes {
             if let Some(g) = &n.group {
-                ensure!(file.groups.contains_key(g), "node {node} names unknown group {g}");
+                ensure!(
+                    file.groups.contains_key(g),
+                    "node {node} names unknown group {g}"
+                );
             }
         }
-        let state_dir = file.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        Ok(TomlDirectory { file, group_members, state_dir, lock: Mutex::new(()) })
+        let state_dir = file
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        Ok(TomlDirectory {
+            file,
+            group_members,
+            state_dir,
+            lock: Mutex::new(()),
+        })
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -174,12 +195,18 @@ impl TomlDirectory {
         if let Some(g) = self.file.nodes.get(node).and_then(|n| n.group.as_deref()) {
             return Some(g);
         }
-        self.group_members.iter().find(|(_, m)| m.iter().any(|x| x == node)).map(|(g, _)| g.as_str())
+        self.group_members
+            .iter()
+            .find(|(_, m)| m.iter().any(|x| x == node))
+            .map(|(g, _)| g.as_str())
     }
 
     fn target(&self, node: &str) -> Result<BmcTarget> {
         let own = self.file.nodes.get(node).map(|n| &n.settings);
-        let group = self.group_of(node).and_then(|g| self.file.groups.get(g)).map(|g| &g.settings);
+        let group = self
+            .group_of(node)
+            .and_then(|g| self.file.groups.get(g))
+            .map(|g| &g.settings);
         if own.is_none() && group.is_none() {
             bail!("node {node} is not in the BMC directory");
         }
@@ -189,7 +216,9 @@ impl TomlDirectory {
                 layers.iter().flatten().find_map(|s| s.$f.clone())
             };
         }
-        let host = pick!(host).ok_or_else(|| anyhow!("node {node}: no BMC host"))?.replace("{node}", node);
+        let host = pick!(host)
+            .ok_or_else(|| anyhow!("node {node}: no BMC host"))?
+            .replace("{node}", node);
         let cipher_suite = pick!(cipher_suite).unwrap_or(17);
         let driver = pick!(driver).unwrap_or_default();
         Ok(BmcTarget {
@@ -204,7 +233,8 @@ impl TomlDirectory {
     }
 
     fn ensure_state_dir(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.state_dir).with_context(|| format!("creating {}", self.state_dir.display()))
+        std::fs::create_dir_all(&self.state_dir)
+            .with_context(|| format!("creating {}", self.state_dir.display()))
     }
 
     /// Current boot actions (node → action).
@@ -227,7 +257,10 @@ impl TomlDirectory {
         };
         t.lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("parsing a line of {}", p.display())))
+            .map(|l| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("parsing a line of {}", p.display()))
+            })
             .collect()
     }
 }
@@ -237,11 +270,23 @@ impl BmcDirectory for TomlDirectory {
         let mut out = Vec::new();
         for part in expr.split(',').filter(|p| p.starts_with('@')) {
             let g = &part[1..];
-            let m = self.group_members.get(g).ok_or_else(|| anyhow!("unknown group @{g}"))?;
+            let m = self
+                .group_members
+                .get(g)
+                .ok_or_else(|| anyhow!("unknown group @{g}"))?;
             out.extend(m.iter().cloned());
-            out.extend(self.file.nodes.iter().filter(|(_, n)| n.group.as_deref() == Some(g)).map(|(k, _)| k.clone()));
+            out.extend(
+                self.file
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| n.group.as_deref() == Some(g))
+                    .map(|(k, _)| k.clone()),
+            );
         }
-        let rest: Vec<&str> = split_keep_brackets(expr).into_iter().filter(|p| !p.starts_with('@')).collect();
+        let rest: Vec<&str> = split_keep_brackets(expr)
+            .into_iter()
+            .filter(|p| !p.starts_with('@'))
+            .collect();
         if !rest.is_empty() {
             out.extend(ranges::expand(&rest.join(","))?);
         }
@@ -267,7 +312,10 @@ impl BmcDirectory for TomlDirectory {
     }
 
     fn record(&self, event: &HistoryEvent) -> Result<()> {
-        let _g = self.lock.lock().map_err(|_| anyhow!("history lock poisoned"))?;
+        let _g = self
+            .lock
+            .lock()
+            .map_err(|_| anyhow!("history lock poisoned"))?;
         self.ensure_state_dir()?;
         let p = self.state_dir.join("history.jsonl");
         let mut line = serde_json::to_string(event).context("encoding a history event")?;
@@ -277,23 +325,33 @@ impl BmcDirectory for TomlDirectory {
             .append(true)
             .open(&p)
             .with_context(|| format!("opening {}", p.display()))?;
-        f.write_all(line.as_bytes()).with_context(|| format!("appending to {}", p.display()))
+        f.write_all(line.as_bytes())
+            .with_context(|| format!("appending to {}", p.display()))
     }
 
     fn set_boot_action(&self, node: &str, action: &str) -> Result<()> {
-        let _g = self.lock.lock().map_err(|_| anyhow!("boot action lock poisoned"))?;
+        let _g = self
+            .lock
+            .lock()
+            .map_err(|_| anyhow!("boot action lock poisoned"))?;
         self.ensure_state_dir()?;
         let mut map = self.boot_actions()?;
         map.insert(node.to_string(), action.to_string());
         let p = self.state_dir.join("boot-actions.json");
-        let tmp = self.state_dir.join(format!(".boot-actions.json.{}", std::process::id()));
+        let tmp = self
+            .state_dir
+            .join(format!(".boot-actions.json.{}", std::process::id()));
         let text = serde_json::to_string_pretty(&map).context("encoding boot actions")?;
         {
-            let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            f.write_all(text.as_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
-            f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            f.write_all(text.as_bytes())
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.sync_all()
+                .with_context(|| format!("syncing {}", tmp.display()))?;
         }
-        std::fs::rename(&tmp, &p).with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))
+        std::fs::rename(&tmp, &p)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))
     }
 }
 
@@ -313,7 +371,11 @@ fn split_keep_brackets(s: &str) -> Vec<&str> {
         }
     }
     parts.push(&s[start..]);
-    parts.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
+    parts
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 #[cfg(test)]
@@ -345,14 +407,31 @@ group = "rack1"
     #[test]
     fn layering() {
         let d = TomlDirectory::parse(SAMPLE).unwrap();
-        let t = d.resolve(&["node01".into(), "node02".into(), "solo".into()]).unwrap();
-        assert_eq!((t[0].host.as_str(), t[0].port, t[0].password.as_str()), ("node01-bmc", 6230, "pw"));
-        assert_eq!((t[1].host.as_str(), t[1].port, t[1].password.as_str()), ("10.213.0.2", 6230, "other"));
-        assert_eq!((t[2].driver, t[2].cipher_suite, t[2].port), (Driver::Ipmitool, 3, 6230));
+        let t = d
+            .resolve(&["node01".into(), "node02".into(), "solo".into()])
+            .unwrap();
+        assert_eq!(
+            (t[0].host.as_str(), t[0].port, t[0].password.as_str()),
+            ("node01-bmc", 6230, "pw")
+        );
+        assert_eq!(
+            (t[1].host.as_str(), t[1].port, t[1].password.as_str()),
+            ("10.213.0.2", 6230, "other")
+        );
+        assert_eq!(
+            (t[2].driver, t[2].cipher_suite, t[2].port),
+            (Driver::Ipmitool, 3, 6230)
+        );
         let e = d.resolve(&["node09".into()]).unwrap_err();
         assert!(format!("{e:#}").contains("node09"));
-        assert_eq!(d.expand("@rack1").unwrap(), ["node01", "node02", "node03", "node04", "solo"]);
-        assert_eq!(d.expand("node[01-02],x").unwrap(), ["node01", "node02", "x"]);
+        assert_eq!(
+            d.expand("@rack1").unwrap(),
+            ["node01", "node02", "node03", "node04", "solo"]
+        );
+        assert_eq!(
+            d.expand("node[01-02],x").unwrap(),
+            ["node01", "node02", "x"]
+        );
     }
 
     #[test]
@@ -373,13 +452,22 @@ group = "rack1"
         let dir = tempfile::tempdir().unwrap();
         let text = SAMPLE.replace("/nonexistent", &dir.path().join("st").display().to_string());
         let d = TomlDirectory::parse(&text).unwrap();
-        d.record(&HistoryEvent::new("node01", "power on", &Ok("done".into()))).unwrap();
-        d.record(&HistoryEvent::new("node01", "power off", &Err(anyhow!("boom")))).unwrap();
+        d.record(&HistoryEvent::new("node01", "power on", &Ok("done".into())))
+            .unwrap();
+        d.record(&HistoryEvent::new(
+            "node01",
+            "power off",
+            &Err(anyhow!("boom")),
+        ))
+        .unwrap();
         d.set_boot_action("node01", "install").unwrap();
         d.set_boot_action("node02", "local").unwrap();
         let h = d.history().unwrap();
         assert_eq!(h.len(), 2);
-        assert_eq!((h[1].outcome.as_str(), h[1].detail.as_str()), ("error", "boom"));
+        assert_eq!(
+            (h[1].outcome.as_str(), h[1].detail.as_str()),
+            ("error", "boom")
+        );
         let b = d.boot_actions().unwrap();
         assert_eq!(b.get("node01").map(String::as_str), Some("install"));
         assert_eq!(b.len(), 2);

@@ -2,7 +2,9 @@
 //! for what BMCs answer. Decoders take untrusted bytes and return errors, never panic.
 
 use super::rmcp::{self, CipherSuite, CompletionError, Session};
-use super::{Bmc, BmcTarget, BootDevice, Inventory, PowerAction, PowerState, SelEntry, SensorReading};
+use super::{
+    Bmc, BmcTarget, BootDevice, Inventory, PowerAction, PowerState, SelEntry, SensorReading,
+};
 use anyhow::{anyhow, ensure, Context, Result};
 use std::collections::HashSet;
 use std::time::Instant;
@@ -28,8 +30,13 @@ impl NativeTransport {
     pub fn connect(t: &BmcTarget, deadline: Instant) -> Result<NativeTransport> {
         let cs = CipherSuite::from_id(t.cipher_suite)?;
         let addr = rmcp::resolve(&t.host, t.port)?;
-        let session = Session::open(addr, &t.user, &t.password, cs, deadline)
-            .with_context(|| format!("opening an RMCP+ session (cipher suite {}) to {}:{}", t.cipher_suite, t.host, t.port))?;
+        let session =
+            Session::open(addr, &t.user, &t.password, cs, deadline).with_context(|| {
+                format!(
+                    "opening an RMCP+ session (cipher suite {}) to {}:{}",
+                    t.cipher_suite, t.host, t.port
+                )
+            })?;
         Ok(NativeTransport { session })
     }
 }
@@ -86,7 +93,10 @@ pub fn boot_flags(dev: BootDevice, persistent: bool) -> [u8; 5] {
 /// Decodes boot flags back (device, persistent), as read with Get System Boot Options.
 pub fn decode_boot_flags(d: &[u8]) -> Result<(Option<BootDevice>, bool)> {
     // Response: parameter version, parameter selector, 5 data bytes.
-    ensure!(d.len() >= 7 && d[1] & 0x7F == 5, "unexpected boot options answer {d:02x?}");
+    ensure!(
+        d.len() >= 7 && d[1] & 0x7F == 5,
+        "unexpected boot options answer {d:02x?}"
+    );
     let valid = d[2] & 0x80 != 0;
     let dev = match (d[3] >> 2) & 0x0F {
         0x1 => Some(BootDevice::Pxe),
@@ -100,12 +110,16 @@ pub fn decode_boot_flags(d: &[u8]) -> Result<(Option<BootDevice>, bool)> {
 impl<T: Transport> IpmiBmc<T> {
     /// Reads back boot flags: (device if a valid override is set, persistent).
     pub fn boot_device(&mut self) -> Result<(Option<BootDevice>, bool)> {
-        let d = self.raw(NETFN_CHASSIS, 0x09, &[5, 0, 0]).context("Get System Boot Options")?;
+        let d = self
+            .raw(NETFN_CHASSIS, 0x09, &[5, 0, 0])
+            .context("Get System Boot Options")?;
         decode_boot_flags(&d)
     }
 
     fn sdr_records(&mut self) -> Result<Vec<Vec<u8>>> {
-        let info = self.raw(NETFN_STORAGE, 0x20, &[]).context("Get SDR Repository Info")?;
+        let info = self
+            .raw(NETFN_STORAGE, 0x20, &[])
+            .context("Get SDR Repository Info")?;
         ensure!(info.len() >= 3, "short SDR Repository Info");
         let count = u16::from_le_bytes([info[1], info[2]]) as usize;
         let mut out = Vec::new();
@@ -122,7 +136,9 @@ impl<T: Transport> IpmiBmc<T> {
                         tries += 1;
                         res = self.reserve_sdr()?;
                     }
-                    Err(e) => return Err(e).with_context(|| format!("reading SDR record {id:#06x}")),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("reading SDR record {id:#06x}"))
+                    }
                 }
             };
             out.push(rec);
@@ -132,7 +148,9 @@ impl<T: Transport> IpmiBmc<T> {
     }
 
     fn reserve_sdr(&mut self) -> Result<[u8; 2]> {
-        let r = self.raw(NETFN_STORAGE, 0x22, &[]).context("Reserve SDR Repository")?;
+        let r = self
+            .raw(NETFN_STORAGE, 0x22, &[])
+            .context("Reserve SDR Repository")?;
         ensure!(r.len() >= 2, "short SDR reservation");
         Ok([r[0], r[1]])
     }
@@ -140,7 +158,9 @@ impl<T: Transport> IpmiBmc<T> {
     /// One SDR record: header first, then the body in small pieces (BMCs limit sizes).
     fn read_sdr(&mut self, res: [u8; 2], id: u16) -> Result<(u16, Vec<u8>)> {
         let [lo, hi] = id.to_le_bytes();
-        let h = self.raw(NETFN_STORAGE, 0x23, &[res[0], res[1], lo, hi, 0, 5]).context("Get SDR header")?;
+        let h = self
+            .raw(NETFN_STORAGE, 0x23, &[res[0], res[1], lo, hi, 0, 5])
+            .context("Get SDR header")?;
         ensure!(h.len() >= 7, "short SDR header answer");
         let next = u16::from_le_bytes([h[0], h[1]]);
         let mut rec = h[2..7].to_vec();
@@ -149,7 +169,11 @@ impl<T: Transport> IpmiBmc<T> {
         while off < len {
             let n = (len - off).min(16);
             let d = self
-                .raw(NETFN_STORAGE, 0x23, &[res[0], res[1], lo, hi, (5 + off) as u8, n as u8])
+                .raw(
+                    NETFN_STORAGE,
+                    0x23,
+                    &[res[0], res[1], lo, hi, (5 + off) as u8, n as u8],
+                )
                 .context("Get SDR body")?;
             ensure!(d.len() > 2, "empty SDR body answer");
             let got = (d.len() - 2).min(n);
@@ -162,9 +186,17 @@ impl<T: Transport> IpmiBmc<T> {
 
 impl<T: Transport> Bmc for IpmiBmc<T> {
     fn power_status(&mut self) -> Result<PowerState> {
-        let d = self.raw(NETFN_CHASSIS, 0x01, &[]).context("Get Chassis Status")?;
-        let b = *d.first().ok_or_else(|| anyhow!("empty Get Chassis Status answer"))?;
-        Ok(if b & 1 != 0 { PowerState::On } else { PowerState::Off })
+        let d = self
+            .raw(NETFN_CHASSIS, 0x01, &[])
+            .context("Get Chassis Status")?;
+        let b = *d
+            .first()
+            .ok_or_else(|| anyhow!("empty Get Chassis Status answer"))?;
+        Ok(if b & 1 != 0 {
+            PowerState::On
+        } else {
+            PowerState::Off
+        })
     }
 
     fn power(&mut self, action: PowerAction) -> Result<()> {
@@ -180,7 +212,9 @@ impl<T: Transport> Bmc for IpmiBmc<T> {
         let in_progress = self.raw(NETFN_CHASSIS, 0x08, &[0x00, 0x01]);
         if let Err(e) = &in_progress {
             if !matches!(completion_code(e), Some(0x80) | Some(0xCC) | Some(0xC1)) {
-                return in_progress.map(|_| ()).context("Set System Boot Options (set in progress)");
+                return in_progress
+                    .map(|_| ())
+                    .context("Set System Boot Options (set in progress)");
             }
         }
         let mut data = vec![0x05];
@@ -188,7 +222,8 @@ impl<T: Transport> Bmc for IpmiBmc<T> {
         self.raw(NETFN_CHASSIS, 0x08, &data)
             .with_context(|| format!("Set System Boot Options (boot flags: {})", dev.name()))?;
         if in_progress.is_ok() {
-            self.raw(NETFN_CHASSIS, 0x08, &[0x00, 0x00]).context("Set System Boot Options (set complete)")?;
+            self.raw(NETFN_CHASSIS, 0x08, &[0x00, 0x00])
+                .context("Set System Boot Options (set complete)")?;
         }
         Ok(())
     }
@@ -219,27 +254,37 @@ impl<T: Transport> Bmc for IpmiBmc<T> {
     fn clear_sel(&mut self) -> Result<()> {
         let r = self.raw(NETFN_STORAGE, 0x42, &[]).context("Reserve SEL")?;
         ensure!(r.len() >= 2, "short SEL reservation");
-        self.raw(NETFN_STORAGE, 0x47, &[r[0], r[1], b'C', b'L', b'R', 0xAA]).context("Clear SEL")?;
+        self.raw(NETFN_STORAGE, 0x47, &[r[0], r[1], b'C', b'L', b'R', 0xAA])
+            .context("Clear SEL")?;
         Ok(())
     }
 
     fn sensors(&mut self) -> Result<Vec<SensorReading>> {
         let mut out = Vec::new();
         for rec in self.sdr_records()? {
-            let Some(sdr) = SensorSdr::parse(&rec)? else { continue };
+            let Some(sdr) = SensorSdr::parse(&rec)? else {
+                continue;
+            };
             if sdr.owner != 0x20 || sdr.lun != 0 {
                 continue; // owned by another controller: needs IPMB bridging, not done
             }
             let reading = match self.raw(NETFN_SENSOR, 0x2D, &[sdr.number]) {
                 Ok(d) => Some(d),
-                Err(e) if matches!(completion_code(&e), Some(0xCB) | Some(0xCD) | Some(0xD5)) => None,
-                Err(e) => return Err(e).with_context(|| format!("Get Sensor Reading for {:?}", sdr.name)),
+                Err(e) if matches!(completion_code(&e), Some(0xCB) | Some(0xCD) | Some(0xD5)) => {
+                    None
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("Get Sensor Reading for {:?}", sdr.name))
+                }
             };
             let thresholds = if sdr.threshold_based() && sdr.threshold_access != 0 {
                 match self.raw(NETFN_SENSOR, 0x27, &[sdr.number]) {
                     Ok(d) => Some(d),
                     Err(e) if completion_code(&e).is_some() => None,
-                    Err(e) => return Err(e).with_context(|| format!("Get Sensor Thresholds for {:?}", sdr.name)),
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("Get Sensor Thresholds for {:?}", sdr.name))
+                    }
                 }
             } else {
                 None
@@ -250,7 +295,9 @@ impl<T: Transport> Bmc for IpmiBmc<T> {
     }
 
     fn inventory(&mut self) -> Result<Inventory> {
-        let info = self.raw(NETFN_STORAGE, 0x10, &[0]).context("Get FRU Inventory Area Info")?;
+        let info = self
+            .raw(NETFN_STORAGE, 0x10, &[0])
+            .context("Get FRU Inventory Area Info")?;
         ensure!(info.len() >= 3, "short FRU Inventory Area Info");
         let size = u16::from_le_bytes([info[0], info[1]]) as usize;
         let words = info[2] & 1 != 0;
@@ -260,9 +307,13 @@ impl<T: Transport> Bmc for IpmiBmc<T> {
             let n = (size - off).min(24);
             let (o, c) = if words { (off / 2, n / 2) } else { (off, n) };
             let [lo, hi] = (o as u16).to_le_bytes();
-            let d = self.raw(NETFN_STORAGE, 0x11, &[0, lo, hi, c.max(1) as u8]).context("Read FRU Data")?;
+            let d = self
+                .raw(NETFN_STORAGE, 0x11, &[0, lo, hi, c.max(1) as u8])
+                .context("Read FRU Data")?;
             ensure!(d.len() >= 2, "empty Read FRU Data answer");
-            let got = (d[0] as usize * if words { 2 } else { 1 }).min(d.len() - 1).min(size - off);
+            let got = (d[0] as usize * if words { 2 } else { 1 })
+                .min(d.len() - 1)
+                .min(size - off);
             ensure!(got > 0, "Read FRU Data returned no bytes");
             data.extend_from_slice(&d[1..1 + got]);
         }
@@ -278,14 +329,51 @@ impl<T: Transport> Bmc for IpmiBmc<T> {
 
 pub fn sensor_type_name(t: u8) -> String {
     const NAMES: [&str; 0x2D] = [
-        "Reserved", "Temperature", "Voltage", "Current", "Fan", "Physical Security", "Platform Security",
-        "Processor", "Power Supply", "Power Unit", "Cooling Device", "Other Units-based Sensor", "Memory",
-        "Drive Slot", "POST Memory Resize", "System Firmware Progress", "Event Logging Disabled", "Watchdog 1",
-        "System Event", "Critical Interrupt", "Button / Switch", "Module / Board", "Microcontroller / Coprocessor",
-        "Add-in Card", "Chassis", "Chip Set", "Other FRU", "Cable / Interconnect", "Terminator",
-        "System Boot Initiated", "Boot Error", "OS Boot", "OS Critical Stop", "Slot / Connector",
-        "System ACPI Power State", "Watchdog 2", "Platform Alert", "Entity Presence", "Monitor ASIC",
-        "LAN", "Management Subsystem Health", "Battery", "Session Audit", "Version Change", "FRU State",
+        "Reserved",
+        "Temperature",
+        "Voltage",
+        "Current",
+        "Fan",
+        "Physical Security",
+        "Platform Security",
+        "Processor",
+        "Power Supply",
+        "Power Unit",
+        "Cooling Device",
+        "Other Units-based Sensor",
+        "Memory",
+        "Drive Slot",
+        "POST Memory Resize",
+        "System Firmware Progress",
+        "Event Logging Disabled",
+        "Watchdog 1",
+        "System Event",
+        "Critical Interrupt",
+        "Button / Switch",
+        "Module / Board",
+        "Microcontroller / Coprocessor",
+        "Add-in Card",
+        "Chassis",
+        "Chip Set",
+        "Other FRU",
+        "Cable / Interconnect",
+        "Terminator",
+        "System Boot Initiated",
+        "Boot Error",
+        "OS Boot",
+        "OS Critical Stop",
+        "Slot / Connector",
+        "System ACPI Power State",
+        "Watchdog 2",
+        "Platform Alert",
+        "Entity Presence",
+        "Monitor ASIC",
+        "LAN",
+        "Management Subsystem Health",
+        "Battery",
+        "Session Audit",
+        "Version Change",
+        "FRU State",
     ];
     match NAMES.get(t as usize) {
         Some(n) => n.to_string(),
@@ -407,12 +495,21 @@ pub fn format_utc(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Decodes one 16-byte SEL record.
 pub fn decode_sel(r: &[u8]) -> Result<SelEntry> {
-    ensure!(r.len() == 16, "SEL record of {} bytes, expected 16", r.len());
+    ensure!(
+        r.len() == 16,
+        "SEL record of {} bytes, expected 16",
+        r.len()
+    );
     let id = u16::from_le_bytes([r[0], r[1]]);
     let record_type = r[2];
     if record_type != 0x02 {
@@ -443,7 +540,9 @@ pub fn decode_sel(r: &[u8]) -> Result<SelEntry> {
             .unwrap_or_else(|| format!("sensor-specific offset {offset:#04x}")),
         0x02..=0x0C => generic_discrete_event(event_type, offset)
             .map(str::to_string)
-            .unwrap_or_else(|| format!("generic event type {event_type:#04x} offset {offset:#04x}")),
+            .unwrap_or_else(|| {
+                format!("generic event type {event_type:#04x} offset {offset:#04x}")
+            }),
         t => format!("event type {t:#04x} offset {offset:#04x}"),
     };
     let mut description = desc;
@@ -516,11 +615,18 @@ impl Conversion {
     pub fn convert(&self, raw: u8) -> Option<f64> {
         let x = match self.format {
             0 => raw as f64,
-            1 => (if raw & 0x80 != 0 { -((!raw) as i32) } else { raw as i32 }) as f64,
+            1 => {
+                (if raw & 0x80 != 0 {
+                    -((!raw) as i32)
+                } else {
+                    raw as i32
+                }) as f64
+            }
             2 => raw as i8 as f64,
             _ => return None, // "no analog reading"
         };
-        let y = (self.m as f64 * x + self.b as f64 * 10f64.powi(self.b_exp)) * 10f64.powi(self.r_exp);
+        let y =
+            (self.m as f64 * x + self.b as f64 * 10f64.powi(self.b_exp)) * 10f64.powi(self.r_exp);
         let v = match self.linearization & 0x7F {
             0 => y,
             1 => y.ln(),
@@ -565,7 +671,17 @@ fn id_string(tl: u8, bytes: &[u8]) -> String {
     let len = (tl & 0x1F) as usize;
     let b = &bytes[..len.min(bytes.len())];
     match tl >> 6 {
-        3 | 2 => b.iter().take_while(|c| **c != 0).map(|&c| if c.is_ascii_graphic() || c == b' ' { c as char } else { '?' }).collect(),
+        3 | 2 => b
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|&c| {
+                if c.is_ascii_graphic() || c == b' ' {
+                    c as char
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
         _ => b.iter().map(|c| format!("{c:02x}")).collect(),
     }
 }
@@ -575,10 +691,17 @@ impl SensorSdr {
     pub fn parse(r: &[u8]) -> Result<Option<SensorSdr>> {
         ensure!(r.len() >= 5, "SDR record too short");
         let rtype = r[3];
-        ensure!(r.len() >= 5 + r[4] as usize, "SDR record shorter than its length field");
+        ensure!(
+            r.len() >= 5 + r[4] as usize,
+            "SDR record shorter than its length field"
+        );
         match rtype {
             0x01 => {
-                ensure!(r.len() >= 48, "full sensor record of {} bytes is too short", r.len());
+                ensure!(
+                    r.len() >= 48,
+                    "full sensor record of {} bytes is too short",
+                    r.len()
+                );
                 let m = sign_extend(r[24] as i32 | ((r[25] as i32 & 0xC0) << 2), 10);
                 let b = sign_extend(r[26] as i32 | ((r[27] as i32 & 0xC0) << 2), 10);
                 let conv = Conversion {
@@ -599,11 +722,18 @@ impl SensorSdr {
                     name: id_string(r[47], &r[48..]),
                     unit: unit_name(r[21]).to_string(),
                     conv: Some(conv),
-                    sdr_thresholds: Some((r[18] & 0x3F, [r[41], r[40], r[39], r[38], r[37], r[36]])),
+                    sdr_thresholds: Some((
+                        r[18] & 0x3F,
+                        [r[41], r[40], r[39], r[38], r[37], r[36]],
+                    )),
                 }))
             }
             0x02 => {
-                ensure!(r.len() >= 32, "compact sensor record of {} bytes is too short", r.len());
+                ensure!(
+                    r.len() >= 32,
+                    "compact sensor record of {} bytes is too short",
+                    r.len()
+                );
                 Ok(Some(SensorSdr {
                     owner: r[5],
                     lun: r[6] & 3,
@@ -633,7 +763,15 @@ impl SensorSdr {
             Some(d) if d.len() >= 7 => Some((d[0], [d[1], d[2], d[3], d[4], d[5], d[6]])),
             _ => self.sdr_thresholds,
         };
-        let t = |i: usize| th.and_then(|(mask, v)| if mask & (1 << i) != 0 { conv(v[i]) } else { None });
+        let t = |i: usize| {
+            th.and_then(|(mask, v)| {
+                if mask & (1 << i) != 0 {
+                    conv(v[i])
+                } else {
+                    None
+                }
+            })
+        };
         let usable = reading.filter(|d| d.len() >= 2 && d[1] & 0x20 == 0 && d[1] & 0x40 != 0);
         let (value, status) = match usable {
             None => (None, "na".to_string()),
@@ -651,7 +789,10 @@ impl SensorSdr {
                 (conv(d[0]), status.to_string())
             }
             Some(d) => {
-                let bits = u16::from_le_bytes([d.get(2).copied().unwrap_or(0), d.get(3).copied().unwrap_or(0)]) & 0x7FFF;
+                let bits = u16::from_le_bytes([
+                    d.get(2).copied().unwrap_or(0),
+                    d.get(3).copied().unwrap_or(0),
+                ]) & 0x7FFF;
                 (None, format!("{bits:#06x}"))
             }
         };
@@ -677,12 +818,16 @@ impl SensorSdr {
 /// Decodes one FRU type/length field at `at`; returns (text, next offset) or None at the end
 /// marker (0xC1).
 fn fru_field(a: &[u8], at: usize) -> Result<Option<(String, usize)>> {
-    let tl = *a.get(at).ok_or_else(|| anyhow!("FRU field at {at} past the area end"))?;
+    let tl = *a
+        .get(at)
+        .ok_or_else(|| anyhow!("FRU field at {at} past the area end"))?;
     if tl == 0xC1 {
         return Ok(None);
     }
     let len = (tl & 0x3F) as usize;
-    let b = a.get(at + 1..at + 1 + len).ok_or_else(|| anyhow!("FRU field at {at} runs past the area end"))?;
+    let b = a
+        .get(at + 1..at + 1 + len)
+        .ok_or_else(|| anyhow!("FRU field at {at} runs past the area end"))?;
     let text = match tl >> 6 {
         0 => b.iter().map(|c| format!("{c:02x}")).collect(),
         1 => b
@@ -710,7 +855,16 @@ fn fru_field(a: &[u8], at: usize) -> Result<Option<(String, usize)>> {
             }
             s
         }
-        _ => b.iter().map(|&c| if (0x20..0x7F).contains(&c) { c as char } else { '?' }).collect(),
+        _ => b
+            .iter()
+            .map(|&c| {
+                if (0x20..0x7F).contains(&c) {
+                    c as char
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
     };
     Ok(Some((text.trim_end().to_string(), at + 1 + len)))
 }
@@ -735,15 +889,24 @@ fn fru_fields(a: &[u8], mut at: usize, n: usize) -> Result<Vec<Option<String>>> 
 pub fn decode_fru(d: &[u8]) -> Result<Inventory> {
     ensure!(d.len() >= 8, "FRU image of {} bytes is too short", d.len());
     ensure!(d[0] & 0x0F == 1, "unknown FRU format version {:#04x}", d[0]);
-    ensure!(d[..8].iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0, "bad FRU common header checksum");
+    ensure!(
+        d[..8].iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0,
+        "bad FRU common header checksum"
+    );
     let area = |idx: usize| -> Result<Option<&[u8]>> {
         let off = d[idx] as usize * 8;
         if off == 0 {
             return Ok(None);
         }
-        ensure!(off + 2 <= d.len(), "FRU area at {off} past the end of the image");
+        ensure!(
+            off + 2 <= d.len(),
+            "FRU area at {off} past the end of the image"
+        );
         let len = d[off + 1] as usize * 8;
-        ensure!(len >= 2 && off + len <= d.len(), "FRU area at {off} of length {len} past the end of the image");
+        ensure!(
+            len >= 2 && off + len <= d.len(),
+            "FRU area at {off} of length {len} past the end of the image"
+        );
         Ok(Some(&d[off..off + len]))
     };
     let mut inv = Inventory::default();
@@ -790,8 +953,9 @@ pub fn build_fru(board: [&str; 4], product: [&str; 6]) -> Result<Vec<u8>> {
         a.push(0u8.wrapping_sub(sum));
         Ok(a)
     }
-    let board_area = area(&[1, 0, 0x19, 0, 0, 0], &board)?;
-    let product_area = area(&[1, 0, 0x19], &product)?;
+    // Each area ends with an empty FRU file ID field before the end marker.
+    let board_area = area(&[1, 0, 0x19, 0, 0, 0], &[&board[..], &[""]].concat())?;
+    let product_area = area(&[1, 0, 0x19], &[&product[..], &[""]].concat())?;
     let board_off = 1u8;
     let product_off = board_off + (board_area.len() / 8) as u8;
     let mut h = vec![1, 0, 0, board_off, product_off, 0, 0];
@@ -823,24 +987,40 @@ mod tests {
         // id 1, system event, ts 1700000000, gen 0x20, rev 4, temperature #1, threshold
         // assertion, offset 9 (upper critical going high) with trigger reading and threshold.
         let ts = 1_700_000_000u32.to_le_bytes();
-        let r = [1, 0, 2, ts[0], ts[1], ts[2], ts[3], 0x20, 0, 4, 0x01, 0x01, 0x01, 0x59, 0x5F, 0x5A];
+        let r = [
+            1, 0, 2, ts[0], ts[1], ts[2], ts[3], 0x20, 0, 4, 0x01, 0x01, 0x01, 0x59, 0x5F, 0x5A,
+        ];
         let e = decode_sel(&r).unwrap();
         assert_eq!(e.sensor_type, "Temperature");
         assert_eq!(e.sensor_number, 1);
-        assert!(e.description.starts_with("Upper Critical going high"), "{}", e.description);
+        assert!(
+            e.description.starts_with("Upper Critical going high"),
+            "{}",
+            e.description
+        );
         assert_eq!(e.time, "2023-11-14 22:13:20 UTC");
     }
 
     #[test]
     fn sel_sensor_specific_deassert() {
-        let r = [2, 0, 2, 5, 0, 0, 0, 0x20, 0, 4, 0x0C, 0x07, 0xEF, 0x01, 0xFF, 0xFF];
+        let r = [
+            2, 0, 2, 5, 0, 0, 0, 0x20, 0, 4, 0x0C, 0x07, 0xEF, 0x01, 0xFF, 0xFF,
+        ];
         let e = decode_sel(&r).unwrap();
         assert_eq!(e.description, "Uncorrectable ECC (deasserted)");
         assert_eq!(e.time, "pre-init +5s");
         assert!(decode_sel(&r[..15]).is_err());
     }
 
-    fn full_sdr(name: &str, num: u8, stype: u8, unit: u8, m: i32, rexp: i32, th: [u8; 6]) -> Vec<u8> {
+    fn full_sdr(
+        name: &str,
+        num: u8,
+        stype: u8,
+        unit: u8,
+        m: i32,
+        rexp: i32,
+        th: [u8; 6],
+    ) -> Vec<u8> {
         let mut r = vec![0u8; 48];
         r[2] = 0x51;
         r[3] = 0x01;
@@ -882,7 +1062,11 @@ mod tests {
 
     #[test]
     fn fru_roundtrip() {
-        let img = build_fru(["Acme", "Board X", "BSN123", "BPN"], ["Acme", "Server 9", "PN9", "v1", "SN-42", "tag"]).unwrap();
+        let img = build_fru(
+            ["Acme", "Board X", "BSN123", "BPN"],
+            ["Acme", "Server 9", "PN9", "v1", "SN-42", "tag"],
+        )
+        .unwrap();
         let inv = decode_fru(&img).unwrap();
         assert_eq!(inv.board_serial.as_deref(), Some("BSN123"));
         assert_eq!(inv.product_name.as_deref(), Some("Server 9"));
@@ -910,7 +1094,9 @@ mod tests {
             let base: Vec<u8> = match i % 3 {
                 0 => fru.clone(),
                 1 => sdr.clone(),
-                _ => (0..(rng.next() % 80) as usize).map(|_| rng.next() as u8).collect(),
+                _ => (0..(rng.next() % 80) as usize)
+                    .map(|_| rng.next() as u8)
+                    .collect(),
             };
             let mut d = base;
             for _ in 0..(rng.next() % 4) {

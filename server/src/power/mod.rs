@@ -186,8 +186,12 @@ pub trait Bmc: Send {
 /// Connects to `target` with the driver it names; all work must end by `deadline`.
 pub fn connect(target: &BmcTarget, deadline: Instant) -> Result<Box<dyn Bmc>> {
     match target.driver {
-        Driver::Ipmi => Ok(Box::new(ipmi::IpmiBmc::new(ipmi::NativeTransport::connect(target, deadline)?))),
-        Driver::Ipmitool => Ok(Box::new(ipmi::IpmiBmc::new(ipmitool::IpmitoolTransport::new(target, deadline)?))),
+        Driver::Ipmi => Ok(Box::new(ipmi::IpmiBmc::new(
+            ipmi::NativeTransport::connect(target, deadline)?,
+        ))),
+        Driver::Ipmitool => Ok(Box::new(ipmi::IpmiBmc::new(
+            ipmitool::IpmitoolTransport::new(target, deadline)?,
+        ))),
         Driver::Redfish => Ok(Box::new(redfish::RedfishBmc::new(target, deadline)?)),
     }
 }

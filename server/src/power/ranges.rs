@@ -62,7 +62,10 @@ fn expand_one(item: &str) -> Result<Vec<String>> {
         check_name(item)?;
         return Ok(vec![item.to_string()]);
     };
-    let close = item[open..].find(']').map(|i| i + open).context("unclosed '['")?;
+    let close = item[open..]
+        .find(']')
+        .map(|i| i + open)
+        .context("unclosed '['")?;
     let prefix = &item[..open];
     let suffix = &item[close + 1..];
     let rest = expand_one_or_empty(suffix)?;
@@ -73,9 +76,19 @@ fn expand_one(item: &str) -> Result<Vec<String>> {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (part, part),
         };
-        ensure!(!lo.is_empty() && lo.bytes().all(|b| b.is_ascii_digit()), "bad range start {lo:?}");
-        ensure!(!hi.is_empty() && hi.bytes().all(|b| b.is_ascii_digit()), "bad range end {hi:?}");
-        let width = if lo.len() > 1 && lo.starts_with('0') { lo.len() } else { 0 };
+        ensure!(
+            !lo.is_empty() && lo.bytes().all(|b| b.is_ascii_digit()),
+            "bad range start {lo:?}"
+        );
+        ensure!(
+            !hi.is_empty() && hi.bytes().all(|b| b.is_ascii_digit()),
+            "bad range end {hi:?}"
+        );
+        let width = if lo.len() > 1 && lo.starts_with('0') {
+            lo.len()
+        } else {
+            0
+        };
         let a: u64 = lo.parse().with_context(|| format!("range start {lo:?}"))?;
         let b: u64 = hi.parse().with_context(|| format!("range end {hi:?}"))?;
         ensure!(a <= b, "range {a}-{b} runs backwards");
@@ -103,7 +116,11 @@ fn expand_one_or_empty(s: &str) -> Result<Vec<String>> {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
         bail!("invalid node name {name:?}");
     }
     Ok(())
@@ -125,19 +142,36 @@ mod tests {
     fn list_in_brackets_and_commas() {
         assert_eq!(expand("n[1-3,7]").unwrap(), ["n1", "n2", "n3", "n7"]);
         assert_eq!(expand("a, b,c,a").unwrap(), ["a", "b", "c"]);
-        assert_eq!(expand("n[1-2],m[08-10]").unwrap(), ["n1", "n2", "m08", "m09", "m10"]);
+        assert_eq!(
+            expand("n[1-2],m[08-10]").unwrap(),
+            ["n1", "n2", "m08", "m09", "m10"]
+        );
         assert_eq!(expand("n[9-10]").unwrap(), ["n9", "n10"]);
         assert_eq!(expand("n[1]x").unwrap(), ["n1x"]);
     }
 
     #[test]
     fn cartesian_product() {
-        assert_eq!(expand("r[1-2]n[1-2]").unwrap(), ["r1n1", "r1n2", "r2n1", "r2n2"]);
+        assert_eq!(
+            expand("r[1-2]n[1-2]").unwrap(),
+            ["r1n1", "r1n2", "r2n1", "r2n2"]
+        );
     }
 
     #[test]
     fn errors() {
-        for bad in ["n[3-1]", "n[1-", "n1]", "n[a-b]", "", ",", "n[[1]]", "n[1-99999999]", "bad name", "n[-2]"] {
+        for bad in [
+            "n[3-1]",
+            "n[1-",
+            "n1]",
+            "n[a-b]",
+            "",
+            ",",
+            "n[[1]]",
+            "n[1-99999999]",
+            "bad name",
+            "n[-2]",
+        ] {
             assert!(expand(bad).is_err(), "{bad:?} accepted");
         }
     }

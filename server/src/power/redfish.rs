@@ -6,7 +6,9 @@
 //! `SI_REDFISH_CACERT` names a CA file. Port 443 means `https`, anything else `http`;
 //! `host` may also carry an explicit `http://` or `https://` prefix.
 
-use super::{Bmc, BmcTarget, BootDevice, Inventory, PowerAction, PowerState, SelEntry, SensorReading};
+use super::{
+    Bmc, BmcTarget, BootDevice, Inventory, PowerAction, PowerState, SelEntry, SensorReading,
+};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -30,11 +32,24 @@ impl RedfishBmc {
             t.host.trim_end_matches('/').to_string()
         } else {
             let scheme = if t.port == 443 { "https" } else { "http" };
-            let host = if t.host.contains(':') { format!("[{}]", t.host) } else { t.host.clone() };
+            let host = if t.host.contains(':') {
+                format!("[{}]", t.host)
+            } else {
+                t.host.clone()
+            };
             format!("{scheme}://{host}:{}", t.port)
         };
-        ensure!(!t.user.contains(['"', '\n', '\\']) && !t.password.contains(['"', '\n', '\\']), "Redfish user or password contains a quote, backslash or newline");
-        Ok(RedfishBmc { base, user: t.user.clone(), password: t.password.clone(), deadline, system: None })
+        ensure!(
+            !t.user.contains(['"', '\n', '\\']) && !t.password.contains(['"', '\n', '\\']),
+            "Redfish user or password contains a quote, backslash or newline"
+        );
+        Ok(RedfishBmc {
+            base,
+            user: t.user.clone(),
+            password: t.password.clone(),
+            deadline,
+            system: None,
+        })
     }
 
     /// One HTTP request; returns the parsed JSON body (Null for an empty one).
@@ -43,9 +58,22 @@ impl RedfishBmc {
         ensure!(!left.is_zero(), "timed out before {method} {path}");
         let url = format!("{}{}", self.base, path);
         let mut c = Command::new("curl");
-        c.args(["-sS", "--config", "-", "-X", method, "-H", "Accept: application/json", "-w", "\n%{http_code}"])
-            .args(["--max-time", &format!("{:.3}", left.as_secs_f64().max(0.001))])
-            .args(["--max-filesize", &MAX_BODY.to_string()]);
+        c.args([
+            "-sS",
+            "--config",
+            "-",
+            "-X",
+            method,
+            "-H",
+            "Accept: application/json",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args([
+            "--max-time",
+            &format!("{:.3}", left.as_secs_f64().max(0.001)),
+        ])
+        .args(["--max-filesize", &MAX_BODY.to_string()]);
         match std::env::var_os("SI_REDFISH_CACERT") {
             Some(ca) => {
                 c.arg("--cacert").arg(ca);
@@ -58,7 +86,10 @@ impl RedfishBmc {
         if let Some(p) = &payload {
             c.args(["-H", "Content-Type: application/json", "--data-binary", p]);
         }
-        c.arg(&url).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.arg(&url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = c.spawn().context("running curl")?;
         {
             let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("curl stdin"))?;
@@ -79,14 +110,27 @@ impl RedfishBmc {
             e.read_to_string(&mut err).context("reading curl errors")?;
         }
         let status = child.wait().context("waiting for curl")?;
-        ensure!(status.success(), "{method} {url}: curl failed ({status}): {}", err.trim());
+        ensure!(
+            status.success(),
+            "{method} {url}: curl failed ({status}): {}",
+            err.trim()
+        );
         let text = String::from_utf8_lossy(&out);
-        let (body, code) = text.rsplit_once('\n').ok_or_else(|| anyhow!("{method} {url}: no status from curl"))?;
-        let code: u16 = code.trim().parse().with_context(|| format!("{method} {url}: bad HTTP status {code:?}"))?;
+        let (body, code) = text
+            .rsplit_once('\n')
+            .ok_or_else(|| anyhow!("{method} {url}: no status from curl"))?;
+        let code: u16 = code
+            .trim()
+            .parse()
+            .with_context(|| format!("{method} {url}: bad HTTP status {code:?}"))?;
         if code == 401 || code == 403 {
             bail!("{method} {url}: HTTP {code}: authentication failed (user or password wrong)");
         }
-        ensure!((200..300).contains(&code), "{method} {url}: HTTP {code}: {}", extended_message(body));
+        ensure!(
+            (200..300).contains(&code),
+            "{method} {url}: HTTP {code}: {}",
+            extended_message(body)
+        );
         if body.trim().is_empty() {
             return Ok(Value::Null);
         }
@@ -115,16 +159,28 @@ impl RedfishBmc {
 fn extended_message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
         .ok()
-        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| body.chars().take(200).collect())
 }
 
 fn first_member(v: &Value) -> Option<String> {
-    v.get("Members")?.as_array()?.first()?.get("@odata.id")?.as_str().map(str::to_string)
+    v.get("Members")?
+        .as_array()?
+        .first()?
+        .get("@odata.id")?
+        .as_str()
+        .map(str::to_string)
 }
 
 fn s(v: &Value, key: &str) -> Option<String> {
-    v.get(key).and_then(Value::as_str).map(str::to_string).filter(|s| !s.is_empty())
+    v.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
 }
 
 fn f(v: &Value, key: &str) -> Option<f64> {
@@ -144,7 +200,13 @@ pub fn reset_type(a: PowerAction) -> &'static str {
 /// Status like the IPMI driver's from a Redfish threshold set and reading.
 fn status_from(v: &Value) -> String {
     match v.pointer("/Status/Health").and_then(Value::as_str) {
-        _ if v.pointer("/Status/State").and_then(Value::as_str).is_some_and(|s| s != "Enabled") => "na".into(),
+        _ if v
+            .pointer("/Status/State")
+            .and_then(Value::as_str)
+            .is_some_and(|s| s != "Enabled") =>
+        {
+            "na".into()
+        }
         Some("OK") => "ok".into(),
         Some("Warning") => "nc".into(),
         Some("Critical") => "cr".into(),
@@ -171,8 +233,12 @@ impl Bmc for RedfishBmc {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| format!("{sys}/Actions/ComputerSystem.Reset"));
-        self.request("POST", &target, Some(&json!({ "ResetType": reset_type(action) })))
-            .with_context(|| format!("ComputerSystem.Reset {}", reset_type(action)))?;
+        self.request(
+            "POST",
+            &target,
+            Some(&json!({ "ResetType": reset_type(action) })),
+        )
+        .with_context(|| format!("ComputerSystem.Reset {}", reset_type(action)))?;
         Ok(())
     }
 
@@ -185,7 +251,8 @@ impl Bmc for RedfishBmc {
         };
         let enabled = if persistent { "Continuous" } else { "Once" };
         let body = json!({ "Boot": { "BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": enabled } });
-        self.request("PATCH", &sys, Some(&body)).context("setting the boot override")?;
+        self.request("PATCH", &sys, Some(&body))
+            .context("setting the boot override")?;
         Ok(())
     }
 
@@ -194,7 +261,11 @@ impl Bmc for RedfishBmc {
         let logs = self.get(&format!("{sys}/LogServices"))?;
         let log = first_member(&logs).context("the system has no LogService")?;
         let entries = self.get(&format!("{log}/Entries"))?;
-        let members = entries.get("Members").and_then(Value::as_array).cloned().unwrap_or_default();
+        let members = entries
+            .get("Members")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         Ok(members
             .iter()
             .take(4096)
@@ -205,7 +276,11 @@ impl Bmc for RedfishBmc {
                 timestamp: None,
                 time: s(e, "Created").unwrap_or_default(),
                 sensor_type: s(e, "SensorType").unwrap_or_default(),
-                sensor_number: e.get("SensorNumber").and_then(Value::as_u64).unwrap_or(0).min(255) as u8,
+                sensor_number: e
+                    .get("SensorNumber")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    .min(255) as u8,
                 assertion: true,
                 description: s(e, "Message").unwrap_or_default(),
                 raw: Vec::new(),
@@ -217,7 +292,11 @@ impl Bmc for RedfishBmc {
         let sys = self.system()?;
         let logs = self.get(&format!("{sys}/LogServices"))?;
         let log = first_member(&logs).context("the system has no LogService")?;
-        self.request("POST", &format!("{log}/Actions/LogService.ClearLog"), Some(&json!({})))?;
+        self.request(
+            "POST",
+            &format!("{log}/Actions/LogService.ClearLog"),
+            Some(&json!({})),
+        )?;
         Ok(())
     }
 
@@ -225,29 +304,62 @@ impl Bmc for RedfishBmc {
         let ch = self.first_chassis()?;
         let mut out = Vec::new();
         let th = self.get(&format!("{ch}/Thermal"))?;
-        let reading = |v: &Value, ty: &str, value: Option<f64>, unit: &str, i: usize| SensorReading {
-            name: s(v, "Name").unwrap_or_default(),
-            number: v.get("SensorNumber").and_then(Value::as_u64).unwrap_or(i as u64).min(255) as u8,
-            sensor_type: ty.into(),
-            value,
-            unit: unit.into(),
-            status: status_from(v),
-            lower_non_recoverable: f(v, "LowerThresholdFatal"),
-            lower_critical: f(v, "LowerThresholdCritical"),
-            lower_non_critical: f(v, "LowerThresholdNonCritical"),
-            upper_non_critical: f(v, "UpperThresholdNonCritical"),
-            upper_critical: f(v, "UpperThresholdCritical"),
-            upper_non_recoverable: f(v, "UpperThresholdFatal"),
-        };
-        for (i, t) in th.get("Temperatures").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            out.push(reading(t, "Temperature", f(t, "ReadingCelsius"), "degrees C", i));
+        let reading =
+            |v: &Value, ty: &str, value: Option<f64>, unit: &str, i: usize| SensorReading {
+                name: s(v, "Name").unwrap_or_default(),
+                number: v
+                    .get("SensorNumber")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(i as u64)
+                    .min(255) as u8,
+                sensor_type: ty.into(),
+                value,
+                unit: unit.into(),
+                status: status_from(v),
+                lower_non_recoverable: f(v, "LowerThresholdFatal"),
+                lower_critical: f(v, "LowerThresholdCritical"),
+                lower_non_critical: f(v, "LowerThresholdNonCritical"),
+                upper_non_critical: f(v, "UpperThresholdNonCritical"),
+                upper_critical: f(v, "UpperThresholdCritical"),
+                upper_non_recoverable: f(v, "UpperThresholdFatal"),
+            };
+        for (i, t) in th
+            .get("Temperatures")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            out.push(reading(
+                t,
+                "Temperature",
+                f(t, "ReadingCelsius"),
+                "degrees C",
+                i,
+            ));
         }
-        for (i, t) in th.get("Fans").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            let unit = if s(t, "ReadingUnits").as_deref() == Some("Percent") { "percent" } else { "RPM" };
+        for (i, t) in th
+            .get("Fans")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let unit = if s(t, "ReadingUnits").as_deref() == Some("Percent") {
+                "percent"
+            } else {
+                "RPM"
+            };
             out.push(reading(t, "Fan", f(t, "Reading"), unit, i));
         }
         let pw = self.get(&format!("{ch}/Power"))?;
-        for (i, t) in pw.get("Voltages").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        for (i, t) in pw
+            .get("Voltages")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
             out.push(reading(t, "Voltage", f(t, "ReadingVolts"), "Volts", i));
         }
         Ok(out)
@@ -298,7 +410,10 @@ mod tests {
                 let mut line = String::new();
                 r.read_line(&mut line).unwrap();
                 let mut parts = line.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                let (method, path) = (
+                    parts.next().unwrap_or("").to_string(),
+                    parts.next().unwrap_or("").to_string(),
+                );
                 let mut len = 0;
                 let mut auth = String::new();
                 loop {
@@ -319,17 +434,24 @@ mod tests {
                 r.read_exact(&mut body).unwrap();
                 let body = String::from_utf8(body).unwrap();
                 let mut st = state.lock().unwrap();
-                st.requests.push((method.clone(), path.clone(), body.clone()));
+                st.requests
+                    .push((method.clone(), path.clone(), body.clone()));
                 // Basic base64("root:calvin")
                 let (code, resp) = if auth != "Authorization: Basic cm9vdDpjYWx2aW4=" {
                     (401, json!({"error": {"message": "bad auth"}}))
                 } else {
                     match (method.as_str(), path.as_str()) {
-                        ("GET", "/redfish/v1/Systems") => (200, json!({"Members": [{"@odata.id": "/redfish/v1/Systems/1"}]})),
-                        ("GET", "/redfish/v1/Systems/1") => (200, json!({
+                        ("GET", "/redfish/v1/Systems") => (
+                            200,
+                            json!({"Members": [{"@odata.id": "/redfish/v1/Systems/1"}]}),
+                        ),
+                        ("GET", "/redfish/v1/Systems/1") => (
+                            200,
+                            json!({
                             "PowerState": st.power, "Manufacturer": "Dell Inc.", "Model": "PowerEdge R650",
                             "SerialNumber": "ABC1234", "Boot": st.boot,
-                            "Actions": {"#ComputerSystem.Reset": {"target": "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset"}}})),
+                            "Actions": {"#ComputerSystem.Reset": {"target": "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset"}}}),
+                        ),
                         ("POST", "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset") => {
                             let v: Value = serde_json::from_str(&body).unwrap();
                             match v["ResetType"].as_str() {
@@ -344,19 +466,38 @@ mod tests {
                             st.boot = v["Boot"].clone();
                             (200, Value::Null)
                         }
-                        ("GET", "/redfish/v1/Systems/1/LogServices") => (200, json!({"Members": [{"@odata.id": "/redfish/v1/Systems/1/LogServices/SEL"}]})),
-                        ("GET", "/redfish/v1/Systems/1/LogServices/SEL/Entries") => (200, json!({"Members": [
-                            {"Id": "1", "Created": "2026-11-25T10:00:00Z", "Message": "CPU 1 temperature above critical", "SensorType": "Temperature", "SensorNumber": 1}]})),
-                        ("GET", "/redfish/v1/Chassis") => (200, json!({"Members": [{"@odata.id": "/redfish/v1/Chassis/1"}]})),
-                        ("GET", "/redfish/v1/Chassis/1/Thermal") => (200, json!({
+                        ("GET", "/redfish/v1/Systems/1/LogServices") => (
+                            200,
+                            json!({"Members": [{"@odata.id": "/redfish/v1/Systems/1/LogServices/SEL"}]}),
+                        ),
+                        ("GET", "/redfish/v1/Systems/1/LogServices/SEL/Entries") => (
+                            200,
+                            json!({"Members": [
+                            {"Id": "1", "Created": "2026-11-25T10:00:00Z", "Message": "CPU 1 temperature above critical", "SensorType": "Temperature", "SensorNumber": 1}]}),
+                        ),
+                        ("GET", "/redfish/v1/Chassis") => (
+                            200,
+                            json!({"Members": [{"@odata.id": "/redfish/v1/Chassis/1"}]}),
+                        ),
+                        ("GET", "/redfish/v1/Chassis/1/Thermal") => (
+                            200,
+                            json!({
                             "Temperatures": [{"Name": "CPU1 Temp", "ReadingCelsius": 41.0, "UpperThresholdCritical": 90.0, "Status": {"State": "Enabled", "Health": "OK"}}],
-                            "Fans": [{"Name": "Fan1", "Reading": 5400, "ReadingUnits": "RPM", "Status": {"State": "Enabled", "Health": "Warning"}}]})),
-                        ("GET", "/redfish/v1/Chassis/1/Power") => (200, json!({"Voltages": [{"Name": "12V", "ReadingVolts": 12.1, "Status": {"State": "Enabled", "Health": "OK"}}]})),
+                            "Fans": [{"Name": "Fan1", "Reading": 5400, "ReadingUnits": "RPM", "Status": {"State": "Enabled", "Health": "Warning"}}]}),
+                        ),
+                        ("GET", "/redfish/v1/Chassis/1/Power") => (
+                            200,
+                            json!({"Voltages": [{"Name": "12V", "ReadingVolts": 12.1, "Status": {"State": "Enabled", "Health": "OK"}}]}),
+                        ),
                         _ => (404, json!({"error": {"message": "no such resource"}})),
                     }
                 };
                 drop(st);
-                let text = if resp.is_null() { String::new() } else { resp.to_string() };
+                let text = if resp.is_null() {
+                    String::new()
+                } else {
+                    resp.to_string()
+                };
                 let _ = write!(c, "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
             }
         });
@@ -377,7 +518,10 @@ mod tests {
 
     #[test]
     fn redfish_against_fixture() {
-        let st = Arc::new(Mutex::new(State { power: "Off".into(), ..State::default() }));
+        let st = Arc::new(Mutex::new(State {
+            power: "Off".into(),
+            ..State::default()
+        }));
         let port = serve(st.clone());
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut b = RedfishBmc::new(&target(port, "calvin"), deadline).unwrap();
@@ -393,7 +537,14 @@ mod tests {
         assert_eq!(sel[0].description, "CPU 1 temperature above critical");
         let sensors = b.sensors().unwrap();
         assert_eq!(sensors.len(), 3);
-        assert_eq!((sensors[0].value, sensors[0].upper_critical, sensors[0].status.as_str()), (Some(41.0), Some(90.0), "ok"));
+        assert_eq!(
+            (
+                sensors[0].value,
+                sensors[0].upper_critical,
+                sensors[0].status.as_str()
+            ),
+            (Some(41.0), Some(90.0), "ok")
+        );
         assert_eq!(sensors[1].status, "nc");
         // The password never appears on a command line; a wrong one is a clear error.
         let mut bad = RedfishBmc::new(&target(port, "badpass"), deadline).unwrap();

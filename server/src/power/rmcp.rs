@@ -114,7 +114,9 @@ pub struct Keys {
 
 impl fmt::Debug for Keys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keys").field("cs", &self.cs).finish_non_exhaustive()
+        f.debug_struct("Keys")
+            .field("cs", &self.cs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -150,14 +152,24 @@ impl RakpParams<'_> {
     pub fn rakp3_hmac(&self, cs: CipherSuite, password: &[u8]) -> Vec<u8> {
         cs.hmac(
             password,
-            &[&self.bmc_rand, &self.console_sid.to_le_bytes(), &[self.role, self.user.len() as u8], self.user],
+            &[
+                &self.bmc_rand,
+                &self.console_sid.to_le_bytes(),
+                &[self.role, self.user.len() as u8],
+                self.user,
+            ],
         )
     }
     /// Session keys. `kg` is the BMC key, or the password when the BMC has none.
     pub fn keys(&self, cs: CipherSuite, kg: &[u8]) -> Keys {
         let sik = cs.hmac(
             kg,
-            &[&self.console_rand, &self.bmc_rand, &[self.role, self.user.len() as u8], self.user],
+            &[
+                &self.console_rand,
+                &self.bmc_rand,
+                &[self.role, self.user.len() as u8],
+                self.user,
+            ],
         );
         // IPMI 2.0 §13.32: K1 = HMAC(SIK, 20 × 0x01), K2 = HMAC(SIK, 20 × 0x02); ipmitool and
         // OpenBMC use 20-byte constants for the SHA-256 suites too.
@@ -169,7 +181,14 @@ impl RakpParams<'_> {
     }
     /// RAKP 4 integrity check value, keyed with the SIK.
     pub fn rakp4_icv(&self, keys: &Keys) -> Vec<u8> {
-        let mut v = keys.cs.hmac(&keys.sik, &[&self.console_rand, &self.bmc_sid.to_le_bytes(), &self.bmc_guid]);
+        let mut v = keys.cs.hmac(
+            &keys.sik,
+            &[
+                &self.console_rand,
+                &self.bmc_sid.to_le_bytes(),
+                &self.bmc_guid,
+            ],
+        );
         v.truncate(keys.cs.icv_len());
         v
     }
@@ -193,12 +212,23 @@ pub struct Packet {
 }
 
 /// Builds an RMCP/IPMI 2.0 packet; with `keys`, the payload is encrypted and authenticated.
-pub fn encode(payload_type: u8, session_id: u32, seq: u32, payload: &[u8], keys: Option<&Keys>, iv: [u8; 16]) -> Result<Vec<u8>> {
+pub fn encode(
+    payload_type: u8,
+    session_id: u32,
+    seq: u32,
+    payload: &[u8],
+    keys: Option<&Keys>,
+    iv: [u8; 16],
+) -> Result<Vec<u8>> {
     let body = match keys {
         Some(k) => encrypt(&k.aes, iv, payload)?,
         None => payload.to_vec(),
     };
-    ensure!(body.len() <= MAX_PACKET - 64, "payload of {} bytes is too large", body.len());
+    ensure!(
+        body.len() <= MAX_PACKET - 64,
+        "payload of {} bytes is too large",
+        body.len()
+    );
     let flags = if keys.is_some() { 0xC0 } else { 0x00 };
     let mut p = Vec::with_capacity(body.len() + 48);
     p.extend_from_slice(&[0x06, 0x00, 0xFF, 0x07, 0x06, payload_type | flags]);
@@ -223,10 +253,26 @@ pub fn encode(payload_type: u8, session_id: u32, seq: u32, payload: &[u8], keys:
 /// Parses a datagram from a BMC. Authenticated packets need `keys`; their AuthCode is checked
 /// before anything else of the payload is used.
 pub fn decode(buf: &[u8], keys: Option<&Keys>) -> Result<Packet> {
-    ensure!(buf.len() <= MAX_PACKET, "packet of {} bytes is too large", buf.len());
-    ensure!(buf.len() >= 16, "packet of {} bytes is too short for an IPMI 2.0 header", buf.len());
-    ensure!(buf[0] == 0x06 && buf[3] & 0x1F == 0x07, "not an RMCP IPMI packet (header {:02x?})", &buf[..4]);
-    ensure!(buf[4] == 0x06, "not an IPMI 2.0/RMCP+ packet (auth type {:#04x})", buf[4]);
+    ensure!(
+        buf.len() <= MAX_PACKET,
+        "packet of {} bytes is too large",
+        buf.len()
+    );
+    ensure!(
+        buf.len() >= 16,
+        "packet of {} bytes is too short for an IPMI 2.0 header",
+        buf.len()
+    );
+    ensure!(
+        buf[0] == 0x06 && buf[3] & 0x1F == 0x07,
+        "not an RMCP IPMI packet (header {:02x?})",
+        &buf[..4]
+    );
+    ensure!(
+        buf[4] == 0x06,
+        "not an IPMI 2.0/RMCP+ packet (auth type {:#04x})",
+        buf[4]
+    );
     let ptype = buf[5];
     let encrypted = ptype & 0x80 != 0;
     let authenticated = ptype & 0x40 != 0;
@@ -235,32 +281,71 @@ pub fn decode(buf: &[u8], keys: Option<&Keys>) -> Result<Packet> {
     let session_id = u32::from_le_bytes([buf[6], buf[7], buf[8], buf[9]]);
     let seq = u32::from_le_bytes([buf[10], buf[11], buf[12], buf[13]]);
     let len = u16::from_le_bytes([buf[14], buf[15]]) as usize;
-    let end = 16usize.checked_add(len).ok_or_else(|| anyhow!("length overflow"))?;
-    ensure!(end <= buf.len(), "payload length {len} runs past the end of a {}-byte packet", buf.len());
+    let end = 16usize
+        .checked_add(len)
+        .ok_or_else(|| anyhow!("length overflow"))?;
+    ensure!(
+        end <= buf.len(),
+        "payload length {len} runs past the end of a {}-byte packet",
+        buf.len()
+    );
     if authenticated {
         let k = keys.ok_or_else(|| anyhow!("authenticated packet outside a session"))?;
         let alen = k.cs.icv_len();
-        ensure!(buf.len() >= end + 2 + alen, "authenticated packet too short for its trailer");
+        ensure!(
+            buf.len() >= end + 2 + alen,
+            "authenticated packet too short for its trailer"
+        );
         let code_at = buf.len() - alen;
-        ensure!(buf[code_at - 1] == 0x07, "bad next-header byte {:#04x}", buf[code_at - 1]);
+        ensure!(
+            buf[code_at - 1] == 0x07,
+            "bad next-header byte {:#04x}",
+            buf[code_at - 1]
+        );
         let pad = buf[code_at - 2] as usize;
-        ensure!(pad <= 3 && end + pad + 2 == code_at, "bad integrity pad length {pad}");
-        ensure!((code_at - 4) % 4 == 0, "integrity-covered data is not a multiple of 4 bytes");
+        ensure!(
+            pad <= 3 && end + pad + 2 == code_at,
+            "bad integrity pad length {pad}"
+        );
+        ensure!(
+            (code_at - 4) % 4 == 0,
+            "integrity-covered data is not a multiple of 4 bytes"
+        );
         let mac = k.cs.hmac(&k.k1, &[&buf[4..code_at]]);
-        ensure!(ct_eq(&mac[..alen], &buf[code_at..]), "integrity check failed (AuthCode mismatch)");
+        ensure!(
+            ct_eq(&mac[..alen], &buf[code_at..]),
+            "integrity check failed (AuthCode mismatch)"
+        );
     } else {
-        ensure!(end == buf.len(), "{} trailing bytes after an unauthenticated payload", buf.len() - end);
+        ensure!(
+            end == buf.len(),
+            "{} trailing bytes after an unauthenticated payload",
+            buf.len() - end
+        );
     }
     let body = &buf[16..end];
     let payload = if encrypted {
-        ensure!(authenticated, "encrypted payload without integrity protection refused");
+        ensure!(
+            authenticated,
+            "encrypted payload without integrity protection refused"
+        );
         let k = keys.ok_or_else(|| anyhow!("encrypted packet outside a session"))?;
         decrypt(&k.aes, body)?
     } else {
-        ensure!(keys.is_none() || !is_session_payload(payload_type), "unencrypted payload inside an encrypted session refused");
+        ensure!(
+            keys.is_none() || !is_session_payload(payload_type),
+            "unencrypted payload inside an encrypted session refused"
+        );
         body.to_vec()
     };
-    Ok(Packet { payload_type, session_id, seq, encrypted, authenticated, payload })
+    Ok(Packet {
+        payload_type,
+        session_id,
+        seq,
+        encrypted,
+        authenticated,
+        payload,
+    })
 }
 
 fn is_session_payload(t: u8) -> bool {
@@ -287,7 +372,11 @@ pub fn encrypt(key: &[u8; 16], iv: [u8; 16], data: &[u8]) -> Result<Vec<u8>> {
 /// Inverse of [`encrypt`]; checks the block structure and the confidentiality trailer.
 pub fn decrypt(key: &[u8; 16], body: &[u8]) -> Result<Vec<u8>> {
     use cbc::cipher::{block_padding::NoPadding, BlockDecryptMut, KeyIvInit};
-    ensure!(body.len() >= 32 && body.len() % 16 == 0, "encrypted payload of {} bytes is not IV + whole AES blocks", body.len());
+    ensure!(
+        body.len() >= 32 && body.len() % 16 == 0,
+        "encrypted payload of {} bytes is not IV + whole AES blocks",
+        body.len()
+    );
     let mut iv = [0u8; 16];
     iv.copy_from_slice(&body[..16]);
     let mut buf = body[16..].to_vec();
@@ -296,7 +385,9 @@ pub fn decrypt(key: &[u8; 16], body: &[u8]) -> Result<Vec<u8>> {
         .decrypt_padded_mut::<NoPadding>(&mut buf)
         .map_err(|e| anyhow!("AES-CBC decryption failed: {e}"))?;
     let n = plain.len();
-    let pad = *plain.last().ok_or_else(|| anyhow!("empty decrypted payload"))? as usize;
+    let pad = *plain
+        .last()
+        .ok_or_else(|| anyhow!("empty decrypted payload"))? as usize;
     ensure!(pad < 16 && pad < n, "bad confidentiality pad length {pad}");
     Ok(plain[..n - 1 - pad].to_vec())
 }
@@ -328,9 +419,16 @@ pub struct Response {
 
 /// Parses an IPMI LAN response message, checking both checksums.
 pub fn parse_response(m: &[u8]) -> Result<Response> {
-    ensure!(m.len() >= 8, "IPMI response of {} bytes is too short", m.len());
+    ensure!(
+        m.len() >= 8,
+        "IPMI response of {} bytes is too short",
+        m.len()
+    );
     ensure!(cksum(&m[..2]) == m[2], "bad IPMI header checksum");
-    ensure!(cksum(&m[3..m.len() - 1]) == m[m.len() - 1], "bad IPMI data checksum");
+    ensure!(
+        cksum(&m[3..m.len() - 1]) == m[m.len() - 1],
+        "bad IPMI data checksum"
+    );
     Ok(Response {
         netfn: m[1] >> 2,
         cmd: m[5],
@@ -350,7 +448,14 @@ pub struct CompletionError {
 
 impl fmt::Display for CompletionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BMC answered netfn {:#04x} cmd {:#04x} with completion code {:#04x} ({})", self.netfn, self.cmd, self.code, completion_text(self.code))
+        write!(
+            f,
+            "BMC answered netfn {:#04x} cmd {:#04x} with completion code {:#04x} ({})",
+            self.netfn,
+            self.cmd,
+            self.code,
+            completion_text(self.code)
+        )
     }
 }
 impl std::error::Error for CompletionError {}
@@ -430,16 +535,30 @@ pub fn open_session_request(tag: u8, console_sid: u32, cs: CipherSuite) -> Vec<u
 }
 
 fn le32(b: &[u8], at: usize) -> Result<u32> {
-    let s = b.get(at..at + 4).ok_or_else(|| anyhow!("message too short for a 32-bit field at {at}"))?;
+    let s = b
+        .get(at..at + 4)
+        .ok_or_else(|| anyhow!("message too short for a 32-bit field at {at}"))?;
     Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 pub fn parse_open_session(p: &[u8]) -> Result<OpenSessionRsp> {
     ensure!(p.len() >= 2, "Open Session Response too short");
-    ensure!(p[1] == 0, "BMC refused the session: {} ({:#04x})", rmcp_status_text(p[1]), p[1]);
-    ensure!(p.len() >= 36, "Open Session Response of {} bytes is too short", p.len());
+    ensure!(
+        p[1] == 0,
+        "BMC refused the session: {} ({:#04x})",
+        rmcp_status_text(p[1]),
+        p[1]
+    );
+    ensure!(
+        p.len() >= 36,
+        "Open Session Response of {} bytes is too short",
+        p.len()
+    );
     for (at, kind) in [(12usize, 0u8), (20, 1), (28, 2)] {
-        ensure!(p[at] == kind && p[at + 3] == 8, "malformed algorithm payload at {at}");
+        ensure!(
+            p[at] == kind && p[at + 3] == 8,
+            "malformed algorithm payload at {at}"
+        );
     }
     Ok(OpenSessionRsp {
         tag: p[0],
@@ -470,13 +589,29 @@ pub struct Rakp2 {
 
 pub fn parse_rakp2(p: &[u8], cs: CipherSuite) -> Result<Rakp2> {
     ensure!(p.len() >= 2, "RAKP 2 too short");
-    ensure!(p[1] == 0, "BMC rejected RAKP 1: {} ({:#04x})", rmcp_status_text(p[1]), p[1]);
-    ensure!(p.len() == 40 + cs.kex_len(), "RAKP 2 of {} bytes, expected {}", p.len(), 40 + cs.kex_len());
+    ensure!(
+        p[1] == 0,
+        "BMC rejected RAKP 1: {} ({:#04x})",
+        rmcp_status_text(p[1]),
+        p[1]
+    );
+    ensure!(
+        p.len() == 40 + cs.kex_len(),
+        "RAKP 2 of {} bytes, expected {}",
+        p.len(),
+        40 + cs.kex_len()
+    );
     let mut bmc_rand = [0u8; 16];
     bmc_rand.copy_from_slice(&p[8..24]);
     let mut bmc_guid = [0u8; 16];
     bmc_guid.copy_from_slice(&p[24..40]);
-    Ok(Rakp2 { tag: p[0], console_sid: le32(p, 4)?, bmc_rand, bmc_guid, auth: p[40..].to_vec() })
+    Ok(Rakp2 {
+        tag: p[0],
+        console_sid: le32(p, 4)?,
+        bmc_rand,
+        bmc_guid,
+        auth: p[40..].to_vec(),
+    })
 }
 
 pub fn rakp3(tag: u8, bmc_sid: u32, auth: &[u8]) -> Vec<u8> {
@@ -496,9 +631,23 @@ pub struct Rakp4 {
 
 pub fn parse_rakp4(p: &[u8], cs: CipherSuite) -> Result<Rakp4> {
     ensure!(p.len() >= 2, "RAKP 4 too short");
-    ensure!(p[1] == 0, "BMC rejected RAKP 3: {} ({:#04x})", rmcp_status_text(p[1]), p[1]);
-    ensure!(p.len() == 8 + cs.icv_len(), "RAKP 4 of {} bytes, expected {}", p.len(), 8 + cs.icv_len());
-    Ok(Rakp4 { tag: p[0], console_sid: le32(p, 4)?, icv: p[8..].to_vec() })
+    ensure!(
+        p[1] == 0,
+        "BMC rejected RAKP 3: {} ({:#04x})",
+        rmcp_status_text(p[1]),
+        p[1]
+    );
+    ensure!(
+        p.len() == 8 + cs.icv_len(),
+        "RAKP 4 of {} bytes, expected {}",
+        p.len(),
+        8 + cs.icv_len()
+    );
+    Ok(Rakp4 {
+        tag: p[0],
+        console_sid: le32(p, 4)?,
+        icv: p[8..].to_vec(),
+    })
 }
 
 fn random<const N: usize>() -> Result<[u8; N]> {
@@ -532,7 +681,10 @@ pub struct Session {
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Session").field("peer", &self.peer).field("bmc_sid", &self.bmc_sid).finish_non_exhaustive()
+        f.debug_struct("Session")
+            .field("peer", &self.peer)
+            .field("bmc_sid", &self.bmc_sid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -560,14 +712,22 @@ fn exchange<T>(
             if now >= resend_at {
                 break;
             }
-            sock.set_read_timeout(Some(resend_at - now)).context("setting socket timeout")?;
+            sock.set_read_timeout(Some(resend_at - now))
+                .context("setting socket timeout")?;
             match sock.recv(&mut buf) {
                 Ok(n) if n > MAX_PACKET => last_err = Some(anyhow!("oversized datagram ignored")),
                 Ok(n) => match accept(&buf[..n]) {
                     Some(r) => return r,
                     None => continue,
                 },
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     bail!("BMC port unreachable (ICMP port unreachable) waiting for {what}")
                 }
@@ -583,31 +743,78 @@ fn exchange<T>(
 
 impl Session {
     /// Opens an authenticated session (admin privilege) to `addr`.
-    pub fn open(addr: SocketAddr, user: &str, password: &str, cs: CipherSuite, deadline: Instant) -> Result<Session> {
+    pub fn open(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        cs: CipherSuite,
+        deadline: Instant,
+    ) -> Result<Session> {
         let user_b = user.as_bytes();
         ensure!(user_b.len() <= 16, "user name longer than 16 bytes");
-        ensure!(password.len() <= 20, "password longer than 20 bytes (IPMI 2.0 limit)");
-        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+        ensure!(
+            password.len() <= 20,
+            "password longer than 20 bytes (IPMI 2.0 limit)"
+        );
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
         let sock = UdpSocket::bind(bind).context("binding a UDP socket")?;
-        sock.connect(addr).with_context(|| format!("connecting UDP socket to {addr}"))?;
+        sock.connect(addr)
+            .with_context(|| format!("connecting UDP socket to {addr}"))?;
         let retry = Duration::from_millis(1000);
         let console_sid = u32::from_le_bytes(random::<4>()?) | 1;
 
-        // Open Session.
-        let req = encode(PAYLOAD_OPEN_REQ, 0, 0, &open_session_request(1, console_sid, cs), None, [0; 16])?;
-        let open = exchange(&sock, &req, deadline, retry, "Open Session Response", |d| {
-            let p = decode(d, None).ok()?;
-            if p.payload_type != PAYLOAD_OPEN_RSP || p.payload.first() != Some(&1) {
-                return None;
+        // Open Session. A BMC out of session slots (status 1) is asked again a little later,
+        // until the deadline: real BMCs allow only a handful of sessions.
+        let req = encode(
+            PAYLOAD_OPEN_REQ,
+            0,
+            0,
+            &open_session_request(1, console_sid, cs),
+            None,
+            [0; 16],
+        )?;
+        let mut pause = Duration::from_millis(50);
+        let open = loop {
+            let r = exchange(&sock, &req, deadline, retry, "Open Session Response", |d| {
+                let p = decode(d, None).ok()?;
+                if p.payload_type != PAYLOAD_OPEN_RSP || p.payload.first() != Some(&1) {
+                    return None;
+                }
+                Some(Ok(p.payload))
+            })?;
+            if r.get(1) == Some(&0x01) && Instant::now() + pause < deadline {
+                let jitter = Duration::from_millis(u64::from(random::<1>()?[0]));
+                std::thread::sleep(pause + jitter);
+                pause = (pause * 2).min(Duration::from_millis(1000));
+                continue;
             }
-            Some(parse_open_session(&p.payload))
-        })?;
-        ensure!(open.console_sid == console_sid, "Open Session Response for another session");
-        ensure!(open.algorithms == cs.algorithms(), "BMC chose algorithms {:?}, not cipher suite {}", open.algorithms, cs.id());
+            break parse_open_session(&r)?;
+        };
+        ensure!(
+            open.console_sid == console_sid,
+            "Open Session Response for another session"
+        );
+        ensure!(
+            open.algorithms == cs.algorithms(),
+            "BMC chose algorithms {:?}, not cipher suite {}",
+            open.algorithms,
+            cs.id()
+        );
 
         // RAKP 1/2.
         let console_rand = random::<16>()?;
-        let req = encode(PAYLOAD_RAKP1, 0, 0, &rakp1(2, open.bmc_sid, &console_rand, ROLE, user_b), None, [0; 16])?;
+        let req = encode(
+            PAYLOAD_RAKP1,
+            0,
+            0,
+            &rakp1(2, open.bmc_sid, &console_rand, ROLE, user_b),
+            None,
+            [0; 16],
+        )?;
         let r2 = exchange(&sock, &req, deadline, retry, "RAKP 2", |d| {
             let p = decode(d, None).ok()?;
             if p.payload_type != PAYLOAD_RAKP2 || p.payload.first() != Some(&2) {
@@ -635,7 +842,14 @@ impl Session {
 
         // RAKP 3/4.
         let auth3 = params.rakp3_hmac(cs, password.as_bytes());
-        let req = encode(PAYLOAD_RAKP3, 0, 0, &rakp3(3, open.bmc_sid, &auth3), None, [0; 16])?;
+        let req = encode(
+            PAYLOAD_RAKP3,
+            0,
+            0,
+            &rakp3(3, open.bmc_sid, &auth3),
+            None,
+            [0; 16],
+        )?;
         let r4 = exchange(&sock, &req, deadline, retry, "RAKP 4", |d| {
             let p = decode(d, None).ok()?;
             if p.payload_type != PAYLOAD_RAKP4 || p.payload.first() != Some(&3) {
@@ -645,10 +859,25 @@ impl Session {
         })
         .context("authenticating (RAKP 3/4)")?;
         ensure!(r4.console_sid == console_sid, "RAKP 4 for another session");
-        ensure!(ct_eq(&params.rakp4_icv(&keys), &r4.icv), "RAKP 4 integrity check value mismatch (BMC key Kg required?)");
+        ensure!(
+            ct_eq(&params.rakp4_icv(&keys), &r4.icv),
+            "RAKP 4 integrity check value mismatch (BMC key Kg required?)"
+        );
 
-        let mut s = Session { sock, peer: addr, keys, console_sid, bmc_sid: open.bmc_sid, out_seq: 0, rq_seq: 0, deadline, retry, closed: false };
-        s.command(0x06, 0x3B, &[PRIV_ADMIN]).context("raising the session to administrator")?;
+        let mut s = Session {
+            sock,
+            peer: addr,
+            keys,
+            console_sid,
+            bmc_sid: open.bmc_sid,
+            out_seq: 0,
+            rq_seq: 0,
+            deadline,
+            retry,
+            closed: false,
+        };
+        s.command(0x06, 0x3B, &[PRIV_ADMIN])
+            .context("raising the session to administrator")?;
         Ok(s)
     }
 
@@ -659,7 +888,14 @@ impl Session {
         self.rq_seq = (self.rq_seq + 1) & 0x3F;
         let rq_seq = self.rq_seq;
         let msg = ipmi_request(netfn, cmd, rq_seq, data);
-        let pkt = encode(PAYLOAD_IPMI, self.bmc_sid, self.out_seq, &msg, Some(&self.keys), random::<16>()?)?;
+        let pkt = encode(
+            PAYLOAD_IPMI,
+            self.bmc_sid,
+            self.out_seq,
+            &msg,
+            Some(&self.keys),
+            random::<16>()?,
+        )?;
         let keys = self.keys.clone();
         let console_sid = self.console_sid;
         let what = format!("response to netfn {netfn:#04x} cmd {cmd:#04x}");
@@ -678,7 +914,12 @@ impl Session {
             }
         })?;
         if rsp.completion != 0 {
-            return Err(CompletionError { netfn, cmd, code: rsp.completion }.into());
+            return Err(CompletionError {
+                netfn,
+                cmd,
+                code: rsp.completion,
+            }
+            .into());
         }
         Ok(rsp.data)
     }
@@ -700,7 +941,14 @@ impl Drop for Session {
             self.rq_seq = (self.rq_seq + 1) & 0x3F;
             let msg = ipmi_request(0x06, 0x3C, self.rq_seq, &self.bmc_sid.to_le_bytes());
             if let Ok(iv) = random::<16>() {
-                if let Ok(p) = encode(PAYLOAD_IPMI, self.bmc_sid, self.out_seq, &msg, Some(&self.keys), iv) {
+                if let Ok(p) = encode(
+                    PAYLOAD_IPMI,
+                    self.bmc_sid,
+                    self.out_seq,
+                    &msg,
+                    Some(&self.keys),
+                    iv,
+                ) {
                     let _ = self.sock.send(&p);
                 }
             }
@@ -745,7 +993,10 @@ mod tests {
         let h = CipherSuite::Cs3.hmac(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
         assert_eq!(hex(&h), "effcdf6ae5eb2fa2d27416d5f184df9c259a7c79");
         let h = CipherSuite::Cs17.hmac(b"Jefe", &[b"what do ya want for nothing?"]);
-        assert_eq!(hex(&h), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_eq!(
+            hex(&h),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     fn hex(b: &[u8]) -> String {
@@ -772,11 +1023,17 @@ mod tests {
             assert_eq!((p.len() - 4 - k.cs.icv_len()) % 4, 0);
             let d = decode(&p, Some(&k)).unwrap();
             assert_eq!(d.payload, msg);
-            assert_eq!((d.session_id, d.seq, d.encrypted, d.authenticated), (42, 7, true, true));
+            assert_eq!(
+                (d.session_id, d.seq, d.encrypted, d.authenticated),
+                (42, 7, true, true)
+            );
             for i in 4..p.len() {
                 let mut t = p.clone();
                 t[i] ^= 0x01;
-                assert!(decode(&t, Some(&k)).is_err(), "flip at {i} accepted ({cs:?})");
+                assert!(
+                    decode(&t, Some(&k)).is_err(),
+                    "flip at {i} accepted ({cs:?})"
+                );
             }
         }
     }
@@ -787,7 +1044,10 @@ mod tests {
         assert_eq!(m, vec![0x20, 0x18, 0xC8, 0x81, 0x04, 0x01, 0x7A]);
         let rsp = [0x81, 0x1C, 0x63, 0x20, 0x04, 0x01, 0x00, 0x20, 0xBB];
         let r = parse_response(&rsp).unwrap();
-        assert_eq!((r.netfn, r.cmd, r.rq_seq, r.completion, r.data.clone()), (0x07, 0x01, 1, 0, vec![0x20]));
+        assert_eq!(
+            (r.netfn, r.cmd, r.rq_seq, r.completion, r.data.clone()),
+            (0x07, 0x01, 1, 0, vec![0x20])
+        );
         let mut bad = rsp;
         bad[8] ^= 1;
         assert!(parse_response(&bad).is_err());
@@ -831,7 +1091,15 @@ mod tests {
         for cs in [CipherSuite::Cs3, CipherSuite::Cs17] {
             let k = sample_keys(cs);
             let seeds = vec![
-                encode(PAYLOAD_IPMI, 1, 1, &[0x81, 0x1C, 0x63, 0x20, 0x04, 0x01, 0x00, 0x20, 0xBB], Some(&k), [1; 16]).unwrap(),
+                encode(
+                    PAYLOAD_IPMI,
+                    1,
+                    1,
+                    &[0x81, 0x1C, 0x63, 0x20, 0x04, 0x01, 0x00, 0x20, 0xBB],
+                    Some(&k),
+                    [1; 16],
+                )
+                .unwrap(),
                 encode(PAYLOAD_OPEN_RSP, 0, 0, &[1u8; 36], None, [0; 16]).unwrap(),
                 encode(PAYLOAD_RAKP2, 0, 0, &[0u8; 60], None, [0; 16]).unwrap(),
                 encode(PAYLOAD_RAKP4, 0, 0, &[0u8; 24], None, [0; 16]).unwrap(),

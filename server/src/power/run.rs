@@ -30,32 +30,40 @@ impl<T> NodeOutcome<T> {
 
 /// Runs `f` for every target, at most `fanout` at a time; `f` gets the target and its
 /// deadline (start + `timeout`). Results come back in the order of `targets`.
-pub fn for_each_node<T, F>(targets: &[BmcTarget], fanout: usize, timeout: Duration, f: F) -> Vec<NodeOutcome<T>>
+pub fn for_each_node<T, F>(
+    targets: &[BmcTarget],
+    fanout: usize,
+    timeout: Duration,
+    f: F,
+) -> Vec<NodeOutcome<T>>
 where
     T: Send,
     F: Fn(&BmcTarget, Instant) -> Result<T> + Sync,
 {
-    let slots: Vec<Mutex<Option<NodeOutcome<T>>>> = targets.iter().map(|_| Mutex::new(None)).collect();
+    let slots: Vec<Mutex<Option<NodeOutcome<T>>>> =
+        targets.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     let workers = fanout.max(1).min(targets.len());
     std::thread::scope(|s| {
         let mut handles = Vec::new();
         for _ in 0..workers {
-            let h = std::thread::Builder::new().stack_size(256 * 1024).spawn_scoped(s, || loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(t) = targets.get(i) else { break };
-                let start = Instant::now();
-                let r = f(t, start + timeout);
-                let out = NodeOutcome {
-                    node: t.node.clone(),
-                    elapsed_ms: start.elapsed().as_millis() as u64,
-                    error: r.as_ref().err().map(|e| format!("{e:#}")),
-                    result: r.ok(),
-                };
-                if let Ok(mut slot) = slots[i].lock() {
-                    *slot = Some(out);
-                }
-            });
+            let h = std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn_scoped(s, || loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(t) = targets.get(i) else { break };
+                    let start = Instant::now();
+                    let r = f(t, start + timeout);
+                    let out = NodeOutcome {
+                        node: t.node.clone(),
+                        elapsed_ms: start.elapsed().as_millis() as u64,
+                        error: r.as_ref().err().map(|e| format!("{e:#}")),
+                        result: r.ok(),
+                    };
+                    if let Ok(mut slot) = slots[i].lock() {
+                        *slot = Some(out);
+                    }
+                });
             match h {
                 Ok(h) => handles.push(h),
                 // Fewer threads than asked for: the ones running take the remaining work.
@@ -70,18 +78,27 @@ where
         .into_iter()
         .zip(targets)
         .map(|(m, t)| {
-            m.into_inner().ok().flatten().unwrap_or_else(|| NodeOutcome {
-                node: t.node.clone(),
-                result: None,
-                error: Some("internal error: worker did not finish (panicked or no thread)".into()),
-                elapsed_ms: 0,
-            })
+            m.into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| NodeOutcome {
+                    node: t.node.clone(),
+                    result: None,
+                    error: Some(
+                        "internal error: worker did not finish (panicked or no thread)".into(),
+                    ),
+                    elapsed_ms: 0,
+                })
         })
         .collect()
 }
 
 /// Connects, runs `f` on the BMC, and closes the session.
-pub fn with_bmc<T>(t: &BmcTarget, deadline: Instant, f: impl FnOnce(&mut dyn Bmc) -> Result<T>) -> Result<T> {
+pub fn with_bmc<T>(
+    t: &BmcTarget,
+    deadline: Instant,
+    f: impl FnOnce(&mut dyn Bmc) -> Result<T>,
+) -> Result<T> {
     let mut b = connect(t, deadline)?;
     let r = f(b.as_mut());
     // Close errors matter less than the work's own result; close (best effort) either way.

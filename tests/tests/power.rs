@@ -19,7 +19,6 @@ const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/ipmi");
 struct Sim {
     child: Child,
     dir: tempfile::TempDir,
-    port: u16,
     /// Kept open for the simulator's whole life: ipmi_sim exits when a console connection closes.
     console: Option<TcpStream>,
 }
@@ -58,7 +57,6 @@ impl Sim {
         let mut sim = Sim {
             child,
             dir,
-            port,
             console: None,
         };
         // Ready when its LAN port is bound (and, on loopback, its console accepts connections).

@@ -945,7 +945,7 @@ pub fn build_fru(board: [&str; 4], product: [&str; 6]) -> Result<Vec<u8>> {
             a.extend_from_slice(f.as_bytes());
         }
         a.push(0xC1);
-        while (a.len() + 1) % 8 != 0 {
+        while (a.len() + 1) & 7 != 0 {
             a.push(0);
         }
         a[1] = ((a.len() + 1) / 8) as u8;
@@ -1106,7 +1106,7 @@ mod tests {
                 let at = (rng.next() as usize) % d.len();
                 d[at] = rng.next() as u8;
             }
-            if rng.next() % 4 == 0 {
+            if rng.next() & 3 == 0 {
                 let n = (rng.next() as usize) % (d.len() + 1);
                 d.truncate(n);
             }

@@ -240,7 +240,7 @@ pub fn encode(
         // Pad so that auth type .. next header is a multiple of 4 bytes.
         let covered = p.len() - 4 + 2;
         let pad = (4 - covered % 4) % 4;
-        p.extend(std::iter::repeat(0xFF).take(pad));
+        p.resize(p.len() + pad, 0xFF);
         p.push(pad as u8);
         p.push(0x07);
         let mut mac = k.cs.hmac(&k.k1, &[&p[4..]]);
@@ -308,7 +308,7 @@ pub fn decode(buf: &[u8], keys: Option<&Keys>) -> Result<Packet> {
             "bad integrity pad length {pad}"
         );
         ensure!(
-            (code_at - 4) % 4 == 0,
+            (code_at - 4) & 3 == 0,
             "integrity-covered data is not a multiple of 4 bytes"
         );
         let mac = k.cs.hmac(&k.k1, &[&buf[4..code_at]]);
@@ -373,7 +373,7 @@ pub fn encrypt(key: &[u8; 16], iv: [u8; 16], data: &[u8]) -> Result<Vec<u8>> {
 pub fn decrypt(key: &[u8; 16], body: &[u8]) -> Result<Vec<u8>> {
     use cbc::cipher::{block_padding::NoPadding, BlockDecryptMut, KeyIvInit};
     ensure!(
-        body.len() >= 32 && body.len() % 16 == 0,
+        body.len() >= 32 && body.len() & 15 == 0,
         "encrypted payload of {} bytes is not IV + whole AES blocks",
         body.len()
     );
@@ -1090,7 +1090,7 @@ mod tests {
         let mut rng = Rng(12345);
         for cs in [CipherSuite::Cs3, CipherSuite::Cs17] {
             let k = sample_keys(cs);
-            let seeds = vec![
+            let seeds = [
                 encode(
                     PAYLOAD_IPMI,
                     1,

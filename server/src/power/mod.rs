@@ -13,6 +13,8 @@
 
 pub mod cli;
 pub mod directory;
+#[cfg(test)]
+mod fakebmc;
 pub mod ipmi;
 pub mod ipmitool;
 pub mod ranges;

@@ -1130,3 +1130,53 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod vectors {
+    //! RAKP and session-key vectors. The formulas are the ones ipmitool accepts (see
+    //! `fakebmc::tests`); the numbers were recomputed independently with Python's hmac module.
+    use super::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn rakp_and_key_vectors() {
+        let p = RakpParams {
+            console_sid: 0xa0a1a2a3,
+            bmc_sid: 0x02000000,
+            console_rand: *b"0123456789abcdef",
+            bmc_rand: *b"fedcba9876543210",
+            bmc_guid: *b"si-fake-bmc-guid",
+            role: ROLE,
+            user: b"admin",
+        };
+        let expect = [
+            (
+                CipherSuite::Cs3,
+                "2536bf526a0c8d76c74ec70c995b7c20483f0def",
+                "b11b032f4082d6d3ca60b04c413de23ba1d6f97f",
+                "1f311b200d05a74a3e16bb3ef359513ee14ba7ea",
+                "9671d38f8a0f648bfda185b13b2d7b04",
+                "009c4d9063ee0f99488485b2",
+            ),
+            (
+                CipherSuite::Cs17,
+                "813ea5f7acef74008a946d4071eb3b0f3ff5a283ac185eed890010e3d65eefe7",
+                "7c3f92b951fced28c92588cb2e174ada419d4e5261160f0ea3e16ffbc5d327cc",
+                "6f7f2d7d889615b222354be046040d069fb01906bd99ca6bce2994914d46af1d",
+                "b1910853336f1ca4c737f827540ef301",
+                "b373a80e8135d88703a72733de0cdbf9",
+            ),
+        ];
+        for (cs, rakp2, sik, k1, aes, rakp4) in expect {
+            let k = p.keys(cs, b"secret");
+            assert_eq!(hex(&p.rakp2_hmac(cs, b"secret")), rakp2, "{cs:?}");
+            assert_eq!(hex(&k.sik), sik, "{cs:?}");
+            assert_eq!(hex(&k.k1), k1, "{cs:?}");
+            assert_eq!(hex(&k.aes), aes, "{cs:?}");
+            assert_eq!(hex(&p.rakp4_icv(&k)), rakp4, "{cs:?}");
+        }
+    }
+}

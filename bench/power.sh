@@ -3,13 +3,14 @@
 # in a shell loop and ipmitool under `xargs -P`. Prints a table of wall and CPU (user+sys)
 # seconds, median of REPEAT runs.
 #
-# Everything happens inside a network namespace `si-tbench-<pid>`: SIMS ipmi_sim instances on
+# Everything happens inside a network namespace `si-t<pid>-bench`: SIMS ipmi_sim instances on
 # 10.213.50.1 (distinct ports) serve the reachable nodes; the unreachable ones are addresses
-# 10.213.50.100+ whose datagrams go into a veth end with nothing behind it (no reply, no ICMP),
+# 10.213.51.1+ whose datagrams go into a veth end with nothing behind it (no reply, no ICMP),
 # like a BMC that is off or cut off. Nothing leaves the namespace.
 #
 # Needs root, openipmi, ipmitool. Usage: bench/power.sh [NODES] (default 200)
-# Environment: SIMS (10), REPEAT (3), TIMEOUT (2 s per node), FANOUT (64), SI_POWER (binary).
+# Environment: SIMS (10), REPEAT (3), TIMEOUT (2 s per node), FANOUT (64), SI_POWER (binary),
+# UNREACH (NODES/4), METHODS ("si xargs loop"; e.g. METHODS=si for large runs).
 set -euo pipefail
 
 NODES=${1:-200}
@@ -24,7 +25,7 @@ SI_POWER=${SI_POWER:-$here/target/release/si-power}
 [ -x "$SI_POWER" ] || { echo "build si-power first (cargo build --release -p si-server --bin si-power)" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespace)" >&2; exit 1; }
 
-ns=si-tbench-$$
+ns=si-t$$-bench  # si-t<pid>-...: the tests' stale-namespace sweep keeps it while we run
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -40,15 +41,17 @@ ip -n "$ns" link add bmcnet type veth peer name bmcsink
 ip -n "$ns" addr add 10.213.50.1/24 dev bmcnet
 ip -n "$ns" link set bmcnet up
 ip -n "$ns" link set bmcsink up
+ip -n "$ns" route add 10.213.48.0/20 dev bmcnet   # unreachable BMCs: 10.213.51.1 ...
 
-unreach=$((NODES / 4))
+unreach=${UNREACH:-$((NODES / 4))}
+METHODS=${METHODS:-si xargs loop}
 reach=$((NODES - unreach))
 for i in $(seq 1 "$SIMS"); do
     d=$work/sim$i
     mkdir -p "$d/state" "$d/persist"
     cp "$fix/chassis_control.sh" "$d/"
-    sed -e "s|@NAME@|bench$i|" -e "s|@ADDR@|10.213.50.1|" -e "s|@PORT@|$((7000 + i))|" \
-        -e "s|@CONSOLE@|$((17000 + i))|" -e "s|@DIR@|$d|" -e "s|@PASSWORD@|secret|" \
+    sed -e "s|@NAME@|bench$i|g" -e "s|@ADDR@|10.213.50.1|g" -e "s|@PORT@|$((7000 + i))|g" \
+        -e "s|@CONSOLE@|$((17000 + i))|g" -e "s|@DIR@|$d|g" -e "s|@PASSWORD@|secret|g" \
         "$fix/lan.conf.in" | grep -v '^console' > "$d/lan.conf"
     ip netns exec "$ns" ipmi_sim -c "$d/lan.conf" -f "$fix/sim.emu" -s "$d/persist" -n \
         </dev/null >"$d/log" 2>&1 &
@@ -64,7 +67,8 @@ for n in $(seq 1 "$NODES"); do
     if [ "$n" -le "$reach" ]; then
         host=10.213.50.1 port=$((7001 + n % SIMS))
     else
-        host=10.213.50.$((100 + n - reach - 1)) port=623
+        i=$((n - reach - 1))
+        host=10.213.$((51 + i / 250)).$((1 + i % 250)) port=623
         ip -n "$ns" neigh add "$host" lladdr 02:00:00:00:00:99 dev bmcnet nud permanent
     fi
     printf '[nodes.b%03d]\nhost = "%s"\nport = %d\n' "$n" "$host" "$port" >> "$work/bmc.toml"
@@ -98,6 +102,8 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 declare -A W C K
 run() {
     local name=$1; shift
+    W[$name]=-; C[$name]=-; K[$name]=-
+    case " $METHODS " in *" $name "*) ;; *) return 0 ;; esac
     local ws=() cs=() ks=()
     for _ in $(seq 1 "$REPEAT"); do
         read -r w c k < <(measure "$@")

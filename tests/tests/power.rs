@@ -25,6 +25,17 @@ struct Sim {
 
 impl Sim {
     fn start(addr: &str, port: u16, console: u16, ns: Option<&Netns>) -> Result<Sim> {
+        Sim::start_with(addr, port, console, ns, "")
+    }
+
+    /// Like `start`, with extra lines for lan.conf.
+    fn start_with(
+        addr: &str,
+        port: u16,
+        console: u16,
+        ns: Option<&Netns>,
+        extra: &str,
+    ) -> Result<Sim> {
         let dir = tempfile::tempdir()?;
         let d = dir.path();
         std::fs::copy(
@@ -39,7 +50,8 @@ impl Sim {
             .replace("@PORT@", &port.to_string())
             .replace("@CONSOLE@", &console.to_string())
             .replace("@DIR@", &d.display().to_string())
-            .replace("@PASSWORD@", "secret");
+            .replace("@PASSWORD@", "secret")
+            + extra;
         std::fs::write(d.join("lan.conf"), conf)?;
         let mut cmd = match ns {
             Some(ns) => ns.cmd("ipmi_sim"),
@@ -602,5 +614,63 @@ fn power_on_boots_a_qemu_vm_and_off_stops_it() {
     assert_eq!(
         result_of(&si_json("si-power", &["status", "vm"], &f), "vm")["result"],
         "off"
+    );
+}
+
+#[test]
+fn serial_over_lan_console_both_ways() {
+    require_root!();
+    // ipmi_sim connects its SOL port to this TCP "serial line".
+    let line = std::net::TcpListener::bind("127.0.0.1:16363").unwrap();
+    let serial = std::thread::spawn(move || {
+        let (mut c, _) = line.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&got).contains("hello") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "serial line closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        c.write_all(b"login: reply-from-the-serial-port\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    let _sim = Sim::start_with(
+        "127.0.0.1",
+        16361,
+        16362,
+        None,
+        "sol \"tcp:127.0.0.1:16363\" 115200\n",
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = bmc_file(tmp.path(), &[("n1", "host = \"127.0.0.1\"\nport = 16361")]);
+    let mut c = Command::new(bin("si-console"))
+        .args(["n1", "--bmc-file"])
+        .arg(&f)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    drop(stdin); // end of input ends the console after a short drain
+    let o = c.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("login: reply-from-the-serial-port"), "{out}");
+    assert!(serial.join().unwrap().contains("hello"));
+    let hist = std::fs::read_to_string(tmp.path().join("si-state/history.jsonl")).unwrap();
+    assert!(
+        hist.contains("\"console\"") && hist.contains("\"ok\""),
+        "{hist}"
     );
 }

@@ -281,3 +281,44 @@ pub fn reinstall(c: &Common) -> Result<ExitCode> {
     });
     finish(&out, c.json, |s| s.clone())
 }
+
+/// Options of `si-console`.
+#[derive(Args, Debug, Clone)]
+pub struct ConsoleArgs {
+    /// One node.
+    pub node: String,
+    /// BMC directory (TOML, mode 0600).
+    #[arg(long, default_value = super::directory::DEFAULT_PATH)]
+    pub bmc_file: PathBuf,
+    /// Time limit for connecting and for each exchange, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+/// Serial-over-LAN console on one node; `~.` ends it.
+pub fn console(a: &ConsoleArgs) -> Result<ExitCode> {
+    let dir = TomlDirectory::open(&a.bmc_file)?;
+    let nodes = dir.expand(&a.node)?;
+    anyhow::ensure!(
+        nodes.len() == 1,
+        "si-console takes one node, not {}",
+        nodes.len()
+    );
+    let target = dir.resolve(&nodes)?.remove(0);
+    let timeout = Duration::try_from_secs_f64(a.timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--timeout must be a positive number of seconds")?;
+    let r = super::sol::console(&target, timeout);
+    let ev = HistoryEvent::new(
+        &target.node,
+        "console",
+        &r.as_ref()
+            .map(|_| String::new())
+            .map_err(|e| anyhow::anyhow!("{e:#}")),
+    );
+    dir.record(&ev)
+        .context("recording the console session in the history")?;
+    r.with_context(|| format!("console on {}", target.node))?;
+    Ok(ExitCode::SUCCESS)
+}

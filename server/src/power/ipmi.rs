@@ -41,6 +41,16 @@ impl NativeTransport {
     }
 }
 
+impl NativeTransport {
+    /// The RMCP+ session (for payloads other than IPMI messages, such as SOL).
+    pub fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+    pub fn into_session(self) -> Session {
+        self.session
+    }
+}
+
 impl Transport for NativeTransport {
     fn raw(&mut self, netfn: u8, cmd: u8, data: &[u8]) -> Result<Vec<u8>> {
         self.session.command(netfn, cmd, data)

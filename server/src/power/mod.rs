@@ -21,6 +21,7 @@ pub mod ranges;
 pub mod redfish;
 pub mod rmcp;
 pub mod run;
+pub mod sol;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

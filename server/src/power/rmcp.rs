@@ -924,6 +924,61 @@ impl Session {
         Ok(rsp.data)
     }
 
+    /// Moves the deadline (a console session lives as long as its user wants).
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+    }
+
+    /// Sends one encrypted, authenticated payload of `payload_type` (e.g. SOL) without waiting.
+    pub fn send_payload(&mut self, payload_type: u8, payload: &[u8]) -> Result<()> {
+        self.out_seq = self.out_seq.wrapping_add(1).max(1);
+        let pkt = encode(
+            payload_type,
+            self.bmc_sid,
+            self.out_seq,
+            payload,
+            Some(&self.keys),
+            random::<16>()?,
+        )?;
+        self.sock.send(&pkt).context("sending a payload")?;
+        Ok(())
+    }
+
+    /// Waits up to `wait` for a packet of this session; `Ok(None)` if none came. Packets that
+    /// fail integrity checks or belong to another session are dropped.
+    pub fn recv_payload(&mut self, wait: Duration) -> Result<Option<Packet>> {
+        let mut buf = [0u8; MAX_PACKET + 1];
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.sock
+                .set_read_timeout(Some(left))
+                .context("setting socket timeout")?;
+            match self.sock.recv(&mut buf) {
+                Ok(n) if n <= MAX_PACKET => {
+                    if let Ok(p) = decode(&buf[..n], Some(&self.keys)) {
+                        if p.session_id == self.console_sid && p.authenticated {
+                            return Ok(Some(p));
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e).context("receiving from the BMC"),
+            }
+        }
+    }
+
     /// Closes the session, waiting for the BMC's answer until the deadline.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;

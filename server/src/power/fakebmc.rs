@@ -19,6 +19,8 @@ pub struct FakeBmc {
     stop: Arc<AtomicBool>,
     /// Chassis power (0/1), changed by Chassis Control.
     pub power: Arc<AtomicU8>,
+    /// When set, the AuthCode of every IPMI response is corrupted.
+    pub corrupt: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -45,12 +47,14 @@ impl FakeBmc {
         let stop = Arc::new(AtomicBool::new(false));
         let power = Arc::new(AtomicU8::new(0));
         let (user, password) = (user.as_bytes().to_vec(), password.as_bytes().to_vec());
-        let (st, pw) = (stop.clone(), power.clone());
-        let thread = std::thread::spawn(move || serve(sock, &user, &password, &st, &pw));
+        let corrupt = Arc::new(AtomicBool::new(false));
+        let (st, pw, co) = (stop.clone(), power.clone(), corrupt.clone());
+        let thread = std::thread::spawn(move || serve(sock, &user, &password, &st, &pw, &co));
         FakeBmc {
             addr,
             stop,
             power,
+            corrupt,
             thread: Some(thread),
         }
     }
@@ -80,7 +84,14 @@ fn response(req: &[u8], cc: u8, data: &[u8]) -> Vec<u8> {
     m
 }
 
-fn serve(sock: UdpSocket, user: &[u8], password: &[u8], stop: &AtomicBool, power: &AtomicU8) {
+fn serve(
+    sock: UdpSocket,
+    user: &[u8],
+    password: &[u8],
+    stop: &AtomicBool,
+    power: &AtomicU8,
+    corrupt: &AtomicBool,
+) {
     let mut buf = [0u8; 2048];
     let mut sess: Option<Sess> = None;
     while !stop.load(Ordering::SeqCst) {
@@ -114,7 +125,12 @@ fn serve(sock: UdpSocket, user: &[u8], password: &[u8], stop: &AtomicBool, power
             continue;
         };
         let reply = |t: u8, sid: u32, payload: &[u8], k: Option<&Keys>, seq: u32| {
-            if let Ok(pkt) = rmcp::encode(t, sid, seq, payload, k, [7; 16]) {
+            if let Ok(mut pkt) = rmcp::encode(t, sid, seq, payload, k, [7; 16]) {
+                if k.is_some() && corrupt.load(Ordering::SeqCst) {
+                    if let Some(last) = pkt.last_mut() {
+                        *last ^= 0x55;
+                    }
+                }
                 let _ = sock.send_to(&pkt, from);
             }
         };
@@ -296,6 +312,107 @@ mod tests {
             let (ok, out) = ipmitool(&bmc, cs, "nope", &["power", "status"]);
             assert!(!ok, "suite {cs}: wrong password accepted: {out}");
         }
+    }
+
+    /// A BMC whose answers fail integrity checks: a clear error by the deadline.
+    #[test]
+    fn bad_integrity_data_is_an_error() {
+        let bmc = FakeBmc::start("admin", "pw");
+        let t = BmcTarget {
+            node: "f".into(),
+            host: "127.0.0.1".into(),
+            port: bmc.addr.port(),
+            user: "admin".into(),
+            password: "pw".into(),
+            driver: Driver::Ipmi,
+            cipher_suite: 17,
+        };
+        let start = Instant::now();
+        let mut b = ipmi::IpmiBmc::new(
+            ipmi::NativeTransport::connect(&t, start + Duration::from_millis(2500)).unwrap(),
+        );
+        bmc.corrupt.store(true, Ordering::SeqCst);
+        let e = format!("{:#}", b.power_status().unwrap_err());
+        assert!(e.contains("integrity check failed"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(4));
+    }
+
+    /// A hostile BMC answering every datagram with random or mutated packets: the client
+    /// returns an error by its deadline, never panics, never hangs.
+    #[test]
+    fn hostile_bmc_answers() {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let port = sock.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let bmc = std::thread::spawn(move || {
+            let mut x = 0x2545F4914F6CDD1Du64;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::SeqCst) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                // The request's header with a plausible payload type and a random body:
+                // right tags, wrong lengths, garbage status codes, truncations.
+                let mut p = buf[..n.min(16)].to_vec();
+                if p.len() > 5 {
+                    p[5] = [0x11, 0x13, 0x15, 0xC0][(rnd() % 4) as usize];
+                }
+                let len = (rnd() % 80) as usize;
+                let body: Vec<u8> = (0..len)
+                    .map(|i| {
+                        if i == 0 {
+                            1 + (rnd() % 3) as u8
+                        } else {
+                            rnd() as u8
+                        }
+                    })
+                    .collect();
+                if p.len() >= 16 {
+                    let l = if rnd() % 3 == 0 {
+                        rnd() as u16
+                    } else {
+                        len as u16
+                    };
+                    p[14..16].copy_from_slice(&l.to_le_bytes());
+                }
+                p.extend_from_slice(&body);
+                if rnd() % 2 == 0 {
+                    let keep = (rnd() % (p.len() as u64 + 1)) as usize;
+                    p.truncate(keep);
+                }
+                for _ in 0..(rnd() % 3) {
+                    let _ = sock.send_to(&p, from);
+                }
+            }
+        });
+        for cs in [3u8, 17] {
+            for _ in 0..20 {
+                let t = BmcTarget {
+                    node: "h".into(),
+                    host: "127.0.0.1".into(),
+                    port,
+                    user: "admin".into(),
+                    password: "pw".into(),
+                    driver: Driver::Ipmi,
+                    cipher_suite: cs,
+                };
+                let start = Instant::now();
+                let r = ipmi::NativeTransport::connect(&t, start + Duration::from_millis(150));
+                assert!(r.is_err());
+                assert!(start.elapsed() < Duration::from_millis(1000));
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        bmc.join().unwrap();
     }
 
     #[test]

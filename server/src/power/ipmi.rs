@@ -175,6 +175,10 @@ impl<T: Transport> IpmiBmc<T> {
         let next = u16::from_le_bytes([h[0], h[1]]);
         let mut rec = h[2..7].to_vec();
         let len = rec[4] as usize;
+        ensure!(
+            len <= 250,
+            "SDR record {id:#06x} claims {len} bytes, more than an offset can address"
+        );
         let mut off = 0usize;
         while off < len {
             let n = (len - off).min(16);

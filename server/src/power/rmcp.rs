@@ -688,15 +688,25 @@ impl fmt::Debug for Session {
     }
 }
 
-/// Sends `req` until `accept` returns `Some` for a received datagram, resending every
-/// `retry`, giving up at `deadline`. Datagrams that `accept` ignores (`None`) are dropped.
+/// What [`exchange`] does with a received datagram.
+enum Step<T> {
+    /// The answer (or a definitive refusal) to the request.
+    Done(Result<T>),
+    /// Not for this request (another session, a late answer): keep waiting.
+    Ignore,
+    /// Malformed or failing integrity checks: keep waiting, and name it if the wait times out.
+    Reject(anyhow::Error),
+}
+
+/// Sends `req` until `accept` returns [`Step::Done`] for a received datagram, resending every
+/// `retry`, giving up at `deadline`.
 fn exchange<T>(
     sock: &UdpSocket,
     req: &[u8],
     deadline: Instant,
     retry: Duration,
     what: &str,
-    mut accept: impl FnMut(&[u8]) -> Option<Result<T>>,
+    mut accept: impl FnMut(&[u8]) -> Step<T>,
 ) -> Result<T> {
     let mut buf = [0u8; MAX_PACKET + 1];
     let mut last_err: Option<anyhow::Error> = None;
@@ -717,8 +727,9 @@ fn exchange<T>(
             match sock.recv(&mut buf) {
                 Ok(n) if n > MAX_PACKET => last_err = Some(anyhow!("oversized datagram ignored")),
                 Ok(n) => match accept(&buf[..n]) {
-                    Some(r) => return r,
-                    None => continue,
+                    Step::Done(r) => return r,
+                    Step::Ignore => continue,
+                    Step::Reject(e) => last_err = Some(e),
                 },
                 Err(e)
                     if matches!(
@@ -736,7 +747,9 @@ fn exchange<T>(
         }
     }
     match last_err {
-        Some(e) => Err(e.context(format!("timed out waiting for {what}"))),
+        Some(e) => Err(e.context(format!(
+            "timed out waiting for {what}; the last packet from the BMC was rejected"
+        ))),
         None => bail!("timed out waiting for {what} (no answer from the BMC)"),
     }
 }
@@ -780,11 +793,14 @@ impl Session {
         let mut pause = Duration::from_millis(50);
         let open = loop {
             let r = exchange(&sock, &req, deadline, retry, "Open Session Response", |d| {
-                let p = decode(d, None).ok()?;
+                let p = match decode(d, None) {
+                    Ok(p) => p,
+                    Err(e) => return Step::Reject(e),
+                };
                 if p.payload_type != PAYLOAD_OPEN_RSP || p.payload.first() != Some(&1) {
-                    return None;
+                    return Step::Ignore;
                 }
-                Some(Ok(p.payload))
+                Step::Done(Ok(p.payload))
             })?;
             if r.get(1) == Some(&0x01) && Instant::now() + pause < deadline {
                 let jitter = Duration::from_millis(u64::from(random::<1>()?[0]));
@@ -816,11 +832,14 @@ impl Session {
             [0; 16],
         )?;
         let r2 = exchange(&sock, &req, deadline, retry, "RAKP 2", |d| {
-            let p = decode(d, None).ok()?;
+            let p = match decode(d, None) {
+                Ok(p) => p,
+                Err(e) => return Step::Reject(e),
+            };
             if p.payload_type != PAYLOAD_RAKP2 || p.payload.first() != Some(&2) {
-                return None;
+                return Step::Ignore;
             }
-            Some(parse_rakp2(&p.payload, cs))
+            Step::Done(parse_rakp2(&p.payload, cs))
         })
         .context("authenticating (RAKP 1/2)")?;
         ensure!(r2.console_sid == console_sid, "RAKP 2 for another session");
@@ -851,11 +870,14 @@ impl Session {
             [0; 16],
         )?;
         let r4 = exchange(&sock, &req, deadline, retry, "RAKP 4", |d| {
-            let p = decode(d, None).ok()?;
+            let p = match decode(d, None) {
+                Ok(p) => p,
+                Err(e) => return Step::Reject(e),
+            };
             if p.payload_type != PAYLOAD_RAKP4 || p.payload.first() != Some(&3) {
-                return None;
+                return Step::Ignore;
             }
-            Some(parse_rakp4(&p.payload, cs))
+            Step::Done(parse_rakp4(&p.payload, cs))
         })
         .context("authenticating (RAKP 3/4)")?;
         ensure!(r4.console_sid == console_sid, "RAKP 4 for another session");
@@ -902,15 +924,17 @@ impl Session {
         let rsp = exchange(&self.sock, &pkt, self.deadline, self.retry, &what, |d| {
             let p = match decode(d, Some(&keys)) {
                 Ok(p) => p,
-                Err(e) => return Some(Err(e.context("bad packet from BMC"))),
+                Err(e) => return Step::Reject(e),
             };
             if p.payload_type != PAYLOAD_IPMI || p.session_id != console_sid || !p.authenticated {
-                return None;
+                return Step::Ignore;
             }
             match parse_response(&p.payload) {
-                Ok(r) if r.rq_seq == rq_seq && r.cmd == cmd && r.netfn == netfn | 1 => Some(Ok(r)),
-                Ok(_) => None, // a late answer to an earlier request
-                Err(e) => Some(Err(e)),
+                Ok(r) if r.rq_seq == rq_seq && r.cmd == cmd && r.netfn == netfn | 1 => {
+                    Step::Done(Ok(r))
+                }
+                Ok(_) => Step::Ignore, // a late answer to an earlier request
+                Err(e) => Step::Reject(e),
             }
         })?;
         if rsp.completion != 0 {

@@ -1003,9 +1003,11 @@ impl Session {
         }
     }
 
-    /// Closes the session, waiting for the BMC's answer until the deadline.
+    /// Closes the session, waiting at most a second (and not past the deadline) for the
+    /// BMC's answer: some BMCs never answer Close Session.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
+        self.deadline = self.deadline.min(Instant::now() + Duration::from_secs(1));
         let sid = self.bmc_sid.to_le_bytes();
         self.command(0x06, 0x3C, &sid).map(|_| ())
     }

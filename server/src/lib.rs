@@ -5,6 +5,7 @@
 //! - [`serve`]: the image service nodes deploy and update from; [`push`]: pushed updates.
 //! - [`inventory`]: nodes, groups, subnets, DHCP leases and change history in SQLite.
 //! - [`dhcp`], [`tftp`], [`http`], [`bootcfg`]: the network boot services.
+//! - [`power`]: BMC control (IPMI over LAN, ipmitool, Redfish).
 //! - [`ranges`]: node range expressions (`node[001-128]`).
 
 pub mod bootcfg;
@@ -13,6 +14,7 @@ pub mod dhcp;
 pub mod http;
 pub mod imagecmd;
 pub mod inventory;
+pub mod power;
 pub mod push;
 pub mod ranges;
 pub mod serve;

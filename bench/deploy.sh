@@ -90,7 +90,7 @@ store=$work/store
 "$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
 
 # The master's services.
-/usr/bin/time -f '%e %U %S %M' -o "$work/t.server" ip netns exec "$ns_m" "$bindir/si-server" --store "$store" --listen 0.0.0.0:7811 2>"$work/server.log" &
+/usr/bin/time -f '%e %U %S %M' -o "$work/t.server" ip netns exec "$ns_m" "$bindir/si-server" --store "$store" --state-dir "$work/state" --listen 0.0.0.0:7811 2>"$work/server.log" &
 pids+=($!)
 cat >"$work/rsyncd.conf" <<CONF
 port = 873

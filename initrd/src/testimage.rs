@@ -1,7 +1,7 @@
 //! A tiny initramfs that proves a node booted from the network (used by the PXE tests).
 //!
 //! It contains a static busybox, optional kernel modules (NIC drivers) and an `/init` that
-//! loads the modules, gets an address with `udhcpc`, fetches `http://<si.server>/marker`
+//! loads the modules, gets an address with `udhcpc`, fetches `http://<si.http or si.server>/marker`
 //! (from the kernel command line) with `wget`, prints it between `SI-MARKER-BEGIN` and
 //! `SI-MARKER-END` on the console and powers off.
 
@@ -19,9 +19,11 @@ for m in /lib/modules/*.ko; do [ -e "$m" ] && insmod "$m"; done
 echo "SI-INIT: userspace reached"
 ip link set lo up
 server=
+http=
 for w in $(cat /proc/cmdline); do
-  case "$w" in si.server=*) server="${w#si.server=}";; esac
+  case "$w" in si.server=*) server="${w#si.server=}";; si.http=*) http="${w#si.http=}";; esac
 done
+[ -n "$http" ] && server=$http
 ok=
 for i in 1 2 3 4 5 6 7 8 9 10; do
   for ifc in $(ls /sys/class/net); do

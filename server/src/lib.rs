@@ -10,6 +10,7 @@
 
 pub mod bootcfg;
 pub mod capture;
+pub mod daemon;
 pub mod dhcp;
 pub mod http;
 pub mod imagecmd;

@@ -20,6 +20,8 @@ fn start_server(master: &Netns, store: &Path) -> Proc {
         .cmd(bin("si-server"))
         .arg("--store")
         .arg(store)
+        .arg("--state-dir")
+        .arg(store.with_extension("state"))
         .args(["--listen", "0.0.0.0:7811"])
         .stderr(Stdio::null())
         .spawn()

@@ -589,3 +589,179 @@ fn bench_pxe() {
         );
     }
 }
+
+/// The whole master in one process: `si-server` answers DHCP from its inventory, serves iPXE
+/// over TFTP and the per-node script, kernel and initrd over HTTP, and when the node reports a
+/// finished install (`si-report`) flips it to local boot in the inventory and in its boot files.
+#[test]
+fn si_server_full_stack_bios_boot_then_local() {
+    require_root!();
+    let _vm = vm_lock();
+    let (vmlinuz, release) = find_kernel().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    copy(&vmlinuz, &root.join("vmlinuz")).unwrap();
+    let modules = MODULES
+        .iter()
+        .map(|m| si_initrd::testimage::find_module(&release, m))
+        .collect::<Result<Vec<_>>>()
+        .unwrap();
+    let image = si_initrd::testimage::TestImage {
+        busybox: "/bin/busybox".into(),
+        modules,
+    };
+    std::fs::write(root.join("initrd.img"), image.build().unwrap()).unwrap();
+    copy("/usr/lib/ipxe/undionly.kpxe", &root.join("undionly.kpxe")).unwrap();
+    let marker = format!("si-full-stack-{}", std::process::id());
+    std::fs::write(root.join("marker"), format!("{marker}\n")).unwrap();
+
+    let subnet = 60;
+    let server = format!("10.213.{subnet}.1");
+    let http = format!("{server}:8080");
+    let ns = Netns::new().unwrap();
+    ns.sh(&format!(
+        "ip link add br0 type bridge
+         ip addr add {server}/24 dev br0
+         ip link set br0 up
+         ip tuntap add tap0 mode tap
+         ip link set tap0 master br0 up"
+    ))
+    .unwrap();
+    let state = dir.path().join("state");
+    let si = |tool: &str, args: &[&str]| {
+        si_tests::run(
+            std::process::Command::new(bin(tool))
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["--images", "compute"])
+                .args(args),
+        )
+        .unwrap()
+    };
+    si(
+        "si-node",
+        &[
+            "subnet",
+            "add",
+            "boot",
+            "--network",
+            &format!("10.213.{subnet}.0/24"),
+            "--pool",
+            &format!("10.213.{subnet}.100-10.213.{subnet}.150"),
+        ],
+    );
+    si(
+        "si-group",
+        &[
+            "add",
+            "compute",
+            "--image",
+            "compute",
+            "--kernel-args",
+            &format!("console=ttyS0 quiet panic=-1 si.http={http}"),
+        ],
+    );
+    si(
+        "si-node",
+        &[
+            "add",
+            "vm1",
+            "--mac",
+            MAC,
+            "--ip",
+            &format!("10.213.{subnet}.10"),
+            "--group",
+            "compute",
+            "--boot",
+            "install",
+        ],
+    );
+
+    let log = dir.path().join("server.log");
+    let store = dir.path().join("store");
+    let mut child = ns
+        .cmd(bin("si-server"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--store")
+        .arg(&store)
+        .args([
+            "--listen",
+            &format!("{server}:7811"),
+            "--dhcp-interface",
+            "br0",
+            "--server-ip",
+            &server,
+        ])
+        .arg("--tftp-root")
+        .arg(&root)
+        .args(["--tftp-listen", &format!("{server}:69")])
+        .arg("--http-root")
+        .arg(&root)
+        .args([
+            "--http-listen",
+            &http,
+            "--installer-kernel",
+            "vmlinuz",
+            "--installer-initrd",
+            "initrd.img",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_log(
+        &log,
+        &["TFTP server listening", "HTTP server listening"],
+        &mut child,
+    )
+    .unwrap();
+    let lab = Lab {
+        _procs: vec![Guard(child)],
+        ns,
+        dir,
+        marker,
+    };
+    let (took, _) = match lab.boot(Firmware::BiosIpxe) {
+        Ok(x) => x,
+        Err(e) => panic!("{e:#}\n--- si-server:\n{}", lab.log("server.log")),
+    };
+    eprintln!("full stack BIOS boot: marker after {took:?}");
+    let script_url = format!("http://{http}/boot/52-54-00-d1-00-01.ipxe");
+    let before = lab
+        .ns
+        .sh(&format!("busybox wget -q -O - {script_url}"))
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&before.stdout).contains("vmlinuz"),
+        "install script serves the installer"
+    );
+    // The installer's last step: report; the node boots its disk from now on.
+    si_tests::run(lab.ns.cmd(bin("si-report")).args([
+        "--server",
+        &format!("{server}:7811"),
+        "--node",
+        "vm1",
+        "--state",
+        "installed",
+    ]))
+    .unwrap();
+    let shown = si("si-node", &["show", "vm1"]);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("local"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+    let after = lab
+        .ns
+        .sh(&format!("busybox wget -q -O - {script_url}"))
+        .unwrap();
+    let after = String::from_utf8_lossy(&after.stdout);
+    assert!(
+        after.contains("sanboot") || after.contains("exit"),
+        "{after}"
+    );
+    assert!(!after.contains("vmlinuz"), "{after}");
+}

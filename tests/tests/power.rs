@@ -674,3 +674,82 @@ fn serial_over_lan_console_both_ways() {
         "{hist}"
     );
 }
+
+/// The BMC settings live in the inventory (node, then group); `si-reinstall` sets the boot
+/// action there and every step lands in the node's history.
+#[test]
+fn inventory_holds_bmc_settings_and_reinstall_history() {
+    require_root!();
+    let sim = Sim::start("127.0.0.1", 16371, 16372, None).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let node = |args: &[&str]| {
+        let o = Command::new(bin("si-node"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--images", "img"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let o = Command::new(bin("si-group"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "add",
+            "compute",
+            "--bmc-user",
+            "admin",
+            "--bmc-password",
+            "secret",
+            "--bmc-cipher-suite",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    node(&[
+        "add",
+        "n1",
+        "--group",
+        "compute",
+        "--boot",
+        "local",
+        "--bmc-host",
+        "127.0.0.1",
+        "--bmc-port",
+        "16371",
+    ]);
+    let status = Command::new(bin("si-power"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["status", "n1", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let o = Command::new(bin("si-reinstall"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("n1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(sim.state("boot"), "pxe");
+    assert_eq!(sim.state("power"), "1");
+    let shown = node(&["show", "n1"]);
+    assert!(shown.contains("install"), "{shown}");
+    assert!(
+        !shown.contains("secret"),
+        "the password is never shown: {shown}"
+    );
+    let hist = node(&["history", "n1"]);
+    for step in ["reinstall: bootdev pxe", "reinstall: power", "boot"] {
+        assert!(hist.contains(step), "{step} missing from history:\n{hist}");
+    }
+}

@@ -338,6 +338,25 @@ impl Inventory {
         })
     }
 
+    /// Sets a node to reinstall at its next network boot (boot action `install`).
+    pub fn set_boot_install(&self, name: &str) -> Result<()> {
+        self.write(|tx, actor| {
+            let old = node(tx, name)?.with_context(|| format!("unknown node {name:?}"))?;
+            tx.execute(
+                "UPDATE nodes SET boot_action = 'install', boot_kernel = NULL, boot_initrd = NULL, boot_cmdline = NULL WHERE name = ?1",
+                [name],
+            )
+            .context("setting the boot action")?;
+            history(tx, actor, &format!("node/{name}"), "boot", &format!("boot: {} -> install", old.boot))
+        })
+    }
+
+    /// Records an event about a node that changes nothing in the inventory (a power action,
+    /// a boot device change), so the node's history tells the whole story.
+    pub fn record_event(&self, name: &str, action: &str, detail: &str) -> Result<()> {
+        self.write(|tx, actor| history(tx, actor, &format!("node/{name}"), action, detail))
+    }
+
     /// Sets the free-text state of a node (`installing`, `failed`...).
     pub fn set_state(&self, name: &str, state: &str) -> Result<()> {
         self.write(|tx, actor| {

@@ -11,16 +11,30 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// The BMC directory: a TOML file when one is named, else the inventory.
+pub fn open_directory(
+    bmc_file: Option<&std::path::Path>,
+    state_dir: &std::path::Path,
+) -> Result<Box<dyn BmcDirectory>> {
+    Ok(match bmc_file {
+        Some(f) => Box::new(TomlDirectory::open(f)?),
+        None => Box::new(super::invdir::InventoryDirectory::open(state_dir)?),
+    })
+}
+
 /// Options shared by every power command.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Nodes: `node[01-64]`, `n[1-3,7]`, `a,b,c`, `@group`.
     pub nodes: String,
-    /// BMC directory (TOML, mode 0600).
-    #[arg(long, default_value = super::directory::DEFAULT_PATH)]
-    pub bmc_file: PathBuf,
-    /// Nodes handled at the same time.
-    #[arg(long, default_value_t = 64)]
+    /// BMC directory as a TOML file (mode 0600) instead of the inventory.
+    #[arg(long)]
+    pub bmc_file: Option<PathBuf>,
+    /// Server state directory holding the inventory (BMC settings of nodes and groups).
+    #[arg(long, env = "SI_STATE_DIR", default_value = "/var/lib/si")]
+    pub state_dir: PathBuf,
+    /// Nodes handled at the same time (a thread each, mostly waiting on the network).
+    #[arg(long, default_value_t = 1024)]
     pub fanout: usize,
     /// Per-node time limit, seconds.
     #[arg(long, default_value_t = 10.0)]
@@ -31,8 +45,8 @@ pub struct Common {
 }
 
 impl Common {
-    fn setup(&self) -> Result<(TomlDirectory, Vec<BmcTarget>, Duration)> {
-        let dir = TomlDirectory::open(&self.bmc_file)?;
+    fn setup(&self) -> Result<(Box<dyn BmcDirectory>, Vec<BmcTarget>, Duration)> {
+        let dir = open_directory(self.bmc_file.as_deref(), &self.state_dir)?;
         let nodes = dir.expand(&self.nodes)?;
         let targets = dir.resolve(&nodes)?;
         let timeout = Duration::try_from_secs_f64(self.timeout)
@@ -148,9 +162,13 @@ pub fn power(cmd: PowerCmd, c: &Common) -> Result<ExitCode> {
         }),
         Some(a) => {
             let r = with_bmc(t, deadline, |b| b.power(a));
-            recorded(&dir, &t.node, &format!("power {}", a.name()), r, |_| {
-                String::new()
-            })
+            recorded(
+                dir.as_ref(),
+                &t.node,
+                &format!("power {}", a.name()),
+                r,
+                |_| String::new(),
+            )
             .map(|_| a.name().to_string())
         }
     });
@@ -166,7 +184,7 @@ pub fn bootdev(dev: BootDevice, persistent: bool, c: &Common) -> Result<ExitCode
     );
     let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| {
         let r = with_bmc(t, deadline, |b| b.set_boot_device(dev, persistent));
-        recorded(&dir, &t.node, &what, r, |_| String::new()).map(|_| what.clone())
+        recorded(dir.as_ref(), &t.node, &what, r, |_| String::new()).map(|_| what.clone())
     });
     finish(&out, c.json, |s| s.clone())
 }
@@ -176,7 +194,7 @@ pub fn sel(clear: bool, c: &Common) -> Result<ExitCode> {
     let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| {
         if clear {
             let r = with_bmc(t, deadline, |b| b.clear_sel());
-            recorded(&dir, &t.node, "sel clear", r, |_| String::new()).map(|_| Vec::new())
+            recorded(dir.as_ref(), &t.node, "sel clear", r, |_| String::new()).map(|_| Vec::new())
         } else {
             with_bmc(t, deadline, |b| b.sel())
         }
@@ -255,13 +273,17 @@ pub fn reinstall(c: &Common) -> Result<ExitCode> {
     let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| {
         with_bmc(t, deadline, |b| {
             let r = b.set_boot_device(BootDevice::Pxe, false);
-            recorded(&dir, &t.node, "reinstall: bootdev pxe", r, |_| {
+            recorded(dir.as_ref(), &t.node, "reinstall: bootdev pxe", r, |_| {
                 String::new()
             })?;
             let r = dir.set_boot_action(&t.node, "install");
-            recorded(&dir, &t.node, "reinstall: boot-action install", r, |_| {
-                String::new()
-            })?;
+            recorded(
+                dir.as_ref(),
+                &t.node,
+                "reinstall: boot-action install",
+                r,
+                |_| String::new(),
+            )?;
             let r = b.power_status().and_then(|s| {
                 let a = if s == PowerState::On {
                     PowerAction::Cycle
@@ -270,7 +292,7 @@ pub fn reinstall(c: &Common) -> Result<ExitCode> {
                 };
                 b.power(a).map(|_| a)
             });
-            let a = recorded(&dir, &t.node, "reinstall: power", r, |a| {
+            let a = recorded(dir.as_ref(), &t.node, "reinstall: power", r, |a| {
                 format!("power {}", a.name())
             })?;
             Ok(format!(
@@ -287,9 +309,12 @@ pub fn reinstall(c: &Common) -> Result<ExitCode> {
 pub struct ConsoleArgs {
     /// One node.
     pub node: String,
-    /// BMC directory (TOML, mode 0600).
-    #[arg(long, default_value = super::directory::DEFAULT_PATH)]
-    pub bmc_file: PathBuf,
+    /// BMC directory as a TOML file (mode 0600) instead of the inventory.
+    #[arg(long)]
+    pub bmc_file: Option<PathBuf>,
+    /// Server state directory holding the inventory.
+    #[arg(long, env = "SI_STATE_DIR", default_value = "/var/lib/si")]
+    pub state_dir: PathBuf,
     /// Time limit for connecting and for each exchange, seconds.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
@@ -297,7 +322,7 @@ pub struct ConsoleArgs {
 
 /// Serial-over-LAN console on one node; `~.` ends it.
 pub fn console(a: &ConsoleArgs) -> Result<ExitCode> {
-    let dir = TomlDirectory::open(&a.bmc_file)?;
+    let dir = open_directory(a.bmc_file.as_deref(), &a.state_dir)?;
     let nodes = dir.expand(&a.node)?;
     anyhow::ensure!(
         nodes.len() == 1,

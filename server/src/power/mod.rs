@@ -15,6 +15,7 @@ pub mod cli;
 pub mod directory;
 #[cfg(test)]
 mod fakebmc;
+pub mod invdir;
 pub mod ipmi;
 pub mod ipmitool;
 pub mod redfish;

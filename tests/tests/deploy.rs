@@ -220,16 +220,38 @@ fn push_to_eight_nodes_with_one_down() {
     let token = t.path().join("token");
     std::fs::write(&token, "s3cret\n").unwrap();
 
+    // One boot network: a bridge in the master's namespace, each node on it by a veth pair.
     let master = Netns::new().unwrap();
+    master.sh("ip link add br0 type bridge && ip addr add 10.213.9.1/24 dev br0 && ip link set br0 up").unwrap();
     let nodes: Vec<Netns> = (0..8).map(|_| Netns::new().unwrap()).collect();
     for (i, n) in nodes.iter().enumerate() {
+        let (a, b) = (
+            format!("sp{}m{i}", std::process::id() % 10000),
+            format!("sp{}n{i}", std::process::id() % 10000),
+        );
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &a,
+            "netns",
+            &master.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &n.name,
+        ]))
+        .unwrap();
         master
-            .link(
-                &format!("10.213.{}.1/24", i + 10),
-                n,
-                &format!("10.213.{}.2/24", i + 10),
-            )
+            .sh(&format!("ip link set {a} master br0 up"))
             .unwrap();
+        n.sh(&format!(
+            "ip addr add 10.213.9.{}/24 dev {b} && ip link set {b} up",
+            11 + i
+        ))
+        .unwrap();
     }
     let _server = start_server(&master, &store);
     let mut agents = Vec::new();
@@ -238,12 +260,7 @@ fn push_to_eight_nodes_with_one_down() {
         std::fs::create_dir_all(&root).unwrap();
         let p = n
             .cmd(bin("si-agentd"))
-            .args([
-                "--listen",
-                "0.0.0.0:7812",
-                "--master",
-                &format!("10.213.{}.1", i + 10),
-            ])
+            .args(["--listen", "0.0.0.0:7812", "--master", "10.213.9.1"])
             .arg("--token-file")
             .arg(&token)
             .arg("--root")
@@ -254,46 +271,35 @@ fn push_to_eight_nodes_with_one_down() {
         agents.push(Proc(p));
         wait_port(n, "127.0.0.1:7812").unwrap();
     }
-    // Node i pulls from the master's address on its own link; 10.213.17.2 has no agent.
-    let node_list: Vec<String> = (0..8).map(|i| format!("10.213.{}.2", i + 10)).collect();
+    // Node 8 (10.213.9.18) is down: its namespace runs no agent.
     let results = t.path().join("results");
-    let mut ok = 0;
-    let mut failed = Vec::new();
-    for (i, node) in node_list.iter().enumerate() {
-        let out = master
-            .cmd(bin("si-pushupdate"))
-            .arg(node)
-            .args([
-                "--server",
-                &format!("10.213.{}.1", i + 10),
-                "--image",
-                "debian",
-                "--timeout",
-                "30",
-                "--fanout",
-                "4",
-            ])
-            .arg("--token-file")
-            .arg(&token)
-            .arg("--results")
-            .arg(results.join(i.to_string()))
-            .output()
-            .unwrap();
-        if out.status.success() {
-            ok += 1;
-        } else {
-            failed.push(String::from_utf8_lossy(&out.stdout).to_string());
-        }
-    }
-    assert_eq!(ok, 7);
-    assert_eq!(failed.len(), 1);
-    assert!(
-        failed[0].contains("0 succeeded, 1 failed") && failed[0].contains("10.213.17.2"),
-        "{}",
-        failed[0]
-    );
-    let f = std::fs::read_to_string(results.join("7/pushupdate.failed")).unwrap();
-    assert!(f.starts_with("10.213.17.2\t"), "{f}");
+    let out = master
+        .cmd(bin("si-pushupdate"))
+        .args([
+            "10.213.9.[11-18]",
+            "--server",
+            "10.213.9.1",
+            "--image",
+            "debian",
+            "--timeout",
+            "30",
+            "--fanout",
+            "4",
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--results")
+        .arg(&results)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a failed node makes the push fail");
+    assert!(stdout.contains("7 succeeded, 1 failed"), "{stdout}");
+    assert!(stdout.contains("FAILED 10.213.9.18"), "{stdout}");
+    let ok = std::fs::read_to_string(results.join("pushupdate.ok")).unwrap();
+    assert_eq!(ok.lines().count(), 7, "{ok}");
+    let f = std::fs::read_to_string(results.join("pushupdate.failed")).unwrap();
+    assert!(f.starts_with("10.213.9.18\t"), "{f}");
     for i in 0..7 {
         assert_eq!(
             std::fs::read(t.path().join(format!("node{i}/etc/role"))).unwrap(),

@@ -596,6 +596,17 @@ fn bench_pxe() {
 #[test]
 fn si_server_full_stack_bios_boot_then_local() {
     require_root!();
+    full_stack(Firmware::BiosIpxe, 60);
+}
+
+/// The same with UEFI firmware (OVMF's own PXE client fetches ipxe.efi from si's TFTP).
+#[test]
+fn si_server_full_stack_uefi_boot_then_local() {
+    require_root!();
+    full_stack(Firmware::UefiOvmf, 61);
+}
+
+fn full_stack(fw: Firmware, subnet: u8) {
     let _vm = vm_lock();
     let (vmlinuz, release) = find_kernel().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -613,10 +624,10 @@ fn si_server_full_stack_bios_boot_then_local() {
     };
     std::fs::write(root.join("initrd.img"), image.build().unwrap()).unwrap();
     copy("/usr/lib/ipxe/undionly.kpxe", &root.join("undionly.kpxe")).unwrap();
+    copy("/usr/lib/ipxe/ipxe.efi", &root.join("ipxe.efi")).unwrap();
     let marker = format!("si-full-stack-{}", std::process::id());
     std::fs::write(root.join("marker"), format!("{marker}\n")).unwrap();
 
-    let subnet = 60;
     let server = format!("10.213.{subnet}.1");
     let http = format!("{server}:8080");
     let ns = Netns::new().unwrap();
@@ -724,11 +735,11 @@ fn si_server_full_stack_bios_boot_then_local() {
         dir,
         marker,
     };
-    let (took, _) = match lab.boot(Firmware::BiosIpxe) {
+    let (took, _) = match lab.boot(fw) {
         Ok(x) => x,
         Err(e) => panic!("{e:#}\n--- si-server:\n{}", lab.log("server.log")),
     };
-    eprintln!("full stack BIOS boot: marker after {took:?}");
+    eprintln!("full stack {fw:?} boot: marker after {took:?}");
     let script_url = format!("http://{http}/boot/52-54-00-d1-00-01.ipxe");
     let before = lab
         .ns

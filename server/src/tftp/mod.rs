@@ -85,10 +85,10 @@ pub async fn serve(
                     tracing::info!(%peer, file = req.filename, options = ?req.options, "TFTP read request");
                     let cfg = cfg.clone();
                     let generated = generated.clone();
-                    tokio::spawn(async move {
+                    tokio::task::spawn_blocking(move || {
                         let _permit = permit;
                         let file = req.filename.clone();
-                        match transfer::run(&cfg, &generated, local.ip(), peer, req).await {
+                        match transfer::run(&cfg, &generated, local.ip(), peer, req) {
                             Ok(()) => tracing::debug!(%peer, file, "TFTP transfer done"),
                             Err(e) => {
                                 tracing::info!(%peer, file, error = format!("{e:#}"), "TFTP transfer failed")

@@ -1,4 +1,7 @@
 //! One read transfer: option negotiation, then windows of DATA blocks until the last is acked.
+//!
+//! A transfer runs on a blocking thread with plain sockets: lock-step TFTP is bound by the
+//! round trip per window, and a blocking `recv` costs less per block than an async wake-up.
 
 use super::packet::{self, ErrorCode, Mode, Packet, Request};
 use super::root::{self, PathError};
@@ -8,9 +11,9 @@ use anyhow::{bail, Context, Result};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::net::UdpSocket;
-use tokio::time::{timeout_at, Instant};
+use std::net::UdpSocket;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
 
 /// Bytes read from a file at once (at least one window).
 const READ_CHUNK: usize = 256 << 10;
@@ -21,7 +24,7 @@ const MAX_WINDOW_BYTES: usize = 1 << 20;
 enum Source {
     Memory(Arc<[u8]>),
     File {
-        file: tokio::fs::File,
+        file: std::fs::File,
         size: u64,
         buf: Vec<u8>,
         buf_off: u64,
@@ -37,7 +40,7 @@ impl Source {
     }
 
     /// Appends the bytes `[off, off+len)` (clipped to the size) to `out`.
-    async fn read_into(
+    fn read_into(
         &mut self,
         off: u64,
         len: usize,
@@ -62,12 +65,11 @@ impl Source {
                     let n = (*size - off.min(*size)).min(ahead.max(len) as u64) as usize;
                     buf.clear();
                     buf.resize(n, 0);
-                    file.seek(std::io::SeekFrom::Start(off))
-                        .await
-                        .context("seeking in file")?;
                     let mut got = 0;
                     while got < n {
-                        let r = file.read(&mut buf[got..]).await.context("reading file")?;
+                        let r = file
+                            .read_at(&mut buf[got..], off + got as u64)
+                            .context("reading file")?;
                         if r == 0 {
                             break; // the file shrank: end the transfer early
                         }
@@ -99,7 +101,7 @@ fn netascii(data: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn open(
+fn open(
     cfg: &TftpConfig,
     generated: &Generated,
     req: &Request,
@@ -109,12 +111,9 @@ async fn open(
         Source::Memory(data)
     } else {
         let path = root::resolve(&cfg.root, &rel).map_err(path_error)?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|_| (ErrorCode::AccessViolation, "cannot open file".to_string()))?;
+        let file = std::fs::File::open(&path).map_err(|_| (ErrorCode::AccessViolation, "cannot open file".to_string()))?;
         let size = file
             .metadata()
-            .await
             .map_err(|_| {
                 (
                     ErrorCode::AccessViolation,
@@ -138,7 +137,6 @@ async fn open(
         }
         let mut all = Vec::new();
         src.read_into(0, src.size() as usize, 0, &mut all)
-            .await
             .map_err(|_| (ErrorCode::AccessViolation, "cannot read file".to_string()))?;
         src = Source::Memory(netascii(&all).into());
     }
@@ -215,11 +213,11 @@ pub(crate) fn ack_to_abs(block: u16, lo: u64, hi: u64) -> Option<u64> {
     (abs <= hi).then_some(abs)
 }
 
-async fn send_error(sock: &UdpSocket, code: ErrorCode, msg: &str) {
+fn send_error(sock: &UdpSocket, code: ErrorCode, msg: &str) {
     let mut out = Vec::new();
     packet::error(&mut out, code, msg);
     // Best effort: the client may already be gone.
-    if let Err(e) = sock.send(&out).await {
+    if let Err(e) = sock.send(&out) {
         tracing::debug!(error = %e, "sending TFTP error");
     }
 }
@@ -233,7 +231,7 @@ enum Reply {
 }
 
 /// Waits until `deadline` for an ACK naming a block in `lo..=hi`; other packets are ignored.
-async fn wait_ack(
+fn wait_ack(
     sock: &UdpSocket,
     rbuf: &mut [u8],
     deadline: Instant,
@@ -241,9 +239,27 @@ async fn wait_ack(
     hi: u64,
 ) -> Result<Reply> {
     loop {
-        let n = match timeout_at(deadline, sock.recv(rbuf)).await {
-            Err(_) => return Ok(Reply::Timeout),
-            Ok(r) => r.context("receiving from client")?,
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Reply::Timeout);
+        }
+        sock.set_read_timeout(Some(left))
+            .context("setting the receive timeout")?;
+        let n = match sock.recv(rbuf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Reply::Timeout)
+            }
+            // ICMP port unreachable from a client that went away.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Ok(Reply::Aborted(0, "client unreachable".into()))
+            }
+            Err(e) => return Err(e).context("receiving from client"),
         };
         match packet::parse(&rbuf[..n]) {
             Ok(Packet::Ack { block }) => {
@@ -264,7 +280,7 @@ fn client_ended(code: u16, msg: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn run(
+pub(crate) fn run(
     cfg: &TftpConfig,
     generated: &Generated,
     local: IpAddr,
@@ -279,17 +295,13 @@ pub(crate) async fn run(
     } else {
         local
     };
-    let sock = UdpSocket::bind((bind_ip, 0))
-        .await
-        .context("binding transfer socket")?;
-    sock.connect(peer)
-        .await
-        .context("connecting transfer socket")?;
+    let sock = UdpSocket::bind((bind_ip, 0)).context("binding transfer socket")?;
+    sock.connect(peer).context("connecting transfer socket")?;
 
-    let mut src = match open(cfg, generated, &req).await {
+    let mut src = match open(cfg, generated, &req) {
         Ok(s) => s,
         Err((code, msg)) => {
-            send_error(&sock, code, &msg).await;
+            send_error(&sock, code, &msg);
             bail!("refused: {msg}");
         }
     };
@@ -303,8 +315,8 @@ pub(crate) async fn run(
         packet::oack(&mut out, &neg.reply);
         let mut tries = 0;
         loop {
-            sock.send(&out).await.context("sending OACK")?;
-            match wait_ack(&sock, &mut rbuf, Instant::now() + neg.timeout, 0, 0).await? {
+            sock.send(&out).context("sending OACK")?;
+            match wait_ack(&sock, &mut rbuf, Instant::now() + neg.timeout, 0, 0)? {
                 Reply::Ack(_) => break,
                 Reply::Aborted(code, msg) => return client_ended(code, &msg),
                 Reply::Timeout => {
@@ -325,9 +337,8 @@ pub(crate) async fn run(
         let end = (base + neg.windowsize - 1).min(last);
         for b in base..=end {
             packet::data_header(&mut out, b as u16);
-            src.read_into((b - 1) * blksize as u64, blksize, ahead, &mut out)
-                .await?;
-            sock.send(&out).await.context("sending DATA")?;
+            src.read_into((b - 1) * blksize as u64, blksize, ahead, &mut out)?;
+            sock.send(&out).context("sending DATA")?;
         }
         match wait_ack(
             &sock,
@@ -335,9 +346,7 @@ pub(crate) async fn run(
             Instant::now() + neg.timeout,
             base - 1,
             end,
-        )
-        .await?
-        {
+        )? {
             Reply::Ack(abs) if abs == last => return Ok(()),
             Reply::Ack(abs) if abs >= base => {
                 base = abs + 1;
@@ -346,7 +355,7 @@ pub(crate) async fn run(
             // A duplicate ACK of the previous window: resend only after a timeout
             // (avoids the Sorcerer's Apprentice syndrome).
             Reply::Ack(_) => {
-                match wait_ack(&sock, &mut rbuf, Instant::now() + neg.timeout, base, end).await? {
+                match wait_ack(&sock, &mut rbuf, Instant::now() + neg.timeout, base, end)? {
                     Reply::Ack(abs) if abs == last => return Ok(()),
                     Reply::Ack(abs) => {
                         base = abs + 1;
@@ -360,7 +369,7 @@ pub(crate) async fn run(
             Reply::Aborted(code, msg) => return client_ended(code, &msg),
         }
         if retries > cfg.retries {
-            send_error(&sock, ErrorCode::NotDefined, "timed out").await;
+            send_error(&sock, ErrorCode::NotDefined, "timed out");
             bail!("timed out waiting for ACK of block {base}");
         }
     }

@@ -194,7 +194,9 @@ pub fn remove_stale_namespaces() {
             continue;
         };
         let pid = rest.split('-').next().unwrap_or("");
-        if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        // Only names of our own form (`si-t<pid>-<n>`): benchmarks use other `si-t*` names.
+        let ours = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+        if ours && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }

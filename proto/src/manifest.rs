@@ -143,34 +143,14 @@ fn config() -> impl bincode::config::Config {
 impl Manifest {
     /// Encodes as described in the module documentation.
     pub fn encode(&self) -> Vec<u8> {
-        let raw = bincode::serde::encode_to_vec(&self.entries, bincode::config::standard())
-            .expect("manifest serializes");
-        let mut out = Vec::with_capacity(raw.len() / 4 + 8);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&MANIFEST_FORMAT.to_le_bytes());
-        let z = zstd_compress(&raw);
-        out.extend_from_slice(&z);
-        out
+        encode_framed(MAGIC, &self.entries)
     }
 
     /// Decodes and validates (see [`Manifest::validate`]).
     pub fn decode(data: &[u8]) -> Result<Manifest, ManifestError> {
-        if data.len() < 8 || &data[..4] != MAGIC {
-            return Err(ManifestError::Magic);
-        }
-        let fmt = u32::from_le_bytes(data[4..8].try_into().unwrap());
-        if fmt != MANIFEST_FORMAT {
-            return Err(ManifestError::Format(fmt));
-        }
-        let raw = zstd_decompress_bounded(&data[8..], MAX_MANIFEST_BYTES)
-            .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-        let (entries, used): (Vec<Entry>, usize) =
-            bincode::serde::decode_from_slice(&raw, config())
-                .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-        if used != raw.len() {
-            return Err(ManifestError::Corrupt("trailing bytes".into()));
-        }
-        let m = Manifest { entries };
+        let m = Manifest {
+            entries: decode_framed(MAGIC, data)?,
+        };
         m.validate()?;
         Ok(m)
     }
@@ -351,31 +331,45 @@ impl Delta {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let raw = bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .expect("delta serializes");
-        let mut out = DELTA_MAGIC.to_vec();
-        out.extend_from_slice(&MANIFEST_FORMAT.to_le_bytes());
-        out.extend_from_slice(&zstd_compress(&raw));
-        out
+        encode_framed(DELTA_MAGIC, self)
     }
 
     pub fn decode(data: &[u8]) -> Result<Delta, ManifestError> {
-        if data.len() < 8 || &data[..4] != DELTA_MAGIC {
-            return Err(ManifestError::Magic);
-        }
-        let fmt = u32::from_le_bytes(data[4..8].try_into().unwrap());
-        if fmt != MANIFEST_FORMAT {
-            return Err(ManifestError::Format(fmt));
-        }
-        let raw = zstd_decompress_bounded(&data[8..], MAX_MANIFEST_BYTES)
-            .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-        let (d, used): (Delta, usize) = bincode::serde::decode_from_slice(&raw, config())
-            .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-        if used != raw.len() {
-            return Err(ManifestError::Corrupt("trailing bytes".into()));
-        }
-        Ok(d)
+        decode_framed(DELTA_MAGIC, data)
     }
+}
+
+/// `magic | format u32 LE | zstd(bincode(value))`.
+fn encode_framed<T: Serialize>(magic: &[u8; 4], value: &T) -> Vec<u8> {
+    let raw =
+        bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("serializes");
+    let mut out = Vec::with_capacity(raw.len() / 4 + 8);
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&MANIFEST_FORMAT.to_le_bytes());
+    out.extend_from_slice(&zstd_compress(&raw));
+    out
+}
+
+/// The inverse of [`encode_framed`], bounded by [`MAX_MANIFEST_BYTES`].
+fn decode_framed<T: serde::de::DeserializeOwned>(
+    magic: &[u8; 4],
+    data: &[u8],
+) -> Result<T, ManifestError> {
+    if data.len() < 8 || &data[..4] != magic {
+        return Err(ManifestError::Magic);
+    }
+    let fmt = u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
+    if fmt != MANIFEST_FORMAT {
+        return Err(ManifestError::Format(fmt));
+    }
+    let raw = zstd_decompress_bounded(&data[8..], MAX_MANIFEST_BYTES)
+        .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+    let (v, used): (T, usize) = bincode::serde::decode_from_slice(&raw, config())
+        .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+    if used != raw.len() {
+        return Err(ManifestError::Corrupt("trailing bytes".into()));
+    }
+    Ok(v)
 }
 
 fn zstd_compress(raw: &[u8]) -> Vec<u8> {

@@ -1,25 +1,11 @@
 //! Deploy and update through the real image service, in-process, over loopback.
 
 use crate::capture;
+use crate::store::tests::rand_bytes;
 use crate::store::Store;
 use si_agent::update::{self, OptionArgs};
 use std::path::Path;
 use std::sync::Arc;
-
-fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 /// Starts the image service on an ephemeral port; returns its address.
 fn start_server(store: &Path) -> String {

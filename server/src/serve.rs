@@ -85,6 +85,39 @@ fn info(store: &Store, image: &str, v: u32) -> Result<ImageVersionInfo> {
     })
 }
 
+/// The answer to a manifest request: the whole manifest, or the difference from the base the
+/// node has when the store still holds that base; the header and the bytes that follow it.
+fn manifest_reply(
+    store: &Store,
+    image: &str,
+    version: Option<u32>,
+    base: Option<(String, u32)>,
+) -> Result<(Msg, Vec<u8>)> {
+    let v = store.resolve(image, version)?;
+    let bytes = store.manifest_bytes(image, v)?;
+    let info = info(store, image, v)?;
+    let (digest, len) = (Digest::of(&bytes), bytes.len() as u64);
+    if let Some(Ok(base)) = base.map(|(bi, bv)| store.manifest(&bi, bv)) {
+        let delta = si_proto::manifest::Delta::between(&base, &si_proto::Manifest::decode(&bytes)?)
+            .encode();
+        let head = Msg::ManifestDeltaIs {
+            info,
+            digest,
+            bytes: len,
+            delta_bytes: delta.len() as u64,
+        };
+        return Ok((head, delta));
+    }
+    Ok((
+        Msg::ManifestIs {
+            info,
+            digest,
+            bytes: len,
+        },
+        bytes,
+    ))
+}
+
 async fn handle(
     sock: TcpStream,
     peer: SocketAddr,
@@ -172,109 +205,37 @@ async fn handle(
                     .await
                     .map_err(Into::into)
             }
-            Msg::GetManifest { image, version } => {
+            m @ (Msg::GetManifest { .. } | Msg::GetManifestDelta { .. }) => {
+                let (image, version, base) = match m {
+                    Msg::GetManifestDelta {
+                        image,
+                        version,
+                        base_image,
+                        base_version,
+                    } => (image, version, Some((base_image, base_version))),
+                    Msg::GetManifest { image, version } => (image, version, None),
+                    _ => unreachable!("matched above"),
+                };
                 let st = store.clone();
                 let got =
-                    tokio::task::spawn_blocking(move || -> Result<(ImageVersionInfo, Vec<u8>)> {
-                        let v = st.resolve(&image, version)?;
-                        Ok((info(&st, &image, v)?, st.manifest_bytes(&image, v)?))
-                    })
-                    .await?;
-                match got {
-                    Ok((info, bytes)) => {
-                        write_msg_async(
-                            &mut w,
-                            &Msg::ManifestIs {
-                                info,
-                                digest: Digest::of(&bytes),
-                                bytes: bytes.len() as u64,
-                            },
-                        )
+                    tokio::task::spawn_blocking(move || manifest_reply(&st, &image, version, base))
                         .await?;
-                        for part in bytes.chunks(MAX_FRAME / 2) {
+                match got {
+                    Ok((head, data)) => {
+                        write_msg_async(&mut w, &head).await?;
+                        for part in data.chunks(MAX_FRAME / 2) {
                             write_data_async(&mut w, part).await?;
                         }
-                        Ok(())
                     }
                     Err(e) => {
-                        write_msg_async(
-                            &mut w,
-                            &Msg::Error {
-                                kind: ErrorKind::NotFound,
-                                message: format!("{e:#}"),
-                            },
-                        )
-                        .await?;
-                        Ok(())
-                    }
-                }
-            }
-            Msg::GetManifestDelta {
-                image,
-                version,
-                base_image,
-                base_version,
-            } => {
-                let st = store.clone();
-                let got = tokio::task::spawn_blocking(
-                    move || -> Result<(ImageVersionInfo, Vec<u8>, Option<Vec<u8>>)> {
-                        let v = st.resolve(&image, version)?;
-                        let bytes = st.manifest_bytes(&image, v)?;
-                        let delta = match st.manifest(&base_image, base_version) {
-                            Ok(base) => {
-                                let target = si_proto::Manifest::decode(&bytes)?;
-                                Some(si_proto::manifest::Delta::between(&base, &target).encode())
-                            }
-                            Err(_) => None,
+                        let m = Msg::Error {
+                            kind: ErrorKind::NotFound,
+                            message: format!("{e:#}"),
                         };
-                        Ok((info(&st, &image, v)?, bytes, delta))
-                    },
-                )
-                .await?;
-                match got {
-                    Ok((info, bytes, Some(delta))) => {
-                        write_msg_async(
-                            &mut w,
-                            &Msg::ManifestDeltaIs {
-                                info,
-                                digest: Digest::of(&bytes),
-                                bytes: bytes.len() as u64,
-                                delta_bytes: delta.len() as u64,
-                            },
-                        )
-                        .await?;
-                        for part in delta.chunks(MAX_FRAME / 2) {
-                            write_data_async(&mut w, part).await?;
-                        }
-                        Ok(())
-                    }
-                    Ok((info, bytes, None)) => {
-                        write_msg_async(
-                            &mut w,
-                            &Msg::ManifestIs {
-                                info,
-                                digest: Digest::of(&bytes),
-                                bytes: bytes.len() as u64,
-                            },
-                        )
-                        .await?;
-                        for part in bytes.chunks(MAX_FRAME / 2) {
-                            write_data_async(&mut w, part).await?;
-                        }
-                        Ok(())
-                    }
-                    Err(e) => {
-                        write_msg_async(
-                            &mut w,
-                            &Msg::Error {
-                                kind: ErrorKind::NotFound,
-                                message: format!("{e:#}"),
-                            },
-                        )
-                        .await?;
-                        Ok(())
+                        write_msg_async(&mut w, &m).await?;
                     }
                 }
+                Ok(())
             }
             Msg::Want(ds) => {
                 if ds.len() > msg::MAX_WANT {

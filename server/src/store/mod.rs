@@ -374,4 +374,4 @@ impl si_agent::apply::ObjectSource for Store {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -8,11 +8,11 @@ use super::root::{self, PathError};
 use super::TftpConfig;
 use crate::bootcfg::Generated;
 use anyhow::{bail, Context, Result};
+use std::net::UdpSocket;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
-use std::net::UdpSocket;
-use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
 /// Bytes read from a file at once (at least one window).
@@ -40,13 +40,7 @@ impl Source {
     }
 
     /// Appends the bytes `[off, off+len)` (clipped to the size) to `out`.
-    fn read_into(
-        &mut self,
-        off: u64,
-        len: usize,
-        ahead: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
+    fn read_into(&mut self, off: u64, len: usize, ahead: usize, out: &mut Vec<u8>) -> Result<()> {
         match self {
             Source::Memory(m) => {
                 let start = off.min(m.len() as u64) as usize;
@@ -111,7 +105,8 @@ fn open(
         Source::Memory(data)
     } else {
         let path = root::resolve(&cfg.root, &rel).map_err(path_error)?;
-        let file = std::fs::File::open(&path).map_err(|_| (ErrorCode::AccessViolation, "cannot open file".to_string()))?;
+        let file = std::fs::File::open(&path)
+            .map_err(|_| (ErrorCode::AccessViolation, "cannot open file".to_string()))?;
         let size = file
             .metadata()
             .map_err(|_| {

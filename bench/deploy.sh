@@ -117,7 +117,7 @@ si_pull() { # rep scenario dest [extra...]
     local before after
     before=$(ncpu "$ns_m")
     /usr/bin/time -f '%e %U %S %M' -o "$work/t.si" ip netns exec "$ns_n" "$bindir/si-updateclient" \
-        --server $M --root "$dest" --state-dir "$dest.state" --no-default-excludes \
+        --server $M --image bench --root "$dest" --state-dir "$dest.state" --no-default-excludes \
         --summary-json "$work/si.json" "$@" >/dev/null 2>"$work/si.log" || { cat "$work/si.log" >&2; return 1; }
     after=$(ncpu "$ns_m")
     read -r wall u s rss <"$work/t.si"

@@ -782,7 +782,12 @@ pub fn detect(root: &Path) -> Result<Layout> {
         Vec::new()
     };
     let mut devices = run_lsblk(None)?;
-    for d in devices.iter_mut().filter(|d| d.kind == "part") {
+    // Only the partitions in use (mounted, or swap: lsblk knows these from the kernel) can end
+    // up in the layout.
+    for d in devices
+        .iter_mut()
+        .filter(|d| d.kind == "part" && !d.mountpoints.is_empty())
+    {
         let path = Path::new("/dev").join(&d.name);
         probe_with_blkid(d, &path).with_context(|| format!("probing {}", path.display()))?;
     }

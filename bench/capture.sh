@@ -207,6 +207,7 @@ capture_all() {
     for t in si rsync tar restic; do
         if [ "$t" = si ] && [ "$si" -eq 0 ]; then continue; fi
         log "rep $rep, $scenario capture: $t"
+        sync # no writeback of the previous step during this one
         "capture_$t" "$rep" "$scenario"
     done
 }

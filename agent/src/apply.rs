@@ -139,6 +139,11 @@ fn set_meta_at(dir: BorrowedFd<'_>, name: &OsStr, e: &Entry) -> Result<()> {
     Ok(())
 }
 
+/// [`set_meta_at`] for other modules.
+pub fn set_meta_at_pub(dir: BorrowedFd<'_>, name: &OsStr, e: &Entry) -> Result<()> {
+    set_meta_at(dir, name, e)
+}
+
 /// Writes a regular file's content into `f` (holes stay holes), then truncates to its size.
 pub fn write_content(f: &std::fs::File, e: &Entry, src: &dyn ObjectSource) -> Result<u64> {
     let Kind::File { size, chunks } = &e.kind else {

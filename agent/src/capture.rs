@@ -39,6 +39,11 @@ pub fn new_token() -> Result<String> {
     Ok(hex::encode(b))
 }
 
+/// Constant-time comparison of secrets.
+pub fn ct_eq_pub(a: &[u8], b: &[u8]) -> bool {
+    ct_eq(a, b)
+}
+
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

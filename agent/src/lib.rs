@@ -7,9 +7,12 @@
 //! - [`capture`]: `si-prepareclient`, the golden client's capture service.
 //! - [`exclude`]: exclude patterns.
 
+pub mod agentd;
 pub mod apply;
 pub mod capture;
 pub mod exclude;
 pub mod fsutil;
 pub mod layout;
+pub mod pull;
 pub mod scan;
+pub mod update;

@@ -37,7 +37,7 @@ pub const MAX_OBJECT: u32 = CDC_MAX;
 pub const ZSTD_LEVEL: i32 = 3;
 
 /// Filesystems the walk descends into when they are mounted below the root.
-const LOCAL_FS: &[&str] = &[
+pub(crate) const LOCAL_FS: &[&str] = &[
     "ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "f2fs", "jfs", "reiserfs", "zfs",
 ];
 
@@ -144,7 +144,7 @@ struct Pending {
 }
 
 /// Mount points below the root with their filesystem type (from /proc/self/mountinfo).
-fn mount_types() -> HashMap<PathBuf, String> {
+pub(crate) fn mount_types() -> HashMap<PathBuf, String> {
     let mut m = HashMap::new();
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return m;

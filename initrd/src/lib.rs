@@ -1,1 +1,3 @@
 //! si initrd
+pub mod cpio;
+pub mod testimage;

@@ -228,10 +228,12 @@ impl Manifest {
                     Some(Kind::File { .. }) => {}
                     _ => return Err(bad(e, "hard link target is not an earlier regular file")),
                 },
-                Kind::Symlink { target } => {
-                    if target.is_empty() || target.len() > path::MAX_PATH || target.contains(&0) {
-                        return Err(bad(e, "bad symlink target"));
-                    }
+                Kind::Symlink { target }
+                    if target.is_empty()
+                        || target.len() > path::MAX_PATH
+                        || target.contains(&0) =>
+                {
+                    return Err(bad(e, "bad symlink target"));
                 }
                 _ => {}
             }
@@ -298,6 +300,82 @@ pub fn diff(old: &Manifest, new: &Manifest) -> Diff {
         }
     }
     d
+}
+
+/// The difference between two manifests as a node needs it to go from one to the other:
+/// entries added or changed, and paths removed. Encoded as `"SIMD" | format u32 LE |
+/// zstd(bincode(Delta))`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub upserts: Vec<Entry>,
+    pub removed: Vec<Vec<u8>>,
+}
+
+const DELTA_MAGIC: &[u8; 4] = b"SIMD";
+
+impl Delta {
+    pub fn between(old: &Manifest, new: &Manifest) -> Delta {
+        let d = diff(old, new);
+        let mut upserts = Vec::with_capacity(d.added.len() + d.changed.len());
+        let mut wanted: Vec<&Vec<u8>> = d.added.iter().chain(&d.changed).collect();
+        wanted.sort();
+        for p in wanted {
+            if let Some(e) = new.get(p) {
+                upserts.push(e.clone());
+            }
+        }
+        Delta {
+            upserts,
+            removed: d.removed,
+        }
+    }
+
+    /// Rebuilds the new manifest from the old one (validated).
+    pub fn apply(&self, old: &Manifest) -> Result<Manifest, ManifestError> {
+        let removed: std::collections::HashSet<&[u8]> =
+            self.removed.iter().map(|p| p.as_slice()).collect();
+        let mut map: std::collections::BTreeMap<Vec<u8>, Entry> = old
+            .entries
+            .iter()
+            .filter(|e| !removed.contains(e.path.as_slice()))
+            .map(|e| (e.path.clone(), e.clone()))
+            .collect();
+        for e in &self.upserts {
+            map.insert(e.path.clone(), e.clone());
+        }
+        let m = Manifest {
+            entries: map.into_values().collect(),
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let raw = bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .expect("delta serializes");
+        let mut out = DELTA_MAGIC.to_vec();
+        out.extend_from_slice(&MANIFEST_FORMAT.to_le_bytes());
+        out.extend_from_slice(&zstd_compress(&raw));
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Delta, ManifestError> {
+        if data.len() < 8 || &data[..4] != DELTA_MAGIC {
+            return Err(ManifestError::Magic);
+        }
+        let fmt = u32::from_le_bytes(data[4..8].try_into().unwrap());
+        if fmt != MANIFEST_FORMAT {
+            return Err(ManifestError::Format(fmt));
+        }
+        let raw = zstd_decompress_bounded(&data[8..], MAX_MANIFEST_BYTES)
+            .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        let (d, used): (Delta, usize) = bincode::serde::decode_from_slice(&raw, config())
+            .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        if used != raw.len() {
+            return Err(ManifestError::Corrupt("trailing bytes".into()));
+        }
+        Ok(d)
+    }
 }
 
 fn zstd_compress(raw: &[u8]) -> Vec<u8> {
@@ -419,6 +497,25 @@ pub(crate) mod tests {
         let mut junk = b"SIMF\x01\0\0\0".to_vec();
         junk.extend_from_slice(&[0xff; 64]);
         assert!(Manifest::decode(&junk).is_err());
+    }
+
+    #[test]
+    fn delta_rebuilds_the_new_manifest() {
+        let a = sample();
+        let mut b = sample();
+        b.entries.remove(2);
+        b.entries[1].mode = 0o600;
+        b.entries.push(entry("z", Kind::Fifo));
+        let d = Delta::between(&a, &b);
+        assert_eq!(d.upserts.len(), 2);
+        let d2 = Delta::decode(&d.encode()).unwrap();
+        assert_eq!(d2.apply(&a).unwrap(), b);
+        assert_eq!(
+            d2.apply(&a).unwrap().encode(),
+            b.encode(),
+            "encoding is deterministic"
+        );
+        assert!(Delta::decode(b"SIMD\x01\0\0\0garbage").is_err());
     }
 
     #[test]

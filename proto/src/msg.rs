@@ -36,6 +36,16 @@
 //! Bye                                ->
 //! ```
 //!
+//! # Push (master connects to a node's `si-agentd`)
+//!
+//! ```text
+//! master                                   node agent
+//! Hello{role: Push, token}           ->
+//!                                    <-    Welcome
+//! PushUpdate{server, image, ..}      ->    (the node runs the update against `server`)
+//!                                    <-    PushDone{ok, detail}
+//! ```
+//!
 //! A [`Msg::Blob`] is always followed by exactly one data frame holding the zstd-compressed
 //! object; the receiver decompresses at most `raw_len` bytes and checks the BLAKE3 digest
 //! before the object is used.
@@ -147,6 +157,22 @@ pub enum Msg {
         digest: Digest,
         bytes: u64,
     },
+    /// Like `GetManifest`, for a node that has `base_version` of `base_image`: the answer is
+    /// `ManifestDeltaIs` (or `ManifestIs` when the server no longer has the base).
+    GetManifestDelta {
+        image: String,
+        version: Option<u32>,
+        base_image: String,
+        base_version: u32,
+    },
+    /// Followed by data frames holding an encoded `manifest::Delta`; `digest` and `bytes` are
+    /// those of the full target manifest the delta rebuilds.
+    ManifestDeltaIs {
+        info: ImageVersionInfo,
+        digest: Digest,
+        bytes: u64,
+        delta_bytes: u64,
+    },
     Want(Vec<Digest>),
     /// Node reports install progress or completion (free text, bounded by the frame).
     Report {
@@ -155,6 +181,22 @@ pub enum Msg {
         detail: String,
     },
     Ok,
+
+    // push (master connects to a node's si-agentd)
+    /// Move the node to a version, pulling from `server` (an si-server address).
+    PushUpdate {
+        server: String,
+        image: Option<String>,
+        version: Option<u32>,
+        verify: bool,
+        force: bool,
+        dry_run: bool,
+    },
+    /// The outcome of a push: `ok`, and a one-line summary or the error.
+    PushDone {
+        ok: bool,
+        detail: String,
+    },
 }
 
 /// Chooses the version to speak with a peer that sent `Hello{version, min_version}`.

@@ -299,7 +299,6 @@ fn demo(store: &Store, dir: &Path) -> Result<()> {
     golden
         .join()
         .map_err(|_| anyhow::anyhow!("golden client thread panicked"))??;
-    std::fs::remove_dir_all(&state).ok();
     let s = summary.context("the golden client never answered")?;
     s.print();
     println!();
@@ -312,11 +311,10 @@ fn demo(store: &Store, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The demo golden client's stat cache, beside the store (so a second demo reads nothing).
 fn tempdir_in(root: &Path) -> Result<PathBuf> {
-    let p = root
-        .join("tmp")
-        .join(format!("demo-state-{}", std::process::id()));
-    std::fs::create_dir_all(&p)?;
+    let p = root.parent().unwrap_or(root).join(".si-demo-state");
+    std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
     Ok(p)
 }
 
@@ -384,4 +382,16 @@ pub fn getimage(cli: GetImageCli) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clis_are_consistent() {
+        ImageCli::command().debug_assert();
+        GetImageCli::command().debug_assert();
+    }
 }

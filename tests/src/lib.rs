@@ -110,7 +110,8 @@ impl Netns {
     }
 
     /// Connects `self` and `other` by a veth pair and gives each side an address (CIDR).
-    pub fn link(&self, addr: &str, other: &Netns, other_addr: &str) -> Result<()> {
+    /// Returns the interface names (this side, other side).
+    pub fn link(&self, addr: &str, other: &Netns, other_addr: &str) -> Result<(String, String)> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let a = format!("sv{}a{n}", std::process::id() % 100000);
         let b = format!("sv{}b{n}", std::process::id() % 100000);
@@ -132,7 +133,7 @@ impl Netns {
         self.ip(&["link", "set", &a, "up"])?;
         other.ip(&["addr", "add", other_addr, "dev", &b])?;
         other.ip(&["link", "set", &b, "up"])?;
-        Ok(())
+        Ok((a, b))
     }
 }
 
@@ -152,6 +153,36 @@ impl Drop for Netns {
     }
 }
 
+/// A child process killed on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `addr` accepts TCP connections inside `ns` (or fails after ~10 s).
+pub fn wait_port(ns: &Netns, addr: &str) -> Result<()> {
+    let (host, port) = addr.rsplit_once(':').context("addr needs a port")?;
+    for _ in 0..200 {
+        let ok = ns
+            .cmd("bash")
+            .arg("-c")
+            .arg(format!("exec 3<>/dev/tcp/{host}/{port}"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bail!("{addr} never accepted connections")
+}
+
 /// Deletes `si-t<pid>-*` namespaces whose test process is gone.
 pub fn remove_stale_namespaces() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
@@ -163,7 +194,9 @@ pub fn remove_stale_namespaces() {
             continue;
         };
         let pid = rest.split('-').next().unwrap_or("");
-        if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        // Only names of our own form (`si-t<pid>-<n>`): benchmarks use other `si-t*` names.
+        let ours = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+        if ours && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }

@@ -83,3 +83,9 @@ fn main() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn cli_is_consistent() {
+    use clap::CommandFactory;
+    Args::command().debug_assert();
+}

@@ -285,14 +285,38 @@ impl Store {
         Ok(f)
     }
 
+    /// Loads packs written since the index was loaded (by another process).
+    pub fn refresh(&self) -> Result<()> {
+        let known: std::collections::HashSet<Digest> = self
+            .pack_ids
+            .read()
+            .expect("pack ids lock")
+            .iter()
+            .copied()
+            .collect();
+        for id in self.list_packs()? {
+            if !known.contains(&id) {
+                let entries = pack::read_index(&self.pack_path(&id, "idx"))?;
+                self.register_pack(id, &entries);
+            }
+        }
+        Ok(())
+    }
+
+    fn locate(&self, d: &Digest) -> Option<Loc> {
+        self.index.read().expect("index lock").get(d).copied()
+    }
+
     /// The compressed bytes of an object and its uncompressed length (not verified).
     pub fn get_compressed(&self, d: &Digest) -> Result<(u32, Vec<u8>)> {
-        let loc = *self
-            .index
-            .read()
-            .expect("index lock")
-            .get(d)
-            .ok_or_else(|| anyhow!("object {d} is not in the store"))?;
+        let loc = match self.locate(d) {
+            Some(l) => l,
+            None => {
+                self.refresh()?;
+                self.locate(d)
+                    .ok_or_else(|| anyhow!("object {d} is not in the store"))?
+            }
+        };
         let f = self.pack_file(loc.pack)?;
         let mut buf = vec![0u8; loc.comp_len as usize];
         f.read_exact_at(&mut buf, loc.offset)

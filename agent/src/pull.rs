@@ -1,0 +1,301 @@
+//! The node's side of the image service: fetch a manifest, then objects, pipelined.
+
+use anyhow::{anyhow, bail, Context, Result};
+use si_proto::frame::{read_frame, recv_msg, write_msg, Frame};
+use si_proto::manifest::Manifest;
+use si_proto::msg::{self, ImageVersionInfo, Msg, Role};
+use si_proto::Digest;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Digests per `Want`, and how many `Want`s may be outstanding.
+const WANT_BATCH: usize = 1024;
+const IN_FLIGHT: usize = 2;
+
+/// Decompresses a received object (at most `raw_len` bytes) and checks its digest.
+pub fn verify(digest: &Digest, raw_len: u32, z: &[u8]) -> Result<Vec<u8>> {
+    if raw_len > crate::scan::MAX_OBJECT {
+        bail!("object {digest} claims {raw_len} bytes");
+    }
+    let raw = zstd::bulk::decompress(z, raw_len as usize)
+        .with_context(|| format!("object {digest} does not decompress"))?;
+    if raw.len() != raw_len as usize || Digest::of(&raw) != *digest {
+        bail!("object {digest} is corrupt");
+    }
+    Ok(raw)
+}
+
+struct Counting<R> {
+    inner: R,
+    n: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+pub struct Client {
+    r: BufReader<Counting<TcpStream>>,
+    w: BufWriter<TcpStream>,
+    /// Bytes received so far.
+    pub received: Arc<AtomicU64>,
+}
+
+impl Client {
+    pub fn connect(server: &str, timeout: Duration) -> Result<Client> {
+        let server = if server.contains(':') {
+            server.to_string()
+        } else {
+            format!("{server}:7811")
+        };
+        let addr = server
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {server}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{server} resolves to nothing"))?;
+        let s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_nodelay(true).ok();
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let received = Arc::new(AtomicU64::new(0));
+        let mut c = Client {
+            r: BufReader::with_capacity(
+                1 << 20,
+                Counting {
+                    inner: s.try_clone()?,
+                    n: received.clone(),
+                },
+            ),
+            w: BufWriter::new(s),
+            received,
+        };
+        write_msg(
+            &mut c.w,
+            &msg::hello(Role::Deploy, "", &crate::capture::hostname()),
+        )?;
+        c.w.flush()?;
+        match recv_msg(&mut c.r).context("handshake with the server")? {
+            Msg::Welcome { .. } => Ok(c),
+            m => bail!("unexpected answer to hello: {m:?}"),
+        }
+    }
+
+    pub fn list(&mut self) -> Result<Vec<ImageVersionInfo>> {
+        write_msg(&mut self.w, &Msg::ListImages)?;
+        self.w.flush()?;
+        match recv_msg(&mut self.r)? {
+            Msg::Images(v) => Ok(v),
+            m => bail!("unexpected answer: {m:?}"),
+        }
+    }
+
+    /// Fetches and decodes a manifest (the newest version when `version` is None).
+    pub fn manifest(
+        &mut self,
+        image: &str,
+        version: Option<u32>,
+    ) -> Result<(ImageVersionInfo, Manifest, Vec<u8>)> {
+        write_msg(
+            &mut self.w,
+            &Msg::GetManifest {
+                image: image.into(),
+                version,
+            },
+        )?;
+        self.w.flush()?;
+        let (info, digest, bytes) = match recv_msg(&mut self.r)? {
+            Msg::ManifestIs {
+                info,
+                digest,
+                bytes,
+            } => (info, digest, bytes),
+            m => bail!("unexpected answer: {m:?}"),
+        };
+        if bytes > si_proto::manifest::MAX_MANIFEST_BYTES {
+            bail!("manifest of {bytes} bytes is too large");
+        }
+        let mut data = Vec::with_capacity(bytes.min(64 << 20) as usize);
+        while (data.len() as u64) < bytes {
+            let part = si_proto::frame::recv_data(&mut self.r)?;
+            data.extend_from_slice(&part);
+        }
+        if data.len() as u64 != bytes || Digest::of(&data) != digest {
+            bail!("manifest of {image} arrived corrupt");
+        }
+        let m =
+            Manifest::decode(&data).with_context(|| format!("decoding the manifest of {image}"))?;
+        Ok((info, m, data))
+    }
+
+    fn recv_bytes(&mut self, n: u64) -> Result<Vec<u8>> {
+        if n > si_proto::manifest::MAX_MANIFEST_BYTES {
+            bail!("manifest of {n} bytes is too large");
+        }
+        let mut data = Vec::with_capacity(n.min(64 << 20) as usize);
+        while (data.len() as u64) < n {
+            let part = si_proto::frame::recv_data(&mut self.r)?;
+            data.extend_from_slice(&part);
+        }
+        if data.len() as u64 != n {
+            bail!("manifest data has the wrong length");
+        }
+        Ok(data)
+    }
+
+    /// Like [`Client::manifest`], but when the node has `base` (image, version, manifest)
+    /// only the difference moves; the rebuilt manifest is checked against the target's digest.
+    pub fn manifest_from(
+        &mut self,
+        image: &str,
+        version: Option<u32>,
+        base: Option<(&str, u32, &Manifest)>,
+    ) -> Result<(ImageVersionInfo, Manifest, Vec<u8>)> {
+        let Some((bimage, bversion, bm)) = base else {
+            return self.manifest(image, version);
+        };
+        write_msg(
+            &mut self.w,
+            &Msg::GetManifestDelta {
+                image: image.into(),
+                version,
+                base_image: bimage.into(),
+                base_version: bversion,
+            },
+        )?;
+        self.w.flush()?;
+        match recv_msg(&mut self.r)? {
+            Msg::ManifestDeltaIs {
+                info,
+                digest,
+                bytes,
+                delta_bytes,
+            } => {
+                let data = self.recv_bytes(delta_bytes)?;
+                let delta = si_proto::manifest::Delta::decode(&data)?;
+                if let Ok(m) = delta.apply(bm) {
+                    let enc = m.encode();
+                    if enc.len() as u64 == bytes && Digest::of(&enc) == digest {
+                        return Ok((info, m, enc));
+                    }
+                }
+                // The rebuilt manifest does not match: take the whole one.
+                let v = info.version;
+                self.manifest(image, Some(v))
+            }
+            Msg::ManifestIs {
+                info,
+                digest,
+                bytes,
+            } => {
+                let data = self.recv_bytes(bytes)?;
+                if Digest::of(&data) != digest {
+                    bail!("manifest of {image} arrived corrupt");
+                }
+                let m = Manifest::decode(&data)?;
+                Ok((info, m, data))
+            }
+            m => bail!("unexpected answer: {m:?}"),
+        }
+    }
+
+    /// Fetches `wants` (digest, expected length), verifying each, and hands them to `f` on
+    /// `threads` worker threads, in no particular order.
+    pub fn fetch(
+        &mut self,
+        wants: &[(Digest, u32)],
+        threads: usize,
+        f: &(dyn Fn(Digest, Vec<u8>) -> Result<()> + Sync),
+    ) -> Result<()> {
+        let batches: Vec<&[(Digest, u32)]> = wants.chunks(WANT_BATCH).collect();
+        let (tx, rx) = crossbeam_channel::bounded::<(Digest, u32, u32, Vec<u8>)>(32);
+        let r = &mut self.r;
+        let w = &mut self.w;
+        std::thread::scope(|s| -> Result<()> {
+            let workers: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    let rx = rx.clone();
+                    s.spawn(move || -> Result<()> {
+                        for (d, raw, expect, z) in rx {
+                            if raw != expect {
+                                bail!("object {d}: server says {raw} bytes, manifest {expect}");
+                            }
+                            let data = verify(&d, raw, &z)?;
+                            f(d, data)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            drop(rx);
+            let res = (|| -> Result<()> {
+                let mut sent = 0;
+                while sent < batches.len().min(IN_FLIGHT) {
+                    write_msg(w, &Msg::Want(batches[sent].iter().map(|x| x.0).collect()))?;
+                    sent += 1;
+                }
+                w.flush()?;
+                for (i, batch) in batches.iter().enumerate() {
+                    for &(d, expect) in batch.iter() {
+                        let (digest, raw_len) = match recv_msg(r)? {
+                            Msg::Blob { digest, raw_len } => (digest, raw_len),
+                            m => bail!("expected an object, got {m:?}"),
+                        };
+                        if digest != d {
+                            bail!("server sent {digest} where {d} was due");
+                        }
+                        let Some(Frame::Data(z)) = read_frame(r)? else {
+                            bail!("object {d} without data")
+                        };
+                        if tx.send((d, raw_len, expect, z)).is_err() {
+                            return Ok(()); // a worker failed; its error is reported below
+                        }
+                    }
+                    if sent < batches.len() {
+                        write_msg(w, &Msg::Want(batches[sent].iter().map(|x| x.0).collect()))?;
+                        w.flush()?;
+                        sent += 1;
+                    }
+                    let _ = i;
+                }
+                Ok(())
+            })();
+            drop(tx);
+            let mut out = res;
+            for h in workers {
+                let r = h.join().unwrap_or_else(|_| Err(anyhow!("worker panicked")));
+                if out.is_ok() {
+                    out = r;
+                }
+            }
+            out
+        })
+    }
+
+    pub fn report(&mut self, node: &str, state: &str, detail: &str) -> Result<()> {
+        write_msg(
+            &mut self.w,
+            &Msg::Report {
+                node: node.into(),
+                state: state.into(),
+                detail: detail.into(),
+            },
+        )?;
+        self.w.flush()?;
+        match recv_msg(&mut self.r)? {
+            Msg::Ok => Ok(()),
+            m => bail!("unexpected answer: {m:?}"),
+        }
+    }
+
+    pub fn bye(mut self) {
+        let _ = write_msg(&mut self.w, &Msg::Bye);
+        let _ = self.w.flush();
+    }
+}

@@ -1,0 +1,1029 @@
+//! Deploying an image version onto a node and moving a node to another version
+//! (`si-updateclient`).
+//!
+//! Plan, then apply. The plan compares the target manifest with the tree on disk (a fast stat
+//! check: type, size, mtime, owner, mode, xattrs, link targets; `verify` re-hashes file content
+//! too) and lists what will be created, replaced, changed in metadata only, and deleted, and
+//! which objects must move. Objects are looked for locally first (chunks of the old versions of
+//! changed big files, and unchanged files known from the installed manifest) and fetched only
+//! when missing.
+//!
+//! Applying to a running node never leaves it half-updated: every object is fetched (after a
+//! free-space check) and verified into a staging directory first; only then are files swapped
+//! in, each written under a temporary name with all its metadata and renamed over the old one.
+//! Objects already staged survive an interruption, so a second run fetches only the rest.
+//! An update that would delete more than half of the node's files is refused unless forced.
+//!
+//! A fresh deploy (an empty target, as the installer has) streams instead: objects are written
+//! into their files as they arrive, with no staging copy.
+
+use crate::apply::{self, ObjectSource};
+use crate::exclude::Excludes;
+use crate::pull::Client;
+use crate::scan::{self, CDC_AVG, CDC_MAX, CDC_MIN, CDC_THRESHOLD};
+use anyhow::{anyhow, bail, Context, Result};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use serde::{Deserialize, Serialize};
+use si_proto::manifest::{Entry, Kind, Manifest};
+use si_proto::path as mpath;
+use si_proto::Digest;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// The default update excludes.
+pub const DEFAULT_UPDATE: &str = include_str!("excludes/update.exclude");
+
+pub fn default_update_excludes() -> Vec<String> {
+    DEFAULT_UPDATE
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+pub struct UpdateOptions {
+    pub server: String,
+    pub image: String,
+    pub version: Option<u32>,
+    pub root: PathBuf,
+    pub excludes: Excludes,
+    /// Where the installed record and the staging area live (default ROOT/var/lib/si).
+    pub state_dir: Option<PathBuf>,
+    pub dry_run: bool,
+    pub verify: bool,
+    pub force: bool,
+    pub threads: usize,
+    pub node: String,
+    pub pre_hooks: Vec<String>,
+    pub post_hooks: Vec<String>,
+}
+
+/// What the node records about its installed version (`installed.toml`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Installed {
+    pub image: String,
+    pub version: u32,
+    pub manifest: String,
+    pub server: String,
+    pub when: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub image: String,
+    pub version: u32,
+    pub create: Vec<usize>,
+    pub replace: Vec<usize>,
+    pub meta: Vec<usize>,
+    pub delete: Vec<Vec<u8>>,
+    /// Objects to fetch from the server (digest, length).
+    pub fetch: Vec<(Digest, u32)>,
+    pub fetch_bytes: u64,
+    /// Objects copied out of files already on the node: digest → (path, offset, length).
+    pub local: HashMap<Digest, (Vec<u8>, u64, u32)>,
+    /// Regular files on the node within the update's scope, and how many would be deleted.
+    pub disk_files: u64,
+    pub delete_files: u64,
+    pub fresh: bool,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.create.is_empty()
+            && self.replace.is_empty()
+            && self.meta.is_empty()
+            && self.delete.is_empty()
+    }
+
+    /// A dry-run listing: `+` created, `~` replaced, `m` metadata only, `-` deleted.
+    pub fn print(&self, m: &Manifest, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for (sign, list) in [("+", &self.create), ("~", &self.replace), ("m", &self.meta)] {
+            for &i in list {
+                writeln!(out, "{sign} /{}", m.entries[i].path_lossy())?;
+            }
+        }
+        for p in &self.delete {
+            writeln!(out, "- /{}", String::from_utf8_lossy(p))?;
+        }
+        writeln!(
+            out,
+            "{}@{}: {} to create, {} to replace, {} metadata only, {} to delete; {} objects ({} bytes) to fetch, {} reused from local files",
+            self.image,
+            self.version,
+            self.create.len(),
+            self.replace.len(),
+            self.meta.len(),
+            self.delete.len(),
+            self.fetch.len(),
+            self.fetch_bytes,
+            self.local.len()
+        )
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct UpdateSummary {
+    pub image: String,
+    pub version: u32,
+    pub created: u64,
+    pub replaced: u64,
+    pub meta: u64,
+    pub deleted: u64,
+    pub fetched_objects: u64,
+    pub fetched_bytes: u64,
+    pub wire_bytes: u64,
+    pub local_objects: u64,
+    pub seconds: f64,
+}
+
+struct DiskEntry {
+    md: std::fs::Metadata,
+}
+
+/// Lists the tree on disk beneath `root` (relative paths), skipping excluded paths, descending
+/// into mounts of local disk filesystems (a separate /boot) but not into others (proc, NFS).
+/// The tree on disk by relative path, and the directories kept because something excluded
+/// lies beneath them.
+type DiskTree = (HashMap<Vec<u8>, DiskEntry>, HashSet<Vec<u8>>);
+
+fn walk_disk(root: &Path, excludes: &Excludes) -> Result<DiskTree> {
+    let mut out = HashMap::new();
+    let mut keep = HashSet::new();
+    let mounts = scan::mount_types();
+    let root_md =
+        std::fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
+    let mut stack = vec![(root.to_path_buf(), Vec::new(), root_md.dev())];
+    out.insert(Vec::new(), DiskEntry { md: root_md });
+    while let Some((abs, rel, dev)) = stack.pop() {
+        for e in std::fs::read_dir(&abs).with_context(|| format!("listing {}", abs.display()))? {
+            let e = e.with_context(|| format!("listing {}", abs.display()))?;
+            let name = e.file_name();
+            let crel = mpath::join(&rel, name.as_bytes());
+            if excludes.is_excluded(&crel) {
+                // Keep the directories that lead to something excluded.
+                let mut a = Some(rel.as_slice());
+                while let Some(x) = a {
+                    keep.insert(x.to_vec());
+                    a = mpath::parent(x);
+                }
+                continue;
+            }
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p)
+                .with_context(|| format!("reading {}", p.display()))?;
+            if md.is_dir() {
+                let local = md.dev() == dev
+                    || mounts
+                        .get(&p)
+                        .is_some_and(|t| scan::LOCAL_FS.contains(&t.as_str()));
+                if local {
+                    let d = md.dev();
+                    stack.push((p, crel.clone(), d));
+                }
+            }
+            out.insert(crel, DiskEntry { md });
+        }
+    }
+    Ok((out, keep))
+}
+
+fn same_type(k: &Kind, md: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = md.file_type();
+    match k {
+        Kind::Dir => ft.is_dir(),
+        Kind::File { .. } | Kind::Hardlink { .. } => ft.is_file(),
+        Kind::Symlink { .. } => ft.is_symlink(),
+        Kind::CharDev { .. } => ft.is_char_device(),
+        Kind::BlockDev { .. } => ft.is_block_device(),
+        Kind::Fifo => ft.is_fifo(),
+        Kind::Socket => ft.is_socket(),
+    }
+}
+
+fn hash_matches(abs: &Path, size: u64, chunks: &[si_proto::Chunk]) -> Result<bool> {
+    let f = std::fs::File::open(abs).with_context(|| format!("opening {}", abs.display()))?;
+    let mut end = 0u64;
+    let mut buf = Vec::new();
+    for c in chunks {
+        if c.offset > end && !is_zero_range(&f, end, c.offset - end)? {
+            return Ok(false);
+        }
+        buf.resize(c.len as usize, 0);
+        f.read_exact_at(&mut buf, c.offset)
+            .with_context(|| format!("reading {}", abs.display()))?;
+        if Digest::of(&buf) != c.digest {
+            return Ok(false);
+        }
+        end = c.offset + c.len as u64;
+    }
+    Ok(end >= size || is_zero_range(&f, end, size - end)?)
+}
+
+fn is_zero_range(f: &std::fs::File, off: u64, len: u64) -> Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = off;
+    while pos < off + len {
+        let n = ((off + len - pos) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], pos)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        pos += n as u64;
+    }
+    Ok(true)
+}
+
+enum Action {
+    Same,
+    Meta,
+    Replace,
+}
+
+fn classify(e: &Entry, d: &DiskEntry, abs: &Path, verify: bool) -> Result<Action> {
+    let md = &d.md;
+    if !same_type(&e.kind, md) {
+        return Ok(Action::Replace);
+    }
+    let meta_differs = || -> Result<bool> {
+        if md.uid() != e.uid || md.gid() != e.gid {
+            return Ok(true);
+        }
+        if !matches!(e.kind, Kind::Symlink { .. }) && md.mode() & 0o7777 != e.mode {
+            return Ok(true);
+        }
+        if !matches!(e.kind, Kind::Dir)
+            && (md.mtime() != e.mtime || md.mtime_nsec() as u32 != e.mtime_nsec)
+        {
+            return Ok(true);
+        }
+        Ok(scan::read_xattrs(abs)? != e.xattrs)
+    };
+    match &e.kind {
+        Kind::File { size, chunks } => {
+            if md.len() != *size || md.mtime() != e.mtime || md.mtime_nsec() as u32 != e.mtime_nsec
+            {
+                return Ok(Action::Replace);
+            }
+            if verify && !hash_matches(abs, *size, chunks)? {
+                return Ok(Action::Replace);
+            }
+        }
+        Kind::Symlink { target }
+            if std::fs::read_link(abs)?.as_os_str().as_bytes() != target.as_slice() =>
+        {
+            return Ok(Action::Replace);
+        }
+        Kind::CharDev { rdev } | Kind::BlockDev { rdev } if md.rdev() != *rdev => {
+            return Ok(Action::Replace);
+        }
+        _ => {}
+    }
+    Ok(if meta_differs()? {
+        Action::Meta
+    } else {
+        Action::Same
+    })
+}
+
+fn state_dir(o: &UpdateOptions) -> PathBuf {
+    o.state_dir
+        .clone()
+        .unwrap_or_else(|| o.root.join("var/lib/si"))
+}
+
+pub fn read_installed(dir: &Path) -> Option<(Installed, Option<Manifest>)> {
+    let text = std::fs::read_to_string(dir.join("installed.toml")).ok()?;
+    let inst: Installed = toml::from_str(&text).ok()?;
+    let m = std::fs::read(dir.join("installed.manifest"))
+        .ok()
+        .and_then(|d| Manifest::decode(&d).ok());
+    Some((inst, m))
+}
+
+/// Builds the plan for moving the tree at `o.root` to `m`.
+pub fn plan(o: &UpdateOptions, image: &str, version: u32, m: &Manifest) -> Result<Plan> {
+    let root = &o.root;
+    // The state directory is never part of an update.
+    let mut excludes = o.excludes.clone();
+    if let Ok(rel) = state_dir(o).strip_prefix(root) {
+        let rel = rel.as_os_str().as_bytes();
+        if !rel.is_empty() {
+            let mut pats = excludes.patterns().to_vec();
+            pats.push(format!("/{}", String::from_utf8_lossy(rel)));
+            excludes = Excludes::new(&pats)?;
+        }
+    }
+    let (disk, keep) = walk_disk(root, &excludes)?;
+    let mut p = Plan {
+        image: image.into(),
+        version,
+        ..Default::default()
+    };
+    p.fresh = disk.len() <= 1 || (disk.len() == 2 && disk.contains_key(&b"lost+found"[..]));
+    p.disk_files = disk.values().filter(|d| d.md.is_file()).count() as u64;
+    let installed = read_installed(&state_dir(o)).and_then(|(_, m)| m);
+    let mut target_paths: HashSet<&[u8]> = HashSet::new();
+    let mut changed: HashSet<&[u8]> = HashSet::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        if excludes.is_excluded(&e.path) {
+            continue;
+        }
+        target_paths.insert(&e.path);
+        if e.path.is_empty() {
+            continue;
+        }
+        let abs = root.join(OsStr::from_bytes(&e.path));
+        let action = match (disk.get(&e.path), &e.kind) {
+            (None, _) => {
+                p.create.push(i);
+                changed.insert(&e.path);
+                continue;
+            }
+            (Some(d), Kind::Hardlink { target }) => {
+                let linked = disk
+                    .get(target)
+                    .is_some_and(|t| t.md.ino() == d.md.ino() && t.md.dev() == d.md.dev());
+                if !linked || changed.contains(target.as_slice()) {
+                    Action::Replace
+                } else {
+                    Action::Same
+                }
+            }
+            (Some(d), _) => classify(e, d, &abs, o.verify)?,
+        };
+        match action {
+            Action::Same => {}
+            Action::Meta => p.meta.push(i),
+            Action::Replace => {
+                p.replace.push(i);
+                changed.insert(&e.path);
+            }
+        }
+    }
+    let mut del: Vec<Vec<u8>> = disk
+        .keys()
+        .filter(|k| {
+            !k.is_empty() && !target_paths.contains(k.as_slice()) && !keep.contains(k.as_slice())
+        })
+        .cloned()
+        .collect();
+    p.delete_files = del
+        .iter()
+        .filter(|k| disk[k.as_slice()].md.is_file())
+        .count() as u64;
+    del.sort();
+    del.reverse();
+    p.delete = del;
+
+    // Objects: what the new content needs, minus what is already on the node.
+    let mut needed: Vec<(Digest, u32)> = Vec::new();
+    let mut seen = HashSet::new();
+    for &i in p.create.iter().chain(&p.replace) {
+        if let Kind::File { chunks, .. } = &m.entries[i].kind {
+            for c in chunks {
+                if seen.insert(c.digest) {
+                    needed.push((c.digest, c.len));
+                }
+            }
+        }
+    }
+    if !p.fresh && !needed.is_empty() {
+        // Unchanged files whose chunks the installed manifest records.
+        if let Some(im) = &installed {
+            for e in &im.entries {
+                if let (Kind::File { chunks, .. }, Some(d)) = (&e.kind, disk.get(&e.path)) {
+                    if d.md.len() == e.kind_size()
+                        && d.md.mtime() == e.mtime
+                        && d.md.mtime_nsec() as u32 == e.mtime_nsec
+                    {
+                        for c in chunks {
+                            if seen.contains(&c.digest) {
+                                p.local.entry(c.digest).or_insert((
+                                    e.path.clone(),
+                                    c.offset,
+                                    c.len,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // The old versions of changed big files, chunked the way the image was.
+        for &i in &p.replace {
+            let e = &m.entries[i];
+            if let (Kind::File { size, .. }, Some(d)) = (&e.kind, disk.get(&e.path)) {
+                if *size > CDC_THRESHOLD && d.md.is_file() && d.md.len() > CDC_THRESHOLD {
+                    let abs = root.join(OsStr::from_bytes(&e.path));
+                    let f = std::fs::File::open(&abs)
+                        .with_context(|| format!("opening {}", abs.display()))?;
+                    for c in fastcdc::v2020::StreamCDC::new(f, CDC_MIN, CDC_AVG, CDC_MAX) {
+                        let c = c.map_err(|err| anyhow!("reading {}: {err}", abs.display()))?;
+                        let d = Digest::of(&c.data);
+                        if seen.contains(&d) {
+                            p.local
+                                .entry(d)
+                                .or_insert((e.path.clone(), c.offset, c.length as u32));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (d, len) in needed {
+        if !p.local.contains_key(&d) {
+            p.fetch_bytes += len as u64;
+            p.fetch.push((d, len));
+        }
+    }
+    Ok(p)
+}
+
+trait KindSize {
+    fn kind_size(&self) -> u64;
+}
+impl KindSize for Entry {
+    fn kind_size(&self) -> u64 {
+        match &self.kind {
+            Kind::File { size, .. } => *size,
+            _ => 0,
+        }
+    }
+}
+
+/// Objects staged on the node, verified on arrival.
+struct Staging {
+    dir: PathBuf,
+}
+
+impl Staging {
+    fn path(&self, d: &Digest) -> PathBuf {
+        self.dir.join(d.to_hex())
+    }
+    fn has(&self, d: &Digest, len: u32) -> bool {
+        std::fs::read(self.path(d))
+            .is_ok_and(|data| data.len() == len as usize && Digest::of(&data) == *d)
+    }
+    fn put(&self, d: &Digest, data: &[u8]) -> Result<()> {
+        let tmp = self.dir.join(format!(".{}.tmp", d.to_hex()));
+        std::fs::write(&tmp, data).with_context(|| format!("staging {d}"))?;
+        std::fs::rename(&tmp, self.path(d)).with_context(|| format!("staging {d}"))
+    }
+}
+
+impl ObjectSource for Staging {
+    fn get(&self, d: &Digest, raw_len: u32) -> Result<Vec<u8>> {
+        let data =
+            std::fs::read(self.path(d)).with_context(|| format!("object {d} is not staged"))?;
+        if data.len() != raw_len as usize {
+            bail!("staged object {d} has the wrong length");
+        }
+        Ok(data)
+    }
+}
+
+/// Runs a hook command with the update's context in its environment.
+fn run_hook(cmd: &str, o: &UpdateOptions, version: u32, phase: &str) -> Result<()> {
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("SI_IMAGE", &o.image)
+        .env("SI_VERSION", version.to_string())
+        .env("SI_ROOT", &o.root)
+        .env("SI_PHASE", phase)
+        .status()
+        .with_context(|| format!("running {phase} hook {cmd:?}"))?;
+    if !st.success() {
+        bail!("{phase} hook {cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Services to stop before and start after the swap, declared by the image in
+/// `/etc/si/triggers.toml`:
+///
+/// ```toml
+/// [[trigger]]
+/// paths = ["/etc/ssh/**", "/usr/sbin/sshd"]
+/// service = "ssh"              # systemctl stop/start ssh, unless stop/start are given
+/// stop = "systemctl stop ssh"
+/// start = "systemctl start ssh"
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Triggers {
+    #[serde(default)]
+    pub trigger: Vec<Trigger>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    pub paths: Vec<String>,
+    pub service: String,
+    pub stop: Option<String>,
+    pub start: Option<String>,
+}
+
+fn fired_triggers(text: &str, changed: &[&[u8]]) -> Result<Vec<Trigger>> {
+    let t: Triggers = toml::from_str(text).context("parsing /etc/si/triggers.toml")?;
+    let mut out = Vec::new();
+    for tr in t.trigger {
+        let ex = Excludes::new(&tr.paths)?;
+        if changed.iter().any(|p| ex.is_excluded(p)) {
+            out.push(tr);
+        }
+    }
+    Ok(out)
+}
+
+/// Removes the tree at `rel` beneath `root` (no symlink followed).
+pub fn remove_tree(root: BorrowedFd<'_>, rel: &[u8]) -> Result<()> {
+    let parent = mpath::parent(rel).ok_or_else(|| anyhow!("refusing to remove the root"))?;
+    let pd = apply::open_dir_beneath(root, parent)?;
+    let name = OsStr::from_bytes(mpath::file_name(rel));
+    let st = rustix::fs::statat(&pd, name, AtFlags::SYMLINK_NOFOLLOW);
+    match st {
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("stat {}", String::from_utf8_lossy(rel))),
+        Ok(s)
+            if rustix::fs::FileType::from_raw_mode(s.st_mode)
+                == rustix::fs::FileType::Directory =>
+        {
+            let d = apply::open_dir_beneath(root, rel)?;
+            let mut names = Vec::new();
+            for ent in rustix::fs::Dir::read_from(&d).context("listing a directory to remove")? {
+                let ent = ent?;
+                let n = ent.file_name().to_bytes();
+                if n != b"." && n != b".." {
+                    names.push(n.to_vec());
+                }
+            }
+            for n in names {
+                remove_tree(root, &mpath::join(rel, &n))?;
+            }
+            rustix::fs::unlinkat(&pd, name, AtFlags::REMOVEDIR)
+                .with_context(|| format!("removing {}", String::from_utf8_lossy(rel)))?;
+        }
+        Ok(_) => rustix::fs::unlinkat(&pd, name, AtFlags::empty())
+            .with_context(|| format!("removing {}", String::from_utf8_lossy(rel)))?,
+    }
+    Ok(())
+}
+
+fn tmp_name(name: &[u8]) -> Vec<u8> {
+    let mut v = b".si-new.".to_vec();
+    v.extend_from_slice(&name[..name.len().min(200)]);
+    v
+}
+
+/// Applies metadata to an existing entry, removing xattrs the target does not have.
+fn fix_meta(root: BorrowedFd<'_>, e: &Entry) -> Result<()> {
+    let parent = mpath::parent(&e.path).unwrap_or(b"");
+    let pd = apply::open_dir_beneath(root, parent)?;
+    let name = if e.path.is_empty() {
+        OsStr::new(".")
+    } else {
+        OsStr::from_bytes(mpath::file_name(&e.path))
+    };
+    match e.kind {
+        Kind::Dir | Kind::File { .. } | Kind::Hardlink { .. } => {
+            let fd = if e.path.is_empty() {
+                pd
+            } else {
+                let flags = if e.kind == Kind::Dir {
+                    OFlags::RDONLY | OFlags::DIRECTORY
+                } else {
+                    OFlags::RDONLY
+                };
+                rustix::fs::openat(
+                    &pd,
+                    name,
+                    flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .with_context(|| format!("opening {}", e.path_lossy()))?
+            };
+            let mut buf = vec![0u8; 64 << 10];
+            let n = rustix::fs::flistxattr(&fd, &mut buf[..]).unwrap_or(0);
+            for x in buf[..n].split(|&b| b == 0).filter(|x| !x.is_empty()) {
+                if !e.xattrs.iter().any(|t| t.name == x) {
+                    rustix::fs::fremovexattr(&fd, OsStr::from_bytes(x))
+                        .with_context(|| format!("removing an xattr of {}", e.path_lossy()))?;
+                }
+            }
+            apply::set_meta_fd(fd.as_fd(), e)
+        }
+        _ => apply::set_meta_at_pub(pd.as_fd(), name, e),
+    }
+}
+
+/// Fetches `m` into an empty root, writing objects into their files as they arrive.
+pub fn deploy_fresh(client: &mut Client, m: &Manifest, root: &Path, threads: usize) -> Result<u64> {
+    m.validate()?;
+    let rootfd = apply::open_root(root)?;
+    let rfd = rootfd.as_fd();
+    let mut with_content: Vec<usize> = Vec::new();
+    for (i, e) in m.entries.iter().enumerate().skip(1) {
+        let pd = apply::open_dir_beneath(rfd, mpath::parent(&e.path).expect("non-root"))?;
+        let name = OsStr::from_bytes(mpath::file_name(&e.path));
+        match &e.kind {
+            Kind::Hardlink { .. } => {}
+            Kind::File { chunks, .. } if !chunks.is_empty() => with_content.push(i),
+            _ => {
+                apply::create_at(pd.as_fd(), name, e, &NoObjects)?;
+            }
+        }
+    }
+    let remaining: Vec<AtomicU32> = with_content
+        .iter()
+        .map(|&i| match &m.entries[i].kind {
+            Kind::File { chunks, .. } => AtomicU32::new(chunks.len() as u32),
+            _ => AtomicU32::new(0),
+        })
+        .collect();
+    let mut uses: HashMap<Digest, Vec<(usize, u64)>> = HashMap::new();
+    let mut wants = Vec::new();
+    for (k, &i) in with_content.iter().enumerate() {
+        if let Kind::File { chunks, .. } = &m.entries[i].kind {
+            for c in chunks {
+                let u = uses.entry(c.digest).or_default();
+                if u.is_empty() {
+                    wants.push((c.digest, c.len));
+                }
+                u.push((k, c.offset));
+            }
+        }
+    }
+    let written = AtomicU64::new(0);
+    let f = |d: Digest, data: Vec<u8>| -> Result<()> {
+        for &(k, off) in uses
+            .get(&d)
+            .ok_or_else(|| anyhow!("unrequested object {d}"))?
+        {
+            let e = &m.entries[with_content[k]];
+            let pd = apply::open_dir_beneath(rfd, mpath::parent(&e.path).expect("non-root"))?;
+            let fd = rustix::fs::openat(
+                &pd,
+                OsStr::from_bytes(mpath::file_name(&e.path)),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .with_context(|| format!("creating {}", e.path_lossy()))?;
+            let file = std::fs::File::from(fd);
+            file.write_all_at(&data, off)
+                .with_context(|| format!("writing {}", e.path_lossy()))?;
+            written.fetch_add(data.len() as u64, Ordering::Relaxed);
+            if remaining[k].fetch_sub(1, Ordering::AcqRel) == 1 {
+                if let Kind::File { size, .. } = &e.kind {
+                    file.set_len(*size)?;
+                }
+                apply::set_meta_fd(file.as_fd(), e)?;
+            }
+        }
+        Ok(())
+    };
+    client.fetch(&wants, threads, &f)?;
+    for e in m
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Hardlink { .. }))
+    {
+        let pd = apply::open_dir_beneath(rfd, mpath::parent(&e.path).expect("non-root"))?;
+        apply::link_at(
+            rfd,
+            pd.as_fd(),
+            OsStr::from_bytes(mpath::file_name(&e.path)),
+            e,
+        )?;
+    }
+    for e in m.entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
+        let d = apply::open_dir_beneath(rfd, &e.path)?;
+        apply::set_meta_fd(d.as_fd(), e)?;
+    }
+    Ok(written.load(Ordering::Relaxed))
+}
+
+struct NoObjects;
+impl ObjectSource for NoObjects {
+    fn get(&self, d: &Digest, _: u32) -> Result<Vec<u8>> {
+        bail!("object {d} unexpectedly needed")
+    }
+}
+
+fn free_bytes(p: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(p).with_context(|| format!("statvfs {}", p.display()))?;
+    Ok(s.f_bavail * s.f_frsize)
+}
+
+/// Moves the tree at `o.root` to the requested version. With `dry_run`, only plans.
+pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateSummary> {
+    let start = std::time::Instant::now();
+    let mut client = Client::connect(&o.server, Duration::from_secs(10))?;
+    let installed = read_installed(&state_dir(o));
+    let base = installed
+        .as_ref()
+        .and_then(|(i, m)| m.as_ref().map(|m| (i.image.as_str(), i.version, m)));
+    let (info, m, mbytes) = client.manifest_from(&o.image, o.version, base)?;
+    std::fs::create_dir_all(&o.root).with_context(|| format!("creating {}", o.root.display()))?;
+    let p = plan(o, &info.image, info.version, &m)?;
+    let mut sum = UpdateSummary {
+        image: info.image.clone(),
+        version: info.version,
+        ..Default::default()
+    };
+    if o.dry_run {
+        p.print(&m, out)?;
+        client.bye();
+        return Ok(sum);
+    }
+    let sdir = state_dir(o);
+    if p.fresh {
+        let written = deploy_fresh(&mut client, &m, &o.root, o.threads)?;
+        sum.created = m.entries.len() as u64 - 1;
+        sum.fetched_bytes = written;
+    } else {
+        let deleted_files = p.delete_files;
+        if !o.force && p.disk_files > 0 && deleted_files * 2 > p.disk_files {
+            bail!(
+                "refusing to delete {deleted_files} of the node's {} files in scope (wrong image?); use --force",
+                p.disk_files
+            );
+        }
+        std::fs::create_dir_all(sdir.join("staging"))
+            .with_context(|| format!("creating {}", sdir.display()))?;
+        let staging = Staging {
+            dir: sdir.join("staging"),
+        };
+        // Everything the swap needs is on the node before anything is touched.
+        let new_bytes: u64 = p
+            .create
+            .iter()
+            .chain(&p.replace)
+            .map(|&i| m.entries[i].kind_size())
+            .sum();
+        let need = p.fetch_bytes + new_bytes;
+        let free = free_bytes(&sdir)?;
+        if need > free {
+            bail!("not enough space: the update needs {need} bytes, {free} are free");
+        }
+        // Local copies first (from files not yet touched); a copy that no longer matches
+        // (local drift) is fetched instead.
+        let mut todo: Vec<(Digest, u32)> = p
+            .fetch
+            .iter()
+            .copied()
+            .filter(|(d, l)| !staging.has(d, *l))
+            .collect();
+        let mut local_ok = 0u64;
+        for (d, (path, off, len)) in &p.local {
+            let abs = o.root.join(OsStr::from_bytes(path));
+            let mut buf = vec![0u8; *len as usize];
+            let ok = std::fs::File::open(&abs)
+                .and_then(|f| f.read_exact_at(&mut buf, *off))
+                .is_ok()
+                && Digest::of(&buf) == *d;
+            if ok {
+                staging.put(d, &buf)?;
+                local_ok += 1;
+            } else {
+                todo.push((*d, *len));
+            }
+        }
+        let fetched = AtomicU64::new(0);
+        client.fetch(&todo, o.threads, &|d, data| {
+            fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+            staging.put(&d, &data)
+        })?;
+        sum.fetched_objects = todo.len() as u64;
+        sum.fetched_bytes = fetched.load(Ordering::Relaxed);
+        sum.local_objects = local_ok;
+        let changed: Vec<&[u8]> = p
+            .create
+            .iter()
+            .chain(&p.replace)
+            .chain(&p.meta)
+            .map(|&i| m.entries[i].path.as_slice())
+            .chain(p.delete.iter().map(|v| v.as_slice()))
+            .collect();
+        let triggers = match m.get(b"etc/si/triggers.toml") {
+            Some(Entry {
+                kind: Kind::File { chunks, .. },
+                ..
+            }) => {
+                let mut text = Vec::new();
+                for c in chunks {
+                    match staging.get(&c.digest, c.len) {
+                        Ok(d) => text.extend(d),
+                        Err(_) => {
+                            text = std::fs::read(o.root.join("etc/si/triggers.toml"))
+                                .unwrap_or_default();
+                            break;
+                        }
+                    }
+                }
+                fired_triggers(&String::from_utf8_lossy(&text), &changed)?
+            }
+            _ => vec![],
+        };
+        for h in &o.pre_hooks {
+            run_hook(h, o, info.version, "pre-update")?;
+        }
+        for t in &triggers {
+            run_hook(
+                t.stop
+                    .as_deref()
+                    .unwrap_or(&format!("systemctl stop {}", t.service)),
+                o,
+                info.version,
+                "trigger-stop",
+            )?;
+        }
+        swap(o, &m, &p, &staging)?;
+        for t in &triggers {
+            run_hook(
+                t.start
+                    .as_deref()
+                    .unwrap_or(&format!("systemctl start {}", t.service)),
+                o,
+                info.version,
+                "trigger-start",
+            )?;
+        }
+        sum.created = p.create.len() as u64;
+        sum.replaced = p.replace.len() as u64;
+        sum.meta = p.meta.len() as u64;
+        sum.deleted = p.delete.len() as u64;
+        std::fs::remove_dir_all(sdir.join("staging")).ok();
+    }
+    let inst = Installed {
+        image: info.image.clone(),
+        version: info.version,
+        manifest: Digest::of(&mbytes).to_hex(),
+        server: o.server.clone(),
+        when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    crate::fsutil::write_atomic(&sdir.join("installed.manifest"), &mbytes)?;
+    crate::fsutil::write_atomic(
+        &sdir.join("installed.toml"),
+        toml::to_string_pretty(&inst)?.as_bytes(),
+    )?;
+    if !p.fresh {
+        for h in &o.post_hooks {
+            run_hook(h, o, info.version, "post-update")?;
+        }
+    }
+    sum.wire_bytes = client.received.load(Ordering::Relaxed);
+    sum.seconds = start.elapsed().as_secs_f64();
+    let _ = client.report(
+        &o.node,
+        "updated",
+        &format!("{}@{}", info.image, info.version),
+    );
+    client.bye();
+    Ok(sum)
+}
+
+fn swap(o: &UpdateOptions, m: &Manifest, p: &Plan, staging: &Staging) -> Result<()> {
+    let rootfd = apply::open_root(&o.root)?;
+    let rfd = rootfd.as_fd();
+    for path in &p.delete {
+        remove_tree(rfd, path)?;
+    }
+    let mut todo: Vec<usize> = p.create.iter().chain(&p.replace).copied().collect();
+    todo.sort();
+    for &i in todo
+        .iter()
+        .filter(|&&i| !matches!(m.entries[i].kind, Kind::Hardlink { .. }))
+    {
+        let e = &m.entries[i];
+        let parent = mpath::parent(&e.path).expect("non-root");
+        let pd = apply::open_dir_beneath(rfd, parent)?;
+        let name = mpath::file_name(&e.path);
+        let st = rustix::fs::statat(&pd, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW).ok();
+        let is_dir = st.is_some_and(|s| {
+            rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::Directory
+        });
+        if e.kind == Kind::Dir {
+            if st.is_some() && !is_dir {
+                remove_tree(rfd, &e.path)?;
+            }
+            if !is_dir {
+                apply::create_at(pd.as_fd(), OsStr::from_bytes(name), e, staging)?;
+            }
+            continue;
+        }
+        let tmp = tmp_name(name);
+        let _ = rustix::fs::unlinkat(&pd, OsStr::from_bytes(&tmp), AtFlags::empty());
+        apply::create_at(pd.as_fd(), OsStr::from_bytes(&tmp), e, staging)?;
+        if is_dir {
+            remove_tree(rfd, &e.path)?;
+        }
+        rustix::fs::renameat(&pd, OsStr::from_bytes(&tmp), &pd, OsStr::from_bytes(name))
+            .with_context(|| format!("swapping in {}", e.path_lossy()))?;
+    }
+    for &i in todo
+        .iter()
+        .filter(|&&i| matches!(m.entries[i].kind, Kind::Hardlink { .. }))
+    {
+        let e = &m.entries[i];
+        let pd = apply::open_dir_beneath(rfd, mpath::parent(&e.path).expect("non-root"))?;
+        let name = mpath::file_name(&e.path);
+        let tmp = tmp_name(name);
+        let _ = rustix::fs::unlinkat(&pd, OsStr::from_bytes(&tmp), AtFlags::empty());
+        apply::link_at(rfd, pd.as_fd(), OsStr::from_bytes(&tmp), e)?;
+        rustix::fs::renameat(&pd, OsStr::from_bytes(&tmp), &pd, OsStr::from_bytes(name))
+            .with_context(|| format!("swapping in {}", e.path_lossy()))?;
+    }
+    for &i in &p.meta {
+        fix_meta(rfd, &m.entries[i])?;
+    }
+    for e in m
+        .entries
+        .iter()
+        .rev()
+        .filter(|e| e.kind == Kind::Dir && !o.excludes.is_excluded(&e.path))
+    {
+        fix_meta(rfd, e)?;
+    }
+    Ok(())
+}
+
+/// Reads a whole file beneath a root, for tests and tools.
+pub fn read_beneath(root: &Path, rel: &[u8]) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    std::fs::File::open(root.join(OsStr::from_bytes(rel)))?.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Command-line arguments, as `si-updateclient` and the push agent take them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OptionArgs {
+    pub server: String,
+    pub image: Option<String>,
+    pub version: Option<u32>,
+    pub root: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    pub dry_run: bool,
+    pub verify: bool,
+    pub force: bool,
+    pub exclude: Vec<String>,
+    pub exclude_file: Vec<PathBuf>,
+    pub no_default_excludes: bool,
+    pub pre_hook: Vec<String>,
+    pub post_hook: Vec<String>,
+}
+
+/// Resolves arguments into options: the image defaults to the installed one; the exclude list
+/// is the defaults, the node's /etc/si/update.exclude, and the extra ones.
+pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
+    let sdir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| a.root.join("var/lib/si"));
+    let image = match a.image {
+        Some(i) => i,
+        None => read_installed(&sdir)
+            .map(|(i, _)| i.image)
+            .ok_or_else(|| anyhow!("no image installed here: pass --image"))?,
+    };
+    let mut ex = if a.no_default_excludes {
+        vec![]
+    } else {
+        default_update_excludes()
+    };
+    let local = a.root.join("etc/si/update.exclude");
+    if local.exists() {
+        ex.extend(Excludes::from_file(&local)?);
+    }
+    for f in &a.exclude_file {
+        ex.extend(Excludes::from_file(f)?);
+    }
+    ex.extend(a.exclude.iter().cloned());
+    Ok(UpdateOptions {
+        server: a.server,
+        image,
+        version: a.version,
+        root: a.root,
+        excludes: Excludes::new(&ex)?,
+        state_dir: a.state_dir,
+        dry_run: a.dry_run,
+        verify: a.verify,
+        force: a.force,
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        node: crate::capture::hostname(),
+        pre_hooks: a.pre_hook,
+        post_hooks: a.post_hook,
+    })
+}

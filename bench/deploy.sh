@@ -1,0 +1,195 @@
+#!/bin/bash
+# Deploy and update benchmark: si against rsync from an rsync daemon (SystemImager's install and
+# update transport), on the `big` Debian tree, between two network namespaces joined by a veth
+# link shaped with tc to 1 Gbit/s. See bench/README.md.
+#
+#   bench/deploy.sh [--repeat N] [--workdir DIR] [--rate RATE] [--keep] [BINDIR]
+#
+#   BINDIR     directory with si-image, si-server and si-updateclient (default target/release)
+#   --repeat   run every scenario N times and print medians (default 1)
+#   --workdir  where the trees and stores go (default /var/tmp)
+#   --rate     link rate for tc (default 1gbit)
+#
+# Scenarios, each for si and rsync:
+#   deploy-disk   fresh deploy to an empty directory on disk
+#   deploy-tmpfs  fresh deploy to an empty tmpfs (the disk out of the figure)
+#   update        20 files changed (~50 MB), 5 added, 5 deleted (rsync -aHAXS --delete)
+#   1g-file       1 MiB changed inside a 1 GiB file
+# Columns: wall s, CPU s of the node side (and of the serving side), bytes on the wire
+# (si: received by the node; rsync: its --stats totals), node peak RSS.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+repeat=1
+workbase=/var/tmp
+rate=1gbit
+keep=0
+bindir=$repo/target/release
+while [ $# -gt 0 ]; do
+    case $1 in
+    --repeat) repeat=$2; shift 2 ;;
+    --workdir) workbase=$2; shift 2 ;;
+    --rate) rate=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    -*) echo "$0: unknown option $1" >&2; exit 2 ;;
+    *) bindir=$1; shift ;;
+    esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "$0: needs root (namespaces, tc, device nodes)" >&2; exit 1; }
+for b in si-image si-server si-updateclient; do
+    [ -x "$bindir/$b" ] || { echo "$0: $bindir/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
+done
+for tool in rsync tc python3 zstd; do
+    command -v "$tool" >/dev/null || { echo "$0: $tool is missing" >&2; exit 1; }
+done
+[ -x /usr/bin/time ] || { echo "$0: /usr/bin/time is missing: apt-get install time" >&2; exit 1; }
+
+ns_m=si-bench$$-m
+ns_n=si-bench$$-n
+work=$(mktemp -d "$workbase/si-bench-deploy.XXXXXX")
+pids=()
+cleanup() {
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.2
+    umount "$work/tmpfs" 2>/dev/null || true
+    ip netns del "$ns_m" 2>/dev/null || true
+    ip netns del "$ns_n" 2>/dev/null || true
+    if [ "$keep" -eq 0 ]; then rm -rf --one-file-system "$work"; else echo "kept $work" >&2; fi
+}
+trap cleanup EXIT
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+results=$work/results.tsv
+: >"$results"
+record() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$results"; } # rep scenario tool wall cpu wire rss
+
+# Leftover namespaces of dead runs.
+for ns in $(ip netns list | awk '{print $1}' | grep "^si-bench" || true); do
+    pid=${ns#si-bench}; pid=${pid%%-*}
+    [ -d "/proc/$pid" ] || ip netns del "$ns" 2>/dev/null || true
+done
+
+ip netns add "$ns_m"
+ip netns add "$ns_n"
+ip link add "sb$$m" netns "$ns_m" type veth peer name "sb$$n" netns "$ns_n"
+ip -n "$ns_m" addr add 10.213.200.1/24 dev "sb$$m"
+ip -n "$ns_n" addr add 10.213.200.2/24 dev "sb$$n"
+for ns in "$ns_m" "$ns_n"; do ip -n "$ns" link set lo up; done
+ip -n "$ns_m" link set "sb$$m" up
+ip -n "$ns_n" link set "sb$$n" up
+ip netns exec "$ns_m" tc qdisc add dev "sb$$m" root tbf rate "$rate" burst 256kb latency 50ms
+ip netns exec "$ns_n" tc qdisc add dev "sb$$n" root tbf rate "$rate" burst 256kb latency 50ms
+M=10.213.200.1
+
+log "building the golden tree"
+src=$work/golden
+bash "$repo/tests/fixtures/rootfs.sh" "$src" big >/dev/null
+find "$src" -type f -exec cat {} + >/dev/null 2>&1 || true
+store=$work/store
+"$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
+
+# The master's services.
+/usr/bin/time -f '%e %U %S %M' -o "$work/t.server" ip netns exec "$ns_m" "$bindir/si-server" --store "$store" --state-dir "$work/state" --listen 0.0.0.0:7811 2>"$work/server.log" &
+pids+=($!)
+cat >"$work/rsyncd.conf" <<CONF
+port = 873
+pid file = $work/rsyncd.pid
+use chroot = yes
+[img]
+    path = $src
+    read only = yes
+    uid = 0
+    gid = 0
+    numeric ids = yes
+CONF
+ip netns exec "$ns_m" rsync --daemon --no-detach --config="$work/rsyncd.conf" &
+pids+=($!)
+sleep 1
+
+ncpu() { # CPU seconds of a process tree so far: utime+stime of everything in a namespace
+    ip netns pids "$1" | while read -r p; do awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || true; done |
+        awk -v hz="$(getconf CLK_TCK)" '{s+=$1} END {printf "%.2f", s/hz}'
+}
+
+si_pull() { # rep scenario dest [extra...]
+    local rep=$1 sc=$2 dest=$3; shift 3
+    local before after
+    before=$(ncpu "$ns_m")
+    /usr/bin/time -f '%e %U %S %M' -o "$work/t.si" ip netns exec "$ns_n" "$bindir/si-updateclient" \
+        --server $M --root "$dest" --state-dir "$dest.state" --no-default-excludes \
+        --summary-json "$work/si.json" "$@" >/dev/null 2>"$work/si.log" || { cat "$work/si.log" >&2; return 1; }
+    after=$(ncpu "$ns_m")
+    read -r wall u s rss <"$work/t.si"
+    wire=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["wire_bytes"])' "$work/si.json")
+    record "$rep" "$sc" si "$wall" "$(echo "$u + $s" | bc) (+$(echo "$after - $before" | bc))" "$wire" "$rss"
+}
+
+rsync_pull() { # rep scenario dest [extra...]
+    local rep=$1 sc=$2 dest=$3; shift 3
+    mkdir -p "$dest"
+    /usr/bin/time -f '%e %U %S %M' -o "$work/t.rs" ip netns exec "$ns_n" rsync -aHAXS --numeric-ids --stats "$@" \
+        "rsync://$M/img/" "$dest/" >"$work/rs.stats" 2>&1 || { cat "$work/rs.stats" >&2; return 1; }
+    read -r wall u s rss <"$work/t.rs"
+    sent=$(sed -n 's/^Total bytes sent: \([0-9,]*\).*/\1/p' "$work/rs.stats" | tr -d ,)
+    recv=$(sed -n 's/^Total bytes received: \([0-9,]*\).*/\1/p' "$work/rs.stats" | tr -d ,)
+    record "$rep" "$sc" rsync "$wall" "$(echo "$u + $s" | bc)" "$((sent + recv))" "$rss"
+}
+
+mkdir -p "$work/tmpfs"
+mount -t tmpfs -o size=4g tmpfs "$work/tmpfs"
+changed_bytes=0
+for ((rep = 1; rep <= repeat; rep++)); do
+    log "rep $rep: fresh deploys"
+    rm -rf --one-file-system "$work/si-disk" "$work/si-disk.state" "$work/rs-disk" "$work"/tmpfs/*
+    sync; echo 3 >/proc/sys/vm/drop_caches
+    si_pull "$rep" deploy-disk "$work/si-disk"
+    sync; echo 3 >/proc/sys/vm/drop_caches
+    rsync_pull "$rep" deploy-disk "$work/rs-disk"
+    si_pull "$rep" deploy-tmpfs "$work/tmpfs/si"
+    rm -rf "$work/tmpfs/si" "$work/tmpfs/si.state"
+    rsync_pull "$rep" deploy-tmpfs "$work/tmpfs/rs"
+    rm -rf "$work/tmpfs/rs"
+done
+
+log "update: 20 changed, 5 added, 5 deleted"
+python3 "$repo/bench/mutate.py" "$src" --count 20 --seed 7 >"$work/changed.lst"
+for i in 1 2 3 4 5; do head -c $((200 * 1024 * i)) /dev/urandom >"$src/usr/share/bench-added-$i"; done
+find "$src/usr/share/doc" -type f -size +4k | sort | head -5 | xargs rm -f
+changed_z=$( (tr '\0' '\n' <"$work/changed.lst"; ls "$src"/usr/share/bench-added-*) | xargs cat | zstd -3 -c | wc -c)
+"$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
+si_pull 1 update "$work/si-disk"
+rsync_pull 1 update "$work/rs-disk" --delete
+
+log "1 MiB changed inside a 1 GiB file"
+rm -rf "$src.1g" && mkdir -p "$src.1g"
+head -c 1G /dev/urandom >"$src.1g/big"
+"$bindir/si-image" --store "$store" commit "$src.1g" bench >/dev/null 2>&1
+rm -rf "$work/si-disk.state" # a fresh node record: deploy the 1 GiB image into a new root
+si_pull 1 1g-deploy "$work/si-1g" --force
+head -c 1M /dev/urandom | dd of="$src.1g/big" bs=1M seek=500 conv=notrunc status=none
+"$bindir/si-image" --store "$store" commit "$src.1g" bench >/dev/null 2>&1
+si_pull 1 1g-file "$work/si-1g"
+
+python3 - "$results" "$changed_z" <<'PY'
+import statistics, sys, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+changed_z = int(sys.argv[2])
+by = collections.defaultdict(list)
+for rep, sc, tool, wall, cpu, wire, rss in rows:
+    by[(sc, tool)].append((float(wall), cpu, int(wire), int(rss)))
+print(f"{'scenario':<14}{'tool':<7}{'wall s':>9}{'cpu s node (+server)':>24}{'wire bytes':>14}{'node rss MB':>13}")
+for (sc, tool), v in by.items():
+    wall = statistics.median(x[0] for x in v)
+    print(f"{sc:<14}{tool:<7}{wall:>9.2f}{v[0][1]:>24}{v[0][2]:>14}{v[0][3]/1024:>13.1f}")
+def med(sc, tool):
+    v = by.get((sc, tool))
+    return statistics.median(x[0] for x in v) if v else None
+for sc in ("deploy-disk", "deploy-tmpfs", "update"):
+    a, b = med(sc, "si"), med(sc, "rsync")
+    if a and b:
+        print(f"{sc}: si/rsync wall = {a / b:.2f}")
+si_up = by.get(("update", "si"))
+if si_up:
+    print(f"update: si wire {si_up[0][2]} bytes = {si_up[0][2] / changed_z:.2f}x the zstd-3 size of the changed and added files ({changed_z} bytes)")
+PY

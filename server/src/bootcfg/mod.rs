@@ -1,0 +1,464 @@
+//! Per-node boot configurations for PXELINUX, iPXE and GRUB, generated from [`BootNode`]s.
+//!
+//! [`render`] turns nodes into a map of relative paths to file contents:
+//!
+//! ```text
+//! boot.ipxe                          iPXE entry script: chains boot/<mac>.ipxe, else boot/default.ipxe
+//! boot/default.ipxe                  unknown nodes: boot the local disk
+//! boot/52-54-00-12-34-56.ipxe        per MAC (lowercase, dashes)
+//! pxelinux.cfg/default               unknown nodes
+//! pxelinux.cfg/<uuid>                per node with a UUID
+//! pxelinux.cfg/01-52-54-00-12-34-56  per MAC
+//! pxelinux.cfg/0AD50A05              per IPv4 address (uppercase hex)
+//! grub/grub.cfg                      chains grub.cfg-01-<mac>, falls back to local boot
+//! grub/grub.cfg-01-52-54-00-12-34-56 per MAC
+//! grub/grub.cfg-0AD50A05             per IPv4 address
+//! ```
+//!
+//! The map is served by both the TFTP and HTTP servers through [`Generated`] (ahead of
+//! files on disk), or written out with [`write_tree`].
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+/// What a node should boot.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type", deny_unknown_fields)]
+pub enum BootAction {
+    /// Netboot si's installer, which puts `image` on the node.
+    Install { image: String },
+    /// Boot the node's local disk.
+    Local,
+    /// Boot a given kernel (paths relative to the served roots).
+    Custom {
+        kernel: String,
+        initrd: Option<String>,
+        cmdline: String,
+    },
+}
+
+/// Firmware of a node; `Any` makes scripts that work on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Firmware {
+    Bios,
+    Uefi,
+    #[default]
+    Any,
+}
+
+/// One node as the boot services see it (the inventory converts its rows into this).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootNode {
+    pub name: String,
+    pub macs: Vec<[u8; 6]>,
+    pub ip: Option<Ipv4Addr>,
+    /// SMBIOS UUID as pxelinux prints it (lowercase, dashed).
+    pub uuid: Option<String>,
+    pub action: BootAction,
+    /// Extra kernel arguments appended for `Install`.
+    pub kernel_args: String,
+    pub firmware: Firmware,
+}
+
+/// Server-wide settings the configurations refer to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootSettings {
+    /// Base URL of the HTTP server, without a trailing slash (`http://10.213.0.1:8080`).
+    pub http_base: String,
+    /// Value of `si.server=` on installer command lines.
+    pub si_server: String,
+    /// Installer kernel and initrd, relative to the served roots.
+    pub installer_kernel: String,
+    pub installer_initrd: String,
+    /// Action for nodes with no file of their own.
+    pub default_action: BootAction,
+}
+
+/// Generated files shared with the servers; replace the whole set when nodes change.
+#[derive(Debug, Clone, Default)]
+pub struct Generated(Arc<RwLock<BTreeMap<String, Arc<[u8]>>>>);
+
+impl Generated {
+    pub fn new(files: BTreeMap<String, String>) -> Generated {
+        let g = Generated::default();
+        g.replace(files);
+        g
+    }
+
+    /// Contents of a normalised relative path, if generated.
+    pub fn get(&self, path: &str) -> Option<Arc<[u8]>> {
+        // A poisoned lock only means a writer panicked; the map itself is always whole.
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        map.get(path).cloned()
+    }
+
+    pub fn replace(&self, files: BTreeMap<String, String>) {
+        let new = files
+            .into_iter()
+            .map(|(k, v)| (k, Arc::from(v.into_bytes())))
+            .collect();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = new;
+    }
+}
+
+/// `52-54-00-12-34-56`.
+pub fn mac_dashed(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Parses `52:54:00:12:34:56` or `52-54-00-12-34-56`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        bail!("invalid MAC address {s:?}");
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            bail!("invalid MAC address {s:?}");
+        }
+        *m = u8::from_str_radix(p, 16).with_context(|| format!("invalid MAC address {s:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// `10.213.10.5` → `0AD50A05`.
+pub fn ip_hex(ip: Ipv4Addr) -> String {
+    ip.octets().iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// The files pxelinux asks for, in its order: UUID, `01-<mac>`, the IP in hex from 8 digits
+/// down to 1, `default` (all under `pxelinux.cfg/`).
+pub fn pxelinux_lookup_order(
+    uuid: Option<&str>,
+    mac: &[u8; 6],
+    ip: Option<Ipv4Addr>,
+) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(u) = uuid {
+        v.push(format!("pxelinux.cfg/{}", u.to_ascii_lowercase()));
+    }
+    v.push(format!("pxelinux.cfg/01-{}", mac_dashed(mac)));
+    if let Some(ip) = ip {
+        let hex = ip_hex(ip);
+        for n in (1..=8).rev() {
+            v.push(format!("pxelinux.cfg/{}", &hex[..n]));
+        }
+    }
+    v.push("pxelinux.cfg/default".into());
+    v
+}
+
+/// The files GRUB's network config search asks for (`grub_net_search_config_file`):
+/// `grub.cfg-01-<mac>`, `grub.cfg-<IP hex>` from 8 digits down to 1, `grub.cfg`.
+pub fn grub_lookup_order(mac: &[u8; 6], ip: Option<Ipv4Addr>) -> Vec<String> {
+    let mut v = vec![format!("grub/grub.cfg-01-{}", mac_dashed(mac))];
+    if let Some(ip) = ip {
+        let hex = ip_hex(ip);
+        for n in (1..=8).rev() {
+            v.push(format!("grub/grub.cfg-{}", &hex[..n]));
+        }
+    }
+    v.push("grub/grub.cfg".into());
+    v
+}
+
+/// A resolved kernel, initrd and command line.
+struct Kernel<'a> {
+    kernel: &'a str,
+    initrd: Option<&'a str>,
+    cmdline: String,
+}
+
+fn kernel_for<'a>(
+    s: &'a BootSettings,
+    name: &str,
+    args: &str,
+    action: &'a BootAction,
+) -> Option<Kernel<'a>> {
+    match action {
+        BootAction::Local => None,
+        BootAction::Install { image } => {
+            let mut cmdline = format!("si.server={} si.image={image} si.node={name}", s.si_server);
+            if !args.trim().is_empty() {
+                cmdline.push(' ');
+                cmdline.push_str(args.trim());
+            }
+            Some(Kernel {
+                kernel: &s.installer_kernel,
+                initrd: Some(&s.installer_initrd),
+                cmdline,
+            })
+        }
+        BootAction::Custom {
+            kernel,
+            initrd,
+            cmdline,
+        } => Some(Kernel {
+            kernel,
+            initrd: initrd.as_deref(),
+            cmdline: cmdline.clone(),
+        }),
+    }
+}
+
+fn basename(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+/// An iPXE script for one action.
+pub fn ipxe_script(
+    s: &BootSettings,
+    name: &str,
+    args: &str,
+    action: &BootAction,
+    fw: Firmware,
+) -> String {
+    let mut o = String::from("#!ipxe\n");
+    let _ = writeln!(o, "echo si: booting {name}");
+    match kernel_for(s, name, args, action) {
+        None => match fw {
+            Firmware::Bios => o.push_str("sanboot --no-describe --drive 0x80 || exit\n"),
+            Firmware::Uefi => o.push_str("exit\n"),
+            Firmware::Any => o.push_str(
+                "iseq ${platform} efi && goto si_exit || goto si_sanboot\n\
+                 :si_sanboot\nsanboot --no-describe --drive 0x80 || goto si_exit\n:si_exit\nexit\n",
+            ),
+        },
+        Some(k) => {
+            let base = &s.http_base;
+            // The EFI stub reads its initrd from the `initrd=` argument; BIOS kernels ignore it.
+            let initrd_arg = k
+                .initrd
+                .map(|i| format!(" initrd={}", basename(i)))
+                .unwrap_or_default();
+            let _ = writeln!(o, "kernel {base}/{}{initrd_arg} {}", k.kernel, k.cmdline);
+            if let Some(i) = k.initrd {
+                let _ = writeln!(o, "initrd {base}/{i}");
+            }
+            o.push_str("boot\n");
+        }
+    }
+    o
+}
+
+/// A PXELINUX configuration for one action.
+pub fn pxelinux_config(s: &BootSettings, name: &str, args: &str, action: &BootAction) -> String {
+    let mut o = format!("# si: {name}\nDEFAULT si\nPROMPT 0\nTIMEOUT 0\nLABEL si\n");
+    match kernel_for(s, name, args, action) {
+        None => o.push_str("  LOCALBOOT 0\n"),
+        Some(k) => {
+            let _ = writeln!(o, "  KERNEL {}", k.kernel);
+            if let Some(i) = k.initrd {
+                let _ = writeln!(o, "  INITRD {i}");
+            }
+            let _ = writeln!(o, "  APPEND {}", k.cmdline);
+        }
+    }
+    o
+}
+
+/// A GRUB configuration for one action (GRUB's root is the TFTP server when netbooted).
+pub fn grub_config(s: &BootSettings, name: &str, args: &str, action: &BootAction) -> String {
+    let mut o = format!("# si: {name}\nset timeout=0\nmenuentry 'si: {name}' {{\n");
+    match kernel_for(s, name, args, action) {
+        None => o.push_str("  exit\n"),
+        Some(k) => {
+            let _ = writeln!(o, "  linux /{} {}", k.kernel, k.cmdline);
+            if let Some(i) = k.initrd {
+                let _ = writeln!(o, "  initrd /{i}");
+            }
+        }
+    }
+    o.push_str("}\n");
+    o
+}
+
+/// The iPXE entry script every iPXE client is pointed at.
+pub fn ipxe_entry(s: &BootSettings) -> String {
+    format!(
+        "#!ipxe\nchain {b}/boot/${{mac:hexhyp}}.ipxe || chain {b}/boot/default.ipxe\n",
+        b = s.http_base
+    )
+}
+
+/// `grub/grub.cfg`: GRUB reads this first when its network search finds no per-node file
+/// (or when built without the search); it chains the per-MAC file when present.
+pub fn grub_entry(s: &BootSettings) -> String {
+    let mut o = String::from(
+        "regexp --set=1:m1 --set=2:m2 --set=3:m3 --set=4:m4 --set=5:m5 --set=6:m6 \
+         '^(..):(..):(..):(..):(..):(..)$' \"$net_default_mac\"\n\
+         set si_cfg=\"$prefix/grub.cfg-01-$m1-$m2-$m3-$m4-$m5-$m6\"\n\
+         if [ -s \"$si_cfg\" ]; then configfile \"$si_cfg\"; fi\n",
+    );
+    o.push_str(&grub_config(s, "default", "", &s.default_action));
+    o
+}
+
+/// Checks a node's fields that end up in paths or command lines.
+fn check_node(n: &BootNode) -> Result<()> {
+    let ok = |v: &str| {
+        !v.is_empty()
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if !ok(&n.name) {
+        bail!("node name {:?} must be non-empty [A-Za-z0-9._-]", n.name);
+    }
+    if let BootAction::Install { image } = &n.action {
+        if !ok(image) {
+            bail!(
+                "image name {image:?} of node {} must be non-empty [A-Za-z0-9._-]",
+                n.name
+            );
+        }
+    }
+    if let Some(u) = &n.uuid {
+        if u.len() != 36 || !u.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            bail!("UUID {u:?} of node {} is not in 8-4-4-4-12 form", n.name);
+        }
+    }
+    if n.kernel_args.contains('\n') {
+        bail!("kernel arguments of node {} contain a newline", n.name);
+    }
+    Ok(())
+}
+
+/// All generated files for `nodes`.
+pub fn render(s: &BootSettings, nodes: &[BootNode]) -> Result<BTreeMap<String, String>> {
+    let mut f = BTreeMap::new();
+    f.insert("boot.ipxe".into(), ipxe_entry(s));
+    f.insert(
+        "boot/default.ipxe".into(),
+        ipxe_script(s, "default", "", &s.default_action, Firmware::Any),
+    );
+    f.insert(
+        "pxelinux.cfg/default".into(),
+        pxelinux_config(s, "default", "", &s.default_action),
+    );
+    f.insert("grub/grub.cfg".into(), grub_entry(s));
+    for n in nodes {
+        check_node(n)?;
+        let ipxe = ipxe_script(s, &n.name, &n.kernel_args, &n.action, n.firmware);
+        let pxe = pxelinux_config(s, &n.name, &n.kernel_args, &n.action);
+        let grub = grub_config(s, &n.name, &n.kernel_args, &n.action);
+        let mut put = |path: String, body: &String| -> Result<()> {
+            if f.insert(path.clone(), body.clone()).is_some() {
+                bail!(
+                    "{path} would be generated twice (duplicate MAC, IP or UUID; last was node {})",
+                    n.name
+                );
+            }
+            Ok(())
+        };
+        if let Some(u) = &n.uuid {
+            put(format!("pxelinux.cfg/{}", u.to_ascii_lowercase()), &pxe)?;
+        }
+        for mac in &n.macs {
+            put(format!("boot/{}.ipxe", mac_dashed(mac)), &ipxe)?;
+            put(format!("pxelinux.cfg/01-{}", mac_dashed(mac)), &pxe)?;
+            put(format!("grub/grub.cfg-01-{}", mac_dashed(mac)), &grub)?;
+        }
+        if let Some(ip) = n.ip {
+            put(format!("pxelinux.cfg/{}", ip_hex(ip)), &pxe)?;
+            put(format!("grub/grub.cfg-{}", ip_hex(ip)), &grub)?;
+        }
+    }
+    Ok(f)
+}
+
+/// Writes generated files beneath `dir` (temporary file, fsync, rename for each).
+pub fn write_tree(dir: &Path, files: &BTreeMap<String, String>) -> Result<()> {
+    for (rel, body) in files {
+        let path = dir.join(rel);
+        let parent = path.parent().context("generated path has no parent")?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let mut tmp_name = path
+            .file_name()
+            .context("generated path has no file name")?
+            .to_owned();
+        tmp_name.push(".si-tmp");
+        let tmp = path.with_file_name(tmp_name);
+        {
+            use std::io::Write;
+            let mut fh = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            fh.write_all(body.as_bytes())
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            fh.sync_all()
+                .with_context(|| format!("syncing {}", tmp.display()))?;
+        }
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A nodes file as read by `si-bootd --nodes` (TOML).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodesFile {
+    #[serde(default)]
+    pub node: Vec<NodeEntry>,
+}
+
+/// One `[[node]]` of a nodes file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeEntry {
+    pub name: String,
+    pub macs: Vec<String>,
+    pub ip: Option<IpAddr>,
+    pub uuid: Option<String>,
+    pub action: BootAction,
+    #[serde(default)]
+    pub kernel_args: String,
+    #[serde(default)]
+    pub firmware: Firmware,
+}
+
+impl TryFrom<NodeEntry> for BootNode {
+    type Error = anyhow::Error;
+    fn try_from(e: NodeEntry) -> Result<BootNode> {
+        let macs = e
+            .macs
+            .iter()
+            .map(|m| parse_mac(m))
+            .collect::<Result<Vec<_>>>()?;
+        let ip = match e.ip {
+            None => None,
+            Some(IpAddr::V4(a)) => Some(a),
+            Some(IpAddr::V6(a)) => bail!(
+                "node {}: IPv6 address {a} not supported for boot files",
+                e.name
+            ),
+        };
+        Ok(BootNode {
+            name: e.name,
+            macs,
+            ip,
+            uuid: e.uuid.map(|u| u.to_ascii_lowercase()),
+            action: e.action,
+            kernel_args: e.kernel_args,
+            firmware: e.firmware,
+        })
+    }
+}
+
+/// Parses a nodes file.
+pub fn parse_nodes(text: &str) -> Result<Vec<BootNode>> {
+    let f: NodesFile = toml::from_str(text).context("parsing nodes file")?;
+    f.node.into_iter().map(BootNode::try_from).collect()
+}
+
+#[cfg(test)]
+mod tests;

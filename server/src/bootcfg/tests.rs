@@ -1,0 +1,161 @@
+use super::*;
+
+fn settings() -> BootSettings {
+    BootSettings {
+        http_base: "http://10.213.0.1:8080".into(),
+        si_server: "10.213.0.1:7000".into(),
+        installer_kernel: "si/vmlinuz".into(),
+        installer_initrd: "si/initrd.img".into(),
+        default_action: BootAction::Local,
+    }
+}
+
+fn node() -> BootNode {
+    BootNode {
+        name: "n01".into(),
+        macs: vec![[0x52, 0x54, 0x00, 0xAB, 0x00, 0x01]],
+        ip: Some(Ipv4Addr::new(10, 213, 10, 5)),
+        uuid: Some("b8945908-d6a6-41a9-611d-74a6ab80b83d".into()),
+        action: BootAction::Install {
+            image: "rocky9".into(),
+        },
+        kernel_args: "console=ttyS0".into(),
+        firmware: Firmware::Any,
+    }
+}
+
+#[test]
+fn pxelinux_order_matches_pxelinux() {
+    let n = node();
+    let order = pxelinux_lookup_order(n.uuid.as_deref(), &n.macs[0], n.ip);
+    assert_eq!(
+        order,
+        [
+            "pxelinux.cfg/b8945908-d6a6-41a9-611d-74a6ab80b83d",
+            "pxelinux.cfg/01-52-54-00-ab-00-01",
+            "pxelinux.cfg/0AD50A05",
+            "pxelinux.cfg/0AD50A0",
+            "pxelinux.cfg/0AD50A",
+            "pxelinux.cfg/0AD50",
+            "pxelinux.cfg/0AD5",
+            "pxelinux.cfg/0AD",
+            "pxelinux.cfg/0A",
+            "pxelinux.cfg/0",
+            "pxelinux.cfg/default",
+        ]
+    );
+    let g = grub_lookup_order(&n.macs[0], n.ip);
+    assert_eq!(g[0], "grub/grub.cfg-01-52-54-00-ab-00-01");
+    assert_eq!(g[1], "grub/grub.cfg-0AD50A05");
+    assert_eq!(g.last().unwrap(), "grub/grub.cfg");
+}
+
+#[test]
+fn renders_install_for_every_loader() {
+    let files = render(&settings(), &[node()]).unwrap();
+    let cmd = "si.server=10.213.0.1:7000 si.image=rocky9 si.node=n01 console=ttyS0";
+    let ipxe = &files["boot/52-54-00-ab-00-01.ipxe"];
+    assert!(ipxe.starts_with("#!ipxe\n"));
+    assert!(ipxe.contains(&format!(
+        "kernel http://10.213.0.1:8080/si/vmlinuz initrd=initrd.img {cmd}\n"
+    )));
+    assert!(ipxe.contains("initrd http://10.213.0.1:8080/si/initrd.img\n"));
+    let pxe = &files["pxelinux.cfg/01-52-54-00-ab-00-01"];
+    assert!(pxe.contains("KERNEL si/vmlinuz\n") && pxe.contains(&format!("APPEND {cmd}\n")));
+    assert_eq!(&files["pxelinux.cfg/0AD50A05"], pxe);
+    assert_eq!(
+        &files["pxelinux.cfg/b8945908-d6a6-41a9-611d-74a6ab80b83d"],
+        pxe
+    );
+    let grub = &files["grub/grub.cfg-01-52-54-00-ab-00-01"];
+    assert!(
+        grub.contains(&format!("linux /si/vmlinuz {cmd}\n"))
+            && grub.contains("initrd /si/initrd.img\n")
+    );
+    assert!(files["boot.ipxe"].contains("boot/${mac:hexhyp}.ipxe"));
+}
+
+#[test]
+fn renders_local_and_custom() {
+    let s = settings();
+    let local = BootAction::Local;
+    assert!(pxelinux_config(&s, "a", "", &local).contains("LOCALBOOT 0"));
+    assert!(ipxe_script(&s, "a", "", &local, Firmware::Bios)
+        .contains("sanboot --no-describe --drive 0x80"));
+    assert!(ipxe_script(&s, "a", "", &local, Firmware::Uefi).contains("\nexit\n"));
+    assert!(grub_config(&s, "a", "", &local).contains("  exit\n"));
+    let custom = BootAction::Custom {
+        kernel: "k/vmlinuz".into(),
+        initrd: None,
+        cmdline: "quiet".into(),
+    };
+    let ipxe = ipxe_script(&s, "a", "", &custom, Firmware::Uefi);
+    assert!(
+        ipxe.contains("kernel http://10.213.0.1:8080/k/vmlinuz quiet\n")
+            && !ipxe.contains("initrd")
+    );
+}
+
+#[test]
+fn refuses_bad_nodes() {
+    let mut n = node();
+    n.name = "../x".into();
+    assert!(render(&settings(), &[n]).is_err());
+    let (a, mut b) = (node(), node());
+    b.name = "n02".into();
+    b.uuid = None;
+    b.ip = None;
+    assert!(render(&settings(), &[a, b]).is_err(), "duplicate MAC");
+}
+
+#[test]
+fn parses_nodes_file() {
+    let nodes = parse_nodes(
+        r#"
+        [[node]]
+        name = "n01"
+        macs = ["52:54:00:AB:00:01"]
+        ip = "10.213.10.5"
+        action = { type = "install", image = "rocky9" }
+        kernel-args = "console=ttyS0"
+        firmware = "uefi"
+        [[node]]
+        name = "n02"
+        macs = ["52-54-00-ab-00-02"]
+        action = { type = "local" }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(nodes[0].macs[0], [0x52, 0x54, 0, 0xab, 0, 1]);
+    assert_eq!(nodes[0].firmware, Firmware::Uefi);
+    assert_eq!(nodes[1].action, BootAction::Local);
+    assert!(parse_nodes("[[node]]\nname='x'\nmacs=['zz']\naction={type='local'}").is_err());
+}
+
+#[test]
+fn writes_tree_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = render(&settings(), &[node()]).unwrap();
+    write_tree(dir.path(), &files).unwrap();
+    for (rel, body) in &files {
+        assert_eq!(
+            &std::fs::read_to_string(dir.path().join(rel)).unwrap(),
+            body
+        );
+    }
+    // Rewriting replaces files in place of the old ones, leaving no temporaries.
+    write_tree(dir.path(), &files).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("pxelinux.cfg"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "si-tmp")
+        })
+        .collect();
+    assert!(leftovers.is_empty());
+    let g = Generated::new(files);
+    assert!(g.get("boot.ipxe").is_some() && g.get("nope").is_none());
+}

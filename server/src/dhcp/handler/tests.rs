@@ -1,0 +1,572 @@
+use super::*;
+use crate::inventory::{NoCatalog, Subnet};
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
+
+fn setup(cfg: DhcpConfig) -> (tempfile::TempDir, Handler) {
+    let d = tempfile::tempdir().unwrap();
+    let inv = Inventory::open(&d.path().join("inv.db")).unwrap();
+    inv.put_subnet(&Subnet {
+        name: "lab".into(),
+        network: "10.213.0.0".parse().unwrap(),
+        prefix: 16,
+        router: Some(SERVER),
+        dns: vec![SERVER],
+        domain: Some("cluster".into()),
+        pool_start: Some("10.213.100.1".parse().unwrap()),
+        pool_end: Some("10.213.100.3".parse().unwrap()),
+        lease_time: 120,
+        permanent: false,
+    })
+    .unwrap();
+    inv.add_node(
+        &Node {
+            name: "n1".into(),
+            macs: vec!["52:54:00:00:00:01".into()],
+            ip: Some("10.213.0.11".parse().unwrap()),
+            state: "new".into(),
+            ..Default::default()
+        },
+        &NoCatalog,
+    )
+    .unwrap();
+    inv.add_node(
+        &Node {
+            name: "n2".into(),
+            macs: vec!["52:54:00:00:00:02".into()],
+            permanent: true,
+            state: "new".into(),
+            ..Default::default()
+        },
+        &NoCatalog,
+    )
+    .unwrap();
+    (d, Handler::new(cfg, Arc::new(inv), SERVER))
+}
+
+fn cfg() -> DhcpConfig {
+    let mut c = DhcpConfig::new("veth0");
+    c.server_ip = Some(SERVER);
+    c
+}
+
+fn mac(last: u8) -> [u8; 6] {
+    [0x52, 0x54, 0, 0, 0, last]
+}
+
+fn packet(mac: [u8; 6], t: MessageType, extra: &[DhcpOption]) -> Vec<u8> {
+    let mut m = Message::new_with_id(
+        0x1234,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &mac,
+    );
+    m.opts_mut().insert(DhcpOption::MessageType(t));
+    for o in extra {
+        m.opts_mut().insert(o.clone());
+    }
+    let mut b = Vec::new();
+    m.encode(&mut Encoder::new(&mut b)).unwrap();
+    b
+}
+
+fn src() -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)
+}
+
+fn opt(m: &Message, c: OptionCode) -> Option<&DhcpOption> {
+    m.opts().get(c)
+}
+
+#[test]
+fn static_node_dora() {
+    let (_d, h) = setup(cfg());
+    let r = h
+        .handle(
+            &packet(mac(1), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(r.msg.yiaddr(), Ipv4Addr::new(10, 213, 0, 11));
+    assert_eq!(r.dest, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
+    assert_eq!(
+        opt(&r.msg, OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(120))
+    );
+    assert_eq!(
+        opt(&r.msg, OptionCode::Hostname),
+        Some(&DhcpOption::Hostname("n1".into()))
+    );
+    assert!(
+        opt(&r.msg, OptionCode::BootfileName).is_none(),
+        "no boot file for a non-PXE client"
+    );
+    let req = packet(
+        mac(1),
+        MessageType::Request,
+        &[
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress("10.213.0.11".parse().unwrap()),
+        ],
+    );
+    let r = h.handle(&req, src(), Port::Dhcp).unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(r.msg.yiaddr(), Ipv4Addr::new(10, 213, 0, 11));
+    // A wrong address is refused.
+    let req = packet(
+        mac(1),
+        MessageType::Request,
+        &[DhcpOption::RequestedIpAddress(
+            "10.213.0.12".parse().unwrap(),
+        )],
+    );
+    let r = h.handle(&req, src(), Port::Dhcp).unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Nak));
+}
+
+#[test]
+fn unknown_ignored_or_pooled() {
+    let (_d, h) = setup(cfg());
+    assert!(h
+        .handle(
+            &packet(mac(9), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp
+        )
+        .is_none());
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    let (_d, h) = setup(c);
+    let mut seen = Vec::new();
+    for i in 10..13 {
+        let r = h
+            .handle(
+                &packet(mac(i), MessageType::Discover, &[]),
+                src(),
+                Port::Dhcp,
+            )
+            .unwrap();
+        assert!(h.inv.subnets().unwrap()[0].in_pool(r.msg.yiaddr()));
+        assert!(!seen.contains(&r.msg.yiaddr()));
+        seen.push(r.msg.yiaddr());
+    }
+    // Pool of three is exhausted while the offers are held.
+    assert!(h
+        .handle(
+            &packet(mac(14), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp
+        )
+        .is_none());
+    // The same client gets the same address again.
+    let r = h
+        .handle(
+            &packet(mac(10), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert_eq!(r.msg.yiaddr(), seen[0]);
+}
+
+#[test]
+fn permanent_node_from_pool() {
+    let (_d, h) = setup(cfg());
+    let r = h
+        .handle(
+            &packet(mac(2), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    let ip = r.msg.yiaddr();
+    assert_eq!(
+        opt(&r.msg, OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(u32::MAX))
+    );
+    let req = packet(
+        mac(2),
+        MessageType::Request,
+        &[
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(ip),
+        ],
+    );
+    let r = h.handle(&req, src(), Port::Dhcp).unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
+    let l = h.inv.lease_by_mac("52:54:00:00:00:02").unwrap().unwrap();
+    assert_eq!(l.expires, None);
+}
+
+#[test]
+fn pxe_firmwares() {
+    let (_d, h) = setup(cfg());
+    let pxe = |arch: u16, ipxe: bool| {
+        let mut o = vec![
+            DhcpOption::ClassIdentifier(
+                format!("PXEClient:Arch:{arch:05}:UNDI:003016").into_bytes(),
+            ),
+            DhcpOption::ClientSystemArchitecture(arch.into()),
+            DhcpOption::ClientMachineIdentifier(vec![0; 17]),
+        ];
+        if ipxe {
+            o.push(DhcpOption::UserClass(b"iPXE".to_vec()));
+        }
+        let r = h
+            .handle(
+                &packet(mac(1), MessageType::Discover, &o),
+                src(),
+                Port::Dhcp,
+            )
+            .unwrap();
+        let f = match opt(&r.msg, OptionCode::BootfileName) {
+            Some(DhcpOption::BootfileName(f)) => String::from_utf8(f.clone()).unwrap(),
+            o => panic!("{o:?}"),
+        };
+        (f, r.msg)
+    };
+    let (f, m) = pxe(0, false);
+    assert_eq!(f, "undionly.kpxe");
+    assert_eq!(m.siaddr(), SERVER);
+    assert_eq!(
+        opt(&m, OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+    );
+    assert_eq!(
+        opt(&m, OptionCode::TFTPServerName),
+        Some(&DhcpOption::TFTPServerName(b"10.213.0.1".to_vec()))
+    );
+    assert!(opt(&m, OptionCode::ClientMachineIdentifier).is_some());
+    assert_eq!(pxe(7, false).0, "ipxe.efi");
+    assert_eq!(pxe(9, false).0, "ipxe.efi");
+    assert_eq!(
+        pxe(0, true).0,
+        "http://10.213.0.1/boot/52-54-00-00-00-01.ipxe"
+    );
+    assert_eq!(
+        pxe(9, true).0,
+        "http://10.213.0.1/boot/52-54-00-00-00-01.ipxe"
+    );
+    // UEFI HTTP boot.
+    let o = [
+        DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003016".to_vec()),
+        DhcpOption::ClientSystemArchitecture(16.into()),
+    ];
+    let r = h
+        .handle(
+            &packet(mac(1), MessageType::Discover, &o),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert_eq!(
+        opt(&r.msg, OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
+    );
+    assert_eq!(
+        opt(&r.msg, OptionCode::BootfileName),
+        Some(&DhcpOption::BootfileName(
+            b"http://10.213.0.1/boot/ipxe.efi".to_vec()
+        ))
+    );
+}
+
+#[test]
+fn proxy_mode_gives_no_address() {
+    let mut c = cfg();
+    c.mode = Mode::Proxy;
+    let (_d, h) = setup(c);
+    let o = [
+        DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
+        DhcpOption::ClientSystemArchitecture(0.into()),
+    ];
+    let r = h
+        .handle(
+            &packet(mac(1), MessageType::Discover, &o),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(r.msg.siaddr(), SERVER);
+    assert_eq!(r.msg.fname_str(), Some(Ok("undionly.kpxe")));
+    assert!(opt(&r.msg, OptionCode::AddressLeaseTime).is_none());
+    // Not a PXE client: nothing. A request on 4011: an ACK to the sender.
+    assert!(h
+        .handle(
+            &packet(mac(1), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp
+        )
+        .is_none());
+    let from = SocketAddrV4::new("10.213.5.5".parse().unwrap(), 68);
+    let r = h
+        .handle(&packet(mac(1), MessageType::Request, &o), from, Port::Pxe)
+        .unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(r.dest, from);
+    assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+}
+
+#[test]
+fn relayed_request_goes_back_to_relay() {
+    let (_d, h) = setup(cfg());
+    let mut m = decode(&packet(mac(1), MessageType::Discover, &[])).unwrap();
+    m.set_giaddr(Ipv4Addr::new(10, 213, 7, 1));
+    let mut b = Vec::new();
+    m.encode(&mut Encoder::new(&mut b)).unwrap();
+    let r = h
+        .handle(
+            &b,
+            SocketAddrV4::new(Ipv4Addr::new(10, 213, 7, 1), 67),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert_eq!(r.dest, SocketAddrV4::new(Ipv4Addr::new(10, 213, 7, 1), 67));
+    assert_eq!(r.msg.giaddr(), Ipv4Addr::new(10, 213, 7, 1));
+    // A relay outside every subnet: no answer.
+    m.set_giaddr(Ipv4Addr::new(192, 0, 2, 1));
+    let mut b = Vec::new();
+    m.encode(&mut Encoder::new(&mut b)).unwrap();
+    assert!(h.handle(&b, src(), Port::Dhcp).is_none());
+}
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Errors are fine, panics are bugs: feed mutated and random packets to every mode.
+#[test]
+fn fuzz_no_panic() {
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let seeds: Vec<Vec<u8>> = vec![
+        packet(mac(1), MessageType::Discover, &[]),
+        packet(
+            mac(9),
+            MessageType::Request,
+            &[
+                DhcpOption::ServerIdentifier(SERVER),
+                DhcpOption::RequestedIpAddress("10.213.100.1".parse().unwrap()),
+                DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007".to_vec()),
+                DhcpOption::ClientSystemArchitecture(7.into()),
+                DhcpOption::UserClass(b"iPXE".to_vec()),
+                DhcpOption::ClientMachineIdentifier(vec![0; 17]),
+            ],
+        ),
+        packet(
+            mac(2),
+            MessageType::Inform,
+            &[DhcpOption::ClassIdentifier(b"HTTPClient".to_vec())],
+        ),
+        packet(
+            mac(3),
+            MessageType::Decline,
+            &[DhcpOption::RequestedIpAddress(
+                "10.213.100.2".parse().unwrap(),
+            )],
+        ),
+        packet(mac(1), MessageType::Release, &[]),
+    ];
+    let mut modes = Vec::new();
+    for (mode, unknown) in [
+        (Mode::Full, UnknownPolicy::Discover),
+        (Mode::Proxy, UnknownPolicy::Discover),
+        (Mode::Full, UnknownPolicy::Ignore),
+    ] {
+        let mut c = cfg();
+        c.mode = mode;
+        c.unknown = unknown;
+        modes.push(setup(c));
+    }
+    let mut answered = 0;
+    for i in 0..6000 {
+        let mut p = seeds[rng.below(seeds.len())].clone();
+        match rng.below(6) {
+            0 => {
+                // Random bytes anywhere.
+                for _ in 0..1 + rng.below(8) {
+                    let j = rng.below(p.len());
+                    p[j] = rng.next() as u8;
+                }
+            }
+            1 => {
+                // Corrupt the options area (lengths, codes).
+                for _ in 0..1 + rng.below(4) {
+                    let j = 240 + rng.below(p.len() - 240);
+                    p[j] = rng.next() as u8;
+                }
+            }
+            2 => p.truncate(rng.below(p.len() + 1)),
+            3 => {
+                // Trailing garbage, long options.
+                let n = rng.below(1400);
+                p.extend((0..n).map(|_| rng.next() as u8));
+            }
+            4 => {
+                p = (0..rng.below(1600)).map(|_| rng.next() as u8).collect();
+                if p.len() > 240 {
+                    p[236..240].copy_from_slice(&v4::MAGIC);
+                    p[0] = 1;
+                }
+            }
+            _ => {
+                // hlen / htype fields.
+                p[1] = rng.next() as u8;
+                p[2] = rng.next() as u8;
+            }
+        }
+        let (_, h) = &modes[i % modes.len()];
+        let port = if rng.below(4) == 0 {
+            Port::Pxe
+        } else {
+            Port::Dhcp
+        };
+        if let Some(r) = h.handle(&p, src(), port) {
+            assert!(r.bytes.len() <= MAX_LEN);
+            decode(&r.bytes).expect("our replies decode");
+            answered += 1;
+        }
+    }
+    assert!(
+        answered > 0,
+        "some mutated packets should still be answered"
+    );
+}
+
+/// dhcproto asserts (debug) on option 94 with a length other than 3: such a packet must be
+/// answered as if the option were absent, not crash the server.
+#[test]
+fn bad_option_94_does_not_panic() {
+    let (_d, h) = setup(cfg());
+    let mut p = packet(mac(1), MessageType::Discover, &[]);
+    let end = p.iter().rposition(|&b| b == 255).unwrap();
+    p.truncate(end);
+    p.extend_from_slice(&[94, 1, 1, 255]);
+    let r = h.handle(&p, src(), Port::Dhcp).unwrap();
+    assert_eq!(r.msg.yiaddr(), Ipv4Addr::new(10, 213, 0, 11));
+    // Truncated option framing: dropped.
+    let n = p.len();
+    p[n - 3] = 200;
+    assert!(h.handle(&p, src(), Port::Dhcp).is_none());
+}
+
+#[test]
+fn unknown_ipxe_gets_discovery_script() {
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    c.http_base = Some("http://10.213.0.1:8080/".into());
+    let (_d, h) = setup(c);
+    let o = [
+        DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007:UNDI:003016".to_vec()),
+        DhcpOption::ClientSystemArchitecture(7.into()),
+        DhcpOption::UserClass(b"iPXE".to_vec()),
+    ];
+    let r = h
+        .handle(
+            &packet(mac(77), MessageType::Discover, &o),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert!(h.inv.subnets().unwrap()[0].in_pool(r.msg.yiaddr()));
+    assert_eq!(
+        opt(&r.msg, OptionCode::BootfileName),
+        Some(&DhcpOption::BootfileName(
+            b"http://10.213.0.1:8080/boot/discovery.ipxe".to_vec()
+        ))
+    );
+    // iPXE gets no PXE menu control (option 43).
+    assert!(opt(&r.msg, OptionCode::VendorExtensions).is_none());
+}
+
+#[test]
+fn release_frees_the_pool_address() {
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    let (_d, h) = setup(c);
+    let r = h
+        .handle(
+            &packet(mac(20), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    let ip = r.msg.yiaddr();
+    let req = packet(
+        mac(20),
+        MessageType::Request,
+        &[
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(ip),
+        ],
+    );
+    assert_eq!(
+        h.handle(&req, src(), Port::Dhcp)
+            .unwrap()
+            .msg
+            .opts()
+            .msg_type(),
+        Some(MessageType::Ack)
+    );
+    assert!(h
+        .inv
+        .ip_taken(ip, "52:54:00:00:00:15", inventory::now())
+        .unwrap());
+    let mut m = decode(&packet(mac(20), MessageType::Release, &[])).unwrap();
+    m.set_ciaddr(ip);
+    let mut b = Vec::new();
+    m.encode(&mut Encoder::new(&mut b)).unwrap();
+    assert!(h.handle(&b, src(), Port::Dhcp).is_none());
+    assert!(!h
+        .inv
+        .ip_taken(ip, "52:54:00:00:00:15", inventory::now() + 1)
+        .unwrap());
+    assert_eq!(
+        h.inv
+            .lease_by_mac("52:54:00:00:00:14")
+            .unwrap()
+            .unwrap()
+            .state,
+        "released"
+    );
+}
+
+#[test]
+fn relay_agent_information_is_echoed() {
+    let (_d, h) = setup(cfg());
+    let mut m = decode(&packet(mac(1), MessageType::Discover, &[])).unwrap();
+    m.set_giaddr(Ipv4Addr::new(10, 213, 7, 1));
+    let mut b = Vec::new();
+    m.encode(&mut Encoder::new(&mut b)).unwrap();
+    let end = b.iter().rposition(|&x| x == 255).unwrap();
+    b.truncate(end);
+    b.extend_from_slice(&[82, 6, 1, 4, b'p', b'o', b'r', b't', 255]);
+    let r = h
+        .handle(
+            &b,
+            SocketAddrV4::new(Ipv4Addr::new(10, 213, 7, 1), 67),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert!(
+        r.bytes
+            .windows(8)
+            .any(|w| w == [82, 6, 1, 4, b'p', b'o', b'r', b't']),
+        "option 82 echoed"
+    );
+}

@@ -1,0 +1,103 @@
+//! Resolving request paths beneath a served root (shared by the TFTP and HTTP servers).
+//!
+//! A request path is first normalised without touching the filesystem: `\` is not special,
+//! empty and `.` components are dropped, a leading `/` means the root, and any `..`
+//! component is refused. The result is then joined to the canonical root and canonicalised,
+//! which follows symlinks; a target outside the root is refused, so a symlink may point
+//! elsewhere inside the root but never out of it. Only regular files are served.
+//!
+//! The check and the later open are two steps: a local user who can replace files inside
+//! the root between them could race it. The root is meant to be writable by the server's
+//! operator only.
+
+use std::path::{Path, PathBuf};
+
+/// Why a path was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("path leaves the served root")]
+    Escape,
+    #[error("invalid path")]
+    Invalid,
+    #[error("file not found")]
+    NotFound,
+    #[error("not a regular file")]
+    NotAFile,
+}
+
+/// Longest request path accepted.
+pub const MAX_PATH: usize = 512;
+
+/// Turns a request path into `a/b/c` form, refusing `..`, NUL and control characters.
+pub fn normalize(request: &str) -> Result<String, PathError> {
+    if request.len() > MAX_PATH || request.chars().any(|c| c.is_control()) {
+        return Err(PathError::Invalid);
+    }
+    let mut parts = Vec::new();
+    for comp in request.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => return Err(PathError::Escape),
+            c => parts.push(c),
+        }
+    }
+    if parts.is_empty() {
+        return Err(PathError::Invalid);
+    }
+    Ok(parts.join("/"))
+}
+
+/// Resolves a normalised path (from [`normalize`]) beneath `root`, which must be canonical.
+/// Returns the canonical path of a regular file inside the root.
+pub fn resolve(root: &Path, normalized: &str) -> Result<PathBuf, PathError> {
+    let joined = root.join(normalized);
+    let real = std::fs::canonicalize(&joined).map_err(|_| PathError::NotFound)?;
+    if !real.starts_with(root) {
+        return Err(PathError::Escape);
+    }
+    let meta = std::fs::metadata(&real).map_err(|_| PathError::NotFound)?;
+    if !meta.is_file() {
+        return Err(PathError::NotAFile);
+    }
+    Ok(real)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes() {
+        assert_eq!(
+            normalize("/pxelinux.cfg//./default").unwrap(),
+            "pxelinux.cfg/default"
+        );
+        assert_eq!(normalize("a/../b"), Err(PathError::Escape));
+        assert_eq!(normalize(".."), Err(PathError::Escape));
+        assert_eq!(normalize("/"), Err(PathError::Invalid));
+        assert_eq!(normalize("a\nb"), Err(PathError::Invalid));
+    }
+
+    #[test]
+    fn resolves_beneath_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/f"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink("../secret", root.join("out")).unwrap();
+        std::os::unix::fs::symlink("sub/f", root.join("in")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("abs")).unwrap();
+        let root = std::fs::canonicalize(&root).unwrap();
+        assert!(resolve(&root, "sub/f").is_ok());
+        assert!(resolve(&root, "in").is_ok());
+        assert_eq!(resolve(&root, "out"), Err(PathError::Escape));
+        assert_eq!(resolve(&root, "abs"), Err(PathError::Escape));
+        assert_eq!(resolve(&root, "sub"), Err(PathError::NotAFile));
+        assert_eq!(resolve(&root, "nope"), Err(PathError::NotFound));
+        assert_eq!(
+            resolve(&root, &normalize("/etc/passwd").unwrap()),
+            Err(PathError::NotFound)
+        );
+    }
+}

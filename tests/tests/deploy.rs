@@ -1,0 +1,309 @@
+//! Deploy, differential update, resume and push, end to end over the real binaries: one master
+//! and several nodes, each in its own network namespace with its own address (10.213.0.0/16).
+
+use si_tests::{bin, require_root, run, wait_port, Netns, Proc};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn si_image(store: &Path) -> Command {
+    let mut c = Command::new(bin("si-image"));
+    c.arg("--store").arg(store);
+    c
+}
+
+fn start_server(master: &Netns, store: &Path) -> Proc {
+    let p = master
+        .cmd(bin("si-server"))
+        .arg("--store")
+        .arg(store)
+        .arg("--state-dir")
+        .arg(store.with_extension("state"))
+        .args(["--listen", "0.0.0.0:7811"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(master, "127.0.0.1:7811").unwrap();
+    Proc(p)
+}
+
+fn update(node: &Netns, server: &str, root: &Path, extra: &[&str]) -> std::process::Output {
+    let summary = root.with_extension("json");
+    let out = node
+        .cmd(bin("si-updateclient"))
+        .args([
+            "--server",
+            server,
+            "--image",
+            "debian",
+            "--no-default-excludes",
+        ])
+        .arg("--root")
+        .arg(root)
+        .arg("--state-dir")
+        .arg(root.with_extension("state"))
+        .arg("--summary-json")
+        .arg(&summary)
+        .args(extra)
+        .output()
+        .unwrap();
+    out
+}
+
+fn summary(root: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(root.with_extension("json")).unwrap()).unwrap()
+}
+
+fn treecmp(a: &Path, b: &Path) {
+    let out = run(Command::new("python3")
+        .arg(fixtures().join("treecmp.py"))
+        .arg(a)
+        .arg(b))
+    .unwrap();
+    eprintln!(
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+}
+
+fn rand_file(p: &Path, mb: usize, seed: u64) {
+    run(Command::new("sh").arg("-c").arg(format!(
+        "openssl enc -aes-128-ctr -nosalt -pass pass:{seed} < /dev/zero 2>/dev/null | head -c {}M > {}",
+        mb,
+        p.display()
+    )))
+    .unwrap();
+}
+
+#[test]
+fn deploy_update_and_resume_across_namespaces() {
+    require_root!();
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = t.path().join("golden");
+    run(Command::new("bash")
+        .arg(fixtures().join("rootfs.sh"))
+        .arg(&src)
+        .arg("small"))
+    .unwrap();
+    rand_file(&src.join("var/big.img"), 200, 1);
+    let store = t.path().join("store");
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+
+    let master = Netns::new().unwrap();
+    let nodes: Vec<Netns> = (0..3).map(|_| Netns::new().unwrap()).collect();
+    let mut links = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        links.push(
+            master
+                .link(
+                    &format!("10.213.{}.1/24", i + 1),
+                    n,
+                    &format!("10.213.{}.2/24", i + 1),
+                )
+                .unwrap(),
+        );
+    }
+    let server = start_server(&master, &store);
+
+    // Fresh deploys on three nodes, compared exactly with the golden tree.
+    for (i, n) in nodes.iter().enumerate() {
+        let root = t.path().join(format!("node{i}"));
+        let out = update(n, &format!("10.213.{}.1", i + 1), &root, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        treecmp(&src, &root);
+    }
+
+    // Version 2: files added, changed (1 MiB inside the 200 MiB file), deleted, a file turned
+    // into a directory and a directory into a symlink.
+    std::fs::write(src.join("etc/added.conf"), b"new\n").unwrap();
+    std::fs::write(src.join("etc/motd"), b"changed\n").unwrap();
+    run(Command::new("sh").arg("-c").arg(format!(
+        "head -c 1M /dev/urandom | dd of={} bs=1M seek=100 conv=notrunc status=none",
+        src.join("var/big.img").display()
+    )))
+    .unwrap();
+    std::fs::remove_file(src.join("etc/issue.net")).unwrap();
+    std::fs::remove_file(src.join("etc/issue")).unwrap();
+    std::fs::create_dir(src.join("etc/issue")).unwrap();
+    std::fs::write(src.join("etc/issue/inside"), b"x\n").unwrap();
+    std::fs::remove_dir_all(src.join("usr/share/doc/apt")).unwrap();
+    std::os::unix::fs::symlink("dpkg", src.join("usr/share/doc/apt")).unwrap();
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    let root = t.path().join("node0");
+    let out = update(&nodes[0], "10.213.1.1", &root, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    treecmp(&src, &root);
+    let s = summary(&root);
+    assert_eq!(s["version"], 2);
+    let wire = s["wire_bytes"].as_u64().unwrap();
+    assert!(
+        wire < 4 << 20,
+        "1 MiB changed inside 200 MiB moved {wire} bytes"
+    );
+
+    // Kill the master halfway through a deploy; the node resumes and ends exact.
+    let (mif, _) = &links[1];
+    master
+        .sh(&format!(
+            "tc qdisc add dev {mif} root tbf rate 200mbit burst 64kb latency 100ms"
+        ))
+        .unwrap();
+    let root1 = t.path().join("node-resume");
+    let child = nodes[1]
+        .cmd(bin("si-updateclient"))
+        .args([
+            "--server",
+            "10.213.2.1",
+            "--image",
+            "debian",
+            "--no-default-excludes",
+        ])
+        .arg("--root")
+        .arg(&root1)
+        .arg("--state-dir")
+        .arg(root1.with_extension("state"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let big = root1.join("var/big.img");
+    for _ in 0..600 {
+        if big.metadata().map(|m| m.len() > 40 << 20).unwrap_or(false) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(server);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the pull should have failed when the master died"
+    );
+    let server = start_server(&master, &store);
+    let out = update(&nodes[1], "10.213.2.1", &root1, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    treecmp(&src, &root1);
+    let s = summary(&root1);
+    assert!(
+        s["local_objects"].as_u64().unwrap() > 0,
+        "what was already in place is reused: {s}"
+    );
+    drop(server);
+}
+
+#[test]
+fn push_to_eight_nodes_with_one_down() {
+    require_root!();
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = t.path().join("golden");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/role"), b"compute\n").unwrap();
+    let store = t.path().join("store");
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    let token = t.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+
+    // One boot network: a bridge in the master's namespace, each node on it by a veth pair.
+    let master = Netns::new().unwrap();
+    master.sh("ip link add br0 type bridge && ip addr add 10.213.9.1/24 dev br0 && ip link set br0 up").unwrap();
+    let nodes: Vec<Netns> = (0..8).map(|_| Netns::new().unwrap()).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        let (a, b) = (
+            format!("sp{}m{i}", std::process::id() % 10000),
+            format!("sp{}n{i}", std::process::id() % 10000),
+        );
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &a,
+            "netns",
+            &master.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &n.name,
+        ]))
+        .unwrap();
+        master
+            .sh(&format!("ip link set {a} master br0 up"))
+            .unwrap();
+        n.sh(&format!(
+            "ip addr add 10.213.9.{}/24 dev {b} && ip link set {b} up",
+            11 + i
+        ))
+        .unwrap();
+    }
+    let _server = start_server(&master, &store);
+    let mut agents = Vec::new();
+    for (i, n) in nodes.iter().enumerate().take(7) {
+        let root = t.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let p = n
+            .cmd(bin("si-agentd"))
+            .args(["--listen", "0.0.0.0:7812", "--master", "10.213.9.1"])
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--root")
+            .arg(&root)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        agents.push(Proc(p));
+        wait_port(n, "127.0.0.1:7812").unwrap();
+    }
+    // Node 8 (10.213.9.18) is down: its namespace runs no agent.
+    let results = t.path().join("results");
+    let out = master
+        .cmd(bin("si-pushupdate"))
+        .args([
+            "10.213.9.[11-18]",
+            "--server",
+            "10.213.9.1",
+            "--image",
+            "debian",
+            "--timeout",
+            "30",
+            "--fanout",
+            "4",
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--results")
+        .arg(&results)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a failed node makes the push fail");
+    assert!(stdout.contains("7 succeeded, 1 failed"), "{stdout}");
+    assert!(stdout.contains("FAILED 10.213.9.18"), "{stdout}");
+    let ok = std::fs::read_to_string(results.join("pushupdate.ok")).unwrap();
+    assert_eq!(ok.lines().count(), 7, "{ok}");
+    let f = std::fs::read_to_string(results.join("pushupdate.failed")).unwrap();
+    assert!(f.starts_with("10.213.9.18\t"), "{f}");
+    for i in 0..7 {
+        assert_eq!(
+            std::fs::read(t.path().join(format!("node{i}/etc/role"))).unwrap(),
+            b"compute\n"
+        );
+    }
+}

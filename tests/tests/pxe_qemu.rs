@@ -1,0 +1,778 @@
+//! Diskless QEMU VMs (TCG) PXE-boot from si-bootd through a tap on a bridge inside a network
+//! namespace (10.213.<n>.0/24, plus a ULA prefix fd00:213:<n>::/64 whose router
+//! advertisements spare iPXE its 13 s IPv6 wait). The VM loads a kernel and the test
+//! initramfs of `si_initrd::testimage`, which gets an address by DHCP, fetches the marker
+//! from the HTTP server named by `si.server=` on its command line (put there by the
+//! generated per-node boot configuration) and prints it on the serial console.
+//!
+//! Paths covered:
+//! - BIOS: the NIC's iPXE ROM (e1000) → TFTP `boot.ipxe` → HTTP `boot/<mac>.ipxe` → HTTP kernel + initrd;
+//! - UEFI: OVMF's own PXE (virtio-net, no option ROM) → TFTP `ipxe.efi` (blksize 1468,
+//!   windowsize 4) → iPXE → the same scripts, `initrd=` on the kernel line for the EFI stub;
+//! - BIOS: iPXE ROM → TFTP `pxelinux.0` → `pxelinux.cfg/01-<mac>` → kernel + initrd over TFTP;
+//! - UEFI: OVMF's own PXE → TFTP `grubx64.efi` (grub-mkimage) → `grub/grub.cfg-01-<mac>` →
+//!   kernel + initrd over TFTP (blksize 1024).
+//!
+//! DHCP comes from dnsmasq in DHCP-only mode (`--port=0`) for now: see [`start_dhcp`].
+//!
+//! Needs root and the Debian packages qemu-system-x86, ipxe-qemu, ipxe, ovmf, pxelinux,
+//! syslinux-common, grub-common, grub-efi-amd64-bin, dnsmasq-base, busybox-static and linux-image-amd64 (a kernel in /boot
+//! with its modules in /lib/modules).
+
+use anyhow::{bail, Context, Result};
+use si_tests::{bin, require_root, Netns};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One VM at a time: they are CPU-bound under TCG.
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+const MAC: &str = "52:54:00:d1:00:01";
+const VM_TIMEOUT: Duration = Duration::from_secs(120);
+/// NIC modules for the test initramfs, in load order.
+const MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "e1000",
+];
+
+/// Kills and reaps a child process on drop.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The newest kernel in /boot and its release.
+fn find_kernel() -> Result<(PathBuf, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/boot").context("listing /boot")? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if let Some(rel) = name.strip_prefix("vmlinuz-") {
+            if Path::new("/lib/modules").join(rel).is_dir() {
+                found.push(rel.to_string());
+            }
+        }
+    }
+    found.sort();
+    let rel = found
+        .pop()
+        .context("no /boot/vmlinuz-* with modules: apt-get install linux-image-amd64")?;
+    Ok((PathBuf::from(format!("/boot/vmlinuz-{rel}")), rel))
+}
+
+/// How the VM's firmware starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Firmware {
+    /// SeaBIOS with the e1000's iPXE option ROM.
+    BiosIpxe,
+    /// OVMF's own PXE on virtio-net (no option ROM), chaining ipxe.efi.
+    UefiOvmf,
+    /// SeaBIOS + iPXE ROM handing over to pxelinux.0.
+    BiosPxelinux,
+    /// OVMF's own PXE chaining a GRUB network image (built with grub-mkimage).
+    UefiGrub,
+}
+
+/// Who serves the boot files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Provider {
+    /// si-bootd: TFTP for the first stage, HTTP for scripts, kernel and initrd.
+    Si,
+    /// si-bootd, everything over TFTP (the same boot as `Dnsmasq`, for benchmarks).
+    SiTftpOnly,
+    /// dnsmasq's own TFTP server, everything over TFTP (baseline for benchmarks).
+    Dnsmasq,
+}
+
+/// What the DHCP server must hand out.
+struct DhcpPlan<'a> {
+    iface: &'a str,
+    server: String,
+    range: (String, String),
+    ipv6_prefix: String,
+    /// Boot file for BIOS PXE, UEFI PXE (arch 7) and iPXE (user class `iPXE`) clients.
+    bios_file: &'a str,
+    efi_file: &'a str,
+    ipxe_file: &'a str,
+    /// Also serve TFTP from this directory (dnsmasq baseline only).
+    tftp_root: Option<&'a Path>,
+}
+
+/// Starts the DHCP server for a plan inside `ns`. dnsmasq for now (DHCP only unless the plan
+/// asks for its TFTP); swap this function for si's DHCP server once it exists.
+fn start_dhcp(ns: &Netns, dir: &Path, plan: &DhcpPlan) -> Result<Guard> {
+    let mut c = ns.cmd("dnsmasq");
+    c.args([
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--port=0",
+        "--bind-interfaces",
+        "--log-dhcp",
+    ])
+    .arg(format!("--interface={}", plan.iface))
+    .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+    .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+    .arg(format!(
+        "--dhcp-range={},{},255.255.255.0,1h",
+        plan.range.0, plan.range.1
+    ))
+    .arg(format!("--dhcp-range={},ra-only", plan.ipv6_prefix))
+    .arg("--enable-ra")
+    .arg("--dhcp-userclass=set:ipxe,iPXE")
+    .arg("--dhcp-match=set:efi64,option:client-arch,7")
+    .arg(format!(
+        "--dhcp-boot=tag:ipxe,{},,{}",
+        plan.ipxe_file, plan.server
+    ))
+    .arg(format!(
+        "--dhcp-boot=tag:!ipxe,tag:efi64,{},,{}",
+        plan.efi_file, plan.server
+    ))
+    .arg(format!(
+        "--dhcp-boot=tag:!ipxe,tag:!efi64,{},,{}",
+        plan.bios_file, plan.server
+    ));
+    if let Some(root) = plan.tftp_root {
+        c.arg("--enable-tftp")
+            .arg(format!("--tftp-root={}", root.display()));
+    }
+    let log = std::fs::File::create(dir.join("dnsmasq.log"))?;
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting dnsmasq")?;
+    Ok(Guard(child))
+}
+
+fn wait_for_log(log: &Path, needles: &[&str], child: &mut Child) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if needles.iter().all(|n| text.contains(n)) {
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("exited ({st}) before it was ready:\n{text}");
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("not ready after 10 s:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A namespace with a bridge, the served files and the servers.
+struct Lab {
+    // Dropped in order: processes first, then the namespace, then the files.
+    _procs: Vec<Guard>,
+    ns: Netns,
+    dir: tempfile::TempDir,
+    marker: String,
+}
+
+fn copy(from: impl AsRef<Path>, to: &Path) -> Result<()> {
+    let from = from.as_ref();
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} (is its package installed?)", from.display()))?;
+    Ok(())
+}
+
+fn lab(subnet: u8, fw: Firmware, provider: Provider) -> Result<Lab> {
+    let (vmlinuz, release) = find_kernel()?;
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    copy(&vmlinuz, &root.join("vmlinuz"))?;
+    let modules = MODULES
+        .iter()
+        .map(|m| si_initrd::testimage::find_module(&release, m))
+        .collect::<Result<Vec<_>>>()?;
+    let image = si_initrd::testimage::TestImage {
+        busybox: "/bin/busybox".into(),
+        modules,
+    };
+    std::fs::write(root.join("initrd.img"), image.build()?)?;
+    copy("/usr/lib/ipxe/undionly.kpxe", &root.join("undionly.kpxe"))?;
+    copy("/usr/lib/ipxe/ipxe.efi", &root.join("ipxe.efi"))?;
+    copy("/usr/lib/PXELINUX/pxelinux.0", &root.join("pxelinux.0"))?;
+    copy(
+        "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+        &root.join("ldlinux.c32"),
+    )?;
+    if fw == Firmware::UefiGrub {
+        // GRUB's prefix (tftp)/grub makes it search grub/grub.cfg-01-<mac> first.
+        let mods = [
+            "normal",
+            "configfile",
+            "linux",
+            "efinet",
+            "tftp",
+            "net",
+            "echo",
+            "test",
+            "regexp",
+            "gzio",
+        ];
+        si_tests::run(
+            std::process::Command::new("grub-mkimage")
+                .args(["-O", "x86_64-efi", "-p", "(tftp)/grub", "-o"])
+                .arg(root.join("grubx64.efi"))
+                .args(mods),
+        )
+        .context("building a GRUB network image (grub-common, grub-efi-amd64-bin)")?;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .subsec_nanos();
+    let marker = format!("si-marker-{}-{nanos}", std::process::id());
+    std::fs::write(root.join("marker"), format!("{marker}\n"))?;
+
+    let server = format!("10.213.{subnet}.1");
+    let http = format!("{server}:8080");
+    let args = "console=ttyS0 quiet panic=-1";
+    let ns = Netns::new()?;
+    ns.sh(&format!(
+        "ip link add br0 type bridge
+         ip addr add {server}/24 dev br0
+         ip -6 addr add fd00:213:{subnet}::1/64 dev br0 nodad
+         ip link set br0 up
+         ip tuntap add tap0 mode tap
+         ip link set tap0 master br0 up"
+    ))?;
+
+    let mut procs = Vec::new();
+    let tftp_script = |base: &str| {
+        let mut s = String::from("#!ipxe\n");
+        let _ = writeln!(s, "kernel {base}/vmlinuz initrd=initrd.img si.server={http} si.image=test si.node=vm1 {args}");
+        let _ = writeln!(s, "initrd {base}/initrd.img\nboot");
+        s
+    };
+    let ipxe_file = match (fw, provider) {
+        (Firmware::BiosPxelinux, _) => "pxelinux.0",
+        (_, Provider::Si) => "boot.ipxe",
+        (_, Provider::SiTftpOnly | Provider::Dnsmasq) => {
+            std::fs::write(
+                root.join("tftp.ipxe"),
+                tftp_script(&format!("tftp://{server}")),
+            )?;
+            "tftp.ipxe"
+        }
+    };
+    if provider == Provider::Dnsmasq {
+        // Only the marker comes over HTTP (busybox httpd); the boot itself is dnsmasq's TFTP.
+        let child = ns
+            .cmd("busybox")
+            .args(["httpd", "-f", "-p", &http, "-h"])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting busybox httpd")?;
+        procs.push(Guard(child));
+    } else {
+        let nodes = dir.path().join("nodes.toml");
+        std::fs::write(
+            &nodes,
+            format!(
+                "[[node]]\nname = \"vm1\"\nmacs = [\"{MAC}\"]\nip = \"{server}0\"\n\
+                 action = {{ type = \"install\", image = \"test\" }}\nkernel-args = \"{args}\"\n"
+            ),
+        )?;
+        let log = dir.path().join("bootd.log");
+        let mut child = ns
+            .cmd(bin("si-bootd"))
+            .arg("--tftp-root")
+            .arg(&root)
+            .args([
+                "--tftp-listen",
+                &format!("{server}:69"),
+                "--http-listen",
+                &http,
+            ])
+            .arg("--nodes")
+            .arg(&nodes)
+            .args([
+                "--si-server",
+                &http,
+                "--installer-kernel",
+                "vmlinuz",
+                "--installer-initrd",
+                "initrd.img",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting si-bootd")?;
+        wait_for_log(
+            &log,
+            &["TFTP server listening", "HTTP server listening"],
+            &mut child,
+        )
+        .context("si-bootd")?;
+        procs.push(Guard(child));
+    }
+    let plan = DhcpPlan {
+        iface: "br0",
+        server: server.clone(),
+        range: (
+            format!("10.213.{subnet}.100"),
+            format!("10.213.{subnet}.150"),
+        ),
+        ipv6_prefix: format!("fd00:213:{subnet}::"),
+        bios_file: if fw == Firmware::BiosPxelinux {
+            "pxelinux.0"
+        } else {
+            "undionly.kpxe"
+        },
+        efi_file: if fw == Firmware::UefiGrub {
+            "grubx64.efi"
+        } else {
+            "ipxe.efi"
+        },
+        ipxe_file,
+        tftp_root: (provider == Provider::Dnsmasq).then_some(root.as_path()),
+    };
+    procs.push(start_dhcp(&ns, dir.path(), &plan)?);
+    Ok(Lab {
+        _procs: procs,
+        ns,
+        dir,
+        marker,
+    })
+}
+
+impl Lab {
+    fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        // ANSI colours out, for readable failures.
+        let mut out = String::new();
+        let mut esc = false;
+        for c in text.chars() {
+            match (esc, c) {
+                (false, '\x1b') => esc = true,
+                (true, 'm') => esc = false,
+                (true, _) => {}
+                (false, c) => out.push(c),
+            }
+        }
+        out
+    }
+
+    /// Boots the VM until the marker shows on its serial console; returns the time it took
+    /// and the console text.
+    fn boot(&self, fw: Firmware) -> Result<(Duration, String)> {
+        let serial = self.dir.path().join("serial.log");
+        let mut c = self.ns.cmd("qemu-system-x86_64");
+        c.args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-boot",
+            "n",
+        ])
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()));
+        match fw {
+            Firmware::BiosIpxe | Firmware::BiosPxelinux => {
+                c.args([
+                    "-machine",
+                    "pc,graphics=off",
+                    "-device",
+                    &format!("e1000,netdev=n0,mac={MAC}"),
+                ]);
+            }
+            Firmware::UefiOvmf | Firmware::UefiGrub => {
+                let vars = self.dir.path().join("OVMF_VARS.fd");
+                copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)?;
+                c.args(["-machine", "q35"])
+                    .args([
+                        "-drive",
+                        "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    ])
+                    .arg("-drive")
+                    .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+                    .args(["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no"])
+                    // No option ROM: OVMF's own virtio-net driver and PXE client.
+                    .args([
+                        "-device",
+                        &format!("virtio-net-pci,netdev=n0,mac={MAC},romfile="),
+                    ]);
+            }
+        }
+        let start = Instant::now();
+        let mut vm = Guard(
+            c.stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.path().join("qemu.log"))?)
+                .spawn()
+                .context("starting qemu")?,
+        );
+        let want = format!("SI-MARKER-BEGIN {} SI-MARKER-END", self.marker);
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let text =
+                String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
+            if text.contains(&want) {
+                let took = start.elapsed();
+                // Let it power off by itself; the guard kills it otherwise.
+                for _ in 0..50 {
+                    if vm.0.try_wait()?.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                return Ok((took, text));
+            }
+            let tail = || {
+                text.chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<String>()
+            };
+            if text.contains("SI-MARKER-FAILED") {
+                bail!("the VM could not fetch the marker:\n{}", tail());
+            }
+            if let Some(st) = vm.0.try_wait()? {
+                bail!(
+                    "qemu exited ({st}) without the marker:\n{}\nqemu: {}",
+                    tail(),
+                    self.log("qemu.log")
+                );
+            }
+            if start.elapsed() > VM_TIMEOUT {
+                bail!("no marker after {VM_TIMEOUT:?}:\n{}", tail());
+            }
+        }
+    }
+
+    fn boot_or_explain(&self, fw: Firmware) -> (Duration, String) {
+        match self.boot(fw) {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "{fw:?} boot failed: {e:#}\n--- si-bootd:\n{}\n--- dnsmasq:\n{}",
+                self.log("bootd.log"),
+                self.log("dnsmasq.log")
+            ),
+        }
+    }
+}
+
+fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn pxe_bios_ipxe_rom_boots_over_http() {
+    require_root!();
+    let _l = vm_lock();
+    let lab = lab(11, Firmware::BiosIpxe, Provider::Si).unwrap();
+    let (took, console) = lab.boot_or_explain(Firmware::BiosIpxe);
+    eprintln!("BIOS/iPXE boot to marker: {took:.1?}");
+    let log = lab.log("bootd.log");
+    assert!(log.contains("file=\"boot.ipxe\""), "{log}");
+    assert!(
+        log.contains("path=\"/boot/52-54-00-d1-00-01.ipxe\" status=200"),
+        "{log}"
+    );
+    assert!(
+        log.contains("path=\"/vmlinuz\" status=200")
+            && log.contains("path=\"/initrd.img\" status=200")
+    );
+    assert!(console.contains("si: booting vm1"), "{console}");
+}
+
+#[test]
+fn pxe_uefi_ovmf_boots_ipxe_efi_over_tftp() {
+    require_root!();
+    let _l = vm_lock();
+    let lab = lab(12, Firmware::UefiOvmf, Provider::Si).unwrap();
+    let (took, console) = lab.boot_or_explain(Firmware::UefiOvmf);
+    eprintln!("UEFI/OVMF boot to marker: {took:.1?}");
+    let log = lab.log("bootd.log");
+    // OVMF's PXE asks for windowsize 4.
+    assert!(
+        log.contains("file=\"ipxe.efi\"") && log.contains("\"windowsize\", \"4\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("path=\"/boot/52-54-00-d1-00-01.ipxe\" status=200"),
+        "{log}"
+    );
+    assert!(console.contains("si: booting vm1"), "{console}");
+}
+
+#[test]
+fn pxe_bios_pxelinux_boots_over_tftp() {
+    require_root!();
+    let _l = vm_lock();
+    let lab = lab(13, Firmware::BiosPxelinux, Provider::Si).unwrap();
+    let (took, _console) = lab.boot_or_explain(Firmware::BiosPxelinux);
+    eprintln!("BIOS/pxelinux boot to marker: {took:.1?}");
+    let log = lab.log("bootd.log");
+    assert!(
+        log.contains("file=\"pxelinux.cfg/01-52-54-00-d1-00-01\""),
+        "{log}"
+    );
+    assert!(log.contains("file=\"vmlinuz\""), "{log}");
+    // pxelinux asks for 1408-byte blocks.
+    assert!(log.contains("(\"blksize\", \"1408\")"), "{log}");
+}
+
+#[test]
+fn pxe_uefi_grub_boots_over_tftp() {
+    require_root!();
+    let _l = vm_lock();
+    let lab = lab(15, Firmware::UefiGrub, Provider::Si).unwrap();
+    let (took, console) = lab.boot_or_explain(Firmware::UefiGrub);
+    eprintln!("UEFI/GRUB boot to marker: {took:.1?}");
+    let log = lab.log("bootd.log");
+    assert!(
+        log.contains("file=\"/grub/grub.cfg-01-52-54-00-d1-00-01\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("file=\"/vmlinuz\"") && log.contains("(\"blksize\", \"1024\")"),
+        "{log}"
+    );
+    assert!(console.contains("si: vm1"), "{console}");
+}
+
+/// `bench/pxe.sh`: seconds from VM start to the marker, si vs dnsmasq's TFTP.
+#[test]
+#[ignore = "benchmark: run by bench/pxe.sh"]
+fn bench_pxe() {
+    require_root!();
+    let _l = vm_lock();
+    let runs: usize = std::env::var("SI_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for (provider, what) in [
+        (
+            Provider::Si,
+            "si-bootd, iPXE script + kernel/initrd over HTTP",
+        ),
+        (Provider::SiTftpOnly, "si-bootd, all over TFTP"),
+        (Provider::Dnsmasq, "dnsmasq, all over its own TFTP"),
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let lab = lab(14, Firmware::BiosIpxe, provider).unwrap();
+            let (took, _) = lab.boot_or_explain(Firmware::BiosIpxe);
+            times.push(took.as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "BENCH pxe {what}: median {:.1} s over {runs} runs {times:.1?}",
+            times[times.len() / 2]
+        );
+    }
+}
+
+/// The whole master in one process: `si-server` answers DHCP from its inventory, serves iPXE
+/// over TFTP and the per-node script, kernel and initrd over HTTP, and when the node reports a
+/// finished install (`si-report`) flips it to local boot in the inventory and in its boot files.
+#[test]
+fn si_server_full_stack_bios_boot_then_local() {
+    require_root!();
+    full_stack(Firmware::BiosIpxe, 60);
+}
+
+/// The same with UEFI firmware (OVMF's own PXE client fetches ipxe.efi from si's TFTP).
+#[test]
+fn si_server_full_stack_uefi_boot_then_local() {
+    require_root!();
+    full_stack(Firmware::UefiOvmf, 61);
+}
+
+fn full_stack(fw: Firmware, subnet: u8) {
+    let _vm = vm_lock();
+    let (vmlinuz, release) = find_kernel().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    copy(&vmlinuz, &root.join("vmlinuz")).unwrap();
+    let modules = MODULES
+        .iter()
+        .map(|m| si_initrd::testimage::find_module(&release, m))
+        .collect::<Result<Vec<_>>>()
+        .unwrap();
+    let image = si_initrd::testimage::TestImage {
+        busybox: "/bin/busybox".into(),
+        modules,
+    };
+    std::fs::write(root.join("initrd.img"), image.build().unwrap()).unwrap();
+    copy("/usr/lib/ipxe/undionly.kpxe", &root.join("undionly.kpxe")).unwrap();
+    copy("/usr/lib/ipxe/ipxe.efi", &root.join("ipxe.efi")).unwrap();
+    let marker = format!("si-full-stack-{}", std::process::id());
+    std::fs::write(root.join("marker"), format!("{marker}\n")).unwrap();
+
+    let server = format!("10.213.{subnet}.1");
+    let http = format!("{server}:8080");
+    let ns = Netns::new().unwrap();
+    ns.sh(&format!(
+        "ip link add br0 type bridge
+         ip addr add {server}/24 dev br0
+         ip link set br0 up
+         ip tuntap add tap0 mode tap
+         ip link set tap0 master br0 up"
+    ))
+    .unwrap();
+    let state = dir.path().join("state");
+    let si = |tool: &str, args: &[&str]| {
+        si_tests::run(
+            std::process::Command::new(bin(tool))
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["--images", "compute"])
+                .args(args),
+        )
+        .unwrap()
+    };
+    si(
+        "si-node",
+        &[
+            "subnet",
+            "add",
+            "boot",
+            "--network",
+            &format!("10.213.{subnet}.0/24"),
+            "--pool",
+            &format!("10.213.{subnet}.100-10.213.{subnet}.150"),
+        ],
+    );
+    si(
+        "si-group",
+        &[
+            "add",
+            "compute",
+            "--image",
+            "compute",
+            "--kernel-args",
+            &format!("console=ttyS0 quiet panic=-1 si.http={http}"),
+        ],
+    );
+    si(
+        "si-node",
+        &[
+            "add",
+            "vm1",
+            "--mac",
+            MAC,
+            "--ip",
+            &format!("10.213.{subnet}.10"),
+            "--group",
+            "compute",
+            "--boot",
+            "install",
+        ],
+    );
+
+    let log = dir.path().join("server.log");
+    let store = dir.path().join("store");
+    let mut child = ns
+        .cmd(bin("si-server"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--store")
+        .arg(&store)
+        .args([
+            "--listen",
+            &format!("{server}:7811"),
+            "--dhcp-interface",
+            "br0",
+            "--server-ip",
+            &server,
+        ])
+        .arg("--tftp-root")
+        .arg(&root)
+        .args(["--tftp-listen", &format!("{server}:69")])
+        .arg("--http-root")
+        .arg(&root)
+        .args([
+            "--http-listen",
+            &http,
+            "--installer-kernel",
+            "vmlinuz",
+            "--installer-initrd",
+            "initrd.img",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_log(
+        &log,
+        &["TFTP server listening", "HTTP server listening"],
+        &mut child,
+    )
+    .unwrap();
+    let lab = Lab {
+        _procs: vec![Guard(child)],
+        ns,
+        dir,
+        marker,
+    };
+    let (took, _) = match lab.boot(fw) {
+        Ok(x) => x,
+        Err(e) => panic!("{e:#}\n--- si-server:\n{}", lab.log("server.log")),
+    };
+    eprintln!("full stack {fw:?} boot: marker after {took:?}");
+    let script_url = format!("http://{http}/boot/52-54-00-d1-00-01.ipxe");
+    let before = lab
+        .ns
+        .sh(&format!("busybox wget -q -O - {script_url}"))
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&before.stdout).contains("vmlinuz"),
+        "install script serves the installer"
+    );
+    // The installer's last step: report; the node boots its disk from now on.
+    si_tests::run(lab.ns.cmd(bin("si-report")).args([
+        "--server",
+        &format!("{server}:7811"),
+        "--node",
+        "vm1",
+        "--state",
+        "installed",
+    ]))
+    .unwrap();
+    let shown = si("si-node", &["show", "vm1"]);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("local"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+    let after = lab
+        .ns
+        .sh(&format!("busybox wget -q -O - {script_url}"))
+        .unwrap();
+    let after = String::from_utf8_lossy(&after.stdout);
+    assert!(
+        after.contains("sanboot") || after.contains("exit"),
+        "{after}"
+    );
+    assert!(!after.contains("vmlinuz"), "{after}");
+}

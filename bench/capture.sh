@@ -207,6 +207,7 @@ capture_all() {
     for t in si rsync tar restic; do
         if [ "$t" = si ] && [ "$si" -eq 0 ]; then continue; fi
         log "rep $rep, $scenario capture: $t"
+        sync # no writeback of the previous step during this one
         "capture_$t" "$rep" "$scenario"
     done
 }
@@ -216,15 +217,17 @@ command -v bc >/dev/null || { echo "$0: bc is missing: apt-get install bc" >&2; 
 export RESTIC_PASSWORD=si-bench RESTIC_CACHE_DIR=$work/restic-cache
 
 src=$work/src
-log "extracting the big tree into $src"
-"$repo/tests/fixtures/rootfs.sh" "$src" big
-tree_files=$(find "$src" | wc -l)
-tree_bytes=$(du_bytes "$src")
-log "warming the page cache ($tree_files paths, $tree_bytes bytes)"
-find "$src" -type f -print0 | xargs -0 cat >/dev/null
-
 changed_raw=0
 for ((rep = 1; rep <= repeat; rep++)); do
+    # A fresh tree for every repetition: the changed scenario modifies it.
+    rm -rf "$src"
+    log "rep $rep: extracting the big tree into $src"
+    "$repo/tests/fixtures/rootfs.sh" "$src" big
+    tree_files=$(find "$src" | wc -l)
+    tree_bytes=$(du_bytes "$src")
+    log "rep $rep: warming the page cache ($tree_files paths, $tree_bytes bytes)"
+    find "$src" -type f -print0 | xargs -0 cat >/dev/null
+
     rm -rf "$work/si-store" "$work/si-state" "$work/rsync-dst" "$work/tar" "$work/restic" "$work/restic-cache"
     mkdir -p "$work/si-state"
     restic init --repository-version 2 -r "$work/restic" >"$work/restic.log" 2>&1 ||
@@ -234,7 +237,7 @@ for ((rep = 1; rep <= repeat; rep++)); do
     capture_all "$rep" unchanged
 
     log "rep $rep: replacing 20 files with ~50 MB of new random content"
-    python3 "$repo/bench/mutate.py" "$src" --count 20 --bytes $((50 * 1024 * 1024)) --seed "$rep" \
+    python3 "$repo/bench/mutate.py" "$src" --count 20 --bytes $((50 * 1024 * 1024)) --seed 1 \
         >"$work/changed.list"
     changed_raw=$(xargs -0 cat <"$work/changed.list" | wc -c)
     changed_zstd=$(xargs -0 cat <"$work/changed.list" | zstd -q -T0 -3 -c | wc -c)

@@ -2,8 +2,9 @@
 //!
 //! [`detect`] records the [`Layout`] of the machine whose root filesystem is mounted at a path
 //! (normally `/`): the disks that hold the local disk filesystems mounted there and below
-//! (ext2/3/4, xfs, btrfs, vfat) and, when the path is `/`, the active swap partitions; their
-//! partition tables, partitions, filesystems, the firmware and the bootloader.
+//! (ext2/3/4, xfs, btrfs, vfat; not those below `/media`, `/mnt` and `/run`) and, when the
+//! path is `/`, the active swap partitions; their partition tables, partitions, filesystems,
+//! the firmware and the bootloader.
 //! [`apply_partitions`] writes one disk's partition table back with `sfdisk`.
 //!
 //! The work is split so that tests run without disks:
@@ -329,6 +330,10 @@ pub struct Probe {
     pub grub: bool,
 }
 
+/// Mount points of removable media and of the moment, whose filesystems are not the node's
+/// (the default capture excludes skip their contents too).
+pub const TRANSIENT_MOUNTS: &[&str] = &["/media", "/mnt", "/run"];
+
 const PASS_LAYOUT: &str = "pass --layout FILE to describe the disk layout";
 
 /// Combines what was probed into a [`Layout`]; `table(disk_name)` returns the partition table
@@ -371,6 +376,10 @@ pub fn build_layout(
     let mut mounts: Vec<&&Mount> = visible
         .iter()
         .filter(|m| under(&m.mountpoint, &root) && DISK_FSTYPES.contains(&m.fstype.as_str()))
+        .filter(|m| {
+            let rel = relative_mountpoint(&m.mountpoint, &root);
+            !TRANSIENT_MOUNTS.iter().any(|t| under(&rel, t))
+        })
         .collect();
     // Parents before children; of several mounts of one filesystem, the first in this order.
     mounts.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
@@ -408,7 +417,8 @@ pub fn build_layout(
         }
     }
 
-    // Disks in order: the root filesystem's first, then as lsblk lists them.
+    // Disks in order: the root filesystem's first, then in the order of the mount points,
+    // then those with only swap.
     let mut disk_names: Vec<String> = Vec::new();
     for d in found
         .iter()
@@ -782,7 +792,12 @@ pub fn detect(root: &Path) -> Result<Layout> {
         Vec::new()
     };
     let mut devices = run_lsblk(None)?;
-    for d in devices.iter_mut().filter(|d| d.kind == "part") {
+    // Only the partitions in use (mounted, or swap: lsblk knows these from the kernel) can end
+    // up in the layout.
+    for d in devices
+        .iter_mut()
+        .filter(|d| d.kind == "part" && !d.mountpoints.is_empty())
+    {
         let path = Path::new("/dev").join(&d.name);
         probe_with_blkid(d, &path).with_context(|| format!("probing {}", path.display()))?;
     }
@@ -1136,6 +1151,8 @@ mod tests {
             parse_sfdisk(fixture!("nvme.sfdisk-nvme0n1.json"))
         })
         .unwrap();
+        // The USB stick mounted below /media is not part of the node.
+        assert_eq!(l.disks.len(), 1);
         let d = &l.disks[0];
         assert_eq!(d.name, "nvme0n1");
         assert_eq!(d.partitions.len(), 3);

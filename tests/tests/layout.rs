@@ -264,3 +264,15 @@ fn roots_not_on_a_partitioned_disk_are_refused() {
         "{e}"
     );
 }
+
+/// The independent tree comparison that the capture tests rely on catches every kind of
+/// difference it claims to (tests/fixtures/treecmp_selftest.sh; it sits here with the other
+/// fixture-level checks of this branch).
+#[test]
+fn treecmp_self_test() {
+    si_tests::require_root!();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/treecmp_selftest.sh");
+    let out = run(&mut Command::new(&script)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("treecmp_selftest: ok"), "{text}");
+}

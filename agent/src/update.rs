@@ -143,6 +143,11 @@ pub struct UpdateSummary {
     pub fetched_bytes: u64,
     pub wire_bytes: u64,
     pub local_objects: u64,
+    /// Where the time went: planning (walk and compare, while objects new in the version are
+    /// prefetched), fetching the rest (and local copies), swapping.
+    pub plan_seconds: f64,
+    pub fetch_seconds: f64,
+    pub swap_seconds: f64,
     pub seconds: f64,
 }
 
@@ -250,7 +255,10 @@ enum Action {
     Replace,
 }
 
-fn classify(e: &Entry, d: &DiskEntry, abs: &Path, verify: bool) -> Result<Action> {
+/// `unchanged`: the installed version had this very entry, so a disk entry whose stat data
+/// matches it needs no xattr or link read (drift past stat data is what `verify` is for).
+fn classify(e: &Entry, d: &DiskEntry, abs: &Path, verify: bool, unchanged: bool) -> Result<Action> {
+    let trust = unchanged && !verify;
     let md = &d.md;
     if !same_type(&e.kind, md) {
         return Ok(Action::Replace);
@@ -267,7 +275,7 @@ fn classify(e: &Entry, d: &DiskEntry, abs: &Path, verify: bool) -> Result<Action
         {
             return Ok(true);
         }
-        Ok(scan::read_xattrs(abs)? != e.xattrs)
+        Ok(!trust && scan::read_xattrs(abs)? != e.xattrs)
     };
     match &e.kind {
         Kind::File { size, chunks } => {
@@ -280,7 +288,7 @@ fn classify(e: &Entry, d: &DiskEntry, abs: &Path, verify: bool) -> Result<Action
             }
         }
         Kind::Symlink { target }
-            if std::fs::read_link(abs)?.as_os_str().as_bytes() != target.as_slice() =>
+            if !trust && std::fs::read_link(abs)?.as_os_str().as_bytes() != target.as_slice() =>
         {
             return Ok(Action::Replace);
         }
@@ -312,7 +320,13 @@ pub fn read_installed(dir: &Path) -> Option<(Installed, Option<Manifest>)> {
 }
 
 /// Builds the plan for moving the tree at `o.root` to `m`.
-pub fn plan(o: &UpdateOptions, image: &str, version: u32, m: &Manifest) -> Result<Plan> {
+pub fn plan(
+    o: &UpdateOptions,
+    image: &str,
+    version: u32,
+    m: &Manifest,
+    installed: Option<&Manifest>,
+) -> Result<Plan> {
     let root = &o.root;
     // The state directory is never part of an update.
     let mut excludes = o.excludes.clone();
@@ -332,7 +346,9 @@ pub fn plan(o: &UpdateOptions, image: &str, version: u32, m: &Manifest) -> Resul
     };
     p.fresh = disk.len() <= 1 || (disk.len() == 2 && disk.contains_key(&b"lost+found"[..]));
     p.disk_files = disk.values().filter(|d| d.md.is_file()).count() as u64;
-    let installed = read_installed(&state_dir(o)).and_then(|(_, m)| m);
+    let before: HashMap<&[u8], &Entry> = installed
+        .map(|im| im.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
+        .unwrap_or_default();
     let mut target_paths: HashSet<&[u8]> = HashSet::new();
     let mut changed: HashSet<&[u8]> = HashSet::new();
     for (i, e) in m.entries.iter().enumerate() {
@@ -360,7 +376,10 @@ pub fn plan(o: &UpdateOptions, image: &str, version: u32, m: &Manifest) -> Resul
                     Action::Same
                 }
             }
-            (Some(d), _) => classify(e, d, &abs, o.verify)?,
+            (Some(d), _) => {
+                let unchanged = before.get(e.path.as_slice()).is_some_and(|b| *b == e);
+                classify(e, d, &abs, o.verify, unchanged)?
+            }
         };
         match action {
             Action::Same => {}
@@ -400,7 +419,7 @@ pub fn plan(o: &UpdateOptions, image: &str, version: u32, m: &Manifest) -> Resul
     }
     if !p.fresh && !needed.is_empty() {
         // Unchanged files whose chunks the installed manifest records.
-        if let Some(im) = &installed {
+        if let Some(im) = installed {
             for e in &im.entries {
                 if let (Kind::File { chunks, .. }, Some(d)) = (&e.kind, disk.get(&e.path)) {
                     if d.md.len() == e.kind_size()
@@ -737,10 +756,56 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         .and_then(|(i, m)| m.as_ref().map(|m| (i.image.as_str(), i.version, m)));
     let (info, m, mbytes) = client.manifest_from(&o.image, o.version, base)?;
     std::fs::create_dir_all(&o.root).with_context(|| format!("creating {}", o.root.display()))?;
-    let p = plan(o, &info.image, info.version, &m)?;
+    let t0 = std::time::Instant::now();
+    let sdir = state_dir(o);
+    let staging = Staging {
+        dir: sdir.join("staging"),
+    };
+    // Objects new in this version (absent from the installed one) move while the tree is
+    // walked; what the walk finds missing besides (local drift) is fetched after.
+    let inst_m = installed.as_ref().and_then(|(_, m)| m.as_ref());
+    let mut prefetch: Vec<(Digest, u32)> = Vec::new();
+    if let (Some(im), false) = (inst_m, o.dry_run) {
+        let old: HashSet<Digest> = im.digests().map(|c| c.digest).collect();
+        let mut seen = HashSet::new();
+        prefetch = m
+            .digests()
+            .filter(|c| !old.contains(&c.digest) && seen.insert(c.digest))
+            .map(|c| (c.digest, c.len))
+            .collect();
+    }
+    if !prefetch.is_empty() {
+        std::fs::create_dir_all(&staging.dir)
+            .with_context(|| format!("creating {}", staging.dir.display()))?;
+        let need: u64 = prefetch.iter().map(|x| x.1 as u64).sum();
+        let free = free_bytes(&staging.dir)?;
+        if need > free {
+            bail!("not enough space: the update needs {need} bytes, {free} are free");
+        }
+        prefetch.retain(|(d, l)| !staging.has(d, *l));
+    }
+    let prefetched = AtomicU64::new(0);
+    let (p, pre) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            client.fetch(&prefetch, o.threads, &|d, data| {
+                prefetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+                staging.put(&d, &data)
+            })
+        });
+        let p = plan(o, &info.image, info.version, &m, inst_m);
+        (
+            p,
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow!("prefetch panicked"))),
+        )
+    });
+    pre?;
+    let p = p?;
+    let staged: HashSet<Digest> = prefetch.iter().map(|x| x.0).collect();
     let mut sum = UpdateSummary {
         image: info.image.clone(),
         version: info.version,
+        plan_seconds: t0.elapsed().as_secs_f64(),
         ..Default::default()
     };
     if o.dry_run {
@@ -748,7 +813,6 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         client.bye();
         return Ok(sum);
     }
-    let sdir = state_dir(o);
     if p.fresh {
         let written = deploy_fresh(&mut client, &m, &o.root, o.threads)?;
         sum.created = m.entries.len() as u64 - 1;
@@ -761,11 +825,8 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
                 p.disk_files
             );
         }
-        std::fs::create_dir_all(sdir.join("staging"))
-            .with_context(|| format!("creating {}", sdir.display()))?;
-        let staging = Staging {
-            dir: sdir.join("staging"),
-        };
+        std::fs::create_dir_all(&staging.dir)
+            .with_context(|| format!("creating {}", staging.dir.display()))?;
         // Everything the swap needs is on the node before anything is touched.
         let new_bytes: u64 = p
             .create
@@ -784,10 +845,10 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             .fetch
             .iter()
             .copied()
-            .filter(|(d, l)| !staging.has(d, *l))
+            .filter(|(d, l)| !staged.contains(d) && !staging.has(d, *l))
             .collect();
         let mut local_ok = 0u64;
-        for (d, (path, off, len)) in &p.local {
+        for (d, (path, off, len)) in p.local.iter().filter(|(d, _)| !staged.contains(*d)) {
             let abs = o.root.join(OsStr::from_bytes(path));
             let mut buf = vec![0u8; *len as usize];
             let ok = std::fs::File::open(&abs)
@@ -806,9 +867,10 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             staging.put(&d, &data)
         })?;
-        sum.fetched_objects = todo.len() as u64;
-        sum.fetched_bytes = fetched.load(Ordering::Relaxed);
+        sum.fetched_objects = (todo.len() + prefetch.len()) as u64;
+        sum.fetched_bytes = fetched.load(Ordering::Relaxed) + prefetched.load(Ordering::Relaxed);
         sum.local_objects = local_ok;
+        sum.fetch_seconds = t0.elapsed().as_secs_f64() - sum.plan_seconds;
         let changed: Vec<&[u8]> = p
             .create
             .iter()
@@ -850,7 +912,9 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
                 "trigger-stop",
             )?;
         }
+        let t1 = std::time::Instant::now();
         swap(o, &m, &p, &staging)?;
+        sum.swap_seconds = t1.elapsed().as_secs_f64();
         for t in &triggers {
             run_hook(
                 t.start
@@ -865,8 +929,8 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         sum.replaced = p.replace.len() as u64;
         sum.meta = p.meta.len() as u64;
         sum.deleted = p.delete.len() as u64;
-        std::fs::remove_dir_all(sdir.join("staging")).ok();
     }
+    std::fs::remove_dir_all(&staging.dir).ok();
     let inst = Installed {
         image: info.image.clone(),
         version: info.version,
@@ -949,11 +1013,27 @@ fn swap(o: &UpdateOptions, m: &Manifest, p: &Plan, staging: &Staging) -> Result<
     for &i in &p.meta {
         fix_meta(rfd, &m.entries[i])?;
     }
+    // Directories whose content changed got a new mtime: set theirs again (deepest first).
+    let mut dirs: HashSet<&[u8]> = HashSet::new();
+    for path in todo
+        .iter()
+        .map(|&i| m.entries[i].path.as_slice())
+        .chain(p.delete.iter().map(|v| v.as_slice()))
+    {
+        if let Some(parent) = mpath::parent(path) {
+            dirs.insert(parent);
+        }
+    }
+    for &i in &todo {
+        if m.entries[i].kind == Kind::Dir {
+            dirs.insert(&m.entries[i].path);
+        }
+    }
     for e in m
         .entries
         .iter()
         .rev()
-        .filter(|e| e.kind == Kind::Dir && !o.excludes.is_excluded(&e.path))
+        .filter(|e| e.kind == Kind::Dir && dirs.contains(e.path.as_slice()))
     {
         fix_meta(rfd, e)?;
     }

@@ -10,6 +10,7 @@
 pub mod agentd;
 pub mod apply;
 pub mod capture;
+pub mod codec;
 pub mod exclude;
 pub mod fsutil;
 pub mod layout;

@@ -15,18 +15,7 @@ use std::time::Duration;
 const WANT_BATCH: usize = 1024;
 const IN_FLIGHT: usize = 2;
 
-/// Decompresses a received object (at most `raw_len` bytes) and checks its digest.
-pub fn verify(digest: &Digest, raw_len: u32, z: &[u8]) -> Result<Vec<u8>> {
-    if raw_len > crate::scan::MAX_OBJECT {
-        bail!("object {digest} claims {raw_len} bytes");
-    }
-    let raw = zstd::bulk::decompress(z, raw_len as usize)
-        .with_context(|| format!("object {digest} does not decompress"))?;
-    if raw.len() != raw_len as usize || Digest::of(&raw) != *digest {
-        bail!("object {digest} is corrupt");
-    }
-    Ok(raw)
-}
+pub use crate::codec::verify;
 
 struct Counting<R> {
     inner: R,

@@ -34,7 +34,7 @@ pub const CDC_MAX: u32 = 1 << 20;
 /// Largest object (uncompressed) any producer makes; receivers refuse bigger ones.
 pub const MAX_OBJECT: u32 = CDC_MAX;
 /// Compression level of objects.
-pub const ZSTD_LEVEL: i32 = 3;
+pub const ZSTD_LEVEL: i32 = crate::codec::ZSTD_LEVEL;
 
 /// Filesystems the walk descends into when they are mounted below the root.
 pub(crate) const LOCAL_FS: &[&str] = &[
@@ -359,7 +359,7 @@ impl Shared<'_> {
         let digest = Digest::of(data);
         let len = data.len() as u32;
         if !self.have.contains(&digest) && self.sent.lock().expect("sent set").insert(digest) {
-            let z = zstd::bulk::compress(data, ZSTD_LEVEL).context("compressing")?;
+            let z = crate::codec::compress(data)?;
             tx.send(Out::Blob(digest, len, z)).context("sink gone")?;
         }
         Ok(Chunk {

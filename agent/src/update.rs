@@ -418,7 +418,8 @@ pub fn plan(
         }
     }
     if !p.fresh && !needed.is_empty() {
-        // Unchanged files whose chunks the installed manifest records.
+        // Files as the installed manifest records them: their chunks are known without reading.
+        let mut known: HashSet<&[u8]> = HashSet::new();
         if let Some(im) = installed {
             for e in &im.entries {
                 if let (Kind::File { chunks, .. }, Some(d)) = (&e.kind, disk.get(&e.path)) {
@@ -426,6 +427,7 @@ pub fn plan(
                         && d.md.mtime() == e.mtime
                         && d.md.mtime_nsec() as u32 == e.mtime_nsec
                     {
+                        known.insert(&e.path);
                         for c in chunks {
                             if seen.contains(&c.digest) {
                                 p.local.entry(c.digest).or_insert((
@@ -439,11 +441,16 @@ pub fn plan(
                 }
             }
         }
-        // The old versions of changed big files, chunked the way the image was.
+        // The old versions of changed big files the installed manifest does not describe,
+        // chunked the way the image was.
         for &i in &p.replace {
             let e = &m.entries[i];
             if let (Kind::File { size, .. }, Some(d)) = (&e.kind, disk.get(&e.path)) {
-                if *size > CDC_THRESHOLD && d.md.is_file() && d.md.len() > CDC_THRESHOLD {
+                if *size > CDC_THRESHOLD
+                    && d.md.is_file()
+                    && d.md.len() > CDC_THRESHOLD
+                    && !known.contains(e.path.as_slice())
+                {
                     let abs = root.join(OsStr::from_bytes(&e.path));
                     let f = std::fs::File::open(&abs)
                         .with_context(|| format!("opening {}", abs.display()))?;

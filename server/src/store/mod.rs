@@ -74,24 +74,7 @@ pub struct StoreLock {
 }
 
 /// Checks a received object: decompresses at most `raw_len` bytes and compares digests.
-pub fn verify_object(digest: &Digest, raw_len: u32, zdata: &[u8]) -> Result<Vec<u8>> {
-    if raw_len > MAX_OBJECT {
-        bail!("object {digest} claims {raw_len} bytes, more than the {MAX_OBJECT}-byte limit");
-    }
-    let raw = zstd::bulk::decompress(zdata, raw_len as usize)
-        .with_context(|| format!("object {digest} does not decompress"))?;
-    if raw.len() != raw_len as usize {
-        bail!(
-            "object {digest} has {} bytes, {raw_len} announced",
-            raw.len()
-        );
-    }
-    let actual = Digest::of(&raw);
-    if actual != *digest {
-        bail!("object {digest} is corrupt: its content hashes to {actual}");
-    }
-    Ok(raw)
-}
+pub use si_agent::codec::verify as verify_object;
 
 impl Store {
     /// Opens the store at `root`, creating it if it does not exist.

@@ -198,8 +198,7 @@ impl<'a> PackWriter<'a> {
     pub fn add_raw(&mut self, data: &[u8]) -> Result<Digest> {
         let d = Digest::of(data);
         if !self.store.contains(&d) && !self.added.contains(&d) {
-            let z =
-                zstd::bulk::compress(data, si_agent::scan::ZSTD_LEVEL).context("compressing")?;
+            let z = si_agent::codec::compress(data)?;
             self.add(d, data.len() as u32, &z)?;
         }
         Ok(d)

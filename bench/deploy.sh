@@ -52,6 +52,7 @@ pids=()
 cleanup() {
     local p
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for ns in "$ns_m" "$ns_n"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
     sleep 0.2
     umount "$work/tmpfs" 2>/dev/null || true
     ip netns del "$ns_m" 2>/dev/null || true

@@ -6,7 +6,7 @@ use si_proto::Digest;
 use std::cell::RefCell;
 
 /// Compression level of objects.
-pub const ZSTD_LEVEL: i32 = 3;
+pub const ZSTD_LEVEL: i32 = 2;
 
 thread_local! {
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };

@@ -23,7 +23,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Files larger than this are split into content-defined chunks.
@@ -222,7 +222,9 @@ struct Walker<'a> {
     cfg: &'a ScanConfig,
     mounts: HashMap<PathBuf, String>,
     entries: Vec<Entry>,
-    pending: Vec<Pending>,
+    /// Files whose content must be read, handed to the content workers as they are found.
+    pending: Option<crossbeam_channel::Sender<Pending>>,
+    files: u64,
     /// (dev, ino) of multiply-linked files → index of the first entry seen.
     links: HashMap<(u64, u64), Vec<usize>>,
     total_bytes: u64,
@@ -264,19 +266,27 @@ impl Walker<'_> {
             return Ok(());
         }
         let kind = if ft.is_file() {
-            if md.nlink() > 1 {
-                self.links
-                    .entry((md.dev(), md.ino()))
-                    .or_default()
-                    .push(self.entries.len());
+            // Only the first name of a hard-link group carries content.
+            let first_name = if md.nlink() > 1 {
+                let g = self.links.entry((md.dev(), md.ino())).or_default();
+                g.push(self.entries.len());
+                g.len() == 1
+            } else {
+                true
+            };
+            if first_name {
+                self.total_bytes += md.len();
+                self.files += 1;
+                let p = Pending {
+                    index: self.entries.len(),
+                    abs: abs.to_path_buf(),
+                    rel: rel.clone(),
+                    md: md.clone(),
+                };
+                if let Some(tx) = &self.pending {
+                    tx.send(p).map_err(|_| anyhow::anyhow!("content workers stopped"))?;
+                }
             }
-            self.total_bytes += md.len();
-            self.pending.push(Pending {
-                index: self.entries.len(),
-                abs: abs.to_path_buf(),
-                rel: rel.clone(),
-                md: md.clone(),
-            });
             Kind::File {
                 size: md.len(),
                 chunks: vec![],
@@ -344,7 +354,8 @@ struct Shared<'a> {
 
 enum Out {
     Blob(Digest, u32, Vec<u8>),
-    Done(usize, u64, Vec<Chunk>, Option<CacheRec>),
+    Done(usize, Vec<u8>, u64, Vec<Chunk>, Option<CacheRec>),
+    Totals(u64, u64),
     Err(anyhow::Error),
 }
 
@@ -444,14 +455,6 @@ pub fn scan(
         .as_deref()
         .map(StatCache::load)
         .unwrap_or_default();
-    let mut w = Walker {
-        cfg,
-        mounts: mount_types(),
-        entries: Vec::new(),
-        pending: Vec::new(),
-        links: HashMap::new(),
-        total_bytes: 0,
-    };
     let root = cfg
         .root
         .canonicalize()
@@ -459,15 +462,6 @@ pub fn scan(
     if !root.is_dir() {
         bail!("{} is not a directory", root.display());
     }
-    w.walk(&root, Vec::new(), None)?;
-    // Hard links: only the first name of each group carries content.
-    let mut second_names: HashSet<usize> = HashSet::new();
-    for group in w.links.values() {
-        second_names.extend(group.iter().skip(1));
-    }
-    w.pending.retain(|p| !second_names.contains(&p.index));
-    sink.totals(w.pending.len() as u64, w.total_bytes)?;
-
     let shared = Shared {
         have,
         sent: Mutex::new(HashSet::new()),
@@ -476,49 +470,82 @@ pub fn scan(
         files_read: AtomicU64::new(0),
         bytes_read: AtomicU64::new(0),
     };
-    let next = AtomicUsize::new(0);
+    // The walk feeds the content workers as it goes: reading starts with the first file.
+    let stop = AtomicBool::new(false);
+    let (ptx, prx) = crossbeam_channel::bounded::<Pending>(4096);
     let (tx, rx) = crossbeam_channel::bounded::<Out>(64);
     let mut new_cache = StatCache::default();
     let mut blobs_sent = 0u64;
     let mut bytes_sent = 0u64;
-    let pending = &w.pending;
-    let mut results: Vec<(usize, u64, Vec<Chunk>)> = Vec::with_capacity(pending.len());
+    let mut results: Vec<(usize, u64, Vec<Chunk>)> = Vec::new();
     let mut first_err: Option<anyhow::Error> = None;
-    std::thread::scope(|s| {
+    let walked: Result<Walker> = std::thread::scope(|s| {
+        let walker = {
+            let tx = tx.clone();
+            let root = &root;
+            s.spawn(move || -> Result<Walker> {
+                let mut w = Walker {
+                    cfg,
+                    mounts: mount_types(),
+                    entries: Vec::new(),
+                    pending: Some(ptx),
+                    files: 0,
+                    links: HashMap::new(),
+                    total_bytes: 0,
+                };
+                let r = w.walk(root, Vec::new(), None);
+                w.pending = None;
+                r?;
+                let _ = tx.send(Out::Totals(w.files, w.total_bytes));
+                Ok(w)
+            })
+        };
         for _ in 0..cfg.threads.max(1) {
             let tx = tx.clone();
-            let (shared, next, old_cache) = (&shared, &next, &old_cache);
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(p) = pending.get(i) else { break };
-                let rec = cache_rec(&p.md, vec![]);
-                let cached = old_cache.files.get(&p.rel).filter(|c| {
-                    CacheRec {
-                        chunks: vec![],
-                        ..(*c).clone()
-                    } == rec
-                        && c.chunks.iter().all(|ch| shared.have.contains(&ch.digest))
-                });
-                let out = match cached {
-                    Some(c) => Ok((p.md.len(), c.chunks.clone())),
-                    None => shared.read_file(p, &tx),
-                };
-                shared.files_done.fetch_add(1, Ordering::Relaxed);
-                shared.bytes_done.fetch_add(p.md.len(), Ordering::Relaxed);
-                let msg = match out {
-                    Ok((size, chunks)) => {
-                        let rec = (size == p.md.len()).then(|| cache_rec(&p.md, chunks.clone()));
-                        Out::Done(p.index, size, chunks, rec)
+            let prx = prx.clone();
+            let (shared, stop, old_cache) = (&shared, &stop, &old_cache);
+            s.spawn(move || {
+                for p in prx {
+                    if stop.load(Ordering::Relaxed) {
+                        continue;
                     }
-                    Err(e) => Out::Err(e),
-                };
-                if tx.send(msg).is_err() {
-                    break;
+                    let rec = cache_rec(&p.md, vec![]);
+                    let cached = old_cache.files.get(&p.rel).filter(|c| {
+                        CacheRec {
+                            chunks: vec![],
+                            ..(*c).clone()
+                        } == rec
+                            && c.chunks.iter().all(|ch| shared.have.contains(&ch.digest))
+                    });
+                    let out = match cached {
+                        Some(c) => Ok((p.md.len(), c.chunks.clone())),
+                        None => shared.read_file(&p, &tx),
+                    };
+                    shared.files_done.fetch_add(1, Ordering::Relaxed);
+                    shared.bytes_done.fetch_add(p.md.len(), Ordering::Relaxed);
+                    let msg = match out {
+                        Ok((size, chunks)) => {
+                            let rec =
+                                (size == p.md.len()).then(|| cache_rec(&p.md, chunks.clone()));
+                            Out::Done(p.index, p.rel, size, chunks, rec)
+                        }
+                        Err(e) => Out::Err(e),
+                    };
+                    if tx.send(msg).is_err() {
+                        break;
+                    }
                 }
             });
         }
         drop(tx);
+        drop(prx);
         let mut last = std::time::Instant::now();
+        let fail = |e: anyhow::Error, first_err: &mut Option<anyhow::Error>| {
+            if first_err.is_none() {
+                *first_err = Some(e);
+                stop.store(true, Ordering::Relaxed);
+            }
+        };
         for out in rx.iter() {
             match out {
                 Out::Blob(d, raw, z) => {
@@ -526,23 +553,22 @@ pub fn scan(
                         blobs_sent += 1;
                         bytes_sent += z.len() as u64;
                         if let Err(e) = sink.blob(d, raw, z) {
-                            first_err = Some(e);
-                            next.store(usize::MAX / 2, Ordering::Relaxed);
+                            fail(e, &mut first_err);
                         }
                     }
                 }
-                Out::Done(i, size, chunks, rec) => {
+                Out::Done(i, rel, size, chunks, rec) => {
                     if let Some(rec) = rec {
-                        new_cache.files.insert(w.entries[i].path.clone(), rec);
+                        new_cache.files.insert(rel, rec);
                     }
                     results.push((i, size, chunks));
                 }
-                Out::Err(e) => {
-                    if first_err.is_none() {
-                        first_err = Some(e);
-                        next.store(usize::MAX / 2, Ordering::Relaxed);
+                Out::Totals(files, bytes) => {
+                    if let Err(e) = sink.totals(files, bytes) {
+                        fail(e, &mut first_err);
                     }
                 }
+                Out::Err(e) => fail(e, &mut first_err),
             }
             if first_err.is_none() && last.elapsed().as_millis() >= 250 {
                 last = std::time::Instant::now();
@@ -550,15 +576,18 @@ pub fn scan(
                     shared.files_done.load(Ordering::Relaxed),
                     shared.bytes_done.load(Ordering::Relaxed),
                 ) {
-                    first_err = Some(e);
-                    next.store(usize::MAX / 2, Ordering::Relaxed);
+                    fail(e, &mut first_err);
                 }
             }
         }
+        walker
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the walk panicked")))
     });
-    if let Some(e) = first_err {
-        return Err(e);
-    }
+    let mut w = match (walked, first_err) {
+        (Err(e), _) | (Ok(_), Some(e)) => return Err(e),
+        (Ok(w), None) => w,
+    };
     for (i, size, chunks) in results {
         w.entries[i].kind = Kind::File { size, chunks };
     }
@@ -581,7 +610,7 @@ pub fn scan(
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let stats = ScanStats {
         entries: entries.len() as u64,
-        files: pending.len() as u64,
+        files: w.files,
         bytes: w.total_bytes,
         bytes_read: shared.bytes_read.load(Ordering::Relaxed),
         files_read: shared.files_read.load(Ordering::Relaxed),

@@ -222,15 +222,32 @@ struct Walker<'a> {
     cfg: &'a ScanConfig,
     mounts: HashMap<PathBuf, String>,
     entries: Vec<Entry>,
-    /// Files whose content must be read, handed to the content workers as they are found.
-    pending: Option<crossbeam_channel::Sender<Pending>>,
+    /// Files whose content must be read, handed to the content workers in batches as they
+    /// are found.
+    pending: Option<crossbeam_channel::Sender<Vec<Pending>>>,
+    batch: Vec<Pending>,
+    batch_bytes: u64,
     files: u64,
     /// (dev, ino) of multiply-linked files → index of the first entry seen.
     links: HashMap<(u64, u64), Vec<usize>>,
     total_bytes: u64,
 }
 
+/// Files (or bytes) handed to a content worker at once: few channel operations per file.
+const BATCH_FILES: usize = 256;
+const BATCH_BYTES: u64 = 8 << 20;
+
 impl Walker<'_> {
+    fn flush(&mut self) -> Result<()> {
+        self.batch_bytes = 0;
+        let b = std::mem::take(&mut self.batch);
+        if let (Some(tx), false) = (&self.pending, b.is_empty()) {
+            tx.send(b)
+                .map_err(|_| anyhow::anyhow!("content workers stopped"))?;
+        }
+        Ok(())
+    }
+
     fn walk(&mut self, abs: &Path, rel: Vec<u8>, parent_dev: Option<u64>) -> Result<()> {
         let md = std::fs::symlink_metadata(abs)
             .with_context(|| format!("reading metadata of {}", abs.display()))?;
@@ -283,8 +300,10 @@ impl Walker<'_> {
                     rel: rel.clone(),
                     md: md.clone(),
                 };
-                if let Some(tx) = &self.pending {
-                    tx.send(p).map_err(|_| anyhow::anyhow!("content workers stopped"))?;
+                self.batch_bytes += md.len();
+                self.batch.push(p);
+                if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
+                    self.flush()?;
                 }
             }
             Kind::File {
@@ -352,9 +371,12 @@ struct Shared<'a> {
     bytes_read: AtomicU64,
 }
 
+/// A file's content pass: entry index, path, size, chunks, stat cache record.
+type Done = (usize, Vec<u8>, u64, Vec<Chunk>, Option<CacheRec>);
+
 enum Out {
     Blob(Digest, u32, Vec<u8>),
-    Done(usize, Vec<u8>, u64, Vec<Chunk>, Option<CacheRec>),
+    Done(Vec<Done>),
     Totals(u64, u64),
     Err(anyhow::Error),
 }
@@ -472,7 +494,7 @@ pub fn scan(
     };
     // The walk feeds the content workers as it goes: reading starts with the first file.
     let stop = AtomicBool::new(false);
-    let (ptx, prx) = crossbeam_channel::bounded::<Pending>(4096);
+    let (ptx, prx) = crossbeam_channel::bounded::<Vec<Pending>>(16);
     let (tx, rx) = crossbeam_channel::bounded::<Out>(64);
     let mut new_cache = StatCache::default();
     let mut blobs_sent = 0u64;
@@ -489,11 +511,13 @@ pub fn scan(
                     mounts: mount_types(),
                     entries: Vec::new(),
                     pending: Some(ptx),
+                    batch: Vec::new(),
+                    batch_bytes: 0,
                     files: 0,
                     links: HashMap::new(),
                     total_bytes: 0,
                 };
-                let r = w.walk(root, Vec::new(), None);
+                let r = w.walk(root, Vec::new(), None).and_then(|_| w.flush());
                 w.pending = None;
                 r?;
                 let _ = tx.send(Out::Totals(w.files, w.total_bytes));
@@ -505,33 +529,39 @@ pub fn scan(
             let prx = prx.clone();
             let (shared, stop, old_cache) = (&shared, &stop, &old_cache);
             s.spawn(move || {
-                for p in prx {
+                for batch in prx {
                     if stop.load(Ordering::Relaxed) {
                         continue;
                     }
-                    let rec = cache_rec(&p.md, vec![]);
-                    let cached = old_cache.files.get(&p.rel).filter(|c| {
-                        CacheRec {
-                            chunks: vec![],
-                            ..(*c).clone()
-                        } == rec
-                            && c.chunks.iter().all(|ch| shared.have.contains(&ch.digest))
-                    });
-                    let out = match cached {
-                        Some(c) => Ok((p.md.len(), c.chunks.clone())),
-                        None => shared.read_file(&p, &tx),
-                    };
-                    shared.files_done.fetch_add(1, Ordering::Relaxed);
-                    shared.bytes_done.fetch_add(p.md.len(), Ordering::Relaxed);
-                    let msg = match out {
-                        Ok((size, chunks)) => {
-                            let rec =
-                                (size == p.md.len()).then(|| cache_rec(&p.md, chunks.clone()));
-                            Out::Done(p.index, p.rel, size, chunks, rec)
+                    let mut done = Vec::with_capacity(batch.len());
+                    for p in batch {
+                        let rec = cache_rec(&p.md, vec![]);
+                        let cached = old_cache.files.get(&p.rel).filter(|c| {
+                            CacheRec {
+                                chunks: vec![],
+                                ..(*c).clone()
+                            } == rec
+                                && c.chunks.iter().all(|ch| shared.have.contains(&ch.digest))
+                        });
+                        let out = match cached {
+                            Some(c) => Ok((p.md.len(), c.chunks.clone())),
+                            None => shared.read_file(&p, &tx),
+                        };
+                        shared.files_done.fetch_add(1, Ordering::Relaxed);
+                        shared.bytes_done.fetch_add(p.md.len(), Ordering::Relaxed);
+                        match out {
+                            Ok((size, chunks)) => {
+                                let rec =
+                                    (size == p.md.len()).then(|| cache_rec(&p.md, chunks.clone()));
+                                done.push((p.index, p.rel, size, chunks, rec));
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Out::Err(e));
+                                break;
+                            }
                         }
-                        Err(e) => Out::Err(e),
-                    };
-                    if tx.send(msg).is_err() {
+                    }
+                    if tx.send(Out::Done(done)).is_err() {
                         break;
                     }
                 }
@@ -557,11 +587,13 @@ pub fn scan(
                         }
                     }
                 }
-                Out::Done(i, rel, size, chunks, rec) => {
-                    if let Some(rec) = rec {
-                        new_cache.files.insert(rel, rec);
+                Out::Done(done) => {
+                    for (i, rel, size, chunks, rec) in done {
+                        if let Some(rec) = rec {
+                            new_cache.files.insert(rel, rec);
+                        }
+                        results.push((i, size, chunks));
                     }
-                    results.push((i, size, chunks));
                 }
                 Out::Totals(files, bytes) => {
                     if let Err(e) = sink.totals(files, bytes) {

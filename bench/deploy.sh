@@ -156,7 +156,8 @@ done
 log "update: 20 changed, 5 added, 5 deleted"
 python3 "$repo/bench/mutate.py" "$src" --count 20 --seed 7 >"$work/changed.lst"
 for i in 1 2 3 4 5; do head -c $((200 * 1024 * i)) /dev/urandom >"$src/usr/share/bench-added-$i"; done
-find "$src/usr/share/doc" -type f -size +4k | sort | head -5 | xargs rm -f
+mapfile -t docs < <(find "$src/usr/share/doc" -type f -size +4k | sort)
+rm -f "${docs[@]:0:5}"
 changed_z=$( (tr '\0' '\n' <"$work/changed.lst"; ls "$src"/usr/share/bench-added-*) | xargs cat | zstd -3 -c | wc -c)
 "$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
 si_pull 1 update "$work/si-disk"

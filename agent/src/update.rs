@@ -270,9 +270,7 @@ fn classify(e: &Entry, d: &DiskEntry, abs: &Path, verify: bool, unchanged: bool)
         if !matches!(e.kind, Kind::Symlink { .. }) && md.mode() & 0o7777 != e.mode {
             return Ok(true);
         }
-        if !matches!(e.kind, Kind::Dir)
-            && (md.mtime() != e.mtime || md.mtime_nsec() as u32 != e.mtime_nsec)
-        {
+        if md.mtime() != e.mtime || md.mtime_nsec() as u32 != e.mtime_nsec {
             return Ok(true);
         }
         Ok(!trust && scan::read_xattrs(abs)? != e.xattrs)
@@ -319,6 +317,26 @@ pub fn read_installed(dir: &Path) -> Option<(Installed, Option<Manifest>)> {
     Some((inst, m))
 }
 
+/// The update's scope: the options' excludes, plus the state directory, which an update
+/// never touches.
+fn scope(o: &UpdateOptions) -> Result<Excludes> {
+    let mut excludes = o.excludes.clone();
+    if let Ok(rel) = state_dir(o).strip_prefix(&o.root) {
+        let rel = rel.as_os_str().as_bytes();
+        if !rel.is_empty() {
+            let mut pats = excludes.patterns().to_vec();
+            pats.push(format!("/{}", String::from_utf8_lossy(rel)));
+            excludes = Excludes::new(&pats)?;
+        }
+    }
+    Ok(excludes)
+}
+
+/// Lists the node's tree within the update's scope (the expensive part of a plan).
+fn scan_node(o: &UpdateOptions) -> Result<DiskTree> {
+    walk_disk(&o.root, &scope(o)?)
+}
+
 /// Builds the plan for moving the tree at `o.root` to `m`.
 pub fn plan(
     o: &UpdateOptions,
@@ -327,18 +345,20 @@ pub fn plan(
     m: &Manifest,
     installed: Option<&Manifest>,
 ) -> Result<Plan> {
+    plan_with(o, image, version, m, installed, scan_node(o)?)
+}
+
+fn plan_with(
+    o: &UpdateOptions,
+    image: &str,
+    version: u32,
+    m: &Manifest,
+    installed: Option<&Manifest>,
+    tree: DiskTree,
+) -> Result<Plan> {
     let root = &o.root;
-    // The state directory is never part of an update.
-    let mut excludes = o.excludes.clone();
-    if let Ok(rel) = state_dir(o).strip_prefix(root) {
-        let rel = rel.as_os_str().as_bytes();
-        if !rel.is_empty() {
-            let mut pats = excludes.patterns().to_vec();
-            pats.push(format!("/{}", String::from_utf8_lossy(rel)));
-            excludes = Excludes::new(&pats)?;
-        }
-    }
-    let (disk, keep) = walk_disk(root, &excludes)?;
+    let excludes = scope(o)?;
+    let (disk, keep) = tree;
     let mut p = Plan {
         image: image.into(),
         version,
@@ -356,10 +376,16 @@ pub fn plan(
             continue;
         }
         target_paths.insert(&e.path);
+        let abs = root.join(OsStr::from_bytes(&e.path));
         if e.path.is_empty() {
+            // The root itself: only its metadata can differ.
+            if let Some(d) = disk.get(&e.path) {
+                if let Action::Meta | Action::Replace = classify(e, d, &abs, o.verify, false)? {
+                    p.meta.push(i);
+                }
+            }
             continue;
         }
-        let abs = root.join(OsStr::from_bytes(&e.path));
         let action = match (disk.get(&e.path), &e.kind) {
             (None, _) => {
                 p.create.push(i);
@@ -756,13 +782,18 @@ fn free_bytes(p: &Path) -> Result<u64> {
 /// Moves the tree at `o.root` to the requested version. With `dry_run`, only plans.
 pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateSummary> {
     let start = std::time::Instant::now();
+    // The walk of the node's tree runs while the server is asked for the manifest.
+    std::fs::create_dir_all(&o.root).with_context(|| format!("creating {}", o.root.display()))?;
+    let walker = {
+        let o = o.clone();
+        std::thread::spawn(move || scan_node(&o))
+    };
     let mut client = Client::connect(&o.server, Duration::from_secs(10))?;
     let installed = read_installed(&state_dir(o));
     let base = installed
         .as_ref()
         .and_then(|(i, m)| m.as_ref().map(|m| (i.image.as_str(), i.version, m)));
     let (info, m, mbytes) = client.manifest_from(&o.image, o.version, base)?;
-    std::fs::create_dir_all(&o.root).with_context(|| format!("creating {}", o.root.display()))?;
     let t0 = std::time::Instant::now();
     let sdir = state_dir(o);
     let staging = Staging {
@@ -799,7 +830,10 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
                 staging.put(&d, &data)
             })
         });
-        let p = plan(o, &info.image, info.version, &m, inst_m);
+        let tree = walker
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the walk panicked")));
+        let p = tree.and_then(|t| plan_with(o, &info.image, info.version, &m, inst_m, t));
         (
             p,
             h.join()
@@ -854,19 +888,49 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             .copied()
             .filter(|(d, l)| !staged.contains(d) && !staging.has(d, *l))
             .collect();
+        // Local copies: read in place at swap time when their file stays as it is (or is the
+        // very file they go into, still the old one until renamed over); staged otherwise.
+        // Each is checked now, so a drifted file means a fetch, not a failed swap.
+        let touched: HashSet<&[u8]> = p
+            .replace
+            .iter()
+            .map(|&i| m.entries[i].path.as_slice())
+            .chain(p.delete.iter().map(|v| v.as_slice()))
+            .collect();
+        let mut users: HashMap<Digest, HashSet<&[u8]>> = HashMap::new();
+        for &i in p.create.iter().chain(&p.replace) {
+            if let Kind::File { chunks, .. } = &m.entries[i].kind {
+                for c in chunks {
+                    users
+                        .entry(c.digest)
+                        .or_default()
+                        .insert(&m.entries[i].path);
+                }
+            }
+        }
+        let mut direct: HashMap<Digest, (PathBuf, u64, u32)> = HashMap::new();
         let mut local_ok = 0u64;
+        let mut buf = Vec::new();
         for (d, (path, off, len)) in p.local.iter().filter(|(d, _)| !staged.contains(*d)) {
             let abs = o.root.join(OsStr::from_bytes(path));
-            let mut buf = vec![0u8; *len as usize];
+            buf.resize(*len as usize, 0);
             let ok = std::fs::File::open(&abs)
                 .and_then(|f| f.read_exact_at(&mut buf, *off))
                 .is_ok()
                 && Digest::of(&buf) == *d;
-            if ok {
-                staging.put(d, &buf)?;
-                local_ok += 1;
-            } else {
+            if !ok {
                 todo.push((*d, *len));
+                continue;
+            }
+            local_ok += 1;
+            let in_place = !touched.contains(path.as_slice())
+                || users
+                    .get(d)
+                    .is_some_and(|u| u.len() == 1 && u.contains(path.as_slice()));
+            if in_place {
+                direct.insert(*d, (abs, *off, *len));
+            } else {
+                staging.put(d, &buf)?;
             }
         }
         let fetched = AtomicU64::new(0);
@@ -920,7 +984,15 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             )?;
         }
         let t1 = std::time::Instant::now();
-        swap(o, &m, &p, &staging)?;
+        swap(
+            o,
+            &m,
+            &p,
+            &SwapSource {
+                staging: &staging,
+                direct,
+            },
+        )?;
         sum.swap_seconds = t1.elapsed().as_secs_f64();
         for t in &triggers {
             run_hook(
@@ -966,7 +1038,32 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
     Ok(sum)
 }
 
-fn swap(o: &UpdateOptions, m: &Manifest, p: &Plan, staging: &Staging) -> Result<()> {
+/// Objects for the swap: staged ones, and ranges of the node's own files read in place
+/// (verified again as they are read).
+struct SwapSource<'a> {
+    staging: &'a Staging,
+    direct: HashMap<Digest, (PathBuf, u64, u32)>,
+}
+
+impl ObjectSource for SwapSource<'_> {
+    fn get(&self, d: &Digest, raw_len: u32) -> Result<Vec<u8>> {
+        match self.direct.get(d) {
+            Some((abs, off, len)) => {
+                let mut buf = vec![0u8; *len as usize];
+                std::fs::File::open(abs)
+                    .and_then(|f| f.read_exact_at(&mut buf, *off))
+                    .with_context(|| format!("reading {}", abs.display()))?;
+                if *len != raw_len || Digest::of(&buf) != *d {
+                    bail!("{} changed during the update", abs.display());
+                }
+                Ok(buf)
+            }
+            None => self.staging.get(d, raw_len),
+        }
+    }
+}
+
+fn swap(o: &UpdateOptions, m: &Manifest, p: &Plan, staging: &dyn ObjectSource) -> Result<()> {
     let rootfd = apply::open_root(&o.root)?;
     let rfd = rootfd.as_fd();
     for path in &p.delete {

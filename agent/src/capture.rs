@@ -214,7 +214,11 @@ fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
     scfg.excludes = Excludes::new(&excludes)?;
     scfg.stat_cache = Some(cache_path.clone());
     let mut sink = NetSink { w };
+    let t = std::time::Instant::now();
     let res = scan::scan(&scfg, &have, &mut sink)?;
+    if std::env::var_os("SI_TIMING").is_some() {
+        eprintln!("si-prepareclient: scan {:.3}s", t.elapsed().as_secs_f64());
+    }
     let mut w = sink.w;
     let mut batch = Vec::new();
     let mut size = 0;

@@ -137,6 +137,8 @@ pub struct ScanResult {
 }
 
 struct Pending {
+    /// Which walker found it, and its entry index there.
+    walker: usize,
     index: usize,
     abs: PathBuf,
     rel: Vec<u8>,
@@ -219,6 +221,7 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
 }
 
 struct Walker<'a> {
+    id: usize,
     cfg: &'a ScanConfig,
     mounts: HashMap<PathBuf, String>,
     entries: Vec<Entry>,
@@ -232,6 +235,64 @@ struct Walker<'a> {
     links: HashMap<(u64, u64), Vec<usize>>,
     total_bytes: u64,
 }
+
+/// A directory waiting to be listed.
+struct DirJob {
+    abs: PathBuf,
+    rel: Vec<u8>,
+    dev: u64,
+}
+
+/// Directories to list, shared by the walker threads; the walk ends when it is empty and no
+/// walker is listing (which could add more).
+#[derive(Default)]
+struct WalkQueue {
+    state: Mutex<QueueState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: Vec<DirJob>,
+    active: usize,
+    failed: bool,
+}
+
+impl WalkQueue {
+    fn push(&self, job: DirJob) {
+        self.state.lock().expect("walk queue").jobs.push(job);
+        self.cv.notify_one();
+    }
+
+    fn next(&self) -> Option<DirJob> {
+        let mut st = self.state.lock().expect("walk queue");
+        loop {
+            if st.failed {
+                return None;
+            }
+            if let Some(j) = st.jobs.pop() {
+                st.active += 1;
+                return Some(j);
+            }
+            if st.active == 0 {
+                return None;
+            }
+            st = self.cv.wait(st).expect("walk queue");
+        }
+    }
+
+    fn done(&self, failed: bool) {
+        let mut st = self.state.lock().expect("walk queue");
+        st.active -= 1;
+        st.failed |= failed;
+        if st.failed || (st.active == 0 && st.jobs.is_empty()) {
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// Threads listing directories: statx and listxattr per entry are most of a re-capture.
+const WALKERS: usize = 2;
 
 /// Files (or bytes) handed to a content worker at once: few channel operations per file.
 const BATCH_FILES: usize = 256;
@@ -248,7 +309,32 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn walk(&mut self, abs: &Path, rel: Vec<u8>, parent_dev: Option<u64>) -> Result<()> {
+    /// Lists one directory, recording its children; subdirectories go back to the queue.
+    fn visit(&mut self, job: DirJob, queue: &WalkQueue) -> Result<()> {
+        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&job.abs)
+            .with_context(|| format!("listing {}", job.abs.display()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("listing {}", job.abs.display()))?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for name in names {
+            let child_rel = si_proto::path::join(&job.rel, name.as_bytes());
+            if self.cfg.excludes.is_excluded(&child_rel) {
+                continue;
+            }
+            self.walk(&job.abs.join(&name), child_rel, Some(job.dev), queue)?;
+        }
+        Ok(())
+    }
+
+    /// Records one entry (a directory is queued for listing).
+    fn walk(
+        &mut self,
+        abs: &Path,
+        rel: Vec<u8>,
+        parent_dev: Option<u64>,
+        queue: &WalkQueue,
+    ) -> Result<()> {
         let md = std::fs::symlink_metadata(abs)
             .with_context(|| format!("reading metadata of {}", abs.display()))?;
         let xattrs = read_xattrs(abs)?;
@@ -267,19 +353,11 @@ impl Walker<'_> {
                     return Ok(());
                 }
             }
-            let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(abs)
-                .with_context(|| format!("listing {}", abs.display()))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<std::io::Result<_>>()
-                .with_context(|| format!("listing {}", abs.display()))?;
-            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-            for name in names {
-                let child_rel = si_proto::path::join(&rel, name.as_bytes());
-                if self.cfg.excludes.is_excluded(&child_rel) {
-                    continue;
-                }
-                self.walk(&abs.join(&name), child_rel, Some(md.dev()))?;
-            }
+            queue.push(DirJob {
+                abs: abs.to_path_buf(),
+                rel,
+                dev: md.dev(),
+            });
             return Ok(());
         }
         let kind = if ft.is_file() {
@@ -295,6 +373,7 @@ impl Walker<'_> {
                 self.total_bytes += md.len();
                 self.files += 1;
                 let p = Pending {
+                    walker: self.id,
                     index: self.entries.len(),
                     abs: abs.to_path_buf(),
                     rel: rel.clone(),
@@ -372,7 +451,7 @@ struct Shared<'a> {
 }
 
 /// A file's content pass: entry index, path, size, chunks, stat cache record.
-type Done = (usize, Vec<u8>, u64, Vec<Chunk>, Option<CacheRec>);
+type Done = ((usize, usize), Vec<u8>, u64, Vec<Chunk>, Option<CacheRec>);
 
 enum Out {
     Blob(Digest, u32, Vec<u8>),
@@ -499,29 +578,74 @@ pub fn scan(
     let mut new_cache = StatCache::default();
     let mut blobs_sent = 0u64;
     let mut bytes_sent = 0u64;
-    let mut results: Vec<(usize, u64, Vec<Chunk>)> = Vec::new();
+    let mut results: Vec<((usize, usize), u64, Vec<Chunk>)> = Vec::new();
     let mut first_err: Option<anyhow::Error> = None;
-    let walked: Result<Walker> = std::thread::scope(|s| {
+    let queue = WalkQueue::default();
+    queue.state.lock().expect("walk queue").active = 1;
+    let walked: Result<Vec<Walker>> = std::thread::scope(|s| {
         let walker = {
             let tx = tx.clone();
             let root = &root;
-            s.spawn(move || -> Result<Walker> {
-                let mut w = Walker {
-                    cfg,
-                    mounts: mount_types(),
-                    entries: Vec::new(),
-                    pending: Some(ptx),
-                    batch: Vec::new(),
-                    batch_bytes: 0,
-                    files: 0,
-                    links: HashMap::new(),
-                    total_bytes: 0,
-                };
-                let r = w.walk(root, Vec::new(), None).and_then(|_| w.flush());
-                w.pending = None;
-                r?;
-                let _ = tx.send(Out::Totals(w.files, w.total_bytes));
-                Ok(w)
+            let queue = &queue;
+            let mut handles = Vec::new();
+            let mounts = mount_types();
+            for id in 0..WALKERS {
+                let ptx = ptx.clone();
+                let mounts = mounts.clone();
+                handles.push(s.spawn(move || -> Result<Walker> {
+                    let mut w = Walker {
+                        id,
+                        cfg,
+                        mounts,
+                        entries: Vec::new(),
+                        pending: Some(ptx),
+                        batch: Vec::new(),
+                        batch_bytes: 0,
+                        files: 0,
+                        links: HashMap::new(),
+                        total_bytes: 0,
+                    };
+                    if id == 0 {
+                        // The root entry itself; its listing is the first job. The queue
+                        // counts this as one active walker, so the others wait for it.
+                        let r = w.walk(root, Vec::new(), None, queue);
+                        queue.done(r.is_err());
+                        r?;
+                    }
+                    let mut res = Ok(());
+                    while let Some(job) = queue.next() {
+                        let r = w.visit(job, queue);
+                        queue.done(r.is_err());
+                        if r.is_err() {
+                            res = r;
+                            break;
+                        }
+                    }
+                    let r = res.and_then(|_| w.flush());
+                    w.pending = None;
+                    r.map(|_| w)
+                }));
+            }
+            drop(ptx);
+            s.spawn(move || -> Result<Vec<Walker>> {
+                let mut ws = Vec::new();
+                let mut err = None;
+                for h in handles {
+                    match h
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a walker panicked")))
+                    {
+                        Ok(w) => ws.push(w),
+                        Err(e) => err = err.or(Some(e)),
+                    }
+                }
+                if let Some(e) = err {
+                    return Err(e);
+                }
+                let files = ws.iter().map(|w| w.files).sum();
+                let bytes = ws.iter().map(|w| w.total_bytes).sum();
+                let _ = tx.send(Out::Totals(files, bytes));
+                Ok(ws)
             })
         };
         for _ in 0..cfg.threads.max(1) {
@@ -553,7 +677,7 @@ pub fn scan(
                             Ok((size, chunks)) => {
                                 let rec =
                                     (size == p.md.len()).then(|| cache_rec(&p.md, chunks.clone()));
-                                done.push((p.index, p.rel, size, chunks, rec));
+                                done.push(((p.walker, p.index), p.rel, size, chunks, rec));
                             }
                             Err(e) => {
                                 let _ = tx.send(Out::Err(e));
@@ -616,21 +740,42 @@ pub fn scan(
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the walk panicked")))
     });
-    let mut w = match (walked, first_err) {
+    let walkers = match (walked, first_err) {
         (Err(e), _) | (Ok(_), Some(e)) => return Err(e),
         (Ok(w), None) => w,
     };
-    for (i, size, chunks) in results {
-        w.entries[i].kind = Kind::File { size, chunks };
+    // One entry list: each walker's entries after the previous ones.
+    let mut offsets = Vec::new();
+    let mut entries = Vec::new();
+    let mut links: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
+    let (mut files, mut total_bytes) = (0, 0);
+    for w in walkers {
+        let off = entries.len();
+        offsets.push(off);
+        files += w.files;
+        total_bytes += w.total_bytes;
+        for (k, g) in w.links {
+            links
+                .entry(k)
+                .or_default()
+                .extend(g.into_iter().map(|i| i + off));
+        }
+        entries.extend(w.entries);
     }
-    let mut entries = w.entries;
-    // Hard-link groups: after sorting, the first path carries the content.
-    let groups: Vec<Vec<usize>> = w.links.into_values().filter(|g| g.len() > 1).collect();
-    for g in &groups {
+    let mut read: HashSet<usize> = HashSet::new();
+    for ((w, i), size, chunks) in results {
+        let i = offsets[w] + i;
+        entries[i].kind = Kind::File { size, chunks };
+        read.insert(i);
+    }
+    // Hard-link groups: after sorting, the first path carries the content (that of a name
+    // whose content was read: two walkers may each have read the group).
+    for g in links.into_values().filter(|g| g.len() > 1) {
         let mut paths: Vec<(Vec<u8>, usize)> =
             g.iter().map(|&i| (entries[i].path.clone(), i)).collect();
         paths.sort();
-        let content = entries[g[0]].kind.clone();
+        let source = g.iter().copied().find(|i| read.contains(i)).unwrap_or(g[0]);
+        let content = entries[source].kind.clone();
         let first = paths[0].1;
         entries[first].kind = content;
         for (_, i) in &paths[1..] {
@@ -642,8 +787,8 @@ pub fn scan(
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let stats = ScanStats {
         entries: entries.len() as u64,
-        files: w.files,
-        bytes: w.total_bytes,
+        files,
+        bytes: total_bytes,
         bytes_read: shared.bytes_read.load(Ordering::Relaxed),
         files_read: shared.files_read.load(Ordering::Relaxed),
         blobs_sent,

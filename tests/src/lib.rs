@@ -55,6 +55,39 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// `tests/fixtures/`: the scripts that make trees and the independent comparison.
+pub fn fixtures() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Builds the cached debootstrap tree `variant` (`small` or `big`) into `dest`.
+pub fn rootfs(dest: &std::path::Path, variant: &str) -> Result<()> {
+    run(Command::new("bash")
+        .arg(fixtures().join("rootfs.sh"))
+        .arg(dest)
+        .arg(variant))
+    .map(|_| ())
+}
+
+/// Compares two trees with `treecmp.py` (an independent walk, no si code); fails on any
+/// difference outside `ignore`.
+pub fn treecmp(a: &std::path::Path, b: &std::path::Path, ignore: &[&str]) -> Result<()> {
+    let mut c = Command::new("python3");
+    c.arg(fixtures().join("treecmp.py")).arg(a).arg(b);
+    for i in ignore {
+        c.args(["--ignore", i]);
+    }
+    let out = run(&mut c)?;
+    eprintln!(
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    Ok(())
+}
+
 /// Runs a command, failing with its output if it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;

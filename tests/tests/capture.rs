@@ -5,13 +5,9 @@
 //! checked out with `si-image checkout`, and compared with the original by
 //! `tests/fixtures/treecmp.py`, an independent walk written without si code.
 
-use si_tests::{bin, require_root, run};
-use std::path::{Path, PathBuf};
+use si_tests::{bin, fixtures, require_root, rootfs, run, treecmp};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -96,22 +92,6 @@ fn checkout(store: &Path, image: &str, dest: &Path) {
     .unwrap();
 }
 
-fn treecmp(a: &Path, b: &Path, ignore: &[&str]) {
-    let mut c = Command::new("python3");
-    c.arg(fixtures().join("treecmp.py")).arg(a).arg(b);
-    for i in ignore {
-        c.args(["--ignore", i]);
-    }
-    let out = run(&mut c).unwrap();
-    eprintln!(
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-    );
-}
-
 #[test]
 fn special_cases_round_trip_bit_exact() {
     require_root!();
@@ -132,7 +112,7 @@ fn special_cases_round_trip_bit_exact() {
     assert_eq!(s["version"], 1);
     let out = t.path().join("out");
     checkout(&store, "special", &out);
-    treecmp(&src, &out, &[]);
+    treecmp(&src, &out, &[]).unwrap();
     run(Command::new(bin("si-image"))
         .arg("--store")
         .arg(&store)
@@ -145,17 +125,13 @@ fn debootstrap_root_round_trip_and_recapture() {
     require_root!();
     let t = tempfile::tempdir_in("/var/tmp").unwrap();
     let src = t.path().join("rootfs");
-    run(Command::new("bash")
-        .arg(fixtures().join("rootfs.sh"))
-        .arg(&src)
-        .arg("small"))
-    .unwrap();
+    rootfs(&src, "small").unwrap();
     let store = t.path().join("store");
     let state = t.path().join("state");
     let s1 = capture(&src, &store, "debian", &state, &["--no-default-excludes"]);
     let out = t.path().join("out");
     checkout(&store, "debian", &out);
-    treecmp(&src, &out, &[]);
+    treecmp(&src, &out, &[]).unwrap();
 
     // Re-capture with nothing changed: the stat cache means nothing is read, little moves.
     let s2 = capture(&src, &store, "debian", &state, &["--no-default-excludes"]);
@@ -216,5 +192,5 @@ fn debootstrap_root_round_trip_and_recapture() {
     .unwrap();
     let out4 = t.path().join("out4");
     checkout(&store, "imported", &out4);
-    treecmp(&src.join("usr"), &out4.join("usr"), &[]);
+    treecmp(&src.join("usr"), &out4.join("usr"), &[]).unwrap();
 }

@@ -84,7 +84,7 @@ fn handle(s: TcpStream, cfg: &AgentConfig) -> Result<()> {
         Ok(v) => v,
         Err(m) => return refuse(&mut w, ErrorKind::Version, &m),
     };
-    if !crate::capture::ct_eq_pub(token.as_bytes(), cfg.token.as_bytes()) {
+    if !crate::capture::ct_eq(token.as_bytes(), cfg.token.as_bytes()) {
         return refuse(&mut w, ErrorKind::Refused, "wrong token");
     }
     write_msg(

@@ -40,11 +40,7 @@ pub fn new_token() -> Result<String> {
 }
 
 /// Constant-time comparison of secrets.
-pub fn ct_eq_pub(a: &[u8], b: &[u8]) -> bool {
-    ct_eq(a, b)
-}
-
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -29,7 +29,6 @@ use si_proto::path as mpath;
 use si_proto::Digest;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -449,7 +448,7 @@ fn plan_with(
         if let Some(im) = installed {
             for e in &im.entries {
                 if let (Kind::File { chunks, .. }, Some(d)) = (&e.kind, disk.get(&e.path)) {
-                    if d.md.len() == e.kind_size()
+                    if d.md.len() == e.file_size()
                         && d.md.mtime() == e.mtime
                         && d.md.mtime_nsec() as u32 == e.mtime_nsec
                     {
@@ -500,18 +499,6 @@ fn plan_with(
         }
     }
     Ok(p)
-}
-
-trait KindSize {
-    fn kind_size(&self) -> u64;
-}
-impl KindSize for Entry {
-    fn kind_size(&self) -> u64 {
-        match &self.kind {
-            Kind::File { size, .. } => *size,
-            _ => 0,
-        }
-    }
 }
 
 /// Objects staged on the node, verified on arrival.
@@ -873,7 +860,7 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             .create
             .iter()
             .chain(&p.replace)
-            .map(|&i| m.entries[i].kind_size())
+            .map(|&i| m.entries[i].file_size())
             .sum();
         let need = p.fetch_bytes + new_bytes;
         let free = free_bytes(&sdir)?;
@@ -1142,13 +1129,6 @@ fn swap(o: &UpdateOptions, m: &Manifest, p: &Plan, staging: &dyn ObjectSource) -
         fix_meta(rfd, e)?;
     }
     Ok(())
-}
-
-/// Reads a whole file beneath a root, for tests and tools.
-pub fn read_beneath(root: &Path, rel: &[u8]) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
-    std::fs::File::open(root.join(OsStr::from_bytes(rel)))?.read_to_end(&mut v)?;
-    Ok(v)
 }
 
 /// Command-line arguments, as `si-updateclient` and the push agent take them.

@@ -107,9 +107,12 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Whether content and metadata are the same (what an update compares).
-    pub fn same_as(&self, other: &Entry) -> bool {
-        self == other
+    /// The size of a regular file (0 for anything else).
+    pub fn file_size(&self) -> u64 {
+        match &self.kind {
+            Kind::File { size, .. } => *size,
+            _ => 0,
+        }
     }
 
     pub fn path_lossy(&self) -> String {
@@ -241,13 +244,7 @@ impl Manifest {
 
     /// Sum of file sizes (logical bytes).
     pub fn total_bytes(&self) -> u64 {
-        self.entries
-            .iter()
-            .map(|e| match &e.kind {
-                Kind::File { size, .. } => *size,
-                _ => 0,
-            })
-            .sum()
+        self.entries.iter().map(Entry::file_size).sum()
     }
 }
 

@@ -196,6 +196,29 @@ impl Drop for Proc {
     }
 }
 
+/// Waits until a server's log shows every needle (it is ready), failing if it exits first or
+/// takes more than 10 s.
+pub fn wait_for_log(
+    log: &std::path::Path,
+    needles: &[&str],
+    child: &mut std::process::Child,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if needles.iter().all(|n| text.contains(n)) {
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("exited ({st}) before it was ready:\n{text}");
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            bail!("not ready after 10 s:\n{text}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Waits until `addr` accepts TCP connections inside `ns` (or fails after ~10 s).
 pub fn wait_port(ns: &Netns, addr: &str) -> Result<()> {
     let (host, port) = addr.rsplit_once(':').context("addr needs a port")?;

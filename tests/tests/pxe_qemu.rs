@@ -20,10 +20,10 @@
 //! with its modules in /lib/modules).
 
 use anyhow::{bail, Context, Result};
-use si_tests::{bin, require_root, Netns};
+use si_tests::{bin, require_root, wait_for_log, Netns, Proc as Guard};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -44,15 +44,6 @@ const MODULES: &[&str] = &[
     "virtio_net",
     "e1000",
 ];
-
-/// Kills and reaps a child process on drop.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The newest kernel in /boot and its release.
 fn find_kernel() -> Result<(PathBuf, String)> {
@@ -155,23 +146,6 @@ fn start_dhcp(ns: &Netns, dir: &Path, plan: &DhcpPlan) -> Result<Guard> {
         .spawn()
         .context("starting dnsmasq")?;
     Ok(Guard(child))
-}
-
-fn wait_for_log(log: &Path, needles: &[&str], child: &mut Child) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if needles.iter().all(|n| text.contains(n)) {
-            return Ok(());
-        }
-        if let Some(st) = child.try_wait()? {
-            bail!("exited ({st}) before it was ready:\n{text}");
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("not ready after 10 s:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A namespace with a bridge, the served files and the servers.

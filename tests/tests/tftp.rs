@@ -3,39 +3,12 @@
 //!
 //! Needs root and the Debian packages tftp-hpa, atftp, busybox-static.
 
-use anyhow::{bail, Context, Result};
-use si_tests::{bin, require_root, Netns};
+use anyhow::{Context, Result};
+use si_tests::{bin, require_root, wait_for_log, Netns, Proc as Guard};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
 const SERVER: &str = "10.213.2.1";
-
-/// Kills and reaps a child process on drop.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for_log(log: &Path, needles: &[&str], child: &mut Child) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if needles.iter().all(|n| text.contains(n)) {
-            return Ok(());
-        }
-        if let Some(st) = child.try_wait()? {
-            bail!("server exited ({st}) before listening:\n{text}");
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("server not listening after 10 s:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 struct Setup {
     // Field order matters: the server dies before its namespace is deleted.

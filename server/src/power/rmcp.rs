@@ -194,10 +194,7 @@ impl RakpParams<'_> {
     }
 }
 
-/// Constant-time comparison of authentication codes.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use si_agent::capture::ct_eq;
 
 /// A decoded IPMI 2.0 session packet.
 #[derive(Clone, Debug, PartialEq, Eq)]

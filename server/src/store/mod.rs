@@ -318,32 +318,24 @@ impl Store {
         PackWriter::new(self)
     }
 
-    /// Bytes used by the store on disk.
+    /// Bytes used by the store on disk (allocated blocks).
     pub fn disk_usage(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
         let mut total = 0;
-        for e in walkdir_all(&self.root)? {
-            total += e;
+        let mut stack = vec![self.root.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+                let e = e?;
+                let md = e.metadata()?;
+                if md.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    total += md.blocks() * 512;
+                }
+            }
         }
         Ok(total)
     }
-}
-
-fn walkdir_all(root: &Path) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
-            let e = e?;
-            let md = e.metadata()?;
-            if md.is_dir() {
-                stack.push(e.path());
-            } else {
-                use std::os::unix::fs::MetadataExt;
-                out.push(md.blocks() * 512);
-            }
-        }
-    }
-    Ok(out)
 }
 
 impl si_agent::apply::ObjectSource for Store {

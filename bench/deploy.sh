@@ -9,6 +9,8 @@
 #   --repeat   run every scenario N times and print medians (default 1)
 #   --workdir  where the trees and stores go (default /var/tmp)
 #   --rate     link rate for tc (default 1gbit)
+#   --quick    only the disk deploy (once) and the update scenario (the update runs --repeat times,
+#              each rep a new version with other files changed)
 #
 # Scenarios, each for si and rsync:
 #   deploy-disk   fresh deploy to an empty directory on disk
@@ -24,6 +26,7 @@ repeat=1
 workbase=/var/tmp
 rate=1gbit
 keep=0
+quick=0
 bindir=$repo/target/release
 while [ $# -gt 0 ]; do
     case $1 in
@@ -31,7 +34,8 @@ while [ $# -gt 0 ]; do
     --workdir) workbase=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    --quick) quick=1; shift ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     -*) echo "$0: unknown option $1" >&2; exit 2 ;;
     *) bindir=$1; shift ;;
     esac
@@ -140,29 +144,40 @@ rsync_pull() { # rep scenario dest [extra...]
 mkdir -p "$work/tmpfs"
 mount -t tmpfs -o size=4g tmpfs "$work/tmpfs"
 changed_bytes=0
-for ((rep = 1; rep <= repeat; rep++)); do
+deploy_reps=$repeat
+[ "$quick" -eq 1 ] && deploy_reps=1
+for ((rep = 1; rep <= deploy_reps; rep++)); do
     log "rep $rep: fresh deploys"
     rm -rf --one-file-system "$work/si-disk" "$work/si-disk.state" "$work/rs-disk" "$work"/tmpfs/*
     sync; echo 3 >/proc/sys/vm/drop_caches
     si_pull "$rep" deploy-disk "$work/si-disk"
     sync; echo 3 >/proc/sys/vm/drop_caches
     rsync_pull "$rep" deploy-disk "$work/rs-disk"
+    [ "$quick" -eq 1 ] && break
     si_pull "$rep" deploy-tmpfs "$work/tmpfs/si"
     rm -rf "$work/tmpfs/si" "$work/tmpfs/si.state"
     rsync_pull "$rep" deploy-tmpfs "$work/tmpfs/rs"
     rm -rf "$work/tmpfs/rs"
 done
 
-log "update: 20 changed, 5 added, 5 deleted"
-python3 "$repo/bench/mutate.py" "$src" --count 20 --seed 7 >"$work/changed.lst"
-for i in 1 2 3 4 5; do head -c $((200 * 1024 * i)) /dev/urandom >"$src/usr/share/bench-added-$i"; done
-mapfile -t docs < <(find "$src/usr/share/doc" -type f -size +4k | sort)
-rm -f "${docs[@]:0:5}"
-changed_z=$( (tr '\0' '\n' <"$work/changed.lst"; ls "$src"/usr/share/bench-added-*) | xargs cat | zstd -3 -c | wc -c)
-"$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
-si_pull 1 update "$work/si-disk"
-rsync_pull 1 update "$work/rs-disk" --delete
+# Each rep: a new version with 20 other files changed, 5 added, 5 deleted; both nodes follow.
+: >"$work/changed_z"
+for ((rep = 1; rep <= repeat; rep++)); do
+    log "rep $rep: update: 20 changed, 5 added, 5 deleted"
+    python3 "$repo/bench/mutate.py" "$src" --count 20 --seed $((6 + rep)) >"$work/changed.lst"
+    for i in 1 2 3 4 5; do head -c $((200 * 1024 * i)) /dev/urandom >"$src/usr/share/bench-added-$rep-$i"; done
+    mapfile -t docs < <(find "$src/usr/share/doc" -type f -size +4k | sort)
+    rm -f "${docs[@]:0:5}"
+    (tr '\0' '\n' <"$work/changed.lst"; ls "$src"/usr/share/bench-added-$rep-*) | xargs cat | zstd -3 -c | wc -c >>"$work/changed_z"
+    "$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
+    sleep 2.5 # the server notices the new version (it looks every 2 s)
+    si_pull "$rep" update "$work/si-disk"
+    python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("  si phases: " + " ".join(f"{k}={j[k]:.3f}" for k in j if k.endswith("seconds")))' "$work/si.json" >&2
+    rsync_pull "$rep" update "$work/rs-disk" --delete
+done
+[ "$quick" -eq 1 ] && skip1g=1 || skip1g=0
 
+if [ "$skip1g" -eq 0 ]; then
 log "1 MiB changed inside a 1 GiB file"
 rm -rf "$src.1g" && mkdir -p "$src.1g"
 head -c 1G /dev/urandom >"$src.1g/big"
@@ -172,11 +187,12 @@ si_pull 1 1g-deploy "$work/si-1g" --force
 head -c 1M /dev/urandom | dd of="$src.1g/big" bs=1M seek=500 conv=notrunc status=none
 "$bindir/si-image" --store "$store" commit "$src.1g" bench >/dev/null 2>&1
 si_pull 1 1g-file "$work/si-1g"
+fi
 
-python3 - "$results" "$changed_z" <<'PY'
+python3 - "$results" "$work/changed_z" <<'PY'
 import statistics, sys, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
-changed_z = int(sys.argv[2])
+changed_z = [int(l) for l in open(sys.argv[2])]
 by = collections.defaultdict(list)
 for rep, sc, tool, wall, cpu, wire, rss in rows:
     by[(sc, tool)].append((float(wall), cpu, int(wire), int(rss)))
@@ -191,7 +207,8 @@ for sc in ("deploy-disk", "deploy-tmpfs", "update"):
     a, b = med(sc, "si"), med(sc, "rsync")
     if a and b:
         print(f"{sc}: si/rsync wall = {a / b:.2f}")
-si_up = by.get(("update", "si"))
-if si_up:
-    print(f"update: si wire {si_up[0][2]} bytes = {si_up[0][2] / changed_z:.2f}x the zstd-3 size of the changed and added files ({changed_z} bytes)")
+si_up = [r for r in rows if r[1] == "update" and r[2] == "si"]
+if si_up and changed_z:
+    ratios = [int(r[5]) / changed_z[int(r[0]) - 1] for r in si_up]
+    print(f"update: si wire / zstd-3 size of the changed and added files = {statistics.median(ratios):.2f} (median of {len(ratios)}; rep 1: {si_up[0][5]} / {changed_z[0]} bytes)")
 PY

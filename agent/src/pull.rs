@@ -140,14 +140,18 @@ impl Client {
 
     /// Like [`Client::manifest`], but when the node has `base` (image, version, manifest)
     /// only the difference moves; the rebuilt manifest is checked against the target's digest.
-    pub fn manifest_from(
+    /// Asks for a version's manifest as the difference from `base` (the image and version
+    /// the node has). The answer is a delta when the server still has that base, else the
+    /// whole manifest.
+    pub fn manifest_or_delta(
         &mut self,
         image: &str,
         version: Option<u32>,
-        base: Option<(&str, u32, &Manifest)>,
-    ) -> Result<(ImageVersionInfo, Manifest, Vec<u8>)> {
-        let Some((bimage, bversion, bm)) = base else {
-            return self.manifest(image, version);
+        base: Option<(&str, u32)>,
+    ) -> Result<ManifestAnswer> {
+        let Some((bimage, bversion)) = base else {
+            let (info, m, bytes) = self.manifest(image, version)?;
+            return Ok(ManifestAnswer::Full { info, m, bytes });
         };
         write_msg(
             &mut self.w,
@@ -168,15 +172,12 @@ impl Client {
             } => {
                 let data = self.recv_bytes(delta_bytes)?;
                 let delta = si_proto::manifest::Delta::decode(&data)?;
-                if let Ok(m) = delta.apply(bm) {
-                    let enc = m.encode();
-                    if enc.len() as u64 == bytes && Digest::of(&enc) == digest {
-                        return Ok((info, m, enc));
-                    }
-                }
-                // The rebuilt manifest does not match: take the whole one.
-                let v = info.version;
-                self.manifest(image, Some(v))
+                Ok(ManifestAnswer::Delta {
+                    info,
+                    delta,
+                    digest,
+                    bytes,
+                })
             }
             Msg::ManifestIs {
                 info,
@@ -188,7 +189,11 @@ impl Client {
                     bail!("manifest of {image} arrived corrupt");
                 }
                 let m = Manifest::decode(&data)?;
-                Ok((info, m, data))
+                Ok(ManifestAnswer::Full {
+                    info,
+                    m,
+                    bytes: data,
+                })
             }
             m => bail!("unexpected answer: {m:?}"),
         }
@@ -286,5 +291,47 @@ impl Client {
     pub fn bye(mut self) {
         let _ = write_msg(&mut self.w, &Msg::Bye);
         let _ = self.w.flush();
+    }
+}
+
+/// A manifest as the server sent it: whole, or as a delta from the node's installed one.
+pub enum ManifestAnswer {
+    Full {
+        info: ImageVersionInfo,
+        m: Manifest,
+        bytes: Vec<u8>,
+    },
+    Delta {
+        info: ImageVersionInfo,
+        delta: si_proto::manifest::Delta,
+        /// Digest and length of the encoded manifest the delta must rebuild.
+        digest: Digest,
+        bytes: u64,
+    },
+}
+
+impl ManifestAnswer {
+    pub fn info(&self) -> &ImageVersionInfo {
+        match self {
+            ManifestAnswer::Full { info, .. } | ManifestAnswer::Delta { info, .. } => info,
+        }
+    }
+
+    /// The manifest and its encoding: the delta applied to `base`, checked against the digest
+    /// the server gave. None when the rebuilt manifest does not match (ask for the whole one).
+    pub fn into_manifest(self, base: Option<&Manifest>) -> Option<(Manifest, Vec<u8>)> {
+        match self {
+            ManifestAnswer::Full { m, bytes, .. } => Some((m, bytes)),
+            ManifestAnswer::Delta {
+                delta,
+                digest,
+                bytes,
+                ..
+            } => {
+                let m = delta.apply(base?).ok()?;
+                let enc = m.encode();
+                (enc.len() as u64 == bytes && Digest::of(&enc) == digest).then_some((m, enc))
+            }
+        }
     }
 }

@@ -19,7 +19,8 @@
 
 use crate::apply::{self, ObjectSource};
 use crate::exclude::Excludes;
-use crate::pull::Client;
+use crate::fsutil::timing;
+use crate::pull::{Client, ManifestAnswer};
 use crate::scan::{self, CDC_AVG, CDC_MAX, CDC_MIN, CDC_THRESHOLD};
 use anyhow::{anyhow, bail, Context, Result};
 use rustix::fs::{AtFlags, Mode, OFlags};
@@ -307,6 +308,60 @@ fn state_dir(o: &UpdateOptions) -> PathBuf {
         .unwrap_or_else(|| o.root.join("var/lib/si"))
 }
 
+/// `installed.digests`: the installed version's object digests, sorted, so the objects a new
+/// version adds are known the moment its delta arrives, before the installed manifest is
+/// decoded. `SIDG`, format u32 LE, the digest of the manifest it was made from, then the
+/// sorted unique 32-byte digests. A file that does not name the installed manifest is ignored.
+struct DigestSet(Vec<u8>);
+
+const DIGESTS_MAGIC: &[u8; 4] = b"SIDG";
+const DIGESTS_HEAD: usize = 4 + 4 + 32;
+
+impl DigestSet {
+    fn encode(m: &Manifest, manifest: &Digest) -> Vec<u8> {
+        let mut ds: Vec<[u8; 32]> = m.digests().map(|c| c.digest.0).collect();
+        ds.sort_unstable();
+        ds.dedup();
+        let mut out = Vec::with_capacity(DIGESTS_HEAD + ds.len() * 32);
+        out.extend_from_slice(DIGESTS_MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&manifest.0);
+        for d in ds {
+            out.extend_from_slice(&d);
+        }
+        out
+    }
+
+    fn load(dir: &Path, manifest: &str) -> Option<DigestSet> {
+        let data = std::fs::read(dir.join("installed.digests")).ok()?;
+        let want = Digest::from_hex(manifest).ok()?;
+        let ok = data.len() >= DIGESTS_HEAD
+            && (data.len() - DIGESTS_HEAD).is_multiple_of(32)
+            && &data[..4] == DIGESTS_MAGIC
+            && data[4..8] == 1u32.to_le_bytes()
+            && data[8..40] == want.0
+            && data[DIGESTS_HEAD..]
+                .chunks_exact(32)
+                .zip(data[DIGESTS_HEAD + 32..].chunks_exact(32))
+                .all(|(a, b)| a < b);
+        ok.then_some(DigestSet(data))
+    }
+
+    fn contains(&self, d: &Digest) -> bool {
+        let body = &self.0[DIGESTS_HEAD..];
+        let (mut lo, mut hi) = (0, body.len() / 32);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match body[mid * 32..mid * 32 + 32].cmp(&d.0[..]) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return true,
+            }
+        }
+        false
+    }
+}
+
 pub fn read_installed(dir: &Path) -> Option<(Installed, Option<Manifest>)> {
     let text = std::fs::read_to_string(dir.join("installed.toml")).ok()?;
     let inst: Installed = toml::from_str(&text).ok()?;
@@ -333,7 +388,9 @@ fn scope(o: &UpdateOptions) -> Result<Excludes> {
 
 /// Lists the node's tree within the update's scope (the expensive part of a plan).
 fn scan_node(o: &UpdateOptions) -> Result<DiskTree> {
-    walk_disk(&o.root, &scope(o)?)
+    let t = walk_disk(&o.root, &scope(o)?);
+    timing("walk done");
+    t
 }
 
 /// Builds the plan for moving the tree at `o.root` to `m`.
@@ -769,33 +826,77 @@ fn free_bytes(p: &Path) -> Result<u64> {
 /// Moves the tree at `o.root` to the requested version. With `dry_run`, only plans.
 pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateSummary> {
     let start = std::time::Instant::now();
+    timing("update: start");
     // The walk of the node's tree runs while the server is asked for the manifest.
     std::fs::create_dir_all(&o.root).with_context(|| format!("creating {}", o.root.display()))?;
     let walker = {
         let o = o.clone();
         std::thread::spawn(move || scan_node(&o))
     };
+    // The installed manifest is decoded while the server answers.
+    let inst = std::fs::read_to_string(state_dir(o).join("installed.toml"))
+        .ok()
+        .and_then(|t| toml::from_str::<Installed>(&t).ok());
+    let inst_decoder = {
+        let dir = state_dir(o);
+        std::thread::spawn(move || {
+            std::fs::read(dir.join("installed.manifest"))
+                .ok()
+                .and_then(|d| Manifest::decode(&d).ok())
+        })
+    };
     let mut client = Client::connect(&o.server, Duration::from_secs(10))?;
-    let installed = read_installed(&state_dir(o));
-    let base = installed
+    timing("connected");
+    let has_manifest = state_dir(o).join("installed.manifest").exists();
+    let base = inst
         .as_ref()
-        .and_then(|(i, m)| m.as_ref().map(|m| (i.image.as_str(), i.version, m)));
-    let (info, m, mbytes) = client.manifest_from(&o.image, o.version, base)?;
+        .filter(|_| has_manifest)
+        .map(|i| (i.image.as_str(), i.version));
+    let answer = client.manifest_or_delta(&o.image, o.version, base)?;
+    timing("manifest");
+    let info = answer.info().clone();
     let t0 = std::time::Instant::now();
     let sdir = state_dir(o);
     let staging = Staging {
         dir: sdir.join("staging"),
     };
     // Objects new in this version (absent from the installed one) move while the tree is
-    // walked; what the walk finds missing besides (local drift) is fetched after.
-    let inst_m = installed.as_ref().and_then(|(_, m)| m.as_ref());
+    // walked and the plan made; what the walk finds missing besides (local drift) is fetched
+    // after. With a delta they are known before the manifest is even rebuilt: they can only
+    // be in the entries the delta adds or changes.
     let mut prefetch: Vec<(Digest, u32)> = Vec::new();
-    if let (Some(im), false) = (inst_m, o.dry_run) {
-        let old: HashSet<Digest> = im.digests().map(|c| c.digest).collect();
+    let known = inst
+        .as_ref()
+        .and_then(|i| DigestSet::load(&sdir, &i.manifest));
+    // Decoded here only when the digest list is missing; otherwise while the prefetch runs.
+    let mut decoder = Some(inst_decoder);
+    let mut early_m: Option<Manifest> = None;
+    if let (Some(_), false) = (&inst, o.dry_run) {
+        let old: Box<dyn Fn(&Digest) -> bool> = match known {
+            Some(k) => Box::new(move |d| k.contains(d)),
+            None => {
+                early_m = decoder.take().and_then(|h| h.join().ok().flatten());
+                let set: HashSet<Digest> = early_m
+                    .iter()
+                    .flat_map(|m| m.digests().map(|c| c.digest))
+                    .collect();
+                let have = early_m.is_some();
+                // Without the installed manifest nothing is fetched ahead: the walk decides.
+                Box::new(move |d| !have || set.contains(d))
+            }
+        };
         let mut seen = HashSet::new();
-        prefetch = m
-            .digests()
-            .filter(|c| !old.contains(&c.digest) && seen.insert(c.digest))
+        let new_chunks: Box<dyn Iterator<Item = &si_proto::Chunk>> = match &answer {
+            ManifestAnswer::Full { m, .. } => Box::new(m.digests()),
+            ManifestAnswer::Delta { delta, .. } => {
+                Box::new(delta.upserts.iter().flat_map(|e| match &e.kind {
+                    Kind::File { chunks, .. } => chunks.as_slice(),
+                    _ => &[],
+                }))
+            }
+        };
+        prefetch = new_chunks
+            .filter(|c| !old(&c.digest) && seen.insert(c.digest))
             .map(|c| (c.digest, c.len))
             .collect();
     }
@@ -810,24 +911,50 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         prefetch.retain(|(d, l)| !staging.has(d, *l));
     }
     let prefetched = AtomicU64::new(0);
-    let (p, pre) = std::thread::scope(|s| {
+    timing("prefetch list");
+    let (planned, pre, inst_m) = std::thread::scope(|s| {
         let h = s.spawn(|| {
             client.fetch(&prefetch, o.threads, &|d, data| {
                 prefetched.fetch_add(data.len() as u64, Ordering::Relaxed);
                 staging.put(&d, &data)
             })
         });
+        let inst_m = early_m.or_else(|| decoder.and_then(|h| h.join().ok().flatten()));
+        timing("installed manifest");
+        let rebuilt = answer.into_manifest(inst_m.as_ref());
+        timing("manifest rebuilt");
         let tree = walker
             .join()
             .unwrap_or_else(|_| Err(anyhow!("the walk panicked")));
-        let p = tree.and_then(|t| plan_with(o, &info.image, info.version, &m, inst_m, t));
+        timing("walk joined");
+        let planned = match rebuilt {
+            Some((m, mbytes)) => {
+                let p = tree
+                    .and_then(|t| plan_with(o, &info.image, info.version, &m, inst_m.as_ref(), t));
+                timing("planned");
+                Ok((m, mbytes, p))
+            }
+            None => Err(tree),
+        };
         (
-            p,
+            planned,
             h.join()
-                .unwrap_or_else(|_| Err(anyhow!("prefetch panicked"))),
+                .unwrap_or_else(|_| Err(anyhow!("prefetch panicked")))
+                .inspect(|_| timing("prefetched")),
+            inst_m,
         )
     });
     pre?;
+    let inst_m = inst_m.as_ref();
+    let (m, mbytes, p) = match planned {
+        Ok(x) => x,
+        Err(tree) => {
+            // The delta did not rebuild the manifest the server named: take the whole one.
+            let (_, m, mbytes) = client.manifest(&o.image, Some(info.version))?;
+            let p = tree.and_then(|t| plan_with(o, &info.image, info.version, &m, inst_m, t));
+            (m, mbytes, p)
+        }
+    };
     let p = p?;
     let staged: HashSet<Digest> = prefetch.iter().map(|x| x.0).collect();
     let mut sum = UpdateSummary {
@@ -970,6 +1097,7 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
                 "trigger-stop",
             )?;
         }
+        timing("fetched");
         let t1 = std::time::Instant::now();
         swap(
             o,
@@ -981,6 +1109,7 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             },
         )?;
         sum.swap_seconds = t1.elapsed().as_secs_f64();
+        timing("swapped");
         for t in &triggers {
             run_hook(
                 t.start
@@ -1006,6 +1135,10 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
     };
     crate::fsutil::write_atomic(&sdir.join("installed.manifest"), &mbytes)?;
     crate::fsutil::write_atomic(
+        &sdir.join("installed.digests"),
+        &DigestSet::encode(&m, &Digest::of(&mbytes)),
+    )?;
+    crate::fsutil::write_atomic(
         &sdir.join("installed.toml"),
         toml::to_string_pretty(&inst)?.as_bytes(),
     )?;
@@ -1014,6 +1147,7 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             run_hook(h, o, info.version, "post-update")?;
         }
     }
+    timing("recorded");
     sum.wire_bytes = client.received.load(Ordering::Relaxed);
     sum.seconds = start.elapsed().as_secs_f64();
     let _ = client.report(
@@ -1190,4 +1324,58 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
         pre_hooks: a.pre_hook,
         post_hooks: a.post_hook,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_list_round_trip_and_rejects() {
+        let t = tempfile::tempdir().unwrap();
+        let entry = |path: &[u8], kind| Entry {
+            path: path.to_vec(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        };
+        let mut m = Manifest {
+            entries: vec![entry(b"", Kind::Dir)],
+        };
+        let chunks: Vec<si_proto::Chunk> = (0..100u32)
+            .map(|i| si_proto::Chunk {
+                digest: Digest::of(&i.to_le_bytes()),
+                offset: i as u64 * 10,
+                len: 10,
+            })
+            .collect();
+        m.entries.push(entry(
+            b"f",
+            Kind::File {
+                size: 1000,
+                chunks: chunks.clone(),
+            },
+        ));
+        let md = Digest::of(b"manifest");
+        let enc = DigestSet::encode(&m, &md);
+        std::fs::write(t.path().join("installed.digests"), &enc).unwrap();
+        let set = DigestSet::load(t.path(), &md.to_hex()).expect("loads");
+        for c in &chunks {
+            assert!(set.contains(&c.digest));
+        }
+        assert!(!set.contains(&Digest::of(b"absent")));
+        // Made for another manifest, truncated, unsorted: ignored.
+        assert!(DigestSet::load(t.path(), &Digest::of(b"other").to_hex()).is_none());
+        std::fs::write(t.path().join("installed.digests"), &enc[..enc.len() - 1]).unwrap();
+        assert!(DigestSet::load(t.path(), &md.to_hex()).is_none());
+        let mut bad = enc.clone();
+        let n = bad.len();
+        bad.copy_within(DIGESTS_HEAD..DIGESTS_HEAD + 32, n - 32);
+        std::fs::write(t.path().join("installed.digests"), &bad).unwrap();
+        assert!(DigestSet::load(t.path(), &md.to_hex()).is_none());
+    }
 }

@@ -30,6 +30,10 @@
 //!                                    <-    Welcome
 //! GetManifest{image, version}        ->
 //!                                    <-    ManifestIs{..} + Data ... (manifest bytes)
+//!   or, for a node that has a version installed:
+//! GetManifestDelta{image, version, base_image, base_version}
+//!                                    <-    ManifestDeltaIs{..} + Data ... (a manifest::Delta;
+//!                                          the node rebuilds the manifest and checks its digest)
 //! Want([digest..])                   ->    (at most MAX_WANT per message)
 //!                                    <-    Blob{..} + Data, one per digest, in order
 //! ...

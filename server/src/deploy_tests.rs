@@ -192,6 +192,74 @@ fn deploy_update_resume_and_safety() {
     assert!(format!("{err:#}").contains("no image named"), "{err:#}");
 }
 
+/// `installed.digests` only decides what is fetched early: a stale list is ignored, a lying
+/// one (claiming objects the node lacks) or a missing one still gives an exact update.
+#[test]
+fn installed_digest_list_is_only_a_hint() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..50 {
+        std::fs::write(src.join(format!("d/f{i}")), rand_bytes(3000, i)).unwrap();
+    }
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    run(args(&server, "img", &node)).unwrap();
+    let state = node.join("var/lib/si");
+    let list = state.join("installed.digests");
+    assert!(list.exists(), "a deploy records the digest list");
+
+    let installed_digest = || -> si_proto::Digest {
+        let text = std::fs::read_to_string(state.join("installed.toml")).unwrap();
+        let i: update::Installed = toml::from_str(&text).unwrap();
+        si_proto::Digest::from_hex(&i.manifest).unwrap()
+    };
+    let list_of = |manifest: si_proto::Digest, m: &si_proto::Manifest| -> Vec<u8> {
+        let mut ds: Vec<[u8; 32]> = m.digests().map(|c| c.digest.0).collect();
+        ds.sort();
+        ds.dedup();
+        let mut out = b"SIDG".to_vec();
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&manifest.0);
+        ds.iter().for_each(|d| out.extend_from_slice(d));
+        out
+    };
+    let change = |v: u64| {
+        for i in 0..5 {
+            std::fs::write(src.join(format!("d/f{i}")), rand_bytes(3000, 1000 * v + i)).unwrap();
+        }
+        std::fs::write(src.join(format!("new{v}")), rand_bytes(5000, v)).unwrap();
+        capture::commit(&store, &src, "img", &[], None)
+            .unwrap()
+            .version
+    };
+
+    // A list naming the installed manifest but claiming every object of the next version:
+    // nothing is fetched early, the walk finds what is missing.
+    let v2 = change(2);
+    let m2 = store.manifest("img", v2).unwrap();
+    std::fs::write(&list, list_of(installed_digest(), &m2)).unwrap();
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!((s.version, s.replaced, s.created), (v2, 5, 1));
+    same_tree(&src, &node, &["/var"]);
+
+    // A list made for another manifest is ignored (stale), and so is a missing one.
+    let v3 = change(3);
+    std::fs::write(&list, list_of(si_proto::Digest::of(b"other"), &m2)).unwrap();
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!((s.version, s.fetched_objects), (v3, 6));
+    same_tree(&src, &node, &["/var"]);
+    let v4 = change(4);
+    std::fs::remove_file(&list).unwrap();
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!((s.version, s.fetched_objects), (v4, 6));
+    same_tree(&src, &node, &["/var"]);
+    assert!(list.exists(), "rewritten after the update");
+}
+
 fn filetime_of(md: &std::fs::Metadata) -> rustix::fs::Timestamps {
     use std::os::unix::fs::MetadataExt;
     let t = rustix::fs::Timespec {

@@ -15,6 +15,7 @@ pub mod dhcp;
 pub mod http;
 pub mod imagecmd;
 pub mod inventory;
+pub mod mcache;
 pub mod power;
 pub mod push;
 pub mod ranges;

@@ -4,11 +4,11 @@
 //! `Error{Busy}`), and each connection holds at most one object in memory at a time whatever a
 //! `Want` asks for. Objects go out compressed exactly as stored; the node verifies them.
 
+use crate::mcache::ManifestCache;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use si_proto::frame::{read_frame_async, write_data_async, write_msg_async, Frame, MAX_FRAME};
 use si_proto::msg::{self, ErrorKind, ImageVersionInfo, Msg, Role};
-use si_proto::Digest;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -40,6 +40,19 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
+    let cache = Arc::new(ManifestCache::default());
+    // The delta to each image's newest version is ready before the first node asks.
+    let warmer = {
+        let (store, cache) = (store.clone(), cache.clone());
+        tokio::spawn(async move {
+            loop {
+                let (store, cache) = (store.clone(), cache.clone());
+                let _ = tokio::task::spawn_blocking(move || cache.warm(&store)).await;
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        })
+    };
+    let _abort = AbortOnDrop(warmer);
     tokio::pin!(shutdown);
     loop {
         let (sock, peer) = tokio::select! {
@@ -47,11 +60,12 @@ pub async fn run(
             _ = &mut shutdown => return Ok(()),
         };
         let store = store.clone();
+        let cache = cache.clone();
         let report = report.clone();
         match sem.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
-                    if let Err(e) = handle(sock, peer, store, report).await {
+                    if let Err(e) = handle(sock, peer, store, cache, report).await {
                         eprintln!("si-server: {peer}: {e:#}");
                     }
                     drop(permit);
@@ -74,6 +88,14 @@ pub async fn run(
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn info(store: &Store, image: &str, v: u32) -> Result<ImageVersionInfo> {
     let m = store.meta(image, v)?;
     Ok(ImageVersionInfo {
@@ -89,17 +111,17 @@ fn info(store: &Store, image: &str, v: u32) -> Result<ImageVersionInfo> {
 /// node has when the store still holds that base; the header and the bytes that follow it.
 fn manifest_reply(
     store: &Store,
+    cache: &ManifestCache,
     image: &str,
     version: Option<u32>,
     base: Option<(String, u32)>,
-) -> Result<(Msg, Vec<u8>)> {
+) -> Result<(Msg, Arc<Vec<u8>>)> {
     let v = store.resolve(image, version)?;
-    let bytes = store.manifest_bytes(image, v)?;
+    let target = ManifestCache::stored(store, image, v)?;
     let info = info(store, image, v)?;
-    let (digest, len) = (Digest::of(&bytes), bytes.len() as u64);
-    if let Some(Ok(base)) = base.map(|(bi, bv)| store.manifest(&bi, bv)) {
-        let delta = si_proto::manifest::Delta::between(&base, &si_proto::Manifest::decode(&bytes)?)
-            .encode();
+    let (digest, len) = (target.digest, target.bytes.len() as u64);
+    if let Some(Ok(base)) = base.map(|(bi, bv)| ManifestCache::stored(store, &bi, bv)) {
+        let delta = cache.delta(&base, &target)?;
         let head = Msg::ManifestDeltaIs {
             info,
             digest,
@@ -114,7 +136,7 @@ fn manifest_reply(
             digest,
             bytes: len,
         },
-        bytes,
+        Arc::new(target.bytes),
     ))
 }
 
@@ -122,6 +144,7 @@ async fn handle(
     sock: TcpStream,
     peer: SocketAddr,
     store: Arc<Store>,
+    cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
 ) -> Result<()> {
     sock.set_nodelay(true).ok();
@@ -216,10 +239,11 @@ async fn handle(
                     Msg::GetManifest { image, version } => (image, version, None),
                     _ => unreachable!("matched above"),
                 };
-                let st = store.clone();
-                let got =
-                    tokio::task::spawn_blocking(move || manifest_reply(&st, &image, version, base))
-                        .await?;
+                let (st, c) = (store.clone(), cache.clone());
+                let got = tokio::task::spawn_blocking(move || {
+                    manifest_reply(&st, &c, &image, version, base)
+                })
+                .await?;
                 match got {
                     Ok((head, data)) => {
                         write_msg_async(&mut w, &head).await?;

@@ -17,7 +17,7 @@
 #   deploy-tmpfs  fresh deploy to an empty tmpfs (the disk out of the figure)
 #   update        20 files changed (~50 MB), 5 added, 5 deleted (rsync -aHAXS --delete)
 #   1g-file       1 MiB changed inside a 1 GiB file
-# Columns: wall s, CPU s of the node side (and of the serving side), bytes on the wire
+# Columns (medians): wall s, CPU s of the node side (and of the serving side), bytes on the wire
 # (si: received by the node; rsync: its --stats totals), node peak RSS.
 set -euo pipefail
 
@@ -171,6 +171,9 @@ for ((rep = 1; rep <= repeat; rep++)); do
     (tr '\0' '\n' <"$work/changed.lst"; ls "$src"/usr/share/bench-added-$rep-*) | xargs cat | zstd -3 -c | wc -c >>"$work/changed_z"
     "$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
     sleep 2.5 # the server notices the new version (it looks every 2 s)
+    # Both node trees warm in the page cache, as on a running node (the si tree was written
+    # before the caches were dropped for rsync's deploy).
+    find "$work/si-disk" "$work/rs-disk" -printf '' 2>/dev/null
     si_pull "$rep" update "$work/si-disk"
     python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("  si phases: " + " ".join(f"{k}={j[k]:.3f}" for k in j if k.endswith("seconds")))' "$work/si.json" >&2
     rsync_pull "$rep" update "$work/rs-disk" --delete
@@ -197,9 +200,16 @@ by = collections.defaultdict(list)
 for rep, sc, tool, wall, cpu, wire, rss in rows:
     by[(sc, tool)].append((float(wall), cpu, int(wire), int(rss)))
 print(f"{'scenario':<14}{'tool':<7}{'wall s':>9}{'cpu s node (+server)':>24}{'wire bytes':>14}{'node rss MB':>13}")
+def cpu(x):  # "1.2 (+0.3)" or "1.2"
+    node, _, server = x.partition(" (+")
+    return float(node), float(server.rstrip(")")) if server else None
 for (sc, tool), v in by.items():
     wall = statistics.median(x[0] for x in v)
-    print(f"{sc:<14}{tool:<7}{wall:>9.2f}{v[0][1]:>24}{v[0][2]:>14}{v[0][3]/1024:>13.1f}")
+    node = statistics.median(cpu(x[1])[0] for x in v)
+    servers = [cpu(x[1])[1] for x in v if cpu(x[1])[1] is not None]
+    c = f"{node:.2f}" + (f" (+{statistics.median(servers):.2f})" if servers else "")
+    rss = statistics.median(x[3] for x in v)
+    print(f"{sc:<14}{tool:<7}{wall:>9.2f}{c:>24}{v[0][2]:>14}{rss/1024:>13.1f}")
 def med(sc, tool):
     v = by.get((sc, tool))
     return statistics.median(x[0] for x in v) if v else None

@@ -1,4 +1,5 @@
-//! `si-pushupdate`: update many nodes at once through their `si-agentd`.
+//! `si-pushupdate`: update many nodes at once, through their `si-agentd` or over ssh (the
+//! node runs `si-updateclient` against the master, as SystemImager's si_pushupdate does).
 //!
 //! Nodes run in parallel up to a fan-out limit, each with its own timeout (a node that does not
 //! answer costs one timeout, not a stall). Progress is printed as each node finishes; at the end
@@ -28,6 +29,93 @@ pub struct PushConfig {
     pub fanout: usize,
     pub timeout: Duration,
     pub results_dir: Option<PathBuf>,
+    /// How the node side is reached.
+    pub via: Via,
+}
+
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// The node's `si-agentd` (token-authenticated si protocol).
+    Agent,
+    /// `ssh` (the command and its options, split on spaces like rsync's `-e`) running
+    /// `remote` on the node: `si-updateclient` and any arguments; `{node}` in it becomes the
+    /// node's name.
+    Ssh { ssh: String, remote: String },
+}
+
+/// Quotes `s` for the remote shell ssh hands the command to.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The update command line run on `node` over ssh.
+fn remote_command(node: &str, remote: &str, cfg: &PushConfig) -> String {
+    let mut cmd = remote.replace("{node}", node);
+    let mut arg = |a: &str| {
+        cmd.push(' ');
+        cmd.push_str(&shell_quote(a));
+    };
+    arg("--server");
+    arg(&cfg.server);
+    if let Some(i) = &cfg.image {
+        arg("--image");
+        arg(i);
+    }
+    if let Some(v) = cfg.version {
+        arg("--version");
+        arg(&v.to_string());
+    }
+    for (on, flag) in [
+        (cfg.verify, "--verify"),
+        (cfg.force, "--force"),
+        (cfg.dry_run, "--dry-run"),
+    ] {
+        if on {
+            arg(flag);
+        }
+    }
+    cmd
+}
+
+async fn push_ssh(node: &str, ssh: &str, remote: &str, cfg: &PushConfig) -> Result<String> {
+    let mut words = ssh.split_whitespace();
+    let prog = words.next().unwrap_or("ssh");
+    let out = tokio::process::Command::new(prog)
+        .args(words)
+        .args(["-o", "BatchMode=yes"])
+        .arg("-o")
+        .arg(format!(
+            "ConnectTimeout={}",
+            cfg.timeout.as_secs().clamp(1, 30)
+        ))
+        .arg("--")
+        .arg(node)
+        .arg(remote_command(node, remote, cfg))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("running {prog}: {e}"))?;
+    let last = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    match out.status.code() {
+        Some(0) => Ok(last(&out.stderr)),
+        Some(255) => bail!("ssh: {}", last(&out.stderr)),
+        _ => bail!("{} ({})", last(&out.stderr), out.status),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -39,6 +127,9 @@ pub struct NodeResult {
 }
 
 async fn push_one(node: &str, cfg: &PushConfig) -> Result<String> {
+    if let Via::Ssh { ssh, remote } = &cfg.via {
+        return push_ssh(node, ssh, remote, cfg).await;
+    }
     let addr = if node.contains(':') {
         node.to_string()
     } else {
@@ -159,4 +250,36 @@ pub fn report(results: &[NodeResult], dir: Option<&std::path::Path>) -> Result<(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_commands_are_quoted() {
+        assert_eq!(shell_quote("node-01.x"), "node-01.x");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$(reboot)"), "'$(reboot)'");
+        let cfg = PushConfig {
+            server: "10.213.0.1".into(),
+            image: Some("compute".into()),
+            version: Some(3),
+            verify: true,
+            force: false,
+            dry_run: false,
+            token: String::new(),
+            port: 0,
+            fanout: 1,
+            timeout: Duration::from_secs(1),
+            results_dir: None,
+            via: Via::Agent,
+        };
+        assert_eq!(
+            remote_command("n7", "si-updateclient --root /srv/{node}", &cfg),
+            "si-updateclient --root /srv/n7 --server 10.213.0.1 --image compute --version 3 --verify"
+        );
+    }
 }

@@ -185,26 +185,20 @@ fn deploy_update_and_resume_across_namespaces() {
     drop(server);
 }
 
-#[test]
-fn push_to_eight_nodes_with_one_down() {
-    require_root!();
-    let t = tempfile::tempdir_in("/var/tmp").unwrap();
-    let src = t.path().join("golden");
-    std::fs::create_dir_all(src.join("etc")).unwrap();
-    std::fs::write(src.join("etc/role"), b"compute\n").unwrap();
-    let store = t.path().join("store");
-    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
-    let token = t.path().join("token");
-    std::fs::write(&token, "s3cret\n").unwrap();
-
-    // One boot network: a bridge in the master's namespace, each node on it by a veth pair.
+/// A master namespace with a bridge at 10.213.`net`.1/24 and `n` node namespaces on it
+/// (10.213.`net`.11, .12, ...), each joined by a veth pair.
+fn bridged(net: u8, n: usize) -> (Netns, Vec<Netns>) {
     let master = Netns::new().unwrap();
-    master.sh("ip link add br0 type bridge && ip addr add 10.213.9.1/24 dev br0 && ip link set br0 up").unwrap();
-    let nodes: Vec<Netns> = (0..8).map(|_| Netns::new().unwrap()).collect();
-    for (i, n) in nodes.iter().enumerate() {
+    master
+        .sh(&format!(
+            "ip link add br0 type bridge && ip addr add 10.213.{net}.1/24 dev br0 && ip link set br0 up"
+        ))
+        .unwrap();
+    let nodes: Vec<Netns> = (0..n).map(|_| Netns::new().unwrap()).collect();
+    for (i, node) in nodes.iter().enumerate() {
         let (a, b) = (
-            format!("sp{}m{i}", std::process::id() % 10000),
-            format!("sp{}n{i}", std::process::id() % 10000),
+            format!("sp{}m{net}x{i}", std::process::id() % 10000),
+            format!("sp{}n{net}x{i}", std::process::id() % 10000),
         );
         run(Command::new("ip").args([
             "link",
@@ -218,18 +212,35 @@ fn push_to_eight_nodes_with_one_down() {
             "name",
             &b,
             "netns",
-            &n.name,
+            &node.name,
         ]))
         .unwrap();
         master
             .sh(&format!("ip link set {a} master br0 up"))
             .unwrap();
-        n.sh(&format!(
-            "ip addr add 10.213.9.{}/24 dev {b} && ip link set {b} up",
+        node.sh(&format!(
+            "ip addr add 10.213.{net}.{}/24 dev {b} && ip link set {b} up",
             11 + i
         ))
         .unwrap();
     }
+    (master, nodes)
+}
+
+#[test]
+fn push_to_eight_nodes_with_one_down() {
+    require_root!();
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = t.path().join("golden");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/role"), b"compute\n").unwrap();
+    let store = t.path().join("store");
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    let token = t.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+
+    // One boot network: a bridge in the master's namespace, each node on it by a veth pair.
+    let (master, nodes) = bridged(9, 8);
     let _server = start_server(&master, &store);
     let mut agents = Vec::new();
     for (i, n) in nodes.iter().enumerate().take(7) {
@@ -283,4 +294,99 @@ fn push_to_eight_nodes_with_one_down() {
             b"compute\n"
         );
     }
+}
+
+/// The push's other transport: ssh to each node, which runs si-updateclient against the master
+/// (real sshd in each node's namespace, key authentication). A node without sshd fails with
+/// ssh's reason; the others end up with the image.
+#[test]
+fn push_over_ssh() {
+    require_root!();
+    if !Path::new("/usr/sbin/sshd").exists() {
+        eprintln!("SKIP push_over_ssh: needs sshd (apt-get install openssh-server)");
+        return;
+    }
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let d = t.path();
+    let src = d.join("golden");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/role"), b"login\n").unwrap();
+    let store = d.join("store");
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(d.join("hostkey")))
+    .unwrap();
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(d.join("id")))
+    .unwrap();
+    std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap(); // sshd's privilege separation directory
+
+    let (master, nodes) = bridged(10, 3);
+    let _server = start_server(&master, &store);
+    let mut sshds = Vec::new();
+    for (i, n) in nodes.iter().enumerate().take(2) {
+        let cfg = d.join(format!("sshd{i}.conf"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "ListenAddress 0.0.0.0:22\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile {d}/sshd{i}.pid\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        let p = n
+            .cmd("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&cfg)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        sshds.push(Proc(p));
+        wait_port(n, "127.0.0.1:22").unwrap();
+    }
+    // Node 3 (10.213.10.13) runs no sshd.
+    let results = d.join("results");
+    let out = master
+        .cmd(bin("si-pushupdate"))
+        .args(["10.213.10.[11-13]", "--server", "10.213.10.1", "--image", "debian", "--ssh"])
+        .args(["--timeout", "60", "--ssh-command"])
+        .arg(format!(
+            "ssh -i {}/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+            d.display()
+        ))
+        .arg("--remote-command")
+        .arg(format!(
+            "{} --root {d}/{{node}} --state-dir {d}/{{node}}.state --no-default-excludes",
+            bin("si-updateclient").display(),
+            d = d.display()
+        ))
+        .arg("--results")
+        .arg(&results)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("2 succeeded, 1 failed"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("FAILED 10.213.10.13: ssh:"), "{stdout}");
+    assert!(stdout.to_lowercase().contains("refused"), "{stdout}");
+    assert!(
+        stderr.contains("debian@1: 2 created"),
+        "the node's summary is the detail: {stderr}"
+    );
+    for i in 0..2 {
+        assert_eq!(
+            std::fs::read(d.join(format!("10.213.10.{}/etc/role", 11 + i))).unwrap(),
+            b"login\n"
+        );
+    }
+    assert!(!d.join("10.213.10.13").exists());
 }

@@ -4,7 +4,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Push an image version to nodes (through their si-agentd), in parallel.
+/// Push an image version to nodes (through their si-agentd, or over ssh), in parallel.
 #[derive(Parser)]
 #[command(disable_version_flag = true)]
 struct Args {
@@ -37,6 +37,15 @@ struct Args {
     port: u16,
     #[arg(long, default_value = "/etc/si/agent.token")]
     token_file: PathBuf,
+    /// Reach the nodes over ssh instead of their si-agentd: each runs si-updateclient.
+    #[arg(long)]
+    ssh: bool,
+    /// The ssh command and its options (with --ssh), like rsync's -e.
+    #[arg(long, default_value = "ssh", requires = "ssh")]
+    ssh_command: String,
+    /// What runs on the node (with --ssh); `{node}` becomes the node's name.
+    #[arg(long, default_value = "si-updateclient", requires = "ssh")]
+    remote_command: String,
     /// Where pushupdate.ok and pushupdate.failed are written.
     #[arg(long, default_value = ".")]
     results: PathBuf,
@@ -59,8 +68,17 @@ async fn main() -> Result<()> {
     if nodes.is_empty() {
         bail!("no nodes given");
     }
-    let token = std::fs::read_to_string(&a.token_file)
-        .with_context(|| format!("reading {}", a.token_file.display()))?;
+    let (token, via) = if a.ssh {
+        let via = si_server::push::Via::Ssh {
+            ssh: a.ssh_command,
+            remote: a.remote_command,
+        };
+        (String::new(), via)
+    } else {
+        let token = std::fs::read_to_string(&a.token_file)
+            .with_context(|| format!("reading {}", a.token_file.display()))?;
+        (token, si_server::push::Via::Agent)
+    };
     let cfg = si_server::push::PushConfig {
         server: a.server,
         image: a.image,
@@ -73,6 +91,7 @@ async fn main() -> Result<()> {
         fanout: a.fanout,
         timeout: Duration::from_secs(a.timeout),
         results_dir: Some(a.results.clone()),
+        via,
     };
     let results = si_server::push::push(&nodes, &cfg).await;
     si_server::push::report(&results, Some(&a.results))?;

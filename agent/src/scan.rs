@@ -95,6 +95,10 @@ pub struct StatCache {
 
 const CACHE_MAGIC: &[u8; 8] = b"SISTAT01";
 
+/// Files whose mtime or ctime is this close to a scan's start are read again by the next scan
+/// (timestamps are coarse: jiffies on ext4, 2 s on FAT).
+const RACY_SECONDS: i64 = 2;
+
 impl StatCache {
     pub fn load(path: &Path) -> StatCache {
         let Ok(data) = std::fs::read(path) else {
@@ -576,6 +580,15 @@ pub fn scan(
     let (ptx, prx) = crossbeam_channel::bounded::<Vec<Pending>>(16);
     let (tx, rx) = crossbeam_channel::bounded::<Out>(64);
     let mut new_cache = StatCache::default();
+    // "Racily clean" files (changed within RACY_SECONDS of the scan's start) are not cached:
+    // a rewrite of the same size in the same timestamp tick after they were read would
+    // otherwise look unchanged next time.
+    let racy_after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(i128::MAX)
+        - i128::from(RACY_SECONDS) * 1_000_000_000;
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
     let mut blobs_sent = 0u64;
     let mut bytes_sent = 0u64;
     let mut results: Vec<((usize, usize), u64, Vec<Chunk>)> = Vec::new();
@@ -713,7 +726,10 @@ pub fn scan(
                 }
                 Out::Done(done) => {
                     for (i, rel, size, chunks, rec) in done {
-                        if let Some(rec) = rec {
+                        let settled = |r: &CacheRec| {
+                            ns(r.mtime, r.mtime_nsec).max(ns(r.ctime, r.ctime_nsec)) < racy_after
+                        };
+                        if let Some(rec) = rec.filter(settled) {
                             new_cache.files.insert(rel, rec);
                         }
                         results.push((i, size, chunks));
@@ -803,4 +819,32 @@ pub fn scan(
         stats,
         cache: new_cache,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file changed just before a scan may be rewritten (same size, same inode) within the
+    /// same coarse timestamp tick after it was read: the cache must not vouch for it.
+    #[test]
+    fn racily_clean_files_stay_out_of_the_stat_cache() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("old"), b"old").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        std::fs::write(root.join("new"), b"new").unwrap();
+        let mut cfg = ScanConfig::new(&root);
+        cfg.stat_cache = Some(t.path().join("cache"));
+        struct Null;
+        impl BlobSink for Null {
+            fn blob(&mut self, _: Digest, _: u32, _: Vec<u8>) -> Result<()> {
+                Ok(())
+            }
+        }
+        let res = scan(&cfg, &HashSet::new(), &mut Null).unwrap();
+        assert!(res.cache.files.contains_key(&b"old"[..]));
+        assert!(!res.cache.files.contains_key(&b"new"[..]));
+    }
 }

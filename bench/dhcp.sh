@@ -2,7 +2,7 @@
 # DHCP load benchmark: perfdhcp (from kea-admin) against si-dhcpd, dnsmasq and Kea, each alone
 # in a network namespace. Bounded: each run lasts PERIOD seconds at a fixed offered RATE.
 #
-#   sudo bench/dhcp.sh [RATES...]        (default rates: 200 1000)
+#   sudo bench/dhcp.sh [RATES...]        (default rates: 200 1000; SERVERS="si kea" picks servers)
 #
 # Needs: root, kea-admin (perfdhcp), dnsmasq-base, kea-dhcp4-server, and
 # `cargo build --release -p si-server --bins`. Everything runs in two namespaces named
@@ -124,7 +124,7 @@ measure() {
 }
 
 printf "%-8s %8s %12s %12s %12s %12s %12s %8s\n" server offered "DORA/s" "avg D-O ms" "avg R-A ms" "max D-O ms" "max R-A ms" "lost %"
-for server in si dnsmasq kea; do
+for server in ${SERVERS:-si dnsmasq kea}; do
     for rate in "${RATES[@]}"; do
         "start_$server"
         wait_port

@@ -39,6 +39,58 @@ pub struct Reply {
     pub msg: Message,
 }
 
+/// At most this many offers are held at once (a flood of made-up MACs cannot grow it past).
+const MAX_OFFERS: usize = 65_536;
+
+/// Addresses offered and not yet requested: held in memory for `offer_hold` seconds, never
+/// written to the inventory (an offer is not a binding, RFC 2131 4.3.1), so a DISCOVER costs
+/// no write and its OFFER goes out before the burst's commit.
+#[derive(Default)]
+struct Offers {
+    by_mac: std::collections::HashMap<String, (Ipv4Addr, i64)>,
+    by_ip: std::collections::HashMap<Ipv4Addr, String>,
+}
+
+impl Offers {
+    fn get(&self, mac: &str, now: i64) -> Option<Ipv4Addr> {
+        self.by_mac
+            .get(mac)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(ip, _)| *ip)
+    }
+
+    /// Whether someone other than `mac` holds an unexpired offer of `ip`.
+    fn held_by_other(&self, ip: Ipv4Addr, mac: &str, now: i64) -> bool {
+        self.by_ip
+            .get(&ip)
+            .is_some_and(|m| m != mac && self.by_mac.get(m).is_some_and(|(_, e)| *e > now))
+    }
+
+    fn remove(&mut self, mac: &str) {
+        if let Some((ip, _)) = self.by_mac.remove(mac) {
+            if self.by_ip.get(&ip).is_some_and(|m| m == mac) {
+                self.by_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Holds `ip` for `mac` until `expires`; false when the table is full of live offers.
+    fn insert(&mut self, mac: &str, ip: Ipv4Addr, expires: i64, now: i64) -> bool {
+        self.remove(mac);
+        if self.by_mac.len() >= MAX_OFFERS {
+            self.by_mac.retain(|_, (_, e)| *e > now);
+            let live = &self.by_mac;
+            self.by_ip.retain(|_, m| live.contains_key(m));
+            if self.by_mac.len() >= MAX_OFFERS {
+                return false;
+            }
+        }
+        self.by_mac.insert(mac.to_string(), (ip, expires));
+        self.by_ip.insert(ip, mac.to_string());
+        true
+    }
+}
+
 pub struct Handler {
     cfg: DhcpConfig,
     inv: Arc<Inventory>,
@@ -47,6 +99,7 @@ pub struct Handler {
     next_server: Ipv4Addr,
     /// Where the next pool scan starts (round robin over the pool).
     cursor: AtomicU32,
+    offers: std::sync::Mutex<Offers>,
 }
 
 /// The address decision for a client.
@@ -72,6 +125,7 @@ impl Handler {
             http_base,
             next_server,
             cursor: AtomicU32::new(0),
+            offers: Default::default(),
         }
     }
 
@@ -81,6 +135,56 @@ impl Handler {
 
     /// Handles one datagram. Malformed packets and internal errors are logged and dropped.
     pub fn handle(&self, buf: &[u8], src: SocketAddrV4, port: Port) -> Option<Reply> {
+        let mut out = None;
+        self.handle_many(&[(buf, src, port)], |r, _| out = Some(r));
+        out
+    }
+
+    /// Handles a burst of packets as one inventory transaction (one lock, one commit: what
+    /// keeps the lease writes of a rack booting at once from costing a commit each). Replies
+    /// that promise nothing durable (offers, NAKs, boot information) go to `send` at once; an
+    /// ACK only after the lease it grants is committed (RFC 2131 4.3.2), and not at all if
+    /// the commit fails (the client asks again).
+    pub fn handle_many(
+        &self,
+        pkts: &[(&[u8], SocketAddrV4, Port)],
+        mut send: impl FnMut(Reply, Port),
+    ) {
+        let mut acks = Vec::new();
+        let mut started = false;
+        let batch = self.inv.batch(|| {
+            started = true;
+            for (b, s, p) in pkts {
+                if let Some(r) = self.handle_one(b, *s, *p) {
+                    if r.msg.opts().msg_type() == Some(MessageType::Ack) && *p == Port::Dhcp {
+                        acks.push((r, *p));
+                    } else {
+                        send(r, *p);
+                    }
+                }
+            }
+        });
+        match batch {
+            Ok(()) => acks.into_iter().for_each(|(r, p)| send(r, p)),
+            Err(e) if !started => {
+                // The batch could not start (the inventory busy beyond its timeout, a full
+                // disk): answer packet by packet, each write on its own.
+                warn!(error = format!("{e:#}"), "inventory batch failed");
+                for (b, s, p) in pkts {
+                    if let Some(r) = self.handle_one(b, *s, *p) {
+                        send(r, *p);
+                    }
+                }
+            }
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                dropped = acks.len(),
+                "inventory commit failed: ACKs not sent"
+            ),
+        }
+    }
+
+    fn handle_one(&self, buf: &[u8], src: SocketAddrV4, port: Port) -> Option<Reply> {
         if buf.len() < MIN_LEN || buf.len() > MAX_LEN {
             debug!(%src, len = buf.len(), "dropping datagram of impossible size");
             return None;
@@ -255,19 +359,11 @@ impl Handler {
             warn!(%mac, subnet = %subnet.name, "no address available");
             return Ok(None);
         };
-        // Hold the address for the offer, without shortening an existing binding.
-        let existing = self.inv.lease_by_mac(mac)?;
-        let keep = existing.as_ref().is_some_and(|l| {
-            l.ip == g.ip && l.state == "bound" && !matches!(l.expires, Some(e) if e <= now)
-        });
-        if !keep {
-            self.inv.put_lease(&Lease {
-                mac: mac.to_string(),
-                ip: g.ip,
-                expires: Some(now + i64::from(self.cfg.offer_hold.max(1))),
-                state: "offered".into(),
-                hostname: node.map(hostname),
-            })?;
+        // Hold the address for the offer (in memory: nothing is written for an offer).
+        let hold = now + i64::from(self.cfg.offer_hold.max(1));
+        if !self.offers().insert(mac, g.ip, hold, now) {
+            warn!(%mac, "too many outstanding offers");
+            return Ok(None);
         }
         let mut r = self.base_reply(msg, MessageType::Offer);
         r.set_yiaddr(g.ip);
@@ -297,11 +393,7 @@ impl Handler {
         if let Some(s) = server_id {
             if s != self.server_ip {
                 // The client took another server's offer: free ours.
-                if let Some(l) = self.inv.lease_by_mac(mac)? {
-                    if l.state == "offered" {
-                        self.inv.drop_lease(mac)?;
-                    }
-                }
+                self.offers().remove(mac);
                 return Ok(None);
             }
         }
@@ -344,6 +436,7 @@ impl Handler {
             state: "bound".into(),
             hostname: node.map(hostname),
         })?;
+        self.offers().remove(mac);
         let mut r = self.base_reply(msg, MessageType::Ack);
         r.set_yiaddr(g.ip);
         r.set_ciaddr(msg.ciaddr());
@@ -388,7 +481,16 @@ impl Handler {
         if let Some(ip) = node.and_then(|n| n.ip) {
             return Ok(ip == addr && subnet.contains(ip));
         }
-        Ok(subnet.in_pool(addr) && !self.inv.ip_taken(addr, mac, now)?)
+        Ok(subnet.in_pool(addr) && !self.taken(addr, mac, now)?)
+    }
+
+    /// Whether `ip` is held by anyone but `mac`: a node's address, a lease, an offer.
+    fn taken(&self, ip: Ipv4Addr, mac: &str, now: i64) -> Result<bool> {
+        Ok(self.offers().held_by_other(ip, mac, now) || self.inv.ip_taken(ip, mac, now)?)
+    }
+
+    fn offers(&self) -> std::sync::MutexGuard<'_, Offers> {
+        self.offers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Chooses an address: the node's static one, else its current lease, else the requested
@@ -408,6 +510,12 @@ impl Handler {
                 return Ok(None);
             }
             return Ok(Some(Grant { ip, lease }));
+        }
+        let offered = self.offers().get(mac, now);
+        if let Some(ip) = offered {
+            if self.acceptable(mac, node, subnet, ip, now)? {
+                return Ok(Some(Grant { ip, lease }));
+            }
         }
         if let Some(l) = self.inv.lease_by_mac(mac)? {
             if self.acceptable(mac, node, subnet, l.ip, now)? {
@@ -431,7 +539,7 @@ impl Handler {
             if ip == self.server_ip || ip == subnet.network || ip == subnet.broadcast() {
                 continue;
             }
-            if !self.inv.ip_taken(ip, mac, now)? {
+            if !self.taken(ip, mac, now)? {
                 self.cursor.store(off.wrapping_add(1), Ordering::Relaxed);
                 return Ok(Some(Grant { ip, lease }));
             }

@@ -17,9 +17,9 @@ use crate::inventory::Inventory;
 use anyhow::{bail, Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
 /// The first IPv4 address of `interface`.
@@ -37,29 +37,33 @@ pub fn interface_ipv4(interface: &str) -> Result<Ipv4Addr> {
 }
 
 /// A UDP socket on `port` that sees and sends only through `interface`.
-fn bind(interface: &str, port: u16) -> Result<UdpSocket> {
+fn bind(interface: &str, port: u16) -> Result<std::net::UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
         .context("creating UDP socket")?;
     s.set_reuse_address(true).context("setting SO_REUSEADDR")?;
     s.set_broadcast(true).context("setting SO_BROADCAST")?;
     s.bind_device(Some(interface.as_bytes()))
         .with_context(|| format!("binding to device {interface} (needs CAP_NET_RAW)"))?;
+    // Room for a rack's worth of requests arriving while a burst is handled.
+    let _ = s.set_recv_buffer_size(4 << 20);
     s.set_nonblocking(true)
         .context("making socket non-blocking")?;
     let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
     s.bind(&addr.into())
         .with_context(|| format!("binding UDP port {port} on {interface}"))?;
-    UdpSocket::from_std(s.into()).context("registering socket with tokio")
+    Ok(s.into())
 }
 
-/// Requests waiting for the worker; more are dropped (and counted), as on a saturated wire.
-const QUEUE: usize = 1024;
+/// At most this many waiting requests are handled as one burst (one inventory transaction).
+const BURST: usize = 64;
 
 /// Runs the DHCP service until `shutdown` completes.
 ///
-/// Listens on `cfg.port` (67) and `cfg.proxy_port` (4011) of `cfg.interface` only. Packets are
-/// handled in order by one worker thread (the inventory is SQLite, so the runtime's threads
-/// never wait for the database) through a bounded queue; replies are sent from here.
+/// Listens on `cfg.port` (67) and `cfg.proxy_port` (4011) of `cfg.interface` only. One thread
+/// owns both sockets (the inventory is SQLite, so the runtime's threads never wait for the
+/// database): it waits for packets, takes every request waiting (up to [`BURST`]) as one burst
+/// in one inventory transaction, and sends the replies itself. No queue besides the sockets'
+/// receive buffers, no hand-off between threads on the way in or out.
 pub async fn serve(
     cfg: DhcpConfig,
     inventory: Arc<Inventory>,
@@ -72,70 +76,99 @@ pub async fn serve(
     let dhcp = bind(&cfg.interface, cfg.port)?;
     let pxe = bind(&cfg.interface, cfg.proxy_port)?;
     info!(interface = %cfg.interface, %server_ip, mode = ?cfg.mode, unknown = ?cfg.unknown, "DHCP service started");
-    let handler = Arc::new(Handler::new(cfg, inventory, server_ip));
+    if let Err(e) = inventory.checkpoint_in_background() {
+        warn!(
+            error = format!("{e:#}"),
+            "inventory checkpoints stay inline"
+        );
+    }
+    let handler = Handler::new(cfg, inventory, server_ip);
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("si-dhcp".into())
+            .spawn(move || run(&handler, &dhcp, &pxe, &stop))
+            .context("starting the DHCP thread")?
+    };
+    shutdown.await;
+    stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || worker.join())
+        .await
+        .context("waiting for the DHCP thread")?
+        .map_err(|_| anyhow::anyhow!("the DHCP thread panicked"))?;
+    info!("DHCP service stopped");
+    Ok(())
+}
 
-    let (req_tx, req_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, SocketAddrV4, Port)>(QUEUE);
-    let (rep_tx, mut rep_rx) = tokio::sync::mpsc::channel::<(Reply, Port)>(QUEUE);
-    let h = Arc::clone(&handler);
-    let worker = std::thread::Builder::new()
-        .name("si-dhcp".into())
-        .spawn(move || {
-            while let Ok((pkt, src, port)) = req_rx.recv() {
-                if let Some(r) = h.handle(&pkt, src, port) {
-                    if rep_tx.blocking_send((r, port)).is_err() {
-                        break;
+/// The DHCP thread: until `stop`, bursts of requests in, replies out.
+fn run(h: &Handler, dhcp: &UdpSocket, pxe: &UdpSocket, stop: &AtomicBool) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut bufs: Vec<Vec<u8>> = (0..BURST)
+        .map(|_| vec![0u8; handler::MAX_LEN + 1])
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [
+            PollFd::new(dhcp.as_fd(), PollFlags::POLLIN),
+            PollFd::new(pxe.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::from(100u16)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                warn!(error = %e, "poll failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        }
+        // Every request waiting on either socket, up to BURST.
+        let mut got: Vec<(usize, SocketAddrV4, Port)> = Vec::new();
+        let mut open = [(dhcp, Port::Dhcp, true), (pxe, Port::Pxe, true)];
+        while got.len() < BURST && open.iter().any(|o| o.2) {
+            for (sock, port, more) in open.iter_mut().filter(|o| o.2) {
+                if got.len() == BURST {
+                    break;
+                }
+                match sock.recv_from(&mut bufs[got.len()]) {
+                    Ok((n, SocketAddr::V4(src))) => got.push((n, src, *port)),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *more = false,
+                    Err(e) => {
+                        warn!(?port, error = %e, "receive failed");
+                        *more = false;
                     }
                 }
             }
-        })
-        .context("starting the DHCP worker thread")?;
+        }
+        let pkts: Vec<(&[u8], SocketAddrV4, Port)> = got
+            .iter()
+            .zip(&bufs)
+            .map(|(&(n, src, port), b)| (&b[..n], src, port))
+            .collect();
+        h.handle_many(&pkts, |reply, port| {
+            let sock = if port == Port::Dhcp { dhcp } else { pxe };
+            send(sock, &reply);
+        });
+    }
+}
 
-    tokio::pin!(shutdown);
-    let mut b1 = vec![0u8; handler::MAX_LEN + 1];
-    let mut b2 = vec![0u8; handler::MAX_LEN + 1];
-    let mut dropped: u64 = 0;
-    loop {
-        let (r, port) = tokio::select! {
-            _ = &mut shutdown => break,
-            Some((reply, port)) = rep_rx.recv() => {
-                let sock = if port == Port::Dhcp { &dhcp } else { &pxe };
-                debug!(dest = %reply.dest, len = reply.bytes.len(), "sending reply");
-                if let Err(e) = sock.send_to(&reply.bytes, reply.dest).await {
-                    warn!(dest = %reply.dest, error = %e, "sending reply failed");
-                }
-                continue;
+/// Sends a reply; a full send buffer is waited out briefly, then the reply is dropped (the
+/// client retransmits).
+fn send(sock: &UdpSocket, reply: &Reply) {
+    debug!(dest = %reply.dest, len = reply.bytes.len(), "sending reply");
+    for _ in 0..100 {
+        match sock.send_to(&reply.bytes, reply.dest) {
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_micros(200))
             }
-            r = dhcp.recv_from(&mut b1) => (r.map(|(n, s)| (b1[..n].to_vec(), s)), Port::Dhcp),
-            r = pxe.recv_from(&mut b2) => (r.map(|(n, s)| (b2[..n].to_vec(), s)), Port::Pxe),
-        };
-        let (pkt, src) = match r {
-            Ok(v) => v,
             Err(e) => {
-                warn!(?port, error = %e, "receive failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let SocketAddr::V4(src) = src else { continue };
-        match req_tx.try_send((pkt, src, port)) {
-            Ok(()) => {}
-            Err(std::sync::mpsc::TrySendError::Full(_)) => {
-                dropped += 1;
-                if dropped.is_power_of_two() {
-                    warn!(dropped, "request queue full: dropping requests");
-                }
-            }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                bail!("the DHCP worker thread stopped")
+                warn!(dest = %reply.dest, error = %e, "sending reply failed");
+                return;
             }
         }
     }
-    drop(req_tx);
-    drop(rep_rx);
-    tokio::task::spawn_blocking(move || worker.join())
-        .await
-        .context("waiting for the DHCP worker")?
-        .map_err(|_| anyhow::anyhow!("the DHCP worker thread panicked"))?;
-    info!(dropped, "DHCP service stopped");
-    Ok(())
+    warn!(dest = %reply.dest, "send buffer full: reply dropped");
 }

@@ -19,11 +19,11 @@ pub use catalog::{ImageCatalog, ListCatalog, NoCatalog, StoreCatalog};
 pub use model::*;
 
 use anyhow::{bail, Context, Result};
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// File name of the database inside the state directory.
 pub const DB_FILE: &str = "inventory.db";
@@ -41,6 +41,8 @@ pub struct Inventory {
     conn: Mutex<Connection>,
     path: PathBuf,
     actor: String,
+    /// Held while a background checkpointer runs; it stops when this handle is dropped.
+    checkpointer: Mutex<Option<Arc<()>>>,
 }
 
 impl std::fmt::Debug for Inventory {
@@ -95,6 +97,7 @@ impl Inventory {
             .with_context(|| format!("migrating inventory {}", path.display()))?;
         Ok(Inventory {
             conn: Mutex::new(conn),
+            checkpointer: Mutex::new(None),
             path: path.to_path_buf(),
             actor: default_actor(),
         })
@@ -115,9 +118,15 @@ impl Inventory {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` in one transaction.
-    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>, &str) -> Result<T>) -> Result<T> {
+    /// Runs `f` in one transaction (a savepoint inside a [`batch`](Self::batch)).
+    fn write<T>(&self, f: impl FnOnce(&Connection, &str) -> Result<T>) -> Result<T> {
         let mut c = self.conn();
+        if !c.is_autocommit() {
+            let sp = c.savepoint().context("starting a savepoint")?;
+            let v = f(&sp, &self.actor)?;
+            sp.commit().context("releasing a savepoint")?;
+            return Ok(v);
+        }
         // IMMEDIATE: take the write lock up front (waiting up to the busy timeout), so that a
         // CLI and the server writing at once never fail on a read-to-write upgrade.
         let tx = c
@@ -125,6 +134,63 @@ impl Inventory {
             .context("starting a transaction")?;
         let v = f(&tx, &self.actor)?;
         tx.commit().context("committing to the inventory")?;
+        Ok(v)
+    }
+
+    /// Moves WAL checkpoints (which fsync) off this handle's callers onto a thread of their
+    /// own with its own connection, once a second: a server answering DHCP never waits for
+    /// one. Idempotent; the thread ends when this handle is dropped.
+    pub fn checkpoint_in_background(&self) -> Result<()> {
+        let mut slot = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Ok(());
+        }
+        let conn = Connection::open(&self.path)
+            .with_context(|| format!("opening {} for checkpoints", self.path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(1))?;
+        let token = Arc::new(());
+        let alive = Arc::downgrade(&token);
+        std::thread::Builder::new()
+            .name("si-inventory-checkpoint".into())
+            .spawn(move || {
+                while alive.strong_count() > 0 {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                }
+            })
+            .context("starting the checkpoint thread")?;
+        self.conn()
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .context("turning off automatic checkpoints")?;
+        *slot = Some(token);
+        Ok(())
+    }
+
+    /// Runs `f` as one write transaction: every read and write it makes through this handle
+    /// shares one lock and one commit, so a burst of DHCP packets costs one commit, not one
+    /// per lease. Writes inside are savepoints; if one fails, the others still commit. Other
+    /// threads using this handle meanwhile join the transaction; other processes wait for it
+    /// (keep it short).
+    pub fn batch<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        struct Open<'a>(&'a Inventory, bool);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    let _ = self.0.conn().execute_batch("ROLLBACK");
+                }
+            }
+        }
+        self.conn()
+            .execute_batch("BEGIN IMMEDIATE")
+            .context("starting a batch")?;
+        let mut open = Open(self, true);
+        let v = f();
+        open.1 = false;
+        let c = self.conn();
+        if let Err(e) = c.execute_batch("COMMIT") {
+            let _ = c.execute_batch("ROLLBACK");
+            return Err(e).context("committing a batch to the inventory");
+        }
         Ok(v)
     }
 
@@ -622,13 +688,7 @@ fn default_actor() -> String {
     }
 }
 
-fn history(
-    tx: &Transaction<'_>,
-    actor: &str,
-    object: &str,
-    action: &str,
-    detail: &str,
-) -> Result<()> {
+fn history(tx: &Connection, actor: &str, object: &str, action: &str, detail: &str) -> Result<()> {
     tx.execute(
         "INSERT INTO history (at, actor, object, action, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![now(), actor, object, action, detail],
@@ -815,7 +875,7 @@ fn check_image(catalog: &dyn ImageCatalog, image: &Option<String>) -> Result<()>
     Ok(())
 }
 
-fn put_subnet(tx: &Transaction<'_>, actor: &str, s: &Subnet) -> Result<()> {
+fn put_subnet(tx: &Connection, actor: &str, s: &Subnet) -> Result<()> {
     s.validate()
         .with_context(|| format!("checking subnet {:?}", s.name))?;
     let dns: Vec<String> = s.dns.iter().map(|d| d.to_string()).collect();
@@ -851,12 +911,7 @@ fn put_subnet(tx: &Transaction<'_>, actor: &str, s: &Subnet) -> Result<()> {
     )
 }
 
-fn put_group(
-    tx: &Transaction<'_>,
-    actor: &str,
-    g: &Group,
-    catalog: &dyn ImageCatalog,
-) -> Result<()> {
+fn put_group(tx: &Connection, actor: &str, g: &Group, catalog: &dyn ImageCatalog) -> Result<()> {
     crate::ranges::check_name(&g.name)?;
     check_image(catalog, &g.image).with_context(|| format!("checking group {:?}", g.name))?;
     let old = group(tx, &g.name)?;
@@ -893,7 +948,7 @@ fn put_group(
 
 /// Writes `n` (validated) over `old` if given.
 fn put_node(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     actor: &str,
     n: &Node,
     old: Option<&Node>,

@@ -570,3 +570,106 @@ fn relay_agent_information_is_echoed() {
         "option 82 echoed"
     );
 }
+
+/// Handler cost alone (no sockets): `cargo test --release -p si-server --lib dora_cost --
+/// --ignored --nocapture`. 5000 clients, one DISCOVER and one REQUEST each, a big pool.
+#[test]
+#[ignore = "benchmark"]
+fn dora_cost() {
+    let d = tempfile::tempdir().unwrap();
+    let inv = Inventory::open(&d.path().join("inv.db")).unwrap();
+    inv.put_subnet(&Subnet {
+        name: "lab".into(),
+        network: "10.213.0.0".parse().unwrap(),
+        prefix: 16,
+        router: Some(SERVER),
+        dns: vec![SERVER],
+        domain: None,
+        pool_start: Some("10.213.100.0".parse().unwrap()),
+        pool_end: Some("10.213.139.255".parse().unwrap()),
+        lease_time: 3600,
+        permanent: false,
+    })
+    .unwrap();
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    let h = Handler::new(c, Arc::new(inv), SERVER);
+    let n = 5000u32;
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        let m = [0x52, 0x55, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        let offer = h
+            .handle(&packet(m, MessageType::Discover, &[]), src(), Port::Dhcp)
+            .expect("offer");
+        let req = packet(
+            m,
+            MessageType::Request,
+            &[
+                DhcpOption::RequestedIpAddress(offer.msg.yiaddr()),
+                DhcpOption::ServerIdentifier(SERVER),
+            ],
+        );
+        let ack = h.handle(&req, src(), Port::Dhcp).expect("ack");
+        assert_eq!(ack.msg.opts().msg_type(), Some(MessageType::Ack));
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    println!(
+        "one packet at a time: {us:.1} µs per DISCOVER+REQUEST ({:.0} DORA/s on one core)",
+        1e6 / us
+    );
+
+    // The same in bursts of 32, as the service takes them when requests queue up.
+    let t = std::time::Instant::now();
+    for b in 0..n / 32 {
+        let macs: Vec<[u8; 6]> = (0..32u32)
+            .map(|j| {
+                let i = b * 32 + j;
+                [0x52, 0x56, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]
+            })
+            .collect();
+        let discovers: Vec<Vec<u8>> = macs
+            .iter()
+            .map(|m| packet(*m, MessageType::Discover, &[]))
+            .collect();
+        let mut offers = Vec::new();
+        h.handle_many(
+            &discovers
+                .iter()
+                .map(|p| (p.as_slice(), src(), Port::Dhcp))
+                .collect::<Vec<_>>(),
+            |r, _| offers.push(r),
+        );
+        assert_eq!(offers.len(), 32);
+        let requests: Vec<Vec<u8>> = macs
+            .iter()
+            .zip(&offers)
+            .map(|(m, o)| {
+                packet(
+                    *m,
+                    MessageType::Request,
+                    &[
+                        DhcpOption::RequestedIpAddress(o.msg.yiaddr()),
+                        DhcpOption::ServerIdentifier(SERVER),
+                    ],
+                )
+            })
+            .collect();
+        let mut acks = 0;
+        h.handle_many(
+            &requests
+                .iter()
+                .map(|p| (p.as_slice(), src(), Port::Dhcp))
+                .collect::<Vec<_>>(),
+            |r, _| {
+                assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
+                acks += 1
+            },
+        );
+        assert_eq!(acks, 32);
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / (n / 32 * 32) as f64;
+    println!(
+        "bursts of 32: {us:.1} µs per DISCOVER+REQUEST ({:.0} DORA/s on one core)",
+        1e6 / us
+    );
+}

@@ -2,7 +2,9 @@
 # DHCP load benchmark: perfdhcp (from kea-admin) against si-dhcpd, dnsmasq and Kea, each alone
 # in a network namespace. Bounded: each run lasts PERIOD seconds at a fixed offered RATE.
 #
-#   sudo bench/dhcp.sh [RATES...]        (default rates: 200 1000; SERVERS="si kea" picks servers)
+#   sudo bench/dhcp.sh [RATES...]        (default rates: 200 1000)
+#   SERVERS="si kea" picks servers, REPEAT=3 runs every row 3 times and prints medians,
+#   PERIOD=10 seconds per row.
 #
 # Needs: root, kea-admin (perfdhcp), dnsmasq-base, kea-dhcp4-server, and
 # `cargo build --release -p si-server --bins`. Everything runs in two namespaces named
@@ -123,15 +125,32 @@ measure() {
         }' <<<"$out"
 }
 
-printf "%-8s %8s %12s %12s %12s %12s %12s %8s\n" server offered "DORA/s" "avg D-O ms" "avg R-A ms" "max D-O ms" "max R-A ms" "lost %"
-for server in ${SERVERS:-si dnsmasq kea}; do
-    for rate in "${RATES[@]}"; do
-        "start_$server"
-        wait_port
-        sleep 0.5
-        read -r got ado ara mdo mra drop < <(measure "$rate")
-        stop_server
-        printf "%-8s %8s %12s %12s %12s %12s %12s %8s\n" "$server" "$rate" "$got" "$ado" "$ara" "$mdo" "$mra" "$drop"
+REPEAT=${REPEAT:-1}
+: >"$WORK/rows"
+for ((rep = 1; rep <= REPEAT; rep++)); do
+    for server in ${SERVERS:-si dnsmasq kea}; do
+        for rate in "${RATES[@]}"; do
+            "start_$server"
+            wait_port
+            sleep 0.5
+            read -r got ado ara mdo mra drop < <(measure "$rate")
+            stop_server
+            echo "$server $rate $got $ado $ara $mdo $mra $drop" >>"$WORK/rows"
+            echo "rep $rep: $server $rate: $got DORA/s, $ado/$ara ms, lost $drop%" >&2
+        done
     done
 done
-echo "(perfdhcp -p $PERIOD s per row, $CLIENTS distinct clients, relayed; last raw output: $WORK/perfdhcp.out is removed on exit)"
+python3 - "$WORK/rows" <<'PY'
+import statistics, sys, collections
+rows = collections.OrderedDict()
+for l in open(sys.argv[1]):
+    f = l.split()
+    rows.setdefault((f[0], f[1]), []).append(f[2:])
+def med(v, i):
+    xs = [float(r[i]) for r in v if r[i] != "-"]
+    return f"{statistics.median(xs):.3f}" if xs else "-"
+print(f"{'server':<8} {'offered':>8} {'DORA/s':>10} {'avg D-O ms':>11} {'avg R-A ms':>11} {'max D-O ms':>11} {'max R-A ms':>11} {'lost %':>7}")
+for (server, rate), v in rows.items():
+    print(f"{server:<8} {rate:>8} {med(v,0):>10} {med(v,1):>11} {med(v,2):>11} {med(v,3):>11} {med(v,4):>11} {med(v,5):>7}")
+PY
+echo "(medians of $REPEAT; perfdhcp -p $PERIOD s per row, $CLIENTS distinct clients, relayed)"

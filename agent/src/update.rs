@@ -969,6 +969,15 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         return Ok(sum);
     }
     if p.fresh {
+        // The data the image holds (holes excluded) must fit beside what is there.
+        let need: u64 = m.digests().map(|c| u64::from(c.len)).sum();
+        let free = free_bytes(&o.root)?;
+        if need > free {
+            bail!(
+                "not enough space in {}: the image holds {need} bytes, {free} are free",
+                o.root.display()
+            );
+        }
         let written = deploy_fresh(&mut client, &m, &o.root, o.threads)?;
         sum.created = m.entries.len() as u64 - 1;
         sum.fetched_bytes = written;

@@ -390,3 +390,68 @@ fn push_over_ssh() {
     }
     assert!(!d.join("10.213.10.13").exists());
 }
+
+/// A node whose disk fills up: a fresh deploy fails with the system's reason, and an update
+/// that cannot fit is refused before anything on the node changes.
+#[test]
+fn full_disk_is_a_clear_error_and_loses_nothing() {
+    require_root!();
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = t.path().join("golden");
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    rand_file(&src.join("data/a"), 12, 1);
+    let store = t.path().join("store");
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    let ns = Netns::new().unwrap();
+    let _server = start_server(&ns, &store);
+    let disk = t.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=20m", "tmpfs"])
+        .arg(&disk))
+    .unwrap();
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _u = Unmount(&disk);
+
+    // Version 1 (12 MiB) fits.
+    let root = disk.join("root");
+    let out = update(&ns, "127.0.0.1", &root, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Version 2 adds 16 MiB: the update is refused up front, the node keeps version 1.
+    rand_file(&src.join("data/b"), 16, 2);
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    let out = update(&ns, "127.0.0.1", &root, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not enough space"), "{err}");
+    assert!(!root.join("data/b").exists());
+    assert_eq!(
+        std::fs::read(root.join("data/a")).unwrap(),
+        std::fs::read(src.join("data/a")).unwrap()
+    );
+    let installed =
+        std::fs::read_to_string(root.with_extension("state").join("installed.toml")).unwrap();
+    assert!(installed.contains("version = 1"), "{installed}");
+
+    // A fresh deploy of version 2 into the same small disk: refused before writing.
+    let fresh = disk.join("fresh");
+    let out = update(&ns, "127.0.0.1", &fresh, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("No space left on device") || err.contains("not enough space"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    eprintln!("fresh deploy on a full disk: {err}");
+}

@@ -11,7 +11,9 @@
 //!   windowsize 4) → iPXE → the same scripts, `initrd=` on the kernel line for the EFI stub;
 //! - BIOS: iPXE ROM → TFTP `pxelinux.0` → `pxelinux.cfg/01-<mac>` → kernel + initrd over TFTP;
 //! - UEFI: OVMF's own PXE → TFTP `grubx64.efi` (grub-mkimage) → `grub/grub.cfg-01-<mac>` →
-//!   kernel + initrd over TFTP (blksize 1024).
+//!   kernel + initrd over TFTP (blksize 1024);
+//! - UEFI HTTP boot, no TFTP (si-server alone): OVMF (PXE entries hidden) → DHCP `HTTPClient` →
+//!   HTTP `boot/ipxe.efi` → iPXE → HTTP `boot/<mac>.ipxe` → HTTP kernel + initrd.
 //!
 //! DHCP comes from dnsmasq in DHCP-only mode (`--port=0`) for now: see [`start_dhcp`].
 //!
@@ -74,6 +76,8 @@ enum Firmware {
     BiosPxelinux,
     /// OVMF's own PXE chaining a GRUB network image (built with grub-mkimage).
     UefiGrub,
+    /// OVMF's UEFI HTTP boot (its PXE entries hidden): ipxe.efi by HTTP, no TFTP at all.
+    UefiHttp,
 }
 
 /// Who serves the boot files.
@@ -374,7 +378,12 @@ impl Lab {
                     &format!("e1000,netdev=n0,mac={MAC}"),
                 ]);
             }
-            Firmware::UefiOvmf | Firmware::UefiGrub => {
+            Firmware::UefiOvmf | Firmware::UefiGrub | Firmware::UefiHttp => {
+                if fw == Firmware::UefiHttp {
+                    // The boot manager lists PXEv4, PXEv6, HTTPv4, HTTPv6 in that order;
+                    // without PXE entries it tries HTTP boot over IPv4 first.
+                    c.args(["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no"]);
+                }
                 let vars = self.dir.path().join("OVMF_VARS.fd");
                 copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)?;
                 c.args(["-machine", "q35"])
@@ -580,7 +589,46 @@ fn si_server_full_stack_uefi_boot_then_local() {
     full_stack(Firmware::UefiOvmf, 61);
 }
 
-fn full_stack(fw: Firmware, subnet: u8) {
+/// UEFI HTTP boot, no PXE and no TFTP: OVMF (PXE entries hidden) sends DHCP with vendor class
+/// `HTTPClient`, si-server answers with the URL of ipxe.efi, the firmware downloads it over HTTP
+/// and starts it; iPXE asks DHCP again (user class iPXE) and gets the node's script URL, then
+/// kernel and initrd over HTTP. si-server runs without a TFTP server.
+#[test]
+fn si_server_full_stack_uefi_http_boot() {
+    require_root!();
+    let (log, console) = full_stack(Firmware::UefiHttp, 62);
+    // The firmware's boot manager started its HTTP boot entry, got the URL from si's DHCP
+    // answer and started what it downloaded (iPXE); no PXE attempt.
+    for want in [
+        "Start HTTP Boot over IPv4",
+        "URI: http://10.213.62.1:8080/boot/ipxe.efi",
+        "\"UEFI HTTPv4 (MAC:525400D10001)\"",
+        "iPXE initialising devices",
+        "Filename: http://10.213.62.1:8080/boot/52-54-00-d1-00-01.ipxe",
+        "si: booting vm1",
+    ] {
+        assert!(console.contains(want), "no {want:?} in:\n{console}");
+    }
+    assert!(!console.contains("Start PXE"), "{console}");
+    // si-server saw an HTTP boot client (vendor class HTTPClient), then iPXE; files by HTTP only.
+    assert!(log.contains("firmware=UefiHttp ipxe=false"), "{log}");
+    for path in [
+        "/boot/ipxe.efi",
+        "/boot/52-54-00-d1-00-01.ipxe",
+        "/vmlinuz",
+        "/initrd.img",
+    ] {
+        assert!(
+            log.contains(&format!("method=GET path=\"{path}\" status=200")),
+            "no GET {path} in:\n{log}"
+        );
+    }
+    assert!(!log.contains("TFTP"), "{log}");
+}
+
+/// Boots a node of the inventory through si-server alone; returns si-server's log and the
+/// serial console.
+fn full_stack(fw: Firmware, subnet: u8) -> (String, String) {
     let _vm = vm_lock();
     let (vmlinuz, release) = find_kernel().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -599,6 +647,13 @@ fn full_stack(fw: Firmware, subnet: u8) {
     std::fs::write(root.join("initrd.img"), image.build().unwrap()).unwrap();
     copy("/usr/lib/ipxe/undionly.kpxe", &root.join("undionly.kpxe")).unwrap();
     copy("/usr/lib/ipxe/ipxe.efi", &root.join("ipxe.efi")).unwrap();
+    // UEFI HTTP boot needs no TFTP server: si-server runs without one, and the firmware gets
+    // ipxe.efi at the default URL `{http}/boot/ipxe.efi`.
+    let tftp = fw != Firmware::UefiHttp;
+    if !tftp {
+        std::fs::create_dir_all(root.join("boot")).unwrap();
+        copy("/usr/lib/ipxe/ipxe.efi", &root.join("boot/ipxe.efi")).unwrap();
+    }
     let marker = format!("si-full-stack-{}", std::process::id());
     std::fs::write(root.join("marker"), format!("{marker}\n")).unwrap();
 
@@ -636,6 +691,11 @@ fn full_stack(fw: Firmware, subnet: u8) {
             &format!("10.213.{subnet}.100-10.213.{subnet}.150"),
         ],
     );
+    let firmware = if fw == Firmware::UefiHttp {
+        "uefi"
+    } else {
+        "auto"
+    };
     si(
         "si-group",
         &[
@@ -643,6 +703,8 @@ fn full_stack(fw: Firmware, subnet: u8) {
             "compute",
             "--image",
             "compute",
+            "--firmware",
+            firmware,
             "--kernel-args",
             &format!("console=ttyS0 quiet panic=-1 si.http={http}"),
         ],
@@ -665,9 +727,8 @@ fn full_stack(fw: Firmware, subnet: u8) {
 
     let log = dir.path().join("server.log");
     let store = dir.path().join("store");
-    let mut child = ns
-        .cmd(bin("si-server"))
-        .arg("--state-dir")
+    let mut cmd = ns.cmd(bin("si-server"));
+    cmd.arg("--state-dir")
         .arg(&state)
         .arg("--store")
         .arg(&store)
@@ -678,10 +739,13 @@ fn full_stack(fw: Firmware, subnet: u8) {
             "br0",
             "--server-ip",
             &server,
-        ])
-        .arg("--tftp-root")
-        .arg(&root)
-        .args(["--tftp-listen", &format!("{server}:69")])
+        ]);
+    if tftp {
+        cmd.arg("--tftp-root")
+            .arg(&root)
+            .args(["--tftp-listen", &format!("{server}:69")]);
+    }
+    let mut child = cmd
         .arg("--http-root")
         .arg(&root)
         .args([
@@ -697,19 +761,19 @@ fn full_stack(fw: Firmware, subnet: u8) {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_for_log(
-        &log,
-        &["TFTP server listening", "HTTP server listening"],
-        &mut child,
-    )
-    .unwrap();
+    let ready: &[&str] = if tftp {
+        &["TFTP server listening", "HTTP server listening"]
+    } else {
+        &["HTTP server listening"]
+    };
+    wait_for_log(&log, ready, &mut child).unwrap();
     let lab = Lab {
         _procs: vec![Guard(child)],
         ns,
         dir,
         marker,
     };
-    let (took, _) = match lab.boot(fw) {
+    let (took, console) = match lab.boot(fw) {
         Ok(x) => x,
         Err(e) => panic!("{e:#}\n--- si-server:\n{}", lab.log("server.log")),
     };
@@ -749,4 +813,5 @@ fn full_stack(fw: Firmware, subnet: u8) {
         "{after}"
     );
     assert!(!after.contains("vmlinuz"), "{after}");
+    (lab.log("server.log"), console)
 }

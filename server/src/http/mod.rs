@@ -170,6 +170,10 @@ fn status(code: StatusCode, msg: &str) -> Response<FileBody> {
 fn content_type(path: &str) -> &'static str {
     if path.ends_with(".ipxe") || path.ends_with(".cfg") || path.contains("pxelinux.cfg/") {
         "text/plain; charset=utf-8"
+    } else if path.ends_with(".efi") {
+        // UEFI HTTP boot: firmware (edk2's HttpBootDxe) takes the image type from this header
+        // first and only falls back to the URL's extension.
+        "application/efi"
     } else {
         "application/octet-stream"
     }
@@ -409,6 +413,16 @@ mod tests {
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(content_type("boot/ipxe.efi"), "application/efi");
+        assert_eq!(
+            content_type("boot/52-54-00-00-00-01.ipxe"),
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(content_type("vmlinuz"), "application/octet-stream");
     }
 
     #[test]

@@ -645,7 +645,7 @@ fn proxy_dhcp_beside_dnsmasq() {
     assert_eq!(fname(proxy), "undionly.kpxe");
     assert_eq!(
         proxy.opts().get(OptionCode::BootfileName),
-        Some(&DhcpOption::BootfileName(b"undionly.kpxe".to_vec()))
+        Some(&DhcpOption::BootfileName(b"undionly.kpxe\0".to_vec()))
     );
     assert_eq!(
         proxy.opts().get(OptionCode::ClassIdentifier),

@@ -234,6 +234,7 @@ impl Handler {
                     warn!(%mac, error = %e, "cannot encode reply");
                     return None;
                 }
+                let bytes = fixed_option_order(&bytes).unwrap_or(bytes);
                 if bytes.len() > MAX_LEN {
                     warn!(%mac, len = bytes.len(), "reply too large, dropped");
                     return None;
@@ -663,8 +664,15 @@ impl Handler {
         if file.len() < 128 {
             r.set_fname_str(&file);
         }
-        r.opts_mut()
-            .insert(DhcpOption::BootfileName(file.into_bytes()));
+        // NUL-terminated, as dnsmasq sends it: edk2's PXE and HTTP boot clients (OVMF) append a
+        // NUL after option 67 in their copy of an offer when there is none, overwriting the
+        // code of the option that follows. Depending on which option that is, the copy they
+        // select loses its message type and mask, the selection fails, and the same copy is
+        // selected again after every retry: `PXE-E16: No valid offer received` or `Server
+        // response timeout` (seen with options in random order, reproduced with a forced one).
+        let mut file = file.into_bytes();
+        file.push(0);
+        r.opts_mut().insert(DhcpOption::BootfileName(file));
         true
     }
 
@@ -757,6 +765,41 @@ fn sanitize(buf: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
     }
     out.push(255);
     Some((out, relay_info))
+}
+
+/// The encoded message `bytes` with its options in a fixed order: message type (53) first,
+/// then by code, relay agent information (82) last as RFC 3046 2.1 requires (dhcproto does not
+/// put it there). dhcproto writes options in the order of a hash map, which changes from
+/// packet to packet: a client that cares about the order (see the option 67 note in
+/// `add_boot`) then fails now and then instead of every time.
+/// `None` if the options cannot be walked (never for a message dhcproto encoded).
+fn fixed_option_order(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut opts: Vec<&[u8]> = Vec::new();
+    let mut i = MIN_LEN;
+    loop {
+        match *bytes.get(i)? {
+            255 => break,
+            0 => i += 1,
+            _ => {
+                let len = usize::from(*bytes.get(i + 1)?);
+                opts.push(bytes.get(i..i + 2 + len)?);
+                i += 2 + len;
+            }
+        }
+    }
+    // Stable: the parts of an option split in several (RFC 3396) keep their order.
+    opts.sort_by_key(|o| match o[0] {
+        53 => (0, 53),
+        82 => (2, 82),
+        c => (1, c),
+    });
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(bytes.get(..MIN_LEN)?);
+    for o in opts {
+        out.extend_from_slice(o);
+    }
+    out.extend_from_slice(&bytes[i..]);
+    Some(out)
 }
 
 fn requested_ip(msg: &Message) -> Option<Ipv4Addr> {

@@ -224,7 +224,11 @@ fn pxe_firmwares() {
             )
             .unwrap();
         let f = match opt(&r.msg, OptionCode::BootfileName) {
-            Some(DhcpOption::BootfileName(f)) => String::from_utf8(f.clone()).unwrap(),
+            Some(DhcpOption::BootfileName(f)) => {
+                // NUL-terminated (see `add_boot`).
+                let f = f.strip_suffix(b"\0").expect("option 67 ends with NUL");
+                String::from_utf8(f.to_vec()).unwrap()
+            }
             o => panic!("{o:?}"),
         };
         (f, r.msg)
@@ -270,9 +274,47 @@ fn pxe_firmwares() {
     assert_eq!(
         opt(&r.msg, OptionCode::BootfileName),
         Some(&DhcpOption::BootfileName(
-            b"http://10.213.0.1/boot/ipxe.efi".to_vec()
+            b"http://10.213.0.1/boot/ipxe.efi\0".to_vec()
         ))
     );
+}
+
+/// The options of a reply as sent: (code, data), in wire order.
+fn wire_options(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut i = MIN_LEN;
+    while bytes[i] != 255 {
+        let len = usize::from(bytes[i + 1]);
+        out.push((bytes[i], bytes[i + 2..i + 2 + len].to_vec()));
+        i += 2 + len;
+    }
+    out
+}
+
+#[test]
+fn wire_order_is_fixed_and_bootfile_nul_terminated() {
+    let (_d, h) = setup(cfg());
+    let o = [
+        DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003000".to_vec()),
+        DhcpOption::ClientSystemArchitecture(16.into()),
+        DhcpOption::ClientMachineIdentifier(vec![0; 17]),
+    ];
+    let req = packet(mac(1), MessageType::Discover, &o);
+    let first = h.handle(&req, src(), Port::Dhcp).unwrap().bytes;
+    let opts = wire_options(&first);
+    // Message type first, then by code: the same bytes for the same answer, every time
+    // (dhcproto alone writes them in hash map order).
+    assert_eq!(opts[0], (53, vec![2]));
+    let codes: Vec<u8> = opts[1..].iter().map(|o| o.0).collect();
+    let mut sorted = codes.clone();
+    sorted.sort();
+    assert_eq!(codes, sorted);
+    for _ in 0..20 {
+        assert_eq!(h.handle(&req, src(), Port::Dhcp).unwrap().bytes, first);
+    }
+    // edk2 writes a NUL after option 67 when its last byte is not one, over the next option.
+    let file = &opts.iter().find(|o| o.0 == 67).unwrap().1;
+    assert_eq!(file.as_slice(), b"http://10.213.0.1/boot/ipxe.efi\0");
 }
 
 #[test]
@@ -487,7 +529,7 @@ fn unknown_ipxe_gets_discovery_script() {
     assert_eq!(
         opt(&r.msg, OptionCode::BootfileName),
         Some(&DhcpOption::BootfileName(
-            b"http://10.213.0.1:8080/boot/discovery.ipxe".to_vec()
+            b"http://10.213.0.1:8080/boot/discovery.ipxe\0".to_vec()
         ))
     );
     // iPXE gets no PXE menu control (option 43).
@@ -569,6 +611,8 @@ fn relay_agent_information_is_echoed() {
             .any(|w| w == [82, 6, 1, 4, b'p', b'o', b'r', b't']),
         "option 82 echoed"
     );
+    // RFC 3046 2.1: the relay agent information is the last option.
+    assert_eq!(wire_options(&r.bytes).last().unwrap().0, 82);
 }
 
 /// Handler cost alone (no sockets): `cargo test --release -p si-server --lib dora_cost --

@@ -138,8 +138,6 @@ impl Client {
         Ok(data)
     }
 
-    /// Like [`Client::manifest`], but when the node has `base` (image, version, manifest)
-    /// only the difference moves; the rebuilt manifest is checked against the target's digest.
     /// Asks for a version's manifest as the difference from `base` (the image and version
     /// the node has). The answer is a delta when the server still has that base, else the
     /// whole manifest.

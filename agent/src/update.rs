@@ -332,6 +332,11 @@ impl DigestSet {
         out
     }
 
+    /// The set of `m`'s digests, in memory (made for no manifest file in particular).
+    fn of(m: &Manifest) -> DigestSet {
+        DigestSet(DigestSet::encode(m, &Digest([0; 32])))
+    }
+
     fn load(dir: &Path, manifest: &str) -> Option<DigestSet> {
         let data = std::fs::read(dir.join("installed.digests")).ok()?;
         let want = Digest::from_hex(manifest).ok()?;
@@ -339,36 +344,30 @@ impl DigestSet {
             && (data.len() - DIGESTS_HEAD).is_multiple_of(32)
             && &data[..4] == DIGESTS_MAGIC
             && data[4..8] == 1u32.to_le_bytes()
-            && data[8..40] == want.0
-            && data[DIGESTS_HEAD..]
-                .chunks_exact(32)
-                .zip(data[DIGESTS_HEAD + 32..].chunks_exact(32))
-                .all(|(a, b)| a < b);
-        ok.then_some(DigestSet(data))
+            && data[8..40] == want.0;
+        let set = DigestSet(data);
+        (ok && set.digests().is_sorted_by(|a, b| a < b)).then_some(set)
+    }
+
+    fn digests(&self) -> &[[u8; 32]] {
+        self.0[DIGESTS_HEAD..].as_chunks::<32>().0
     }
 
     fn contains(&self, d: &Digest) -> bool {
-        let body = &self.0[DIGESTS_HEAD..];
-        let (mut lo, mut hi) = (0, body.len() / 32);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            match body[mid * 32..mid * 32 + 32].cmp(&d.0[..]) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return true,
-            }
-        }
-        false
+        self.digests().binary_search(&d.0).is_ok()
     }
 }
 
-pub fn read_installed(dir: &Path) -> Option<(Installed, Option<Manifest>)> {
+/// The node's record of its installed version (`installed.toml`).
+pub fn read_installed(dir: &Path) -> Option<Installed> {
     let text = std::fs::read_to_string(dir.join("installed.toml")).ok()?;
-    let inst: Installed = toml::from_str(&text).ok()?;
-    let m = std::fs::read(dir.join("installed.manifest"))
-        .ok()
-        .and_then(|d| Manifest::decode(&d).ok());
-    Some((inst, m))
+    toml::from_str(&text).ok()
+}
+
+/// The installed version's manifest (`installed.manifest`), decoded.
+fn read_installed_manifest(dir: &Path) -> Option<Manifest> {
+    let data = std::fs::read(dir.join("installed.manifest")).ok()?;
+    Manifest::decode(&data).ok()
 }
 
 /// The update's scope: the options' excludes, plus the state directory, which an update
@@ -818,9 +817,17 @@ impl ObjectSource for NoObjects {
     }
 }
 
-fn free_bytes(p: &Path) -> Result<u64> {
+/// Fails unless `need` bytes fit on the filesystem of `p`.
+fn ensure_space(p: &Path, need: u64) -> Result<()> {
     let s = rustix::fs::statvfs(p).with_context(|| format!("statvfs {}", p.display()))?;
-    Ok(s.f_bavail * s.f_frsize)
+    let free = s.f_bavail * s.f_frsize;
+    if need > free {
+        bail!(
+            "not enough space in {}: the update needs {need} bytes, {free} are free",
+            p.display()
+        );
+    }
+    Ok(())
 }
 
 /// Moves the tree at `o.root` to the requested version. With `dry_run`, only plans.
@@ -834,20 +841,15 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         std::thread::spawn(move || scan_node(&o))
     };
     // The installed manifest is decoded while the server answers.
-    let inst = std::fs::read_to_string(state_dir(o).join("installed.toml"))
-        .ok()
-        .and_then(|t| toml::from_str::<Installed>(&t).ok());
+    let sdir = state_dir(o);
+    let inst = read_installed(&sdir);
     let inst_decoder = {
-        let dir = state_dir(o);
-        std::thread::spawn(move || {
-            std::fs::read(dir.join("installed.manifest"))
-                .ok()
-                .and_then(|d| Manifest::decode(&d).ok())
-        })
+        let dir = sdir.clone();
+        std::thread::spawn(move || read_installed_manifest(&dir))
     };
     let mut client = Client::connect(&o.server, Duration::from_secs(10))?;
     timing("connected");
-    let has_manifest = state_dir(o).join("installed.manifest").exists();
+    let has_manifest = sdir.join("installed.manifest").exists();
     let base = inst
         .as_ref()
         .filter(|_| has_manifest)
@@ -856,7 +858,6 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
     timing("manifest");
     let info = answer.info().clone();
     let t0 = std::time::Instant::now();
-    let sdir = state_dir(o);
     let staging = Staging {
         dir: sdir.join("staging"),
     };
@@ -871,20 +872,17 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
     // Decoded here only when the digest list is missing; otherwise while the prefetch runs.
     let mut decoder = Some(inst_decoder);
     let mut early_m: Option<Manifest> = None;
-    if let (Some(_), false) = (&inst, o.dry_run) {
-        let old: Box<dyn Fn(&Digest) -> bool> = match known {
-            Some(k) => Box::new(move |d| k.contains(d)),
-            None => {
-                early_m = decoder.take().and_then(|h| h.join().ok().flatten());
-                let set: HashSet<Digest> = early_m
-                    .iter()
-                    .flat_map(|m| m.digests().map(|c| c.digest))
-                    .collect();
-                let have = early_m.is_some();
-                // Without the installed manifest nothing is fetched ahead: the walk decides.
-                Box::new(move |d| !have || set.contains(d))
-            }
-        };
+    // What the node has: the digest list, else the decoded installed manifest's digests.
+    // Without either nothing is fetched ahead: the walk decides.
+    let old = match (&inst, o.dry_run, known) {
+        (None, _, _) | (_, true, _) => None,
+        (_, _, Some(k)) => Some(k),
+        (_, _, None) => {
+            early_m = decoder.take().and_then(|h| h.join().ok().flatten());
+            early_m.as_ref().map(DigestSet::of)
+        }
+    };
+    if let Some(old) = old {
         let mut seen = HashSet::new();
         let new_chunks: Box<dyn Iterator<Item = &si_proto::Chunk>> = match &answer {
             ManifestAnswer::Full { m, .. } => Box::new(m.digests()),
@@ -896,18 +894,14 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             }
         };
         prefetch = new_chunks
-            .filter(|c| !old(&c.digest) && seen.insert(c.digest))
+            .filter(|c| !old.contains(&c.digest) && seen.insert(c.digest))
             .map(|c| (c.digest, c.len))
             .collect();
     }
     if !prefetch.is_empty() {
         std::fs::create_dir_all(&staging.dir)
             .with_context(|| format!("creating {}", staging.dir.display()))?;
-        let need: u64 = prefetch.iter().map(|x| x.1 as u64).sum();
-        let free = free_bytes(&staging.dir)?;
-        if need > free {
-            bail!("not enough space: the update needs {need} bytes, {free} are free");
-        }
+        ensure_space(&staging.dir, prefetch.iter().map(|x| u64::from(x.1)).sum())?;
         prefetch.retain(|(d, l)| !staging.has(d, *l));
     }
     let prefetched = AtomicU64::new(0);
@@ -970,14 +964,7 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
     }
     if p.fresh {
         // The data the image holds (holes excluded) must fit beside what is there.
-        let need: u64 = m.digests().map(|c| u64::from(c.len)).sum();
-        let free = free_bytes(&o.root)?;
-        if need > free {
-            bail!(
-                "not enough space in {}: the image holds {need} bytes, {free} are free",
-                o.root.display()
-            );
-        }
+        ensure_space(&o.root, m.digests().map(|c| u64::from(c.len)).sum())?;
         let written = deploy_fresh(&mut client, &m, &o.root, o.threads)?;
         sum.created = m.entries.len() as u64 - 1;
         sum.fetched_bytes = written;
@@ -998,11 +985,7 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
             .chain(&p.replace)
             .map(|&i| m.entries[i].file_size())
             .sum();
-        let need = p.fetch_bytes + new_bytes;
-        let free = free_bytes(&sdir)?;
-        if need > free {
-            bail!("not enough space: the update needs {need} bytes, {free} are free");
-        }
+        ensure_space(&sdir, p.fetch_bytes + new_bytes)?;
         // Local copies first (from files not yet touched); a copy that no longer matches
         // (local drift) is fetched instead.
         let mut todo: Vec<(Digest, u32)> = p
@@ -1302,7 +1285,7 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
     let image = match a.image {
         Some(i) => i,
         None => read_installed(&sdir)
-            .map(|(i, _)| i.image)
+            .map(|i| i.image)
             .ok_or_else(|| anyhow!("no image installed here: pass --image"))?,
     };
     let mut ex = if a.no_default_excludes {

@@ -213,8 +213,7 @@ fn installed_digest_list_is_only_a_hint() {
     assert!(list.exists(), "a deploy records the digest list");
 
     let installed_digest = || -> si_proto::Digest {
-        let text = std::fs::read_to_string(state.join("installed.toml")).unwrap();
-        let i: update::Installed = toml::from_str(&text).unwrap();
+        let i = update::read_installed(&state).unwrap();
         si_proto::Digest::from_hex(&i.manifest).unwrap()
     };
     let list_of = |manifest: si_proto::Digest, m: &si_proto::Manifest| -> Vec<u8> {

@@ -7,10 +7,12 @@
 //! the least recently used entry goes first.
 
 use crate::store::Store;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use si_proto::manifest::{Delta, Manifest};
 use si_proto::Digest;
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// At most this many decoded manifests (a 45k-entry manifest is ~20 MB decoded).
@@ -73,31 +75,72 @@ impl<K: std::hash::Hash + Eq + Clone, T: Clone> Lru<K, T> {
     }
 }
 
+/// At most this many manifest files' digests are remembered.
+const DIGESTS: usize = 1024;
+
 pub struct ManifestCache {
     manifests: Mutex<Lru<Digest, Arc<Manifest>>>,
     deltas: Mutex<Lru<DeltaKey, Arc<Vec<u8>>>>,
+    /// Manifest file → its digest, while the file is the same inode, size and mtime (store
+    /// files are renamed into place, never rewritten): a request hashes no manifest twice.
+    digests: Mutex<HashMap<PathBuf, (FileKey, Stored)>>,
 }
+
+type FileKey = (u64, u64, u64, i64, i64);
 
 impl Default for ManifestCache {
     fn default() -> Self {
         ManifestCache {
             manifests: Mutex::new(Lru::new()),
             deltas: Mutex::new(Lru::new()),
+            digests: Mutex::new(HashMap::new()),
         }
     }
 }
 
-/// A version's manifest as stored, with its digest.
+/// A version's manifest file: where it is, its length and digest.
+#[derive(Clone)]
 pub struct Stored {
-    pub bytes: Vec<u8>,
+    pub path: PathBuf,
+    pub len: u64,
     pub digest: Digest,
 }
 
+impl Stored {
+    /// The file's bytes, checked against the digest it was known by.
+    pub fn bytes(&self) -> Result<Vec<u8>> {
+        let data = std::fs::read(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        if Digest::of(&data) != self.digest {
+            bail!("{} changed while being served", self.path.display());
+        }
+        Ok(data)
+    }
+}
+
 impl ManifestCache {
-    pub fn stored(store: &Store, image: &str, v: u32) -> Result<Stored> {
-        let bytes = store.manifest_bytes(image, v)?;
-        let digest = Digest::of(&bytes);
-        Ok(Stored { bytes, digest })
+    /// The manifest file of `image@v` and its digest (hashed once per file).
+    pub fn stored(&self, store: &Store, image: &str, v: u32) -> Result<Stored> {
+        let path = store.manifest_path(image, v);
+        let md = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let key = (md.dev(), md.ino(), md.len(), md.mtime(), md.mtime_nsec());
+        if let Some((k, s)) = self.digests.lock().expect("cache lock").get(&path) {
+            if *k == key {
+                return Ok(s.clone());
+            }
+        }
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let s = Stored {
+            path: path.clone(),
+            len: data.len() as u64,
+            digest: Digest::of(&data),
+        };
+        let mut memo = self.digests.lock().expect("cache lock");
+        if memo.len() >= DIGESTS {
+            memo.clear();
+        }
+        memo.insert(path, (key, s.clone()));
+        Ok(s)
     }
 
     /// The decoded manifest of `s`.
@@ -105,7 +148,8 @@ impl ManifestCache {
         let slot = self.manifests.lock().expect("cache lock").slot(&s.digest);
         let got = slot
             .get_or_init(|| {
-                Manifest::decode(&s.bytes)
+                let data = s.bytes().map_err(|e| format!("{e:#}"))?;
+                Manifest::decode(&data)
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })
@@ -138,7 +182,7 @@ impl ManifestCache {
     }
 
     /// Computes ahead what nodes are about to ask: for every image, the delta from its
-    /// previous version to its newest. Cheap when nothing changed (two small reads per image).
+    /// previous version to its newest. Cheap when nothing changed (two stats per image).
     pub fn warm(&self, store: &Store) {
         let Ok(images) = store.images() else { return };
         for name in images {
@@ -147,8 +191,8 @@ impl ManifestCache {
             };
             if let [.., prev, last] = vs[..] {
                 if let (Ok(b), Ok(t)) = (
-                    Self::stored(store, &name, prev),
-                    Self::stored(store, &name, last),
+                    self.stored(store, &name, prev),
+                    self.stored(store, &name, last),
                 ) {
                     let _ = self.delta(&b, &t);
                 }

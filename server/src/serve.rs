@@ -42,17 +42,18 @@ pub async fn run(
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
     let cache = Arc::new(ManifestCache::default());
     // The delta to each image's newest version is ready before the first node asks.
-    let warmer = {
+    // Dropping the set (when this returns) stops the warmer.
+    let mut background = tokio::task::JoinSet::new();
+    {
         let (store, cache) = (store.clone(), cache.clone());
-        tokio::spawn(async move {
+        background.spawn(async move {
             loop {
                 let (store, cache) = (store.clone(), cache.clone());
                 let _ = tokio::task::spawn_blocking(move || cache.warm(&store)).await;
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
-        })
-    };
-    let _abort = AbortOnDrop(warmer);
+        });
+    }
     tokio::pin!(shutdown);
     loop {
         let (sock, peer) = tokio::select! {
@@ -88,14 +89,6 @@ pub async fn run(
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn info(store: &Store, image: &str, v: u32) -> Result<ImageVersionInfo> {
     let m = store.meta(image, v)?;
     Ok(ImageVersionInfo {
@@ -117,10 +110,10 @@ fn manifest_reply(
     base: Option<(String, u32)>,
 ) -> Result<(Msg, Arc<Vec<u8>>)> {
     let v = store.resolve(image, version)?;
-    let target = ManifestCache::stored(store, image, v)?;
+    let target = cache.stored(store, image, v)?;
     let info = info(store, image, v)?;
-    let (digest, len) = (target.digest, target.bytes.len() as u64);
-    if let Some(Ok(base)) = base.map(|(bi, bv)| ManifestCache::stored(store, &bi, bv)) {
+    let (digest, len) = (target.digest, target.len);
+    if let Some(Ok(base)) = base.map(|(bi, bv)| cache.stored(store, &bi, bv)) {
         let delta = cache.delta(&base, &target)?;
         let head = Msg::ManifestDeltaIs {
             info,
@@ -136,7 +129,7 @@ fn manifest_reply(
             digest,
             bytes: len,
         },
-        Arc::new(target.bytes),
+        Arc::new(target.bytes()?),
     ))
 }
 

@@ -37,7 +37,7 @@ pub fn interface_ipv4(interface: &str) -> Result<Ipv4Addr> {
 }
 
 /// A UDP socket on `port` that sees and sends only through `interface`.
-fn bind(interface: &str, port: u16) -> Result<std::net::UdpSocket> {
+fn bind(interface: &str, port: u16) -> Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
         .context("creating UDP socket")?;
     s.set_reuse_address(true).context("setting SO_REUSEADDR")?;
@@ -123,21 +123,17 @@ fn run(h: &Handler, dhcp: &UdpSocket, pxe: &UdpSocket, stop: &AtomicBool) {
                 continue;
             }
         }
-        // Every request waiting on either socket, up to BURST.
+        // The requests waiting on both sockets, up to BURST.
         let mut got: Vec<(usize, SocketAddrV4, Port)> = Vec::new();
-        let mut open = [(dhcp, Port::Dhcp, true), (pxe, Port::Pxe, true)];
-        while got.len() < BURST && open.iter().any(|o| o.2) {
-            for (sock, port, more) in open.iter_mut().filter(|o| o.2) {
-                if got.len() == BURST {
-                    break;
-                }
+        for (sock, port) in [(dhcp, Port::Dhcp), (pxe, Port::Pxe)] {
+            while got.len() < BURST {
                 match sock.recv_from(&mut bufs[got.len()]) {
-                    Ok((n, SocketAddr::V4(src))) => got.push((n, src, *port)),
+                    Ok((n, SocketAddr::V4(src))) => got.push((n, src, port)),
                     Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *more = false,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         warn!(?port, error = %e, "receive failed");
-                        *more = false;
+                        break;
                     }
                 }
             }

@@ -138,9 +138,9 @@ impl Inventory {
     }
 
     /// Moves WAL checkpoints (which fsync) off this handle's callers onto a thread of their
-    /// own with its own connection, five times a second (short checkpoints keep the WAL small
-    /// and its fsyncs short, which keeps DHCP tail latency down): a server answering DHCP never waits for
-    /// one. Idempotent; the thread ends when this handle is dropped.
+    /// own with its own connection: a server answering DHCP never waits for one. Five a second
+    /// keep the WAL small and each fsync short (DHCP tail latency). Idempotent; the thread
+    /// ends when this handle is dropped.
     pub fn checkpoint_in_background(&self) -> Result<()> {
         let mut slot = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_some() {

@@ -132,8 +132,13 @@ impl Store {
         toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
     }
 
+    /// Where the encoded manifest of `name@v` lives.
+    pub fn manifest_path(&self, name: &str, v: u32) -> PathBuf {
+        self.version_dir(name, v).join("manifest")
+    }
+
     pub fn manifest_bytes(&self, name: &str, v: u32) -> Result<Vec<u8>> {
-        let p = self.version_dir(name, v).join("manifest");
+        let p = self.manifest_path(name, v);
         std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
     }
 

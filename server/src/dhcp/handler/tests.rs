@@ -72,6 +72,18 @@ fn packet(mac: [u8; 6], t: MessageType, extra: &[DhcpOption]) -> Vec<u8> {
     b
 }
 
+/// A REQUEST for `ip` from `mac`, naming this server.
+fn request(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+    packet(
+        mac,
+        MessageType::Request,
+        &[
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(ip),
+        ],
+    )
+}
+
 fn src() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)
 }
@@ -188,14 +200,7 @@ fn permanent_node_from_pool() {
         opt(&r.msg, OptionCode::AddressLeaseTime),
         Some(&DhcpOption::AddressLeaseTime(u32::MAX))
     );
-    let req = packet(
-        mac(2),
-        MessageType::Request,
-        &[
-            DhcpOption::ServerIdentifier(SERVER),
-            DhcpOption::RequestedIpAddress(ip),
-        ],
-    );
+    let req = request(mac(2), ip);
     let r = h.handle(&req, src(), Port::Dhcp).unwrap();
     assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
     let l = h.inv.lease_by_mac("52:54:00:00:00:02").unwrap().unwrap();
@@ -549,14 +554,7 @@ fn release_frees_the_pool_address() {
         )
         .unwrap();
     let ip = r.msg.yiaddr();
-    let req = packet(
-        mac(20),
-        MessageType::Request,
-        &[
-            DhcpOption::ServerIdentifier(SERVER),
-            DhcpOption::RequestedIpAddress(ip),
-        ],
-    );
+    let req = request(mac(20), ip);
     assert_eq!(
         h.handle(&req, src(), Port::Dhcp)
             .unwrap()
@@ -648,14 +646,7 @@ fn dora_cost() {
             .handle(&packet(m, MessageType::Discover, &[]), src(), Port::Dhcp)
             .expect("offer");
         in_discover += td.elapsed();
-        let req = packet(
-            m,
-            MessageType::Request,
-            &[
-                DhcpOption::RequestedIpAddress(offer.msg.yiaddr()),
-                DhcpOption::ServerIdentifier(SERVER),
-            ],
-        );
+        let req = request(m, offer.msg.yiaddr());
         let ack = h.handle(&req, src(), Port::Dhcp).expect("ack");
         assert_eq!(ack.msg.opts().msg_type(), Some(MessageType::Ack));
     }
@@ -691,16 +682,7 @@ fn dora_cost() {
         let requests: Vec<Vec<u8>> = macs
             .iter()
             .zip(&offers)
-            .map(|(m, o)| {
-                packet(
-                    *m,
-                    MessageType::Request,
-                    &[
-                        DhcpOption::RequestedIpAddress(o.msg.yiaddr()),
-                        DhcpOption::ServerIdentifier(SERVER),
-                    ],
-                )
-            })
+            .map(|(m, o)| request(*m, o.msg.yiaddr()))
             .collect();
         let mut acks = 0;
         h.handle_many(

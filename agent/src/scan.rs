@@ -91,6 +91,10 @@ struct CacheRec {
 #[derive(Default, Serialize, Deserialize)]
 pub struct StatCache {
     files: HashMap<Vec<u8>, CacheRec>,
+    /// (dev, ino) → path in `files`: which name of a hard-linked file the parallel walk reads
+    /// varies from scan to scan, and the record under another name still vouches for it.
+    #[serde(skip)]
+    by_inode: HashMap<(u64, u64), Vec<u8>>,
 }
 
 const CACHE_MAGIC: &[u8; 8] = b"SISTAT01";
@@ -109,9 +113,24 @@ impl StatCache {
         }
         let cfg = bincode::config::standard().with_limit::<{ 1 << 30 }>();
         match bincode::serde::decode_from_slice::<StatCache, _>(&data[8..], cfg) {
-            Ok((c, _)) => c,
+            Ok((mut c, _)) => {
+                c.by_inode = c
+                    .files
+                    .iter()
+                    .map(|(k, r)| ((r.dev, r.ino), k.clone()))
+                    .collect();
+                c
+            }
             Err(_) => StatCache::default(),
         }
+    }
+
+    /// The record for `rel`, or for another name of the same inode.
+    fn get(&self, rel: &[u8], md: &std::fs::Metadata) -> Option<&CacheRec> {
+        self.files.get(rel).or_else(|| {
+            let other = self.by_inode.get(&(md.dev(), md.ino()))?;
+            self.files.get(other)
+        })
     }
 
     /// Writes the cache atomically (temporary file, fsync, rename).
@@ -673,7 +692,7 @@ pub fn scan(
                     let mut done = Vec::with_capacity(batch.len());
                     for p in batch {
                         let rec = cache_rec(&p.md, vec![]);
-                        let cached = old_cache.files.get(&p.rel).filter(|c| {
+                        let cached = old_cache.get(&p.rel, &p.md).filter(|c| {
                             CacheRec {
                                 chunks: vec![],
                                 ..(*c).clone()
@@ -824,6 +843,25 @@ pub fn scan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which name of a hard-linked file a scan reads depends on the walk's timing: the next
+    /// scan's cache lookup finds the record under any name of the inode.
+    #[test]
+    fn stat_cache_finds_hard_links_under_another_name() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("a"), b"x").unwrap();
+        std::fs::hard_link(t.path().join("a"), t.path().join("b")).unwrap();
+        let md = std::fs::metadata(t.path().join("a")).unwrap();
+        let mut c = StatCache::default();
+        c.files.insert(b"a".to_vec(), cache_rec(&md, vec![]));
+        c.save(&t.path().join("cache")).unwrap();
+        let c = StatCache::load(&t.path().join("cache"));
+        let other = std::fs::metadata(t.path().join("b")).unwrap();
+        assert!(c.get(b"b", &other).is_some());
+        std::fs::write(t.path().join("c"), b"x").unwrap();
+        let unrelated = std::fs::metadata(t.path().join("c")).unwrap();
+        assert!(c.get(b"c", &unrelated).is_none());
+    }
 
     /// A file changed just before a scan may be rewritten (same size, same inode) within the
     /// same coarse timestamp tick after it was read: the cache must not vouch for it.

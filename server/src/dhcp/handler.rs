@@ -3,7 +3,7 @@
 
 use super::config::{DhcpConfig, Mode, UnknownPolicy};
 use super::pxe::{Client, Firmware};
-use crate::inventory::{self, format_mac, Inventory, Lease, Node, Subnet};
+use crate::inventory::{self, format_mac, Inventory, Lease, LeaseBook, Node, Subnet};
 use anyhow::{Context, Result};
 use dhcproto::v4::{self, DhcpOption, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
@@ -93,13 +93,17 @@ impl Offers {
 
 pub struct Handler {
     cfg: DhcpConfig,
-    inv: Arc<Inventory>,
+    /// A connection of the handler's own to the same inventory, for its reads: a burst's
+    /// reads share one read transaction on it.
+    reader: Inventory,
     server_ip: Ipv4Addr,
     http_base: String,
     next_server: Ipv4Addr,
     /// Where the next pool scan starts (round robin over the pool).
     cursor: AtomicU32,
     offers: std::sync::Mutex<Offers>,
+    /// The leases (mode `full` only; a ProxyDHCP server gives none).
+    leases: Option<Arc<LeaseBook>>,
 }
 
 /// The address decision for a client.
@@ -110,7 +114,9 @@ struct Grant {
 }
 
 impl Handler {
-    pub fn new(cfg: DhcpConfig, inv: Arc<Inventory>, server_ip: Ipv4Addr) -> Handler {
+    /// A handler answering as `server_ip`. In mode `full` it takes the inventory's
+    /// [`LeaseBook`], which fails if another process keeps its leases.
+    pub fn new(cfg: DhcpConfig, inv: Arc<Inventory>, server_ip: Ipv4Addr) -> Result<Handler> {
         let http_base = cfg
             .http_base
             .clone()
@@ -118,15 +124,28 @@ impl Handler {
             .trim_end_matches('/')
             .to_string();
         let next_server = cfg.next_server.unwrap_or(server_ip);
-        Handler {
+        let leases = match cfg.mode {
+            Mode::Full => Some(inv.lease_book()?),
+            Mode::Proxy => None,
+        };
+        let reader = Inventory::open(inv.path())?;
+        Ok(Handler {
             cfg,
-            inv,
+            reader,
             server_ip,
             http_base,
             next_server,
             cursor: AtomicU32::new(0),
             offers: Default::default(),
-        }
+            leases,
+        })
+    }
+
+    /// The lease book (a ProxyDHCP handler never gets this far: it gives no addresses).
+    fn leases(&self) -> Result<&LeaseBook> {
+        self.leases
+            .as_deref()
+            .context("no leases in ProxyDHCP mode")
     }
 
     pub fn server_ip(&self) -> Ipv4Addr {
@@ -140,20 +159,17 @@ impl Handler {
         out
     }
 
-    /// Handles a burst of packets as one inventory transaction (one lock, one commit: what
-    /// keeps the lease writes of a rack booting at once from costing a commit each). Replies
-    /// that promise nothing durable (offers, NAKs, boot information) go to `send` at once; an
-    /// ACK only after the lease it grants is committed (RFC 2131 4.3.2), and not at all if
-    /// the commit fails (the client asks again).
+    /// Handles a burst of packets: replies that promise nothing durable (offers, NAKs, boot
+    /// information) go to `send` at once; ACKs once the leases they grant are durable, with
+    /// one append to the lease journal for the whole burst (RFC 2131 4.3.2), and not at all
+    /// if that fails (the client asks again).
     pub fn handle_many(
         &self,
         pkts: &[(&[u8], SocketAddrV4, Port)],
         mut send: impl FnMut(Reply, Port),
     ) {
         let mut acks = Vec::new();
-        let mut started = false;
-        let batch = self.inv.batch(|| {
-            started = true;
+        self.reader.reading(|| {
             for (b, s, p) in pkts {
                 if let Some(r) = self.handle_one(b, *s, *p) {
                     if r.msg.opts().msg_type() == Some(MessageType::Ack) && *p == Port::Dhcp {
@@ -164,22 +180,16 @@ impl Handler {
                 }
             }
         });
-        match batch {
+        let Some(book) = &self.leases else {
+            acks.into_iter().for_each(|(r, p)| send(r, p));
+            return;
+        };
+        match book.commit() {
             Ok(()) => acks.into_iter().for_each(|(r, p)| send(r, p)),
-            Err(e) if !started => {
-                // The batch could not start (the inventory busy beyond its timeout, a full
-                // disk): answer packet by packet, each write on its own.
-                warn!(error = format!("{e:#}"), "inventory batch failed");
-                for (b, s, p) in pkts {
-                    if let Some(r) = self.handle_one(b, *s, *p) {
-                        send(r, *p);
-                    }
-                }
-            }
             Err(e) => warn!(
                 error = format!("{e:#}"),
                 dropped = acks.len(),
-                "inventory commit failed: ACKs not sent"
+                "leases not recorded: ACKs not sent"
             ),
         }
     }
@@ -262,7 +272,7 @@ impl Handler {
         port: Port,
     ) -> Result<Option<Reply>> {
         let client = Client::from_message(msg);
-        let node = self.inv.node_by_mac(mac)?;
+        let node = self.reader.node_by_mac(mac)?;
         if port == Port::Pxe {
             // PXE boot server request (after a ProxyDHCP offer): answer with boot info only.
             if mtype != MessageType::Request && mtype != MessageType::Inform {
@@ -304,9 +314,9 @@ impl Handler {
             MessageType::Discover => self.discover(msg, mac, node.as_ref(), &subnet, &client),
             MessageType::Request => self.request(msg, mac, node.as_ref(), &subnet, &client),
             MessageType::Release => {
-                if let Some(l) = self.inv.lease_by_mac(mac)? {
+                if let Some(l) = self.leases()?.get(mac) {
                     if l.ip == msg.ciaddr() {
-                        self.inv.release_lease(mac)?;
+                        self.leases()?.release(mac, inventory::now())?;
                         info!(%mac, ip = %l.ip, "released");
                     }
                 }
@@ -320,8 +330,8 @@ impl Handler {
                 };
                 if subnet.in_pool(*ip) {
                     warn!(%mac, %ip, "client declined address (in use?): quarantined");
-                    self.inv.drop_lease(mac)?;
-                    self.inv.put_lease(&Lease {
+                    self.leases()?.remove(mac)?;
+                    self.leases()?.put(Lease {
                         mac: format!("declined/{ip}"),
                         ip: *ip,
                         expires: Some(inventory::now() + i64::from(subnet.lease_time)),
@@ -430,7 +440,7 @@ impl Handler {
                 msg: r,
             }));
         };
-        self.inv.put_lease(&Lease {
+        self.leases()?.put(Lease {
             mac: mac.to_string(),
             ip: g.ip,
             expires: g.lease.map(|l| now + i64::from(l)),
@@ -459,7 +469,7 @@ impl Handler {
         } else {
             msg.giaddr()
         };
-        Ok(self.inv.subnets()?.into_iter().find(|s| s.contains(key)))
+        Ok(self.reader.subnets()?.into_iter().find(|s| s.contains(key)))
     }
 
     fn lease_time(&self, node: Option<&Node>, subnet: &Subnet) -> Option<u32> {
@@ -487,7 +497,9 @@ impl Handler {
 
     /// Whether `ip` is held by anyone but `mac`: a node's address, a lease, an offer.
     fn taken(&self, ip: Ipv4Addr, mac: &str, now: i64) -> Result<bool> {
-        Ok(self.offers().held_by_other(ip, mac, now) || self.inv.ip_taken(ip, mac, now)?)
+        Ok(self.offers().held_by_other(ip, mac, now)
+            || self.leases()?.held_by_other(ip, mac, now)
+            || self.reader.static_ip_taken(ip, mac)?)
     }
 
     fn offers(&self) -> std::sync::MutexGuard<'_, Offers> {
@@ -518,7 +530,7 @@ impl Handler {
                 return Ok(Some(Grant { ip, lease }));
             }
         }
-        if let Some(l) = self.inv.lease_by_mac(mac)? {
+        if let Some(l) = self.leases()?.get(mac) {
             if self.acceptable(mac, node, subnet, l.ip, now)? {
                 return Ok(Some(Grant { ip: l.ip, lease }));
             }

@@ -54,7 +54,7 @@ fn bind(interface: &str, port: u16) -> Result<UdpSocket> {
     Ok(s.into())
 }
 
-/// At most this many waiting requests are handled as one burst (one inventory transaction).
+/// At most this many waiting requests are handled as one burst (one lease journal append).
 const BURST: usize = 64;
 
 /// Runs the DHCP service until `shutdown` completes.
@@ -62,7 +62,7 @@ const BURST: usize = 64;
 /// Listens on `cfg.port` (67) and `cfg.proxy_port` (4011) of `cfg.interface` only. One thread
 /// owns both sockets (the inventory is SQLite, so the runtime's threads never wait for the
 /// database): it waits for packets, takes every request waiting (up to [`BURST`]) as one burst
-/// in one inventory transaction, and sends the replies itself. No queue besides the sockets'
+/// whose leases are made durable by one journal append, and sends the replies itself. No queue besides the sockets'
 /// receive buffers, no hand-off between threads on the way in or out.
 pub async fn serve(
     cfg: DhcpConfig,
@@ -75,14 +75,15 @@ pub async fn serve(
     };
     let dhcp = bind(&cfg.interface, cfg.port)?;
     let pxe = bind(&cfg.interface, cfg.proxy_port)?;
-    info!(interface = %cfg.interface, %server_ip, mode = ?cfg.mode, unknown = ?cfg.unknown, "DHCP service started");
+    let (interface, mode, unknown) = (cfg.interface.clone(), cfg.mode, cfg.unknown);
     if let Err(e) = inventory.checkpoint_in_background() {
         warn!(
             error = format!("{e:#}"),
             "inventory checkpoints stay inline"
         );
     }
-    let handler = Handler::new(cfg, inventory, server_ip);
+    let handler = Handler::new(cfg, inventory, server_ip)?;
+    info!(%interface, %server_ip, ?mode, ?unknown, "DHCP service started");
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let stop = stop.clone();

@@ -12,10 +12,12 @@
 
 pub mod catalog;
 pub mod cli;
+mod leasebook;
 pub mod model;
 mod schema;
 
 pub use catalog::{ImageCatalog, ListCatalog, NoCatalog, StoreCatalog};
+pub use leasebook::LeaseBook;
 pub use model::*;
 
 use anyhow::{bail, Context, Result};
@@ -43,6 +45,8 @@ pub struct Inventory {
     actor: String,
     /// Held while a background checkpointer runs; it stops when this handle is dropped.
     checkpointer: Mutex<Option<Arc<()>>>,
+    /// The DHCP leases, once a DHCP server has asked for them.
+    lease_book: Mutex<Option<Arc<LeaseBook>>>,
 }
 
 impl std::fmt::Debug for Inventory {
@@ -98,6 +102,7 @@ impl Inventory {
         Ok(Inventory {
             conn: Mutex::new(conn),
             checkpointer: Mutex::new(None),
+            lease_book: Mutex::new(None),
             path: path.to_path_buf(),
             actor: default_actor(),
         })
@@ -118,15 +123,9 @@ impl Inventory {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` in one transaction (a savepoint inside a [`batch`](Self::batch)).
+    /// Runs `f` in one transaction.
     fn write<T>(&self, f: impl FnOnce(&Connection, &str) -> Result<T>) -> Result<T> {
         let mut c = self.conn();
-        if !c.is_autocommit() {
-            let sp = c.savepoint().context("starting a savepoint")?;
-            let v = f(&sp, &self.actor)?;
-            sp.commit().context("releasing a savepoint")?;
-            return Ok(v);
-        }
         // IMMEDIATE: take the write lock up front (waiting up to the busy timeout), so that a
         // CLI and the server writing at once never fail on a read-to-write upgrade.
         let tx = c
@@ -167,32 +166,40 @@ impl Inventory {
         Ok(())
     }
 
-    /// Runs `f` as one write transaction: every read and write it makes through this handle
-    /// shares one lock and one commit, so a burst of DHCP packets costs one commit, not one
-    /// per lease. Writes inside are savepoints; if one fails, the others still commit. Other
-    /// threads using this handle meanwhile join the transaction; other processes wait for it
-    /// (keep it short).
-    pub fn batch<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        struct Open<'a>(&'a Inventory, bool);
-        impl Drop for Open<'_> {
-            fn drop(&mut self) {
-                if self.1 {
-                    let _ = self.0.conn().execute_batch("ROLLBACK");
-                }
+    /// Runs `f` with every read it makes through this handle in one read transaction: one
+    /// snapshot and one round of file locking instead of one per statement (what a burst of
+    /// DHCP packets needs). Give it a handle of its own: writes through the handle from other
+    /// threads meanwhile would join the transaction.
+    pub fn reading<T>(&self, f: impl FnOnce() -> T) -> T {
+        let begun = self
+            .conn()
+            .prepare_cached("BEGIN")
+            .and_then(|mut st| st.execute([]))
+            .is_ok();
+        let v = f();
+        if begun {
+            let c = self.conn();
+            if c.prepare_cached("COMMIT")
+                .and_then(|mut st| st.execute([]))
+                .is_err()
+            {
+                let _ = c.execute_batch("ROLLBACK");
             }
         }
-        self.conn()
-            .execute_batch("BEGIN IMMEDIATE")
-            .context("starting a batch")?;
-        let mut open = Open(self, true);
-        let v = f();
-        open.1 = false;
-        let c = self.conn();
-        if let Err(e) = c.execute_batch("COMMIT") {
-            let _ = c.execute_batch("ROLLBACK");
-            return Err(e).context("committing a batch to the inventory");
+        v
+    }
+
+    /// The DHCP leases ([`LeaseBook`]): taken on the first call (folding the journal an
+    /// earlier run left), shared by every later caller in this process. Another process
+    /// holding them is an error.
+    pub fn lease_book(&self) -> Result<Arc<LeaseBook>> {
+        let mut slot = self.lease_book.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = &*slot {
+            return Ok(b.clone());
         }
-        Ok(v)
+        let b = Arc::new(LeaseBook::open(&self.path)?);
+        *slot = Some(b.clone());
+        Ok(b)
     }
 
     // ----- subnets -----
@@ -596,86 +603,57 @@ impl Inventory {
 
     // ----- DHCP leases -----
 
+    /// Every lease: the table, with the changes the DHCP server has journaled and not yet
+    /// folded into it.
     pub fn leases(&self) -> Result<Vec<Lease>> {
-        let c = self.conn();
-        let mut st = c
-            .prepare("SELECT mac, ip, expires, state, hostname FROM leases ORDER BY ip")
-            .context("listing leases")?;
-        let v = st
-            .query_map([], lease_from_row)
-            .context("listing leases")?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .context("reading leases")?;
-        Ok(v)
+        let journal_first = leasebook::overlay_reader(&self.path)?;
+        let table = {
+            let c = self.conn();
+            let mut st = c
+                .prepare("SELECT mac, ip, expires, state, hostname FROM leases")
+                .context("listing leases")?;
+            let v = st
+                .query_map([], lease_from_row)
+                .context("listing leases")?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .context("reading leases")?;
+            v
+        };
+        Ok(journal_first.apply(table))
     }
 
-    pub fn lease_by_mac(&self, mac: &str) -> Result<Option<Lease>> {
+    /// Whether `ip` is the static address of a node that `mac` does not belong to.
+    pub fn static_ip_taken(&self, ip: Ipv4Addr, mac: &str) -> Result<bool> {
         self.conn()
-            .prepare_cached("SELECT mac, ip, expires, state, hostname FROM leases WHERE mac = ?1")
-            .and_then(|mut st| st.query_row([mac], lease_from_row).optional())
-            .context("looking up lease")
-    }
-
-    /// Whether `ip` is held by anyone but `mac`: a node's static address or a lease that has
-    /// not expired at `now`.
-    pub fn ip_taken(&self, ip: Ipv4Addr, mac: &str, now: i64) -> Result<bool> {
-        let c = self.conn();
-        let ip = ip.to_string();
-        let by_node: bool = c
             .prepare_cached(
                 "SELECT EXISTS(SELECT 1 FROM nodes n WHERE n.ip = ?1 AND NOT EXISTS
                    (SELECT 1 FROM node_macs m WHERE m.node = n.name AND m.mac = ?2))",
             )
-            .and_then(|mut st| st.query_row([&ip, mac], |r| r.get(0)))
-            .context("checking static addresses")?;
-        if by_node {
-            return Ok(true);
-        }
-        c.prepare_cached(
-            "SELECT EXISTS(SELECT 1 FROM leases WHERE ip = ?1 AND mac <> ?2
-               AND (expires IS NULL OR expires > ?3))",
-        )
-        .and_then(|mut st| st.query_row(params![ip, mac, now], |r| r.get(0)))
-        .context("checking leases")
+            .and_then(|mut st| st.query_row([&ip.to_string(), mac], |r| r.get(0)))
+            .context("checking static addresses")
     }
 
-    /// Records a lease, replacing the MAC's previous one and any expired lease on the address.
+    /// Writes a lease straight into the table (the DHCP server goes through its
+    /// [`LeaseBook`] instead).
     pub fn put_lease(&self, l: &Lease) -> Result<()> {
-        self.write(|tx, _| {
-            let ip = l.ip.to_string();
-            tx.prepare_cached("DELETE FROM leases WHERE ip = ?1 AND mac <> ?2")
-                .and_then(|mut st| st.execute([&ip, &l.mac]))
-                .context("replacing an old lease")?;
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO leases (mac, ip, expires, state, hostname, updated)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![l.mac, ip, l.expires, l.state, l.hostname, now()])
-            })
-            .context("writing lease")?;
-            Ok(())
-        })
+        self.write(|tx, _| put_lease_tx(tx, l, now()))
     }
+}
 
-    /// Ends the lease of `mac` now (DHCPRELEASE); the address stays remembered for the client.
-    pub fn release_lease(&self, mac: &str) -> Result<()> {
-        self.conn()
-            .execute(
-                "UPDATE leases SET state = 'released', expires = ?2, updated = ?2 WHERE mac = ?1",
-                params![mac, now()],
-            )
-            .context("releasing lease")?;
-        Ok(())
-    }
-
-    /// Forgets the lease of `mac` (a client that chose another server's offer).
-    pub fn drop_lease(&self, mac: &str) -> Result<()> {
-        self.conn()
-            .execute("DELETE FROM leases WHERE mac = ?1", [mac])
-            .context("deleting lease")?;
-        Ok(())
-    }
+/// Records a lease changed at `at`, replacing the MAC's previous one and any other lease on
+/// the address.
+fn put_lease_tx(tx: &Connection, l: &Lease, at: i64) -> Result<()> {
+    let ip = l.ip.to_string();
+    tx.prepare_cached("DELETE FROM leases WHERE ip = ?1 AND mac <> ?2")
+        .and_then(|mut st| st.execute([&ip, &l.mac]))
+        .context("replacing an old lease")?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO leases (mac, ip, expires, state, hostname, updated)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut st| st.execute(params![l.mac, ip, l.expires, l.state, l.hostname, at]))
+    .context("writing lease")?;
+    Ok(())
 }
 
 fn default_actor() -> String {

@@ -165,8 +165,11 @@ fn leases() {
     i.add_node(&node("n1", "52:54:00:00:00:01", "10.213.0.11"), &NoCatalog)
         .unwrap();
     let ip: Ipv4Addr = "10.213.0.11".parse().unwrap();
-    assert!(i.ip_taken(ip, "aa:aa:aa:aa:aa:aa", now()).unwrap());
-    assert!(!i.ip_taken(ip, "52:54:00:00:00:01", now()).unwrap());
+    assert!(i.static_ip_taken(ip, "aa:aa:aa:aa:aa:aa").unwrap());
+    assert!(!i.static_ip_taken(ip, "52:54:00:00:00:01").unwrap());
+    assert!(!i
+        .static_ip_taken("10.213.0.12".parse().unwrap(), "aa:aa:aa:aa:aa:aa")
+        .unwrap());
     let l = Lease {
         mac: "aa:aa:aa:aa:aa:aa".into(),
         ip: "10.213.100.1".parse().unwrap(),
@@ -175,7 +178,12 @@ fn leases() {
         hostname: None,
     };
     i.put_lease(&l).unwrap();
-    assert!(i.ip_taken(l.ip, "bb:bb:bb:bb:bb:bb", now()).unwrap());
-    assert!(!i.ip_taken(l.ip, "bb:bb:bb:bb:bb:bb", now() + 61).unwrap());
-    assert_eq!(i.lease_by_mac(&l.mac).unwrap().unwrap(), l);
+    assert_eq!(i.leases().unwrap(), vec![l.clone()]);
+    // Another MAC on the same address replaces it.
+    let m = Lease {
+        mac: "bb:bb:bb:bb:bb:bb".into(),
+        ..l
+    };
+    i.put_lease(&m).unwrap();
+    assert_eq!(i.leases().unwrap(), vec![m]);
 }

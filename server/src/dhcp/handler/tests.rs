@@ -41,7 +41,7 @@ fn setup(cfg: DhcpConfig) -> (tempfile::TempDir, Handler) {
         &NoCatalog,
     )
     .unwrap();
-    (d, Handler::new(cfg, Arc::new(inv), SERVER))
+    (d, Handler::new(cfg, Arc::new(inv), SERVER).unwrap())
 }
 
 fn cfg() -> DhcpConfig {
@@ -162,7 +162,7 @@ fn unknown_ignored_or_pooled() {
                 Port::Dhcp,
             )
             .unwrap();
-        assert!(h.inv.subnets().unwrap()[0].in_pool(r.msg.yiaddr()));
+        assert!(h.reader.subnets().unwrap()[0].in_pool(r.msg.yiaddr()));
         assert!(!seen.contains(&r.msg.yiaddr()));
         seen.push(r.msg.yiaddr());
     }
@@ -203,7 +203,7 @@ fn permanent_node_from_pool() {
     let req = request(mac(2), ip);
     let r = h.handle(&req, src(), Port::Dhcp).unwrap();
     assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
-    let l = h.inv.lease_by_mac("52:54:00:00:00:02").unwrap().unwrap();
+    let l = h.leases.clone().unwrap().get("52:54:00:00:00:02").unwrap();
     assert_eq!(l.expires, None);
 }
 
@@ -530,7 +530,7 @@ fn unknown_ipxe_gets_discovery_script() {
             Port::Dhcp,
         )
         .unwrap();
-    assert!(h.inv.subnets().unwrap()[0].in_pool(r.msg.yiaddr()));
+    assert!(h.reader.subnets().unwrap()[0].in_pool(r.msg.yiaddr()));
     assert_eq!(
         opt(&r.msg, OptionCode::BootfileName),
         Some(&DhcpOption::BootfileName(
@@ -563,27 +563,21 @@ fn release_frees_the_pool_address() {
             .msg_type(),
         Some(MessageType::Ack)
     );
-    assert!(h
-        .inv
-        .ip_taken(ip, "52:54:00:00:00:15", inventory::now())
-        .unwrap());
+    let book = h.leases.clone().unwrap();
+    assert!(book.held_by_other(ip, "52:54:00:00:00:15", inventory::now()));
     let mut m = decode(&packet(mac(20), MessageType::Release, &[])).unwrap();
     m.set_ciaddr(ip);
     let mut b = Vec::new();
     m.encode(&mut Encoder::new(&mut b)).unwrap();
     assert!(h.handle(&b, src(), Port::Dhcp).is_none());
-    assert!(!h
-        .inv
-        .ip_taken(ip, "52:54:00:00:00:15", inventory::now() + 1)
-        .unwrap());
-    assert_eq!(
-        h.inv
-            .lease_by_mac("52:54:00:00:00:14")
-            .unwrap()
-            .unwrap()
-            .state,
-        "released"
-    );
+    assert!(!book.held_by_other(ip, "52:54:00:00:00:15", inventory::now() + 1));
+    assert_eq!(book.get("52:54:00:00:00:14").unwrap().state, "released");
+    // What the CLI lists (table and journal) and, once folded, the table alone agree.
+    let listed = h.reader.leases().unwrap();
+    book.flush().unwrap();
+    assert_eq!(h.reader.leases().unwrap(), listed);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].state, "released");
 }
 
 #[test]
@@ -635,7 +629,7 @@ fn dora_cost() {
     .unwrap();
     let mut c = cfg();
     c.unknown = UnknownPolicy::Discover;
-    let h = Handler::new(c, Arc::new(inv), SERVER);
+    let h = Handler::new(c, Arc::new(inv), SERVER).unwrap();
     let n = 5000u32;
     let t = std::time::Instant::now();
     let mut in_discover = std::time::Duration::ZERO;
@@ -702,4 +696,28 @@ fn dora_cost() {
         "bursts of 32: {us:.1} µs per DISCOVER+REQUEST ({:.0} DORA/s on one core)",
         1e6 / us
     );
+}
+
+#[test]
+fn no_ack_when_the_lease_cannot_be_recorded() {
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    let (_d, h) = setup(c);
+    let offer = h
+        .handle(
+            &packet(mac(30), MessageType::Discover, &[]),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    let ip = offer.msg.yiaddr();
+    let book = h.leases.clone().unwrap();
+    book.break_journal();
+    // The append fails as on a full disk: no ACK, and no lease either.
+    assert!(h.handle(&request(mac(30), ip), src(), Port::Dhcp).is_none());
+    assert_eq!(book.get("52:54:00:00:00:1e"), None);
+    // The book went on to a new segment: the client's retransmission is acknowledged.
+    let r = h.handle(&request(mac(30), ip), src(), Port::Dhcp).unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(book.get("52:54:00:00:00:1e").unwrap().ip, ip);
 }

@@ -13,7 +13,7 @@
 //! - UEFI: OVMF's own PXE → TFTP `grubx64.efi` (grub-mkimage) → `grub/grub.cfg-01-<mac>` →
 //!   kernel + initrd over TFTP (blksize 1024);
 //! - UEFI HTTP boot, no TFTP (si-server alone): OVMF (PXE entries hidden) → DHCP `HTTPClient` →
-//!   HTTP `boot/ipxe.efi` → iPXE → HTTP `boot/<mac>.ipxe` → HTTP kernel + initrd.
+//!   HTTP `ipxe.efi` → iPXE → HTTP `boot/<mac>.ipxe` → HTTP kernel + initrd.
 //!
 //! DHCP comes from dnsmasq in DHCP-only mode (`--port=0`) for now: see [`start_dhcp`].
 //!
@@ -601,7 +601,7 @@ fn si_server_full_stack_uefi_http_boot() {
     // answer and started what it downloaded (iPXE); no PXE attempt.
     for want in [
         "Start HTTP Boot over IPv4",
-        "URI: http://10.213.62.1:8080/boot/ipxe.efi",
+        "URI: http://10.213.62.1:8080/ipxe.efi",
         "\"UEFI HTTPv4 (MAC:525400D10001)\"",
         "iPXE initialising devices",
         "Filename: http://10.213.62.1:8080/boot/52-54-00-d1-00-01.ipxe",
@@ -613,7 +613,7 @@ fn si_server_full_stack_uefi_http_boot() {
     // si-server saw an HTTP boot client (vendor class HTTPClient), then iPXE; files by HTTP only.
     assert!(log.contains("firmware=UefiHttp ipxe=false"), "{log}");
     for path in [
-        "/boot/ipxe.efi",
+        "/ipxe.efi",
         "/boot/52-54-00-d1-00-01.ipxe",
         "/vmlinuz",
         "/initrd.img",
@@ -648,12 +648,8 @@ fn full_stack(fw: Firmware, subnet: u8) -> (String, String) {
     copy("/usr/lib/ipxe/undionly.kpxe", &root.join("undionly.kpxe")).unwrap();
     copy("/usr/lib/ipxe/ipxe.efi", &root.join("ipxe.efi")).unwrap();
     // UEFI HTTP boot needs no TFTP server: si-server runs without one, and the firmware gets
-    // ipxe.efi at the default URL `{http}/boot/ipxe.efi`.
+    // the same ipxe.efi at the default URL `{http}/ipxe.efi`.
     let tftp = fw != Firmware::UefiHttp;
-    if !tftp {
-        std::fs::create_dir_all(root.join("boot")).unwrap();
-        copy("/usr/lib/ipxe/ipxe.efi", &root.join("boot/ipxe.efi")).unwrap();
-    }
     let marker = format!("si-full-stack-{}", std::process::id());
     std::fs::write(root.join("marker"), format!("{marker}\n")).unwrap();
 

@@ -44,7 +44,7 @@ pub struct BootFiles {
     #[arg(long = "boot-uefi-arm64", default_value = "ipxe-arm64.efi")]
     pub uefi_arm64: String,
     /// UEFI HTTP boot (vendor class HTTPClient, option 93 = 16): a URL to one EFI file.
-    #[arg(long = "boot-uefi-http", default_value = "{http}/boot/ipxe.efi")]
+    #[arg(long = "boot-uefi-http", default_value = "{http}/ipxe.efi")]
     pub uefi_http: String,
     /// What iPXE (user class "iPXE") gets for a known node: its script URL.
     #[arg(long = "boot-ipxe-script", default_value = "{http}/boot/{mac}.ipxe")]
@@ -63,7 +63,7 @@ impl Default for BootFiles {
             bios: "undionly.kpxe".into(),
             uefi_x64: "ipxe.efi".into(),
             uefi_arm64: "ipxe-arm64.efi".into(),
-            uefi_http: "{http}/boot/ipxe.efi".into(),
+            uefi_http: "{http}/ipxe.efi".into(),
             ipxe_script: "{http}/boot/{mac}.ipxe".into(),
             discovery_script: "{http}/boot/discovery.ipxe".into(),
         }

@@ -279,7 +279,7 @@ fn pxe_firmwares() {
     assert_eq!(
         opt(&r.msg, OptionCode::BootfileName),
         Some(&DhcpOption::BootfileName(
-            b"http://10.213.0.1/boot/ipxe.efi\0".to_vec()
+            b"http://10.213.0.1/ipxe.efi\0".to_vec()
         ))
     );
 }
@@ -319,7 +319,7 @@ fn wire_order_is_fixed_and_bootfile_nul_terminated() {
     }
     // edk2 writes a NUL after option 67 when its last byte is not one, over the next option.
     let file = &opts.iter().find(|o| o.0 == 67).unwrap().1;
-    assert_eq!(file.as_slice(), b"http://10.213.0.1/boot/ipxe.efi\0");
+    assert_eq!(file.as_slice(), b"http://10.213.0.1/ipxe.efi\0");
 }
 
 #[test]

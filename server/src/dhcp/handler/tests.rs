@@ -358,6 +358,32 @@ fn proxy_mode_gives_no_address() {
     assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(r.dest, from);
     assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    // UEFI HTTP boot beside the site's DHCP server: the URL only, and the HTTPClient class
+    // OVMF needs to take the offer.
+    let http = [
+        DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003000".to_vec()),
+        DhcpOption::ClientSystemArchitecture(16.into()),
+    ];
+    let r = h
+        .handle(
+            &packet(mac(1), MessageType::Discover, &http),
+            src(),
+            Port::Dhcp,
+        )
+        .unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert!(opt(&r.msg, OptionCode::AddressLeaseTime).is_none());
+    assert_eq!(
+        opt(&r.msg, OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
+    );
+    assert_eq!(
+        opt(&r.msg, OptionCode::BootfileName),
+        Some(&DhcpOption::BootfileName(
+            b"http://10.213.0.1/ipxe.efi\0".to_vec()
+        ))
+    );
 }
 
 #[test]

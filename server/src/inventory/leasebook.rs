@@ -49,54 +49,17 @@ const FOLD_EVERY: Duration = Duration::from_millis(200);
 /// One change to the lease table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Op {
-    /// The whole lease of `mac` (replacing any other lease on its address), changed at `at`.
-    Put {
-        mac: String,
-        ip: [u8; 4],
-        expires: Option<i64>,
-        state: String,
-        hostname: Option<String>,
-        at: i64,
-    },
+    /// The whole lease (replacing any other lease on its address), changed at `at`.
+    Put { lease: Lease, at: i64 },
     /// `mac` has no lease.
     Drop { mac: String },
-}
-
-impl Op {
-    fn put(l: &Lease, at: i64) -> Op {
-        Op::Put {
-            mac: l.mac.clone(),
-            ip: l.ip.octets(),
-            expires: l.expires,
-            state: l.state.clone(),
-            hostname: l.hostname.clone(),
-            at,
-        }
-    }
 }
 
 /// Applies `ops` to the `leases` table (inside the caller's transaction).
 fn apply_sql(tx: &rusqlite::Connection, ops: &[Op]) -> Result<()> {
     for op in ops {
         match op {
-            Op::Put {
-                mac,
-                ip,
-                expires,
-                state,
-                hostname,
-                at,
-            } => put_lease_tx(
-                tx,
-                &Lease {
-                    mac: mac.clone(),
-                    ip: Ipv4Addr::from(*ip),
-                    expires: *expires,
-                    state: state.clone(),
-                    hostname: hostname.clone(),
-                },
-                *at,
-            )?,
+            Op::Put { lease, at } => put_lease_tx(tx, lease, *at)?,
             Op::Drop { mac } => {
                 tx.prepare_cached("DELETE FROM leases WHERE mac = ?1")
                     .and_then(|mut st| st.execute([mac]))
@@ -113,31 +76,14 @@ fn apply_map(map: &mut HashMap<String, Lease>, ops: &[Op]) {
         map.values().map(|l| (l.ip, l.mac.clone())).collect();
     for op in ops {
         match op {
-            Op::Put {
-                mac,
-                ip,
-                expires,
-                state,
-                hostname,
-                ..
-            } => {
-                let ip = Ipv4Addr::from(*ip);
-                if let Some(other) = by_ip.insert(ip, mac.clone()) {
-                    if &other != mac {
+            Op::Put { lease, .. } => {
+                if let Some(other) = by_ip.insert(lease.ip, lease.mac.clone()) {
+                    if other != lease.mac {
                         map.remove(&other);
                     }
                 }
-                let old = map.insert(
-                    mac.clone(),
-                    Lease {
-                        mac: mac.clone(),
-                        ip,
-                        expires: *expires,
-                        state: state.clone(),
-                        hostname: hostname.clone(),
-                    },
-                );
-                if let Some(old) = old.filter(|o| o.ip != ip) {
+                let old = map.insert(lease.mac.clone(), lease.clone());
+                if let Some(old) = old.filter(|o| o.ip != lease.ip) {
                     by_ip.remove(&old.ip);
                 }
             }
@@ -537,7 +483,10 @@ impl LeaseBook {
     /// Takes effect in memory at once; durable at the next [`commit`](Self::commit).
     pub fn put(&self, l: Lease) -> Result<()> {
         let mut b = self.shared.lock();
-        b.stage(Op::put(&l, super::now()))?;
+        b.stage(Op::Put {
+            lease: l.clone(),
+            at: super::now(),
+        })?;
         if let Some(other) = b.by_ip.get(&l.ip).filter(|m| **m != l.mac).cloned() {
             b.set(&other, None);
         }
@@ -553,7 +502,10 @@ impl LeaseBook {
         };
         l.state = "released".into();
         l.expires = Some(now);
-        b.stage(Op::put(&l, now))?;
+        b.stage(Op::Put {
+            lease: l.clone(),
+            at: now,
+        })?;
         b.set(mac, Some(l));
         Ok(())
     }

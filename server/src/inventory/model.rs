@@ -292,8 +292,9 @@ pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
     Ok((a, p))
 }
 
-/// A DHCP lease.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A DHCP lease. Its serde form (bincode) is part of the lease journal's record format
+/// (`leasebook.rs`, `FORMAT`): a change to these fields is a new journal format.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub mac: String,
     pub ip: Ipv4Addr,

@@ -84,6 +84,11 @@ fn request(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
     )
 }
 
+/// `h`'s answer to a DISCOVER from `mac` with options `o` on port 67.
+fn discover(h: &Handler, mac: [u8; 6], o: &[DhcpOption]) -> Option<Reply> {
+    h.handle(&packet(mac, MessageType::Discover, o), src(), Port::Dhcp)
+}
+
 fn src() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)
 }
@@ -95,13 +100,7 @@ fn opt(m: &Message, c: OptionCode) -> Option<&DhcpOption> {
 #[test]
 fn static_node_dora() {
     let (_d, h) = setup(cfg());
-    let r = h
-        .handle(
-            &packet(mac(1), MessageType::Discover, &[]),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    let r = discover(&h, mac(1), &[]).unwrap();
     assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Offer));
     assert_eq!(r.msg.yiaddr(), Ipv4Addr::new(10, 213, 0, 11));
     assert_eq!(r.dest, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
@@ -143,13 +142,7 @@ fn static_node_dora() {
 #[test]
 fn unknown_ignored_or_pooled() {
     let (_d, h) = setup(cfg());
-    assert!(h
-        .handle(
-            &packet(mac(9), MessageType::Discover, &[]),
-            src(),
-            Port::Dhcp
-        )
-        .is_none());
+    assert!(discover(&h, mac(9), &[]).is_none());
     let mut c = cfg();
     c.unknown = UnknownPolicy::Discover;
     let (_d, h) = setup(c);
@@ -167,34 +160,16 @@ fn unknown_ignored_or_pooled() {
         seen.push(r.msg.yiaddr());
     }
     // Pool of three is exhausted while the offers are held.
-    assert!(h
-        .handle(
-            &packet(mac(14), MessageType::Discover, &[]),
-            src(),
-            Port::Dhcp
-        )
-        .is_none());
+    assert!(discover(&h, mac(14), &[]).is_none());
     // The same client gets the same address again.
-    let r = h
-        .handle(
-            &packet(mac(10), MessageType::Discover, &[]),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    let r = discover(&h, mac(10), &[]).unwrap();
     assert_eq!(r.msg.yiaddr(), seen[0]);
 }
 
 #[test]
 fn permanent_node_from_pool() {
     let (_d, h) = setup(cfg());
-    let r = h
-        .handle(
-            &packet(mac(2), MessageType::Discover, &[]),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    let r = discover(&h, mac(2), &[]).unwrap();
     let ip = r.msg.yiaddr();
     assert_eq!(
         opt(&r.msg, OptionCode::AddressLeaseTime),
@@ -221,13 +196,7 @@ fn pxe_firmwares() {
         if ipxe {
             o.push(DhcpOption::UserClass(b"iPXE".to_vec()));
         }
-        let r = h
-            .handle(
-                &packet(mac(1), MessageType::Discover, &o),
-                src(),
-                Port::Dhcp,
-            )
-            .unwrap();
+        let r = discover(&h, mac(1), &o).unwrap();
         let f = match opt(&r.msg, OptionCode::BootfileName) {
             Some(DhcpOption::BootfileName(f)) => {
                 // NUL-terminated (see `add_boot`).
@@ -261,17 +230,20 @@ fn pxe_firmwares() {
         "http://10.213.0.1/boot/52-54-00-00-00-01.ipxe"
     );
     // UEFI HTTP boot.
-    let o = [
+    assert_http_boot(&discover(&h, mac(1), &http_client()).unwrap());
+}
+
+/// What OVMF's HTTP boot client sends in a DISCOVER.
+fn http_client() -> [DhcpOption; 2] {
+    [
         DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003016".to_vec()),
         DhcpOption::ClientSystemArchitecture(16.into()),
-    ];
-    let r = h
-        .handle(
-            &packet(mac(1), MessageType::Discover, &o),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    ]
+}
+
+/// `r` gives a UEFI HTTP boot client what it needs: the URL of iPXE, and the HTTPClient class
+/// without which OVMF ignores the offer.
+fn assert_http_boot(r: &Reply) {
     assert_eq!(
         opt(&r.msg, OptionCode::ClassIdentifier),
         Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
@@ -331,26 +303,14 @@ fn proxy_mode_gives_no_address() {
         DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
         DhcpOption::ClientSystemArchitecture(0.into()),
     ];
-    let r = h
-        .handle(
-            &packet(mac(1), MessageType::Discover, &o),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    let r = discover(&h, mac(1), &o).unwrap();
     assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Offer));
     assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
     assert_eq!(r.msg.siaddr(), SERVER);
     assert_eq!(r.msg.fname_str(), Some(Ok("undionly.kpxe")));
     assert!(opt(&r.msg, OptionCode::AddressLeaseTime).is_none());
     // Not a PXE client: nothing. A request on 4011: an ACK to the sender.
-    assert!(h
-        .handle(
-            &packet(mac(1), MessageType::Discover, &[]),
-            src(),
-            Port::Dhcp
-        )
-        .is_none());
+    assert!(discover(&h, mac(1), &[]).is_none());
     let from = SocketAddrV4::new("10.213.5.5".parse().unwrap(), 68);
     let r = h
         .handle(&packet(mac(1), MessageType::Request, &o), from, Port::Pxe)
@@ -360,30 +320,11 @@ fn proxy_mode_gives_no_address() {
     assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
     // UEFI HTTP boot beside the site's DHCP server: the URL only, and the HTTPClient class
     // OVMF needs to take the offer.
-    let http = [
-        DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003000".to_vec()),
-        DhcpOption::ClientSystemArchitecture(16.into()),
-    ];
-    let r = h
-        .handle(
-            &packet(mac(1), MessageType::Discover, &http),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    let r = discover(&h, mac(1), &http_client()).unwrap();
     assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Offer));
     assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
     assert!(opt(&r.msg, OptionCode::AddressLeaseTime).is_none());
-    assert_eq!(
-        opt(&r.msg, OptionCode::ClassIdentifier),
-        Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
-    );
-    assert_eq!(
-        opt(&r.msg, OptionCode::BootfileName),
-        Some(&DhcpOption::BootfileName(
-            b"http://10.213.0.1/ipxe.efi\0".to_vec()
-        ))
-    );
+    assert_http_boot(&r);
 }
 
 #[test]
@@ -549,13 +490,7 @@ fn unknown_ipxe_gets_discovery_script() {
         DhcpOption::ClientSystemArchitecture(7.into()),
         DhcpOption::UserClass(b"iPXE".to_vec()),
     ];
-    let r = h
-        .handle(
-            &packet(mac(77), MessageType::Discover, &o),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    let r = discover(&h, mac(77), &o).unwrap();
     assert!(h.reader.subnets().unwrap()[0].in_pool(r.msg.yiaddr()));
     assert_eq!(
         opt(&r.msg, OptionCode::BootfileName),
@@ -572,13 +507,7 @@ fn release_frees_the_pool_address() {
     let mut c = cfg();
     c.unknown = UnknownPolicy::Discover;
     let (_d, h) = setup(c);
-    let r = h
-        .handle(
-            &packet(mac(20), MessageType::Discover, &[]),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    let r = discover(&h, mac(20), &[]).unwrap();
     let ip = r.msg.yiaddr();
     let req = request(mac(20), ip);
     assert_eq!(
@@ -662,9 +591,7 @@ fn dora_cost() {
     for i in 0..n {
         let m = [0x52, 0x55, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
         let td = std::time::Instant::now();
-        let offer = h
-            .handle(&packet(m, MessageType::Discover, &[]), src(), Port::Dhcp)
-            .expect("offer");
+        let offer = discover(&h, m, &[]).expect("offer");
         in_discover += td.elapsed();
         let req = request(m, offer.msg.yiaddr());
         let ack = h.handle(&req, src(), Port::Dhcp).expect("ack");
@@ -729,13 +656,7 @@ fn no_ack_when_the_lease_cannot_be_recorded() {
     let mut c = cfg();
     c.unknown = UnknownPolicy::Discover;
     let (_d, h) = setup(c);
-    let offer = h
-        .handle(
-            &packet(mac(30), MessageType::Discover, &[]),
-            src(),
-            Port::Dhcp,
-        )
-        .unwrap();
+    let offer = discover(&h, mac(30), &[]).unwrap();
     let ip = offer.msg.yiaddr();
     let book = h.leases.clone().unwrap();
     book.break_journal();

@@ -62,8 +62,9 @@ const BURST: usize = 64;
 /// Listens on `cfg.port` (67) and `cfg.proxy_port` (4011) of `cfg.interface` only. One thread
 /// owns both sockets (the inventory is SQLite, so the runtime's threads never wait for the
 /// database): it waits for packets, takes every request waiting (up to [`BURST`]) as one burst
-/// whose leases are made durable by one journal append, and sends the replies itself. No queue besides the sockets'
-/// receive buffers, no hand-off between threads on the way in or out.
+/// whose leases are made durable by one journal append, and sends the replies itself. No
+/// queue besides the sockets' receive buffers, no hand-off between threads on the way in or
+/// out.
 pub async fn serve(
     cfg: DhcpConfig,
     inventory: Arc<Inventory>,

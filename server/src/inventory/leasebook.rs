@@ -38,6 +38,8 @@ use tracing::warn;
 
 const MAGIC: &[u8; 4] = b"SILJ";
 const FORMAT: u32 = 1;
+/// Bytes of a segment's header: magic and format.
+const HEADER_LEN: u64 = 8;
 /// Largest record body written or read (a lease is ~60 bytes).
 const MAX_RECORD: usize = 4096;
 /// Ops written but not yet folded beyond which new leases are refused (the inventory has been
@@ -70,27 +72,53 @@ fn apply_sql(tx: &rusqlite::Connection, ops: &[Op]) -> Result<()> {
     Ok(())
 }
 
-/// Applies `ops` to an in-memory lease map (for readers overlaying the journal on the table).
-fn apply_map(map: &mut HashMap<String, Lease>, ops: &[Op]) {
-    let mut by_ip: HashMap<Ipv4Addr, String> =
-        map.values().map(|l| (l.ip, l.mac.clone())).collect();
-    for op in ops {
+/// Leases by MAC and by address: the book's memory, and what readers lay the journal on.
+#[derive(Default)]
+struct Table {
+    by_mac: HashMap<String, Lease>,
+    by_ip: HashMap<Ipv4Addr, String>,
+}
+
+impl Table {
+    fn of(leases: Vec<Lease>) -> Table {
+        let mut t = Table::default();
+        for l in leases {
+            t.set(&l.mac.clone(), Some(l));
+        }
+        t
+    }
+
+    /// Sets `mac`'s lease (`None`: removes it); returns what it had.
+    fn set(&mut self, mac: &str, lease: Option<Lease>) -> Option<Lease> {
+        let old = self.by_mac.remove(mac);
+        if let Some(o) = &old {
+            if self.by_ip.get(&o.ip).is_some_and(|m| m == mac) {
+                self.by_ip.remove(&o.ip);
+            }
+        }
+        if let Some(l) = lease {
+            self.by_ip.insert(l.ip, mac.to_string());
+            self.by_mac.insert(mac.to_string(), l);
+        }
+        old
+    }
+
+    /// Applies `op` as the table in SQL does ([`put_lease_tx`]: a put also drops another
+    /// MAC's lease on the address), pushing each (MAC, lease it had) it replaces to `undo`.
+    fn apply(&mut self, op: &Op, undo: &mut Vec<(String, Option<Lease>)>) {
         match op {
             Op::Put { lease, .. } => {
-                if let Some(other) = by_ip.insert(lease.ip, lease.mac.clone()) {
-                    if other != lease.mac {
-                        map.remove(&other);
-                    }
+                if let Some(other) = self.by_ip.get(&lease.ip).filter(|m| **m != lease.mac) {
+                    let other = other.clone();
+                    let had = self.set(&other, None);
+                    undo.push((other, had));
                 }
-                let old = map.insert(lease.mac.clone(), lease.clone());
-                if let Some(old) = old.filter(|o| o.ip != lease.ip) {
-                    by_ip.remove(&old.ip);
-                }
+                let had = self.set(&lease.mac, Some(lease.clone()));
+                undo.push((lease.mac.clone(), had));
             }
             Op::Drop { mac } => {
-                if let Some(old) = map.remove(mac) {
-                    by_ip.remove(&old.ip);
-                }
+                let had = self.set(mac, None);
+                undo.push((mac.clone(), had));
             }
         }
     }
@@ -146,7 +174,7 @@ fn segment_path(db: &Path, seq: u64) -> PathBuf {
 fn read_segment(path: &Path) -> Result<Vec<Op>> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut r = BufReader::new(f);
-    let mut head = [0u8; 8];
+    let mut head = [0u8; HEADER_LEN as usize];
     match r.read_exact(&mut head) {
         Ok(()) => {}
         // Created and never written to (a crash right after a rotation).
@@ -254,18 +282,18 @@ pub(super) fn overlay_reader(db: &Path) -> Result<Unfolded> {
 impl Unfolded {
     /// `table` with these changes on top, by address.
     pub(super) fn apply(self, table: Vec<Lease>) -> Vec<Lease> {
-        let mut map: HashMap<String, Lease> =
-            table.into_iter().map(|l| (l.mac.clone(), l)).collect();
-        apply_map(&mut map, &self.0);
-        let mut v: Vec<Lease> = map.into_values().collect();
+        let mut t = Table::of(table);
+        for op in &self.0 {
+            t.apply(op, &mut Vec::new());
+        }
+        let mut v: Vec<Lease> = t.by_mac.into_values().collect();
         v.sort_by_key(|l| l.ip);
         v
     }
 }
 
 struct Book {
-    by_mac: HashMap<String, Lease>,
-    by_ip: HashMap<Ipv4Addr, String>,
+    table: Table,
     /// The segment records are appended to, its number and its length.
     seg: File,
     seq: u64,
@@ -280,42 +308,30 @@ struct Book {
 }
 
 impl Book {
-    /// Sets `mac`'s lease (`None`: removes it), remembering the memory it replaces.
-    fn set(&mut self, mac: &str, lease: Option<Lease>) {
-        let old = self.by_mac.remove(mac);
-        if let Some(o) = &old {
-            if self.by_ip.get(&o.ip).is_some_and(|m| m == mac) {
-                self.by_ip.remove(&o.ip);
-            }
-        }
-        self.undo.push((mac.to_string(), old));
-        if let Some(l) = lease {
-            self.by_ip.insert(l.ip, mac.to_string());
-            self.by_mac.insert(mac.to_string(), l);
-        }
-    }
-
-    fn stage(&mut self, op: Op) -> Result<()> {
+    /// Stages `op` and applies it to memory.
+    fn change(&mut self, op: Op) -> Result<()> {
         encode_record(&op, &mut self.staged)?;
+        self.table.apply(&op, &mut self.undo);
         self.staged_ops.push(op);
         Ok(())
     }
 
     /// Puts the memory back as it was before the staged changes.
     fn rollback(&mut self) {
-        while let Some((mac, old)) = self.undo.pop() {
-            if let Some(cur) = self.by_mac.remove(&mac) {
-                if self.by_ip.get(&cur.ip).is_some_and(|m| *m == mac) {
-                    self.by_ip.remove(&cur.ip);
-                }
-            }
-            if let Some(l) = old {
-                self.by_ip.insert(l.ip, mac.clone());
-                self.by_mac.insert(mac, l);
-            }
+        while let Some((mac, had)) = self.undo.pop() {
+            self.table.set(&mac, had);
         }
         self.staged.clear();
         self.staged_ops.clear();
+    }
+
+    /// Appends from now on to a new segment, the next in number; returns its number.
+    fn rotate(&mut self, db: &Path) -> Result<u64> {
+        let seq = self.seq + 1;
+        self.seg = create_segment(db, seq)?;
+        self.seq = seq;
+        self.seg_len = HEADER_LEN;
+        Ok(seq)
     }
 }
 
@@ -413,31 +429,15 @@ impl LeaseBook {
             std::fs::remove_file(path)
                 .with_context(|| format!("removing folded {}", path.display()))?;
         }
-        let leases = {
-            let mut st = conn
-                .prepare("SELECT mac, ip, expires, state, hostname FROM leases")
-                .context("loading leases")?;
-            let rows = st
-                .query_map([], super::lease_from_row)
-                .context("loading leases")?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .context("loading leases")?
-        };
+        let leases = super::all_leases(&conn)?;
         let seq = old.last().map_or(1, |(s, _)| s + 1);
         let seg = create_segment(db, seq)?;
-        let mut by_ip = HashMap::with_capacity(leases.len());
-        let mut by_mac = HashMap::with_capacity(leases.len());
-        for l in leases {
-            by_ip.insert(l.ip, l.mac.clone());
-            by_mac.insert(l.mac.clone(), l);
-        }
         let shared = Arc::new(Shared {
             book: Mutex::new(Book {
-                by_mac,
-                by_ip,
+                table: Table::of(leases),
                 seg,
                 seq,
-                seg_len: 8,
+                seg_len: HEADER_LEN,
                 staged: Vec::new(),
                 staged_ops: Vec::new(),
                 undo: Vec::new(),
@@ -465,15 +465,16 @@ impl LeaseBook {
 
     /// The lease of `mac`.
     pub fn get(&self, mac: &str) -> Option<Lease> {
-        self.shared.lock().by_mac.get(mac).cloned()
+        self.shared.lock().table.by_mac.get(mac).cloned()
     }
 
     /// Whether a lease of someone other than `mac` holds `ip` at `now`.
     pub fn held_by_other(&self, ip: Ipv4Addr, mac: &str, now: i64) -> bool {
         let b = self.shared.lock();
-        b.by_ip.get(&ip).is_some_and(|m| {
+        let t = &b.table;
+        t.by_ip.get(&ip).is_some_and(|m| {
             m != mac
-                && b.by_mac
+                && t.by_mac
                     .get(m)
                     .is_some_and(|l| l.expires.is_none_or(|e| e > now))
         })
@@ -482,45 +483,32 @@ impl LeaseBook {
     /// Records `l` (replacing the MAC's previous lease and any other lease on the address).
     /// Takes effect in memory at once; durable at the next [`commit`](Self::commit).
     pub fn put(&self, l: Lease) -> Result<()> {
-        let mut b = self.shared.lock();
-        b.stage(Op::Put {
-            lease: l.clone(),
+        self.shared.lock().change(Op::Put {
+            lease: l,
             at: super::now(),
-        })?;
-        if let Some(other) = b.by_ip.get(&l.ip).filter(|m| **m != l.mac).cloned() {
-            b.set(&other, None);
-        }
-        b.set(&l.mac.clone(), Some(l));
-        Ok(())
+        })
     }
 
     /// Ends the lease of `mac` at `now` (DHCPRELEASE); the address stays remembered for it.
     pub fn release(&self, mac: &str, now: i64) -> Result<()> {
         let mut b = self.shared.lock();
-        let Some(mut l) = b.by_mac.get(mac).cloned() else {
+        let Some(mut l) = b.table.by_mac.get(mac).cloned() else {
             return Ok(());
         };
         l.state = "released".into();
         l.expires = Some(now);
-        b.stage(Op::Put {
-            lease: l.clone(),
-            at: now,
-        })?;
-        b.set(mac, Some(l));
-        Ok(())
+        b.change(Op::Put { lease: l, at: now })
     }
 
     /// Forgets the lease of `mac`.
     pub fn remove(&self, mac: &str) -> Result<()> {
         let mut b = self.shared.lock();
-        if !b.by_mac.contains_key(mac) {
+        if !b.table.by_mac.contains_key(mac) {
             return Ok(());
         }
-        b.stage(Op::Drop {
+        b.change(Op::Drop {
             mac: mac.to_string(),
-        })?;
-        b.set(mac, None);
-        Ok(())
+        })
     }
 
     /// Makes the changes since the last commit durable: one append to the journal. If it
@@ -545,14 +533,8 @@ impl LeaseBook {
             // A partial record would end the segment for replay: cut it off, or move on to
             // a new segment if even that fails.
             if b.seg.set_len(b.seg_len).is_err() {
-                match create_segment(&self.shared.db, b.seq + 1) {
-                    Ok(f) => {
-                        b.seq += 1;
-                        b.seg = f;
-                        b.seg_len = 8;
-                        let seq = b.seq;
-                        b.pending_segs.push(seq);
-                    }
+                match b.rotate(&self.shared.db) {
+                    Ok(seq) => b.pending_segs.push(seq),
                     Err(e2) => warn!(
                         error = format!("{e2:#}"),
                         "cannot start a new lease journal segment"
@@ -593,7 +575,7 @@ impl Drop for LeaseBook {
         }
         // Everything folded: the empty segment is not left behind.
         let b = self.shared.lock();
-        if b.pending.is_empty() && b.seg_len == 8 && b.pending_segs == [b.seq] {
+        if b.pending.is_empty() && b.seg_len == HEADER_LEN && b.pending_segs == [b.seq] {
             let _ = std::fs::remove_file(segment_path(&self.shared.db, b.seq));
         }
     }
@@ -612,11 +594,7 @@ fn fold_once(shared: &Shared) -> Result<()> {
                 if b.pending.is_empty() {
                     return Ok(());
                 }
-                let seq = b.seq + 1;
-                let seg = create_segment(&shared.db, seq)?;
-                b.seq = seq;
-                b.seg = seg;
-                b.seg_len = 8;
+                let seq = b.rotate(&shared.db)?;
                 let segs = std::mem::replace(&mut b.pending_segs, vec![seq]);
                 (std::mem::take(&mut b.pending), segs)
             }

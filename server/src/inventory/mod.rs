@@ -607,18 +607,7 @@ impl Inventory {
     /// folded into it.
     pub fn leases(&self) -> Result<Vec<Lease>> {
         let journal_first = leasebook::overlay_reader(&self.path)?;
-        let table = {
-            let c = self.conn();
-            let mut st = c
-                .prepare("SELECT mac, ip, expires, state, hostname FROM leases")
-                .context("listing leases")?;
-            let v = st
-                .query_map([], lease_from_row)
-                .context("listing leases")?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .context("reading leases")?;
-            v
-        };
+        let table = all_leases(&self.conn())?;
         Ok(journal_first.apply(table))
     }
 
@@ -638,6 +627,19 @@ impl Inventory {
     pub fn put_lease(&self, l: &Lease) -> Result<()> {
         self.write(|tx, _| put_lease_tx(tx, l, now()))
     }
+}
+
+/// Every row of the `leases` table.
+fn all_leases(c: &Connection) -> Result<Vec<Lease>> {
+    let mut st = c
+        .prepare_cached("SELECT mac, ip, expires, state, hostname FROM leases")
+        .context("listing leases")?;
+    let v = st
+        .query_map([], lease_from_row)
+        .context("listing leases")?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .context("reading leases")?;
+    Ok(v)
 }
 
 /// Records a lease changed at `at`, replacing the MAC's previous one and any other lease on

@@ -24,14 +24,7 @@ fn inventory() -> (tempfile::TempDir, PathBuf) {
 /// What the table alone holds.
 fn table(db: &Path) -> Vec<Lease> {
     let c = rusqlite::Connection::open(db).unwrap();
-    let mut st = c
-        .prepare("SELECT mac, ip, expires, state, hostname FROM leases")
-        .unwrap();
-    let mut v = st
-        .query_map([], crate::inventory::lease_from_row)
-        .unwrap()
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .unwrap();
+    let mut v = crate::inventory::all_leases(&c).unwrap();
     v.sort_by_key(|l| l.ip);
     v
 }

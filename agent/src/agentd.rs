@@ -84,14 +84,14 @@ fn handle(s: TcpStream, cfg: &AgentConfig) -> Result<()> {
         Ok(v) => v,
         Err(m) => return refuse(&mut w, ErrorKind::Version, &m),
     };
-    if !crate::capture::ct_eq(token.as_bytes(), cfg.token.as_bytes()) {
+    if !si_proto::handshake::ct_eq(token.as_bytes(), cfg.token.as_bytes()) {
         return refuse(&mut w, ErrorKind::Refused, "wrong token");
     }
     write_msg(
         &mut w,
         &Msg::Welcome {
             version: v,
-            server: crate::capture::hostname(),
+            server: si_tree::fsutil::hostname(),
         },
     )?;
     let Msg::PushUpdate {

@@ -1,19 +1,13 @@
 //! si's node-side code.
 //!
-//! - [`scan`]: reads a tree into a manifest and content objects (capture on the golden node,
-//!   `commit` on the master).
-//! - [`apply`]: writes a manifest's tree beneath a target root with full metadata (checkout on
-//!   the master, deploy and update on nodes).
-//! - [`capture`]: `si-prepareclient`, the golden client's capture service.
-//! - [`exclude`]: exclude patterns.
+//! - [`update`]: move a node to an image version (deploy onto an empty root, or update in place).
+//! - [`pull`]: the image service client the update fetches manifests and objects with.
+//! - [`agentd`]: `si-agentd`, which runs an update when the master pushes one.
+//! - [`golden`]: `si-prepareclient`, the golden client's capture service.
+//! - [`layout`]: disk layout detection on the golden client.
 
 pub mod agentd;
-pub mod apply;
-pub mod capture;
-pub mod codec;
-pub mod exclude;
-pub mod fsutil;
+pub mod golden;
 pub mod layout;
 pub mod pull;
-pub mod scan;
 pub mod update;

@@ -15,7 +15,7 @@ use std::time::Duration;
 const WANT_BATCH: usize = 1024;
 const IN_FLIGHT: usize = 2;
 
-pub use crate::codec::verify;
+pub use si_tree::codec::verify;
 
 struct Counting<R> {
     inner: R,
@@ -67,7 +67,7 @@ impl Client {
         };
         write_msg(
             &mut c.w,
-            &msg::hello(Role::Deploy, "", &crate::capture::hostname()),
+            &msg::hello(Role::Deploy, "", &si_tree::fsutil::hostname()),
         )?;
         c.w.flush()?;
         match recv_msg(&mut c.r).context("handshake with the server")? {

@@ -17,17 +17,17 @@
 //! A fresh deploy (an empty target, as the installer has) streams instead: objects are written
 //! into their files as they arrive, with no staging copy.
 
-use crate::apply::{self, ObjectSource};
-use crate::exclude::Excludes;
-use crate::fsutil::timing;
 use crate::pull::{Client, ManifestAnswer};
-use crate::scan::{self, CDC_AVG, CDC_MAX, CDC_MIN, CDC_THRESHOLD};
 use anyhow::{anyhow, bail, Context, Result};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use si_proto::manifest::{Entry, Kind, Manifest};
 use si_proto::path as mpath;
 use si_proto::Digest;
+use si_tree::apply::{self, ObjectSource};
+use si_tree::exclude::Excludes;
+use si_tree::fsutil::timing;
+use si_tree::scan::{self, CDC_AVG, CDC_MAX, CDC_MIN, CDC_THRESHOLD};
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -1125,12 +1125,12 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         server: o.server.clone(),
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
-    crate::fsutil::write_atomic(&sdir.join("installed.manifest"), &mbytes)?;
-    crate::fsutil::write_atomic(
+    si_tree::fsutil::write_atomic(&sdir.join("installed.manifest"), &mbytes)?;
+    si_tree::fsutil::write_atomic(
         &sdir.join("installed.digests"),
         &DigestSet::encode(&m, &Digest::of(&mbytes)),
     )?;
-    crate::fsutil::write_atomic(
+    si_tree::fsutil::write_atomic(
         &sdir.join("installed.toml"),
         toml::to_string_pretty(&inst)?.as_bytes(),
     )?;
@@ -1312,7 +1312,7 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
         verify: a.verify,
         force: a.force,
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        node: crate::capture::hostname(),
+        node: si_tree::fsutil::hostname(),
         pre_hooks: a.pre_hook,
         post_hooks: a.post_hook,
     })

@@ -257,3 +257,18 @@ pub fn remove_stale_namespaces() {
         }
     }
 }
+
+/// Deterministic pseudo-random bytes (xorshift), for test content that does not compress.
+pub fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

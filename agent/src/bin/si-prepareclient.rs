@@ -55,7 +55,7 @@ fn main() -> Result<()> {
     };
     let token = match a.token {
         Some(t) => t,
-        None => si_agent::capture::new_token()?,
+        None => si_proto::handshake::new_token().context("making a token")?,
     };
     println!("token: {token}");
     println!(
@@ -67,7 +67,7 @@ fn main() -> Result<()> {
     );
     use std::io::Write;
     std::io::stdout().flush()?;
-    let cfg = si_agent::capture::ServeConfig {
+    let cfg = si_agent::golden::ServeConfig {
         listen: a.listen,
         master: a.master,
         token,
@@ -76,7 +76,7 @@ fn main() -> Result<()> {
         state_dir: a.state_dir,
         timeout: Duration::from_secs(a.timeout),
     };
-    let st = si_agent::capture::serve_once(&cfg)?;
+    let st = si_agent::golden::serve_once(&cfg)?;
     println!(
         "captured: {} entries, {} files, read {} files ({} bytes), sent {} objects ({} bytes)",
         st.entries, st.files, st.files_read, st.bytes_read, st.blobs_sent, st.bytes_sent

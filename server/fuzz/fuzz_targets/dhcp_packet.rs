@@ -5,8 +5,8 @@
 //! so sequences of packets are explored too.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use si_server::dhcp::{DhcpConfig, Handler, Mode, Port, UnknownPolicy};
-use si_server::inventory::{Inventory, NoCatalog, Node, Subnet};
+use si_boot::dhcp::{DhcpConfig, Handler, Mode, Port, UnknownPolicy};
+use si_inventory::{Inventory, NoCatalog, Node, Subnet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, LazyLock};
 
@@ -74,6 +74,6 @@ fuzz_target!(|data: &[u8]| {
     let port = if sel & 4 == 0 { Port::Dhcp } else { Port::Pxe };
     let src = SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 2), 68);
     if let Some(r) = h.handle(pkt, src, port) {
-        assert!(r.bytes.len() <= si_server::dhcp::handler::MAX_LEN);
+        assert!(r.bytes.len() <= si_boot::dhcp::handler::MAX_LEN);
     }
 });

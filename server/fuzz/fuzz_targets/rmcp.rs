@@ -2,7 +2,7 @@
 //! RMCP+ and IPMI response parser, give a value or an error.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use si_server::power::{ipmi, rmcp};
+use si_bmc::{ipmi, rmcp};
 
 fuzz_target!(|data: &[u8]| {
     let _ = rmcp::decode(data, None);

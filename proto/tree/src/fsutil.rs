@@ -1,0 +1,56 @@
+//! Small filesystem helpers shared by the agent and the server.
+
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `data` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the
+/// directory. Readers see the old file or the new one, never a part.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path.file_name().context("path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// With `SI_TIMING` set in the environment, prints `what` with the seconds since the first
+/// call to stderr: where a command's time goes, without a profiler.
+pub fn timing(what: &str) {
+    use std::sync::OnceLock;
+    static START: OnceLock<Option<std::time::Instant>> = OnceLock::new();
+    if let Some(t) =
+        START.get_or_init(|| std::env::var_os("SI_TIMING").map(|_| std::time::Instant::now()))
+    {
+        eprintln!("[{:8.3}] {what}", t.elapsed().as_secs_f64());
+    }
+}
+
+/// This machine's host name (the node name of uname(2)).
+pub fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,102 @@
+//! si-bootd: the TFTP and HTTP boot services alone (for tests; si-server runs them too).
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use si_boot::bootcfg::{self, BootAction, BootSettings, Generated};
+use si_boot::{http, tftp};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(about = "Serve si's boot files over TFTP and HTTP")]
+struct Args {
+    /// Directory served over TFTP.
+    #[arg(long)]
+    tftp_root: PathBuf,
+    /// Directory served over HTTP (defaults to the TFTP root).
+    #[arg(long)]
+    http_root: Option<PathBuf>,
+    #[arg(long, default_value = "0.0.0.0:69")]
+    tftp_listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:80")]
+    http_listen: SocketAddr,
+    /// Nodes (TOML, `[[node]]` tables) to generate boot configurations for.
+    #[arg(long)]
+    nodes: Option<PathBuf>,
+    /// Base URL of the HTTP server as clients reach it (for iPXE scripts).
+    #[arg(long)]
+    http_base: Option<String>,
+    /// `si.server=` value on installer command lines.
+    #[arg(long, default_value = "")]
+    si_server: String,
+    #[arg(long, default_value = "si/vmlinuz")]
+    installer_kernel: String,
+    #[arg(long, default_value = "si/initrd.img")]
+    installer_initrd: String,
+    #[arg(long, default_value_t = 256)]
+    max_transfers: usize,
+    /// Largest TFTP window granted.
+    #[arg(long, default_value_t = 64)]
+    max_windowsize: u16,
+}
+
+async fn run(a: Args) -> Result<()> {
+    let http_base = a
+        .http_base
+        .unwrap_or_else(|| format!("http://{}", a.http_listen));
+    let settings = BootSettings {
+        http_base,
+        si_server: a.si_server,
+        installer_kernel: a.installer_kernel,
+        installer_initrd: a.installer_initrd,
+        default_action: BootAction::Local,
+    };
+    let nodes = match &a.nodes {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            bootcfg::parse_nodes(&text).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => Vec::new(),
+    };
+    let generated = Generated::new(bootcfg::render(&settings, &nodes)?);
+
+    let udp = tokio::net::UdpSocket::bind(a.tftp_listen)
+        .await
+        .with_context(|| format!("binding TFTP to {}", a.tftp_listen))?;
+    let tcp = tokio::net::TcpListener::bind(a.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP to {}", a.http_listen))?;
+    let tcfg = tftp::TftpConfig {
+        root: a.tftp_root.clone(),
+        max_transfers: a.max_transfers,
+        max_windowsize: a.max_windowsize,
+        ..Default::default()
+    };
+    let hcfg = http::HttpConfig {
+        root: a.http_root.unwrap_or(a.tftp_root),
+        ..Default::default()
+    };
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let stop2 = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    tokio::try_join!(
+        tftp::serve(udp, tcfg, generated.clone(), stop),
+        http::serve(tcp, hcfg, generated, stop2)
+    )?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    run(Args::parse()).await
+}

@@ -1,0 +1,5 @@
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    si_imaging::commands::getimage(si_imaging::commands::GetImageCli::parse())
+}

@@ -1,0 +1,285 @@
+//! `si-pushupdate`: update many nodes at once, through their `si-agentd` or over ssh (the
+//! node runs `si-updateclient` against the master, as SystemImager's si_pushupdate does).
+//!
+//! Nodes run in parallel up to a fan-out limit, each with its own timeout (a node that does not
+//! answer costs one timeout, not a stall). Progress is printed as each node finishes; at the end
+//! the nodes that succeeded and those that failed (with why) are printed and written to
+//! `pushupdate.ok` and `pushupdate.failed` for a retry (`--nodes-file pushupdate.failed`).
+
+use anyhow::{bail, Result};
+use si_proto::frame::{recv_msg_async, write_msg_async};
+use si_proto::msg::{self, Msg, Role};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+
+#[derive(Clone, Debug)]
+pub struct PushConfig {
+    /// The si-server address the nodes pull from.
+    pub server: String,
+    pub image: Option<String>,
+    pub version: Option<u32>,
+    pub verify: bool,
+    pub force: bool,
+    pub dry_run: bool,
+    pub token: String,
+    pub port: u16,
+    pub fanout: usize,
+    pub timeout: Duration,
+    pub results_dir: Option<PathBuf>,
+    /// How the node side is reached.
+    pub via: Via,
+}
+
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// The node's `si-agentd` (token-authenticated si protocol).
+    Agent,
+    /// `ssh` (the command and its options, split on spaces like rsync's `-e`) running
+    /// `remote` on the node: `si-updateclient` and any arguments; `{node}` in it becomes the
+    /// node's name.
+    Ssh { ssh: String, remote: String },
+}
+
+/// Quotes `s` for the remote shell ssh hands the command to.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The update command line run on `node` over ssh.
+fn remote_command(node: &str, remote: &str, cfg: &PushConfig) -> String {
+    let mut cmd = remote.replace("{node}", node);
+    let mut arg = |a: &str| {
+        cmd.push(' ');
+        cmd.push_str(&shell_quote(a));
+    };
+    arg("--server");
+    arg(&cfg.server);
+    if let Some(i) = &cfg.image {
+        arg("--image");
+        arg(i);
+    }
+    if let Some(v) = cfg.version {
+        arg("--version");
+        arg(&v.to_string());
+    }
+    for (on, flag) in [
+        (cfg.verify, "--verify"),
+        (cfg.force, "--force"),
+        (cfg.dry_run, "--dry-run"),
+    ] {
+        if on {
+            arg(flag);
+        }
+    }
+    cmd
+}
+
+async fn push_ssh(node: &str, ssh: &str, remote: &str, cfg: &PushConfig) -> Result<String> {
+    let mut words = ssh.split_whitespace();
+    let prog = words.next().unwrap_or("ssh");
+    let out = tokio::process::Command::new(prog)
+        .args(words)
+        .args(["-o", "BatchMode=yes"])
+        .arg("-o")
+        .arg(format!(
+            "ConnectTimeout={}",
+            cfg.timeout.as_secs().clamp(1, 30)
+        ))
+        .arg("--")
+        .arg(node)
+        .arg(remote_command(node, remote, cfg))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("running {prog}: {e}"))?;
+    let last = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    match out.status.code() {
+        Some(0) => Ok(last(&out.stderr)),
+        Some(255) => bail!("ssh: {}", last(&out.stderr)),
+        _ => bail!("{} ({})", last(&out.stderr), out.status),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeResult {
+    pub node: String,
+    pub ok: bool,
+    pub detail: String,
+    pub seconds: f64,
+}
+
+async fn push_one(node: &str, cfg: &PushConfig) -> Result<String> {
+    if let Via::Ssh { ssh, remote } = &cfg.via {
+        return push_ssh(node, ssh, remote, cfg).await;
+    }
+    let addr = if node.contains(':') {
+        node.to_string()
+    } else {
+        format!("{node}:{}", cfg.port)
+    };
+    let mut s = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
+    write_msg_async(
+        &mut s,
+        &msg::hello(Role::Push, &cfg.token, &si_tree::fsutil::hostname()),
+    )
+    .await?;
+    match recv_msg_async(&mut s).await? {
+        Msg::Welcome { .. } => {}
+        m => bail!("unexpected answer {m:?}"),
+    }
+    write_msg_async(
+        &mut s,
+        &Msg::PushUpdate {
+            server: cfg.server.clone(),
+            image: cfg.image.clone(),
+            version: cfg.version,
+            verify: cfg.verify,
+            force: cfg.force,
+            dry_run: cfg.dry_run,
+        },
+    )
+    .await?;
+    s.flush().await?;
+    match recv_msg_async(&mut s).await? {
+        Msg::PushDone { ok: true, detail } => Ok(detail),
+        Msg::PushDone { ok: false, detail } => bail!("{detail}"),
+        m => bail!("unexpected answer {m:?}"),
+    }
+}
+
+/// Pushes to every node; returns one result per node, in the order given.
+pub async fn push(nodes: &[String], cfg: &PushConfig) -> Vec<NodeResult> {
+    let sem = Arc::new(Semaphore::new(cfg.fanout.max(1)));
+    let total = nodes.len();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for node in nodes {
+        let (sem, cfg, node, done) = (sem.clone(), cfg.clone(), node.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            let start = Instant::now();
+            let r = match tokio::time::timeout(cfg.timeout, push_one(&node, &cfg)).await {
+                Ok(Ok(detail)) => NodeResult {
+                    node,
+                    ok: true,
+                    detail,
+                    seconds: 0.0,
+                },
+                Ok(Err(e)) => NodeResult {
+                    node,
+                    ok: false,
+                    detail: format!("{e:#}"),
+                    seconds: 0.0,
+                },
+                Err(_) => NodeResult {
+                    node,
+                    ok: false,
+                    detail: format!("timed out after {:?}", cfg.timeout),
+                    seconds: 0.0,
+                },
+            };
+            let r = NodeResult {
+                seconds: start.elapsed().as_secs_f64(),
+                ..r
+            };
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            eprintln!(
+                "[{n}/{total}] {} {} ({:.1}s): {}",
+                r.node,
+                if r.ok { "ok" } else { "FAILED" },
+                r.seconds,
+                r.detail
+            );
+            r
+        }));
+    }
+    let mut out = Vec::new();
+    for (t, node) in tasks.into_iter().zip(nodes) {
+        out.push(t.await.unwrap_or_else(|e| NodeResult {
+            node: node.clone(),
+            ok: false,
+            detail: format!("internal error: {e}"),
+            seconds: 0.0,
+        }));
+    }
+    out
+}
+
+/// Prints the final report and writes the ok/failed lists.
+pub fn report(results: &[NodeResult], dir: Option<&std::path::Path>) -> Result<()> {
+    let ok: Vec<&NodeResult> = results.iter().filter(|r| r.ok).collect();
+    let failed: Vec<&NodeResult> = results.iter().filter(|r| !r.ok).collect();
+    println!("{} succeeded, {} failed", ok.len(), failed.len());
+    for r in &failed {
+        println!("FAILED {}: {}", r.node, r.detail);
+    }
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d)?;
+        let list = |v: &[&NodeResult]| {
+            v.iter()
+                .map(|r| format!("{}\n", r.node))
+                .collect::<String>()
+        };
+        std::fs::write(d.join("pushupdate.ok"), list(&ok))?;
+        std::fs::write(
+            d.join("pushupdate.failed"),
+            failed
+                .iter()
+                .map(|r| format!("{}\t{}\n", r.node, r.detail.replace('\n', " ")))
+                .collect::<String>(),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_commands_are_quoted() {
+        assert_eq!(shell_quote("node-01.x"), "node-01.x");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$(reboot)"), "'$(reboot)'");
+        let cfg = PushConfig {
+            server: "10.213.0.1".into(),
+            image: Some("compute".into()),
+            version: Some(3),
+            verify: true,
+            force: false,
+            dry_run: false,
+            token: String::new(),
+            port: 0,
+            fanout: 1,
+            timeout: Duration::from_secs(1),
+            results_dir: None,
+            via: Via::Agent,
+        };
+        assert_eq!(
+            remote_command("n7", "si-updateclient --root /srv/{node}", &cfg),
+            "si-updateclient --root /srv/n7 --server 10.213.0.1 --image compute --version 3 --verify"
+        );
+    }
+}

@@ -1,5 +1,0 @@
-use clap::Parser;
-
-fn main() -> anyhow::Result<()> {
-    si_server::imagecmd::run(si_server::imagecmd::ImageCli::parse())
-}

@@ -1,0 +1,360 @@
+//! Deploy and update through the real image service, in-process, over loopback.
+
+use si_agent::update::{self, OptionArgs};
+use si_imaging::getimage as capture;
+use si_store::Store;
+use si_tests::rand_bytes;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Starts the image service on an ephemeral port; returns its address.
+fn start_server(store: &Path) -> String {
+    let store = Arc::new(Store::open(store).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap().to_string()).unwrap();
+            si_imageserver::service::run(
+                l,
+                store,
+                Default::default(),
+                None,
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+fn args(server: &str, image: &str, root: &Path) -> OptionArgs {
+    OptionArgs {
+        server: server.into(),
+        image: Some(image.into()),
+        root: root.into(),
+        no_default_excludes: true,
+        ..Default::default()
+    }
+}
+
+fn run(a: OptionArgs) -> anyhow::Result<update::UpdateSummary> {
+    let o = update::options(a)?;
+    update::update(&o, &mut std::io::sink())
+}
+
+/// Compares two trees by their scanned manifests (root metadata aside).
+fn same_tree(a: &Path, b: &Path, ignore: &[&str]) {
+    let scan = |p: &Path| {
+        let mut cfg = si_tree::scan::ScanConfig::new(p);
+        cfg.excludes = si_tree::exclude::Excludes::new(ignore).unwrap();
+        struct D;
+        impl si_tree::scan::BlobSink for D {
+            fn blob(&mut self, _: si_proto::Digest, _: u32, _: Vec<u8>) -> anyhow::Result<()> {
+                Ok(())
+            }
+        }
+        si_tree::scan::scan(&cfg, &Default::default(), &mut D)
+            .unwrap()
+            .manifest
+            .entries
+    };
+    let (x, y) = (scan(a), scan(b));
+    assert_eq!(x.len(), y.len(), "entry counts differ");
+    for (e, f) in x.iter().zip(&y).skip(1) {
+        assert_eq!(e, f, "{} differs", e.path_lossy());
+    }
+}
+
+#[test]
+fn deploy_update_resume_and_safety() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("d/sub")).unwrap();
+    std::fs::create_dir_all(src.join("becomes-link")).unwrap();
+    std::fs::write(src.join("becomes-link/x"), b"x").unwrap();
+    for i in 0..200 {
+        std::fs::write(
+            src.join(format!("d/f{i}")),
+            rand_bytes(2000 + i * 10, i as u64),
+        )
+        .unwrap();
+    }
+    std::fs::write(src.join("big"), rand_bytes(16 << 20, 7)).unwrap();
+    std::fs::write(src.join("becomes-dir"), b"file").unwrap();
+    std::fs::write(src.join("gone"), b"bye").unwrap();
+    std::os::unix::fs::symlink("d/f1", src.join("link")).unwrap();
+    std::fs::hard_link(src.join("d/f2"), src.join("hard")).unwrap();
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+
+    // Fresh deploy into an empty root.
+    let node = t.path().join("node");
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!(s.version, 1);
+    same_tree(&src, &node, &["/var"]);
+    assert!(node.join("var/lib/si/installed.toml").exists());
+
+    // Version 2: add, change (a 1 MiB region inside the big file), delete, file -> dir,
+    // dir -> symlink, a mode change only.
+    std::fs::write(src.join("new"), b"new file").unwrap();
+    let mut big = std::fs::read(src.join("big")).unwrap();
+    big[8 << 20..9 << 20].copy_from_slice(&rand_bytes(1 << 20, 99));
+    std::fs::write(src.join("big"), &big).unwrap();
+    std::fs::remove_file(src.join("gone")).unwrap();
+    std::fs::remove_file(src.join("becomes-dir")).unwrap();
+    std::fs::create_dir(src.join("becomes-dir")).unwrap();
+    std::fs::write(src.join("becomes-dir/inside"), b"in").unwrap();
+    std::fs::remove_dir_all(src.join("becomes-link")).unwrap();
+    std::os::unix::fs::symlink("d", src.join("becomes-link")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(src.join("d/f3"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(src.join("d/f4"), b"changed").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+
+    // Dry run lists and changes nothing.
+    let o = update::options(args(&server, "img", &node)).unwrap();
+    let mut out = Vec::new();
+    update::update(
+        &update::UpdateOptions {
+            dry_run: true,
+            ..o.clone()
+        },
+        &mut out,
+    )
+    .unwrap();
+    let listing = String::from_utf8(out).unwrap();
+    for l in [
+        "+ /new",
+        "~ /big",
+        "- /gone",
+        "~ /becomes-dir",
+        "~ /becomes-link",
+        "m /d/f3",
+        "~ /d/f4",
+    ] {
+        assert!(listing.contains(l), "{l} missing from:\n{listing}");
+    }
+    assert!(node.join("gone").exists());
+
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!(s.version, 2);
+    same_tree(&src, &node, &["/var"]);
+    assert!(
+        s.fetched_bytes < 3 << 20,
+        "1 MiB changed inside 16 MiB moved {} bytes",
+        s.fetched_bytes
+    );
+    assert!(s.wire_bytes < 4 << 20, "{} bytes on the wire", s.wire_bytes);
+    assert!(
+        s.local_objects > 0,
+        "unchanged chunks of the big file come from the node"
+    );
+
+    // Nothing to do the second time.
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!(
+        (s.created, s.replaced, s.deleted, s.fetched_objects),
+        (0, 0, 0, 0)
+    );
+
+    // Local drift: same size and mtime, different bytes; only --verify sees and repairs it.
+    let f = node.join("d/f10");
+    let md = std::fs::metadata(&f).unwrap();
+    let mut data = std::fs::read(&f).unwrap();
+    data[0] ^= 1;
+    std::fs::write(&f, &data).unwrap();
+    let mt = filetime_of(&md);
+    rustix::fs::utimensat(rustix::fs::CWD, &f, &mt, rustix::fs::AtFlags::empty()).unwrap();
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!(s.replaced, 0);
+    let s = run(OptionArgs {
+        verify: true,
+        ..args(&server, "img", &node)
+    })
+    .unwrap();
+    assert_eq!(s.replaced, 1);
+    same_tree(&src, &node, &["/var"]);
+
+    // A wrong image that would wipe most of the node is refused unless forced.
+    let other = t.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("only"), b"1").unwrap();
+    capture::commit(&store, &other, "tiny", &[], None).unwrap();
+    let err = run(args(&server, "tiny", &node)).unwrap_err();
+    assert!(format!("{err:#}").contains("--force"), "{err:#}");
+    assert!(node.join("big").exists());
+
+    // A missing image is a clear error.
+    let err = run(args(&server, "nope", &node)).unwrap_err();
+    assert!(format!("{err:#}").contains("no image named"), "{err:#}");
+}
+
+/// `installed.digests` only decides what is fetched early: a stale list is ignored, a lying
+/// one (claiming objects the node lacks) or a missing one still gives an exact update.
+#[test]
+fn installed_digest_list_is_only_a_hint() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..50 {
+        std::fs::write(src.join(format!("d/f{i}")), rand_bytes(3000, i)).unwrap();
+    }
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    run(args(&server, "img", &node)).unwrap();
+    let state = node.join("var/lib/si");
+    let list = state.join("installed.digests");
+    assert!(list.exists(), "a deploy records the digest list");
+
+    let installed_digest = || -> si_proto::Digest {
+        let i = update::read_installed(&state).unwrap();
+        si_proto::Digest::from_hex(&i.manifest).unwrap()
+    };
+    let list_of = |manifest: si_proto::Digest, m: &si_proto::Manifest| -> Vec<u8> {
+        let mut ds: Vec<[u8; 32]> = m.digests().map(|c| c.digest.0).collect();
+        ds.sort();
+        ds.dedup();
+        let mut out = b"SIDG".to_vec();
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&manifest.0);
+        ds.iter().for_each(|d| out.extend_from_slice(d));
+        out
+    };
+    let change = |v: u64| {
+        for i in 0..5 {
+            std::fs::write(src.join(format!("d/f{i}")), rand_bytes(3000, 1000 * v + i)).unwrap();
+        }
+        std::fs::write(src.join(format!("new{v}")), rand_bytes(5000, v)).unwrap();
+        capture::commit(&store, &src, "img", &[], None)
+            .unwrap()
+            .version
+    };
+
+    // A list naming the installed manifest but claiming every object of the next version:
+    // nothing is fetched early, the walk finds what is missing.
+    let v2 = change(2);
+    let m2 = store.manifest("img", v2).unwrap();
+    std::fs::write(&list, list_of(installed_digest(), &m2)).unwrap();
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!((s.version, s.replaced, s.created), (v2, 5, 1));
+    same_tree(&src, &node, &["/var"]);
+
+    // A list made for another manifest is ignored (stale), and so is a missing one.
+    let v3 = change(3);
+    std::fs::write(&list, list_of(si_proto::Digest::of(b"other"), &m2)).unwrap();
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!((s.version, s.fetched_objects), (v3, 6));
+    same_tree(&src, &node, &["/var"]);
+    let v4 = change(4);
+    std::fs::remove_file(&list).unwrap();
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!((s.version, s.fetched_objects), (v4, 6));
+    same_tree(&src, &node, &["/var"]);
+    assert!(list.exists(), "rewritten after the update");
+}
+
+fn filetime_of(md: &std::fs::Metadata) -> rustix::fs::Timestamps {
+    use std::os::unix::fs::MetadataExt;
+    let t = rustix::fs::Timespec {
+        tv_sec: md.mtime(),
+        tv_nsec: md.mtime_nsec() as _,
+    };
+    rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+#[test]
+fn default_update_excludes_keep_node_state() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::create_dir_all(src.join("var/log")).unwrap();
+    std::fs::write(src.join("etc/hostname"), b"golden\n").unwrap();
+    std::fs::write(src.join("etc/passwd"), b"root\n").unwrap();
+    std::fs::write(src.join("etc/fstab"), b"golden fstab\n").unwrap();
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    std::fs::create_dir_all(node.join("etc")).unwrap();
+    std::fs::create_dir_all(node.join("var/log")).unwrap();
+    std::fs::write(node.join("etc/hostname"), b"node01\n").unwrap();
+    std::fs::write(node.join("var/log/syslog"), b"log\n").unwrap();
+    std::fs::write(node.join("etc/stale"), b"remove me\n").unwrap();
+    let s = run(OptionArgs {
+        no_default_excludes: false,
+        force: true,
+        ..args(&server, "img", &node)
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read(node.join("etc/hostname")).unwrap(),
+        b"node01\n"
+    );
+    assert_eq!(
+        std::fs::read(node.join("var/log/syslog")).unwrap(),
+        b"log\n"
+    );
+    assert!(!node.join("etc/fstab").exists(), "fstab is the node's own");
+    assert_eq!(std::fs::read(node.join("etc/passwd")).unwrap(), b"root\n");
+    assert!(!node.join("etc/stale").exists());
+    assert_eq!(s.deleted, 1);
+}
+
+#[test]
+fn hooks_and_triggers_run_around_the_swap() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let log = t.path().join("log");
+    std::fs::create_dir_all(src.join("etc/si")).unwrap();
+    std::fs::create_dir_all(src.join("etc/svc")).unwrap();
+    std::fs::write(src.join("etc/svc/conf"), b"v1").unwrap();
+    std::fs::write(src.join("etc/other"), b"v1").unwrap();
+    let trig = format!(
+        "[[trigger]]\npaths = [\"/etc/svc/**\"]\nservice = \"svc\"\nstop = \"echo stop $SI_VERSION >> {0}\"\nstart = \"echo start >> {0}\"\n",
+        log.display()
+    );
+    std::fs::write(src.join("etc/si/triggers.toml"), trig).unwrap();
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    run(args(&server, "img", &node)).unwrap();
+    std::fs::write(src.join("etc/other"), b"v2").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let hooks = |a: OptionArgs| OptionArgs {
+        pre_hook: vec![format!("echo pre >> {}", log.display())],
+        post_hook: vec![format!("echo post >> {}", log.display())],
+        ..a
+    };
+    run(hooks(args(&server, "img", &node))).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pre\npost\n",
+        "no trigger for an unrelated change"
+    );
+    std::fs::write(src.join("etc/svc/conf"), b"v3").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    run(hooks(args(&server, "img", &node))).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pre\nstop 3\nstart\npost\n"
+    );
+}

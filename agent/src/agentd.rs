@@ -5,12 +5,13 @@
 use crate::update::{self, OptionArgs};
 use anyhow::{bail, Context, Result};
 use si_proto::frame::{recv_msg, write_msg};
-use si_proto::msg::{self, ErrorKind, Msg, Role};
+use si_proto::handshake::{self, Policy};
+use si_proto::msg::{Msg, Role};
+use si_proto::stream::BufStream;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
 
 pub struct AgentConfig {
     pub listen: SocketAddr,
@@ -53,47 +54,14 @@ fn handle(s: TcpStream, cfg: &AgentConfig) -> Result<()> {
     if !cfg.masters.is_empty() && !cfg.masters.contains(&peer.ip()) {
         bail!("refused: not a configured master");
     }
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut r = std::io::BufReader::new(s.try_clone()?);
-    let mut w = s;
-    let Msg::Hello {
-        magic,
-        version,
-        min_version,
-        role,
-        token,
-        ..
-    } = recv_msg(&mut r)?
-    else {
-        bail!("expected hello")
+    s.set_read_timeout(Some(handshake::HELLO_TIMEOUT))?;
+    let mut conn = BufStream::new(s);
+    let policy = Policy {
+        roles: vec![Role::Push],
+        token: Some(cfg.token.clone()),
+        server: si_tree::fsutil::hostname(),
     };
-    let refuse = |w: &mut TcpStream, kind, m: &str| -> Result<()> {
-        let _ = write_msg(
-            w,
-            &Msg::Error {
-                kind,
-                message: m.into(),
-            },
-        );
-        bail!("refused: {m}")
-    };
-    if magic != msg::MAGIC || role != Role::Push {
-        return refuse(&mut w, ErrorKind::BadRequest, "not a push");
-    }
-    let v = match msg::negotiate(version, min_version) {
-        Ok(v) => v,
-        Err(m) => return refuse(&mut w, ErrorKind::Version, &m),
-    };
-    if !si_proto::handshake::ct_eq(token.as_bytes(), cfg.token.as_bytes()) {
-        return refuse(&mut w, ErrorKind::Refused, "wrong token");
-    }
-    write_msg(
-        &mut w,
-        &Msg::Welcome {
-            version: v,
-            server: si_tree::fsutil::hostname(),
-        },
-    )?;
+    handshake::accept(&mut conn, &policy)?;
     let Msg::PushUpdate {
         server,
         image,
@@ -101,11 +69,11 @@ fn handle(s: TcpStream, cfg: &AgentConfig) -> Result<()> {
         verify,
         force,
         dry_run,
-    } = recv_msg(&mut r)?
+    } = recv_msg(&mut conn)?
     else {
         bail!("expected PushUpdate")
     };
-    r.get_ref().set_read_timeout(None)?;
+    conn.get_ref().set_read_timeout(None)?;
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let res = update::options(OptionArgs {
         server,
@@ -132,7 +100,7 @@ fn handle(s: TcpStream, cfg: &AgentConfig) -> Result<()> {
             detail: format!("{e:#}"),
         },
     };
-    write_msg(&mut w, &done)?;
-    w.flush()?;
+    write_msg(&mut conn, &done)?;
+    conn.flush()?;
     Ok(())
 }

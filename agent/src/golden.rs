@@ -5,15 +5,17 @@
 //! exits; with no capture before the timeout it exits with an error. The stat cache is saved
 //! only after the master confirms (`Bye`) that the image is durably recorded.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use si_proto::frame::{self, recv_msg, write_data, write_msg};
+use si_proto::handshake::{self, Policy};
 use si_proto::manifest::{Entry, Kind};
-use si_proto::msg::{self, ErrorKind, Msg, Role, ScanStats};
+use si_proto::msg::{self, Msg, Role, ScanStats};
+use si_proto::stream::BufStream;
 use si_proto::Digest;
 use si_tree::exclude::Excludes;
 use si_tree::scan::{self, BlobSink, ScanConfig};
 use std::collections::HashSet;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -68,6 +70,34 @@ impl<W: Write> BlobSink for NetSink<W> {
     }
 }
 
+/// Sends the tree as `Entries` batches of about [`BATCH_BYTES`]; a file whose chunk list alone
+/// is larger goes out with its first chunks, the rest following in `MoreChunks` messages.
+fn send_entries<W: Write>(w: &mut W, entries: Vec<Entry>) -> Result<()> {
+    let mut batch = Vec::new();
+    let mut size = 0;
+    for mut e in entries {
+        let mut rest = Vec::new();
+        if let Kind::File { chunks, .. } = &mut e.kind {
+            if chunks.len() > msg::MAX_CHUNKS_PER_MSG {
+                rest = chunks.split_off(msg::MAX_CHUNKS_PER_MSG);
+            }
+        }
+        size += approx_size(&e);
+        batch.push(e);
+        if size >= BATCH_BYTES || !rest.is_empty() {
+            write_msg(w, &Msg::Entries(std::mem::take(&mut batch)))?;
+            size = 0;
+        }
+        for part in rest.chunks(msg::MAX_CHUNKS_PER_MSG) {
+            write_msg(w, &Msg::MoreChunks(part.to_vec()))?;
+        }
+    }
+    if !batch.is_empty() {
+        write_msg(w, &Msg::Entries(batch))?;
+    }
+    Ok(())
+}
+
 /// Waits for the master, serves one capture, returns its statistics.
 pub fn serve_once(cfg: &ServeConfig) -> Result<ScanStats> {
     let listener =
@@ -111,62 +141,20 @@ pub fn serve_on(listener: TcpListener, cfg: &ServeConfig) -> Result<ScanStats> {
 }
 
 fn handshake(stream: &TcpStream, cfg: &ServeConfig) -> Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut r = stream;
-    let mut w = stream;
-    let hello = recv_msg(&mut r).context("reading the master's hello")?;
-    let refuse = |w: &mut &TcpStream, kind, m: String| -> Result<()> {
-        let _ = write_msg(
-            w,
-            &Msg::Error {
-                kind,
-                message: m.clone(),
-            },
-        );
-        Err(anyhow!(m))
+    stream.set_read_timeout(Some(handshake::HELLO_TIMEOUT))?;
+    let policy = Policy {
+        roles: vec![Role::Capture],
+        token: Some(cfg.token.clone()),
+        server: si_tree::fsutil::hostname(),
     };
-    let Msg::Hello {
-        magic,
-        version,
-        min_version,
-        role,
-        token,
-        ..
-    } = hello
-    else {
-        return refuse(&mut w, ErrorKind::BadRequest, "expected Hello".into());
-    };
-    if magic != msg::MAGIC {
-        return refuse(&mut w, ErrorKind::BadRequest, "not an si peer".into());
-    }
-    let v = match msg::negotiate(version, min_version) {
-        Ok(v) => v,
-        Err(m) => return refuse(&mut w, ErrorKind::Version, m),
-    };
-    if role != Role::Capture {
-        return refuse(
-            &mut w,
-            ErrorKind::BadRequest,
-            "this service only serves captures".into(),
-        );
-    }
-    if !si_proto::handshake::ct_eq(token.as_bytes(), cfg.token.as_bytes()) {
-        return refuse(&mut w, ErrorKind::Refused, "wrong token".into());
-    }
-    write_msg(
-        &mut w,
-        &Msg::Welcome {
-            version: v,
-            server: si_tree::fsutil::hostname(),
-        },
-    )?;
+    handshake::accept(&mut &*stream, &policy)?;
     stream.set_read_timeout(None)?;
     Ok(())
 }
 
 fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
     stream.set_nodelay(true).ok();
-    let mut r = std::io::BufReader::new(stream.try_clone()?);
+    let mut r = BufStream::with_capacities(64 << 10, 1 << 20, stream);
     let Msg::CaptureStart { excludes } = recv_msg(&mut r)? else {
         bail!("expected CaptureStart")
     };
@@ -183,7 +171,7 @@ fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
             m => bail!("unexpected {m:?} during the have list"),
         }
     }
-    let mut w = BufWriter::with_capacity(1 << 20, stream);
+    let mut w = r;
     write_msg(&mut w, &Msg::Layout(cfg.layout.clone().unwrap_or_default()))?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
@@ -201,19 +189,7 @@ fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
         eprintln!("si-prepareclient: scan {:.3}s", t.elapsed().as_secs_f64());
     }
     let mut w = sink.w;
-    let mut batch = Vec::new();
-    let mut size = 0;
-    for e in res.manifest.entries {
-        size += approx_size(&e);
-        batch.push(e);
-        if size >= BATCH_BYTES {
-            write_msg(&mut w, &Msg::Entries(std::mem::take(&mut batch)))?;
-            size = 0;
-        }
-    }
-    if !batch.is_empty() {
-        write_msg(&mut w, &Msg::Entries(batch))?;
-    }
+    send_entries(&mut w, res.manifest.entries)?;
     write_msg(
         &mut w,
         &Msg::ScanEnd {
@@ -221,7 +197,7 @@ fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
         },
     )?;
     w.flush()?;
-    match frame::read_frame(&mut r) {
+    match frame::read_frame(&mut w) {
         Ok(Some(frame::Frame::Msg(Msg::Bye))) => {
             res.cache.save(&cache_path)?;
             Ok(res.stats)
@@ -231,5 +207,60 @@ fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
         }
         Ok(other) => bail!("the master closed without confirming ({other:?})"),
         Err(e) => Err(e).context("waiting for the master's confirmation"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use si_proto::frame::{read_frame, Frame, MAX_FRAME};
+    use si_proto::manifest::Chunk;
+
+    fn file(path: &str, chunks: usize) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: Kind::File {
+                size: (chunks as u64) << 18,
+                chunks: (0..chunks)
+                    .map(|i| Chunk {
+                        offset: (i as u64) << 18,
+                        len: 256 << 10,
+                        digest: Digest::of(&i.to_le_bytes()),
+                    })
+                    .collect(),
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        }
+    }
+
+    /// A file of ~60 GiB (240k chunks) goes out in frames the master accepts, and comes back
+    /// whole when the continuations are appended to the entry before them.
+    #[test]
+    fn a_chunk_list_larger_than_a_frame_is_split() {
+        let entries = vec![file("small", 3), file("vm.img", 240_000), file("after", 1)];
+        let mut wire = Vec::new();
+        send_entries(&mut wire, entries.clone()).unwrap();
+        let mut r = &wire[..];
+        let mut got: Vec<Entry> = Vec::new();
+        let mut frames = 0;
+        while let Some(f) = read_frame(&mut r).unwrap() {
+            frames += 1;
+            match f {
+                Frame::Msg(Msg::Entries(es)) => got.extend(es),
+                Frame::Msg(Msg::MoreChunks(more)) => match &mut got.last_mut().unwrap().kind {
+                    Kind::File { chunks, .. } => chunks.extend(more),
+                    k => panic!("continuation after a {}", k.name()),
+                },
+                f => panic!("unexpected frame {f:?}"),
+            }
+        }
+        assert!(frames >= 4, "{frames} frames");
+        assert!(wire.len() > MAX_FRAME, "the test must exceed one frame");
+        assert_eq!(got, entries);
     }
 }

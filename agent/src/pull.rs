@@ -2,14 +2,17 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use si_proto::frame::{read_frame, recv_msg, write_msg, Frame};
+use si_proto::handshake::{self, Backoff, Credentials, PeerError};
 use si_proto::manifest::Manifest;
-use si_proto::msg::{self, ImageVersionInfo, Msg, Role};
+use si_proto::msg::{ImageVersionInfo, Msg, Role};
+use si_proto::stream::{BufStream, Counted, Traffic};
 use si_proto::Digest;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
+
+/// How long a node keeps retrying a server that answers Busy.
+const BUSY_PATIENCE: Duration = Duration::from_secs(600);
 
 /// Digests per `Want`, and how many `Want`s may be outstanding.
 const WANT_BATCH: usize = 1024;
@@ -17,24 +20,9 @@ const IN_FLIGHT: usize = 2;
 
 pub use si_tree::codec::verify;
 
-struct Counting<R> {
-    inner: R,
-    n: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.n.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
 pub struct Client {
-    r: BufReader<Counting<TcpStream>>,
-    w: BufWriter<TcpStream>,
-    /// Bytes received so far.
-    pub received: Arc<AtomicU64>,
+    conn: BufStream<Counted<TcpStream>>,
+    traffic: Traffic,
 }
 
 impl Client {
@@ -49,37 +37,45 @@ impl Client {
             .with_context(|| format!("resolving {server}"))?
             .next()
             .ok_or_else(|| anyhow!("{server} resolves to nothing"))?;
-        let s = TcpStream::connect_timeout(&addr, timeout)
-            .with_context(|| format!("connecting to {addr}"))?;
-        s.set_nodelay(true).ok();
-        s.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let received = Arc::new(AtomicU64::new(0));
-        let mut c = Client {
-            r: BufReader::with_capacity(
-                1 << 20,
-                Counting {
-                    inner: s.try_clone()?,
-                    n: received.clone(),
-                },
-            ),
-            w: BufWriter::new(s),
-            received,
+        let creds = Credentials {
+            token: String::new(),
+            client: si_tree::fsutil::hostname(),
         };
-        write_msg(
-            &mut c.w,
-            &msg::hello(Role::Deploy, "", &si_tree::fsutil::hostname()),
-        )?;
-        c.w.flush()?;
-        match recv_msg(&mut c.r).context("handshake with the server")? {
-            Msg::Welcome { .. } => Ok(c),
-            m => bail!("unexpected answer to hello: {m:?}"),
-        }
+        // A server at its connection cap answers Busy: wait and retry (see si_proto::handshake).
+        handshake::retry(
+            Backoff::new(BUSY_PATIENCE),
+            || Client::open(&addr, timeout, &creds),
+            |e, d| tracing::info!(server = %addr, error = %e, retry_in = ?d, "server busy; retrying"),
+        )
+        .with_context(|| format!("opening a session with {addr}"))
+    }
+
+    fn open(
+        addr: &std::net::SocketAddr,
+        timeout: Duration,
+        creds: &Credentials,
+    ) -> Result<Client, PeerError> {
+        let io = |e: std::io::Error| PeerError::Frame(si_proto::frame::FrameError::Io(e));
+        let s = TcpStream::connect_timeout(addr, timeout).map_err(io)?;
+        s.set_nodelay(true).ok();
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(io)?;
+        let counted = Counted::new(s);
+        let traffic = counted.traffic();
+        let mut conn = BufStream::with_capacities(1 << 20, 64 << 10, counted);
+        handshake::connect(&mut conn, Role::Deploy, creds)?;
+        Ok(Client { conn, traffic })
+    }
+
+    /// Bytes received from the server so far.
+    pub fn received(&self) -> u64 {
+        self.traffic.read()
     }
 
     pub fn list(&mut self) -> Result<Vec<ImageVersionInfo>> {
-        write_msg(&mut self.w, &Msg::ListImages)?;
-        self.w.flush()?;
-        match recv_msg(&mut self.r)? {
+        write_msg(&mut self.conn, &Msg::ListImages)?;
+        self.conn.flush()?;
+        match recv_msg(&mut self.conn)? {
             Msg::Images(v) => Ok(v),
             m => bail!("unexpected answer: {m:?}"),
         }
@@ -92,14 +88,14 @@ impl Client {
         version: Option<u32>,
     ) -> Result<(ImageVersionInfo, Manifest, Vec<u8>)> {
         write_msg(
-            &mut self.w,
+            &mut self.conn,
             &Msg::GetManifest {
                 image: image.into(),
                 version,
             },
         )?;
-        self.w.flush()?;
-        let (info, digest, bytes) = match recv_msg(&mut self.r)? {
+        self.conn.flush()?;
+        let (info, digest, bytes) = match recv_msg(&mut self.conn)? {
             Msg::ManifestIs {
                 info,
                 digest,
@@ -112,7 +108,7 @@ impl Client {
         }
         let mut data = Vec::with_capacity(bytes.min(64 << 20) as usize);
         while (data.len() as u64) < bytes {
-            let part = si_proto::frame::recv_data(&mut self.r)?;
+            let part = si_proto::frame::recv_data(&mut self.conn)?;
             data.extend_from_slice(&part);
         }
         if data.len() as u64 != bytes || Digest::of(&data) != digest {
@@ -129,7 +125,7 @@ impl Client {
         }
         let mut data = Vec::with_capacity(n.min(64 << 20) as usize);
         while (data.len() as u64) < n {
-            let part = si_proto::frame::recv_data(&mut self.r)?;
+            let part = si_proto::frame::recv_data(&mut self.conn)?;
             data.extend_from_slice(&part);
         }
         if data.len() as u64 != n {
@@ -152,7 +148,7 @@ impl Client {
             return Ok(ManifestAnswer::Full { info, m, bytes });
         };
         write_msg(
-            &mut self.w,
+            &mut self.conn,
             &Msg::GetManifestDelta {
                 image: image.into(),
                 version,
@@ -160,8 +156,8 @@ impl Client {
                 base_version: bversion,
             },
         )?;
-        self.w.flush()?;
-        match recv_msg(&mut self.r)? {
+        self.conn.flush()?;
+        match recv_msg(&mut self.conn)? {
             Msg::ManifestDeltaIs {
                 info,
                 digest,
@@ -207,8 +203,7 @@ impl Client {
     ) -> Result<()> {
         let batches: Vec<&[(Digest, u32)]> = wants.chunks(WANT_BATCH).collect();
         let (tx, rx) = crossbeam_channel::bounded::<(Digest, u32, u32, Vec<u8>)>(32);
-        let r = &mut self.r;
-        let w = &mut self.w;
+        let c = &mut self.conn;
         std::thread::scope(|s| -> Result<()> {
             let workers: Vec<_> = (0..threads.max(1))
                 .map(|_| {
@@ -229,20 +224,20 @@ impl Client {
             let res = (|| -> Result<()> {
                 let mut sent = 0;
                 while sent < batches.len().min(IN_FLIGHT) {
-                    write_msg(w, &Msg::Want(batches[sent].iter().map(|x| x.0).collect()))?;
+                    write_msg(c, &Msg::Want(batches[sent].iter().map(|x| x.0).collect()))?;
                     sent += 1;
                 }
-                w.flush()?;
+                c.flush()?;
                 for (i, batch) in batches.iter().enumerate() {
                     for &(d, expect) in batch.iter() {
-                        let (digest, raw_len) = match recv_msg(r)? {
+                        let (digest, raw_len) = match recv_msg(c)? {
                             Msg::Blob { digest, raw_len } => (digest, raw_len),
                             m => bail!("expected an object, got {m:?}"),
                         };
                         if digest != d {
                             bail!("server sent {digest} where {d} was due");
                         }
-                        let Some(Frame::Data(z)) = read_frame(r)? else {
+                        let Some(Frame::Data(z)) = read_frame(c)? else {
                             bail!("object {d} without data")
                         };
                         if tx.send((d, raw_len, expect, z)).is_err() {
@@ -250,8 +245,8 @@ impl Client {
                         }
                     }
                     if sent < batches.len() {
-                        write_msg(w, &Msg::Want(batches[sent].iter().map(|x| x.0).collect()))?;
-                        w.flush()?;
+                        write_msg(c, &Msg::Want(batches[sent].iter().map(|x| x.0).collect()))?;
+                        c.flush()?;
                         sent += 1;
                     }
                     let _ = i;
@@ -272,23 +267,23 @@ impl Client {
 
     pub fn report(&mut self, node: &str, state: &str, detail: &str) -> Result<()> {
         write_msg(
-            &mut self.w,
+            &mut self.conn,
             &Msg::Report {
                 node: node.into(),
                 state: state.into(),
                 detail: detail.into(),
             },
         )?;
-        self.w.flush()?;
-        match recv_msg(&mut self.r)? {
+        self.conn.flush()?;
+        match recv_msg(&mut self.conn)? {
             Msg::Ok => Ok(()),
             m => bail!("unexpected answer: {m:?}"),
         }
     }
 
     pub fn bye(mut self) {
-        let _ = write_msg(&mut self.w, &Msg::Bye);
-        let _ = self.w.flush();
+        let _ = write_msg(&mut self.conn, &Msg::Bye);
+        let _ = self.conn.flush();
     }
 }
 

@@ -1140,7 +1140,7 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         }
     }
     timing("recorded");
-    sum.wire_bytes = client.received.load(Ordering::Relaxed);
+    sum.wire_bytes = client.received();
     sum.seconds = start.elapsed().as_secs_f64();
     let _ = client.report(
         &o.node,

@@ -16,6 +16,7 @@
 use crate::msg::Msg;
 use std::io::{self, Read, Write};
 use thiserror::Error;
+#[cfg(feature = "async")]
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest frame payload accepted.
@@ -36,6 +37,12 @@ pub enum FrameError {
     Decode(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The peer answered with an error message.
+    #[error("peer reported {kind:?}: {message}")]
+    Peer {
+        kind: crate::msg::ErrorKind,
+        message: String,
+    },
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
 }
@@ -50,31 +57,39 @@ fn cfg() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME>()
 }
 
-/// Encodes a message into one frame (header included).
-pub fn encode_msg(m: &Msg) -> Vec<u8> {
+/// Encodes a message into one frame (header included); a message larger than [`MAX_FRAME`]
+/// is an error (`InvalidInput`), never a frame the peer would refuse.
+pub fn encode_msg(m: &Msg) -> io::Result<Vec<u8>> {
     let mut out = vec![0u8; HEADER_LEN];
     bincode::serde::encode_into_std_write(m, &mut out, bincode::config::standard())
-        .expect("messages serialize");
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let n = out.len() - HEADER_LEN;
-    assert!(
-        n <= MAX_FRAME,
-        "message of {n} bytes exceeds the frame limit"
-    );
+    if n > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} message of {n} bytes exceeds the {MAX_FRAME}-byte frame limit",
+                m.name()
+            ),
+        ));
+    }
     out[..4].copy_from_slice(&(n as u32).to_le_bytes());
     out[4] = KIND_MSG;
-    out
+    Ok(out)
 }
 
-/// The header of a data frame of `len` bytes.
-pub fn data_header(len: usize) -> [u8; HEADER_LEN] {
-    assert!(
-        len <= MAX_FRAME,
-        "data frame of {len} bytes exceeds the frame limit"
-    );
+/// The header of a data frame of `len` bytes; more than [`MAX_FRAME`] is an error.
+pub fn data_header(len: usize) -> io::Result<[u8; HEADER_LEN]> {
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("data frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        ));
+    }
     let mut h = [0u8; HEADER_LEN];
     h[..4].copy_from_slice(&(len as u32).to_le_bytes());
     h[4] = KIND_DATA;
-    h
+    Ok(h)
 }
 
 /// Decodes a message payload. Never panics, whatever the bytes.
@@ -146,6 +161,7 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, FrameError> {
 }
 
 /// Async twin of [`read_frame`].
+#[cfg(feature = "async")]
 pub async fn read_frame_async<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<Frame>, FrameError> {
@@ -172,29 +188,29 @@ pub async fn read_frame_async<R: AsyncRead + Unpin>(
 }
 
 pub fn write_msg<W: Write>(w: &mut W, m: &Msg) -> io::Result<()> {
-    w.write_all(&encode_msg(m))
+    w.write_all(&encode_msg(m)?)
 }
 
 pub fn write_data<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
-    w.write_all(&data_header(data.len()))?;
+    w.write_all(&data_header(data.len())?)?;
     w.write_all(data)
 }
 
+#[cfg(feature = "async")]
 pub async fn write_msg_async<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> io::Result<()> {
-    w.write_all(&encode_msg(m)).await
+    w.write_all(&encode_msg(m)?).await
 }
 
+#[cfg(feature = "async")]
 pub async fn write_data_async<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> io::Result<()> {
-    w.write_all(&data_header(data.len())).await?;
+    w.write_all(&data_header(data.len())?).await?;
     w.write_all(data).await
 }
 
 /// Reads a frame that must be a message.
 pub fn recv_msg<R: Read>(r: &mut R) -> Result<Msg, FrameError> {
     match read_frame(r)? {
-        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Protocol(format!(
-            "peer reported {kind:?}: {message}"
-        ))),
+        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Peer { kind, message }),
         Some(Frame::Msg(m)) => Ok(m),
         Some(Frame::Data(_)) => Err(FrameError::Protocol("expected a message, got data".into())),
         None => Err(FrameError::Truncated),
@@ -205,19 +221,16 @@ pub fn recv_msg<R: Read>(r: &mut R) -> Result<Msg, FrameError> {
 pub fn recv_data<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
     match read_frame(r)? {
         Some(Frame::Data(d)) => Ok(d),
-        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Protocol(format!(
-            "peer reported {kind:?}: {message}"
-        ))),
+        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Peer { kind, message }),
         Some(Frame::Msg(_)) => Err(FrameError::Protocol("expected data, got a message".into())),
         None => Err(FrameError::Truncated),
     }
 }
 
+#[cfg(feature = "async")]
 pub async fn recv_msg_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, FrameError> {
     match read_frame_async(r).await? {
-        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Protocol(format!(
-            "peer reported {kind:?}: {message}"
-        ))),
+        Some(Frame::Msg(Msg::Error { kind, message })) => Err(FrameError::Peer { kind, message }),
         Some(Frame::Msg(m)) => Ok(m),
         Some(Frame::Data(_)) => Err(FrameError::Protocol("expected a message, got data".into())),
         None => Err(FrameError::Truncated),
@@ -260,11 +273,21 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_message_is_an_error_not_a_panic() {
+        let big = Msg::Want(vec![crate::Digest::of(b"x"); MAX_FRAME / 32 + 1]);
+        let e = encode_msg(&big).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(write_msg(&mut Vec::new(), &big).is_err());
+        assert!(data_header(MAX_FRAME + 1).is_err());
+    }
+
+    #[test]
     fn truncated_and_garbage_frames() {
         let full = encode_msg(&Msg::Error {
             kind: ErrorKind::Refused,
             message: "x".into(),
-        });
+        })
+        .unwrap();
         for cut in 1..full.len() {
             assert!(
                 matches!(read_frame(&mut &full[..cut]), Err(FrameError::Truncated)),
@@ -291,8 +314,9 @@ mod tests {
         // A Want message claiming 2^60 digests in a tiny frame must fail, not allocate.
         let mut payload = Vec::new();
         // variant index of Want, then a huge varint length (0xff marker + u64).
-        let idx = match decode_msg(&encode_msg(&Msg::Want(vec![]))[HEADER_LEN..]).unwrap() {
-            Msg::Want(_) => encode_msg(&Msg::Want(vec![]))[HEADER_LEN],
+        let idx = match decode_msg(&encode_msg(&Msg::Want(vec![])).unwrap()[HEADER_LEN..]).unwrap()
+        {
+            Msg::Want(_) => encode_msg(&Msg::Want(vec![])).unwrap()[HEADER_LEN],
             _ => unreachable!(),
         };
         payload.push(idx);
@@ -312,13 +336,14 @@ mod tests {
             x
         };
         let valid: Vec<Vec<u8>> = vec![
-            encode_msg(&Msg::Bye),
-            encode_msg(&Msg::Want(vec![crate::Digest::of(b"a"); 3])),
+            encode_msg(&Msg::Bye).unwrap(),
+            encode_msg(&Msg::Want(vec![crate::Digest::of(b"a"); 3])).unwrap(),
             encode_msg(&crate::msg::hello(
                 crate::msg::Role::Capture,
                 "token",
                 "host",
-            )),
+            ))
+            .unwrap(),
             encode_msg(&Msg::Entries(vec![crate::manifest::Entry {
                 path: b"a/b".to_vec(),
                 kind: crate::manifest::Kind::Symlink {
@@ -330,7 +355,8 @@ mod tests {
                 mtime: 3,
                 mtime_nsec: 4,
                 xattrs: vec![],
-            }])),
+            }]))
+            .unwrap(),
         ];
         for i in 0..20_000 {
             let mut buf = if i % 2 == 0 {
@@ -356,6 +382,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "async")]
     #[tokio::test]
     async fn async_reader_matches_sync() {
         let mut buf = Vec::new();

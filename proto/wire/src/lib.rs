@@ -14,6 +14,7 @@ pub mod layout;
 pub mod manifest;
 pub mod msg;
 pub mod path;
+pub mod stream;
 
 pub use digest::Digest;
 pub use manifest::{Chunk, Entry, Kind, Manifest};

@@ -17,7 +17,8 @@
 //!                                    <-    Layout(toml)
 //!                                    <-    Totals{files, bytes}
 //!                                    <-    Blob{..} + Data / Progress ... (objects not in Have)
-//!                                    <-    Entries([..]) ...  (the whole tree, any order)
+//!                                    <-    Entries([..]) ...  (the whole tree, any order;
+//!                                          MoreChunks([..]) continues a long chunk list)
 //!                                    <-    ScanEnd{stats}
 //! Bye                                ->
 //! ```
@@ -55,7 +56,7 @@
 //! before the object is used.
 
 use crate::digest::Digest;
-use crate::manifest::Entry;
+use crate::manifest::{Chunk, Entry};
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"SI\x00P";
@@ -65,6 +66,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Most digests in one `Want` or `Have` message.
 pub const MAX_WANT: usize = 16_384;
+/// Most chunks in one `MoreChunks` message (an encoded chunk takes at most 47 bytes, so this
+/// stays well inside one frame).
+pub const MAX_CHUNKS_PER_MSG: usize = 65_536;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -131,6 +135,10 @@ pub enum Msg {
     HaveEnd,
     Layout(String),
     Entries(Vec<Entry>),
+    /// Continues the chunk list of the last entry of the `Entries` before it: a file whose
+    /// chunk list does not fit one frame (a VM disk image, a database) is sent as an entry with
+    /// the first chunks, then as many of these as it takes. At most [`MAX_CHUNKS_PER_MSG`].
+    MoreChunks(Vec<Chunk>),
     Blob {
         digest: Digest,
         raw_len: u32,
@@ -201,6 +209,39 @@ pub enum Msg {
         ok: bool,
         detail: String,
     },
+}
+
+impl Msg {
+    /// The message's name, for errors and logs (never its contents: they may hold secrets).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Welcome { .. } => "Welcome",
+            Msg::Error { .. } => "Error",
+            Msg::Bye => "Bye",
+            Msg::CaptureStart { .. } => "CaptureStart",
+            Msg::Have { .. } => "Have",
+            Msg::HaveEnd => "HaveEnd",
+            Msg::Layout { .. } => "Layout",
+            Msg::Entries(_) => "Entries",
+            Msg::MoreChunks { .. } => "MoreChunks",
+            Msg::Blob { .. } => "Blob",
+            Msg::Totals { .. } => "Totals",
+            Msg::Progress { .. } => "Progress",
+            Msg::ScanEnd { .. } => "ScanEnd",
+            Msg::ListImages => "ListImages",
+            Msg::Images { .. } => "Images",
+            Msg::GetManifest { .. } => "GetManifest",
+            Msg::ManifestIs { .. } => "ManifestIs",
+            Msg::GetManifestDelta { .. } => "GetManifestDelta",
+            Msg::ManifestDeltaIs { .. } => "ManifestDeltaIs",
+            Msg::Want { .. } => "Want",
+            Msg::Report { .. } => "Report",
+            Msg::Ok => "Ok",
+            Msg::PushUpdate { .. } => "PushUpdate",
+            Msg::PushDone { .. } => "PushDone",
+        }
+    }
 }
 
 /// Chooses the version to speak with a peer that sent `Hello{version, min_version}`.

@@ -6,9 +6,10 @@
 //! the nodes that succeeded and those that failed (with why) are printed and written to
 //! `pushupdate.ok` and `pushupdate.failed` for a retry (`--nodes-file pushupdate.failed`).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use si_proto::frame::{recv_msg_async, write_msg_async};
-use si_proto::msg::{self, Msg, Role};
+use si_proto::handshake::{self, Credentials};
+use si_proto::msg::{Msg, Role};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,15 +139,13 @@ async fn push_one(node: &str, cfg: &PushConfig) -> Result<String> {
     let mut s = tokio::net::TcpStream::connect(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
-    write_msg_async(
-        &mut s,
-        &msg::hello(Role::Push, &cfg.token, &si_tree::fsutil::hostname()),
-    )
-    .await?;
-    match recv_msg_async(&mut s).await? {
-        Msg::Welcome { .. } => {}
-        m => bail!("unexpected answer {m:?}"),
-    }
+    let creds = Credentials {
+        token: cfg.token.clone(),
+        client: si_tree::fsutil::hostname(),
+    };
+    handshake::connect_async(&mut s, Role::Push, &creds)
+        .await
+        .with_context(|| format!("handshake with the agent at {addr}"))?;
     write_msg_async(
         &mut s,
         &Msg::PushUpdate {

@@ -7,6 +7,7 @@
 use crate::manifest_cache::ManifestCache;
 use anyhow::{bail, Context, Result};
 use si_proto::frame::{read_frame_async, write_data_async, write_msg_async, Frame, MAX_FRAME};
+use si_proto::handshake::{self, Policy};
 use si_proto::msg::{self, ErrorKind, ImageVersionInfo, Msg, Role};
 use si_store::Store;
 use std::net::SocketAddr;
@@ -75,14 +76,9 @@ pub async fn run(
             Err(_) => {
                 tokio::spawn(async move {
                     let mut sock = sock;
-                    let _ = write_msg_async(
-                        &mut sock,
-                        &Msg::Error {
-                            kind: ErrorKind::Busy,
-                            message: "too many connections; retry later".into(),
-                        },
-                    )
-                    .await;
+                    if let Err(e) = handshake::refuse_busy_async(&mut sock).await {
+                        tracing::debug!(%peer, error = %e, "telling a client we are busy");
+                    }
                 });
             }
         }
@@ -141,61 +137,19 @@ async fn handle(
     report: Option<ReportHook>,
 ) -> Result<()> {
     sock.set_nodelay(true).ok();
-    let (r, w) = sock.into_split();
+    let mut sock = sock;
+    let policy = Policy {
+        roles: vec![Role::Deploy],
+        token: None,
+        server: si_tree::fsutil::hostname(),
+    };
+    let peer_hello = handshake::accept_async(&mut sock, &policy)
+        .await
+        .context("handshake")?;
+    tracing::debug!(%peer, client = %peer_hello.client, version = peer_hello.version, "session open");
+    let (r, w) = tokio::io::split(sock);
     let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
     let mut w = BufWriter::with_capacity(1 << 20, w);
-    let hello = tokio::time::timeout(std::time::Duration::from_secs(30), read_frame_async(&mut r))
-        .await
-        .context("no hello within 30 s")??;
-    let Some(Frame::Msg(Msg::Hello {
-        magic,
-        version,
-        min_version,
-        role,
-        ..
-    })) = hello
-    else {
-        bail!("expected a hello");
-    };
-    if magic != msg::MAGIC {
-        bail!("not an si peer");
-    }
-    let v = match msg::negotiate(version, min_version) {
-        Ok(v) => v,
-        Err(m) => {
-            write_msg_async(
-                &mut w,
-                &Msg::Error {
-                    kind: ErrorKind::Version,
-                    message: m.clone(),
-                },
-            )
-            .await?;
-            w.flush().await?;
-            bail!(m);
-        }
-    };
-    if role != Role::Deploy {
-        write_msg_async(
-            &mut w,
-            &Msg::Error {
-                kind: ErrorKind::BadRequest,
-                message: "this service serves deploys".into(),
-            },
-        )
-        .await?;
-        w.flush().await?;
-        bail!("wrong role {role:?}");
-    }
-    write_msg_async(
-        &mut w,
-        &Msg::Welcome {
-            version: v,
-            server: si_tree::fsutil::hostname(),
-        },
-    )
-    .await?;
-    w.flush().await?;
     loop {
         let Some(frame) = read_frame_async(&mut r).await? else {
             return Ok(());

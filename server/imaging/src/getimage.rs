@@ -3,15 +3,17 @@
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use si_proto::frame::{self, read_frame, write_msg, Frame};
-use si_proto::manifest::{Entry, Manifest};
+use si_proto::frame::{read_frame, write_msg, Frame};
+use si_proto::handshake::{self, Credentials};
+use si_proto::manifest::{Entry, Kind, Manifest};
 use si_proto::msg::{self, Msg, Role};
+use si_proto::stream::{BufStream, Counted};
 use si_proto::Digest;
 use si_store::{verify_object, Store, VersionMeta};
 use si_tree::exclude::Excludes;
 use si_tree::scan::{self, BlobSink, ScanConfig};
 use std::collections::HashSet;
-use std::io::{BufReader, Read, Write};
+use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -89,19 +91,6 @@ pub fn capture_excludes(
     Ok(v)
 }
 
-struct Counting<R> {
-    inner: R,
-    n: u64,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.n += n as u64;
-        Ok(n)
-    }
-}
-
 pub struct GetImage {
     pub golden: String,
     pub token: String,
@@ -139,20 +128,15 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
     let stream = TcpStream::connect_timeout(&addr, cfg.connect_timeout)
         .with_context(|| format!("connecting to the golden client {addr}"))?;
     stream.set_nodelay(true).ok();
-    let mut w = std::io::BufWriter::new(stream.try_clone()?);
-    let mut r = Counting {
-        inner: BufReader::with_capacity(1 << 20, stream),
-        n: 0,
+    let counted = Counted::new(stream);
+    let traffic = counted.traffic();
+    let mut conn = BufStream::with_capacities(1 << 20, 64 << 10, counted);
+    let creds = Credentials {
+        token: cfg.token.clone(),
+        client: si_tree::fsutil::hostname(),
     };
-    write_msg(
-        &mut w,
-        &msg::hello(Role::Capture, &cfg.token, &si_tree::fsutil::hostname()),
-    )?;
-    w.flush()?;
-    match frame::recv_msg(&mut r).context("handshake with the golden client")? {
-        Msg::Welcome { .. } => {}
-        m => bail!("unexpected answer to hello: {m:?}"),
-    }
+    handshake::connect(&mut conn, Role::Capture, &creds)
+        .context("handshake with the golden client")?;
     // What the previous version holds need not be sent again.
     let mut have: Vec<Digest> = Vec::new();
     if let Ok(v) = store.resolve(&cfg.image, None) {
@@ -161,16 +145,16 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
         have = set.into_iter().filter(|d| store.contains(d)).collect();
     }
     write_msg(
-        &mut w,
+        &mut conn,
         &Msg::CaptureStart {
             excludes: cfg.excludes.clone(),
         },
     )?;
     for batch in have.chunks(msg::MAX_WANT) {
-        write_msg(&mut w, &Msg::Have(batch.to_vec()))?;
+        write_msg(&mut conn, &Msg::Have(batch.to_vec()))?;
     }
-    write_msg(&mut w, &Msg::HaveEnd)?;
-    w.flush()?;
+    write_msg(&mut conn, &Msg::HaveEnd)?;
+    conn.flush()?;
 
     let pb = progress_bar(cfg.progress);
     let writer = Mutex::new(store.pack_writer()?);
@@ -195,7 +179,7 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
             .collect();
         let res = (|| -> Result<()> {
             loop {
-                let f = read_frame(&mut r).context("receiving from the golden client")?;
+                let f = read_frame(&mut conn).context("receiving from the golden client")?;
                 match f {
                     Some(Frame::Msg(Msg::Layout(l))) => layout = (!l.is_empty()).then_some(l),
                     Some(Frame::Msg(Msg::Totals { bytes, .. })) => pb.set_length(bytes),
@@ -204,7 +188,7 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
                         pb.set_message(format!("{files} files"));
                     }
                     Some(Frame::Msg(Msg::Blob { digest, raw_len })) => {
-                        let Some(Frame::Data(z)) = read_frame(&mut r)? else {
+                        let Some(Frame::Data(z)) = read_frame(&mut conn)? else {
                             bail!("object {digest} announced but no data followed");
                         };
                         if tx.send((digest, raw_len, z)).is_err() {
@@ -212,6 +196,15 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
                         }
                     }
                     Some(Frame::Msg(Msg::Entries(es))) => entries.extend(es),
+                    Some(Frame::Msg(Msg::MoreChunks(more))) => {
+                        if more.len() > msg::MAX_CHUNKS_PER_MSG {
+                            bail!("MoreChunks of {} chunks is too large", more.len());
+                        }
+                        match entries.last_mut().map(|e| &mut e.kind) {
+                            Some(Kind::File { chunks, .. }) => chunks.extend(more),
+                            _ => bail!("MoreChunks does not follow a file entry"),
+                        }
+                    }
                     Some(Frame::Msg(Msg::ScanEnd { stats: st })) => {
                         stats = Some(st);
                         return Ok(());
@@ -219,7 +212,10 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
                     Some(Frame::Msg(Msg::Error { message, .. })) => {
                         bail!("golden client failed: {message}")
                     }
-                    Some(other) => bail!("unexpected frame from the golden client: {other:?}"),
+                    Some(Frame::Msg(other)) => {
+                        bail!("unexpected {} from the golden client", other.name())
+                    }
+                    Some(Frame::Data(_)) => bail!("unexpected data frame from the golden client"),
                     None => {
                         bail!("the golden client closed the connection before the end of the scan")
                     }
@@ -240,13 +236,13 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
     });
     if let Err(e) = recv_result {
         let _ = write_msg(
-            &mut w,
+            &mut conn,
             &Msg::Error {
                 kind: msg::ErrorKind::Internal,
                 message: format!("{e:#}"),
             },
         );
-        let _ = w.flush();
+        let _ = conn.flush();
         return Err(e);
     }
     pb.finish_and_clear();
@@ -262,8 +258,8 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
     let meta = store
         .record_version(&cfg.image, &manifest, meta, layout.as_deref())
         .context("recording the captured version")?;
-    write_msg(&mut w, &Msg::Bye)?;
-    w.flush()?;
+    write_msg(&mut conn, &Msg::Bye)?;
+    conn.flush()?;
     Ok(Summary {
         image: cfg.image.clone(),
         version: meta.version,
@@ -272,7 +268,7 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
         bytes: meta.bytes,
         files_read: stats.files_read,
         bytes_read: stats.bytes_read,
-        bytes_sent: r.n,
+        bytes_sent: traffic.read(),
         new_objects,
         new_bytes,
         seconds: start.elapsed().as_secs_f64(),

@@ -725,7 +725,14 @@ fn fix_meta(root: BorrowedFd<'_>, e: &Entry) -> Result<()> {
 }
 
 /// Fetches `m` into an empty root, writing objects into their files as they arrive.
-pub fn deploy_fresh(client: &mut Client, m: &Manifest, root: &Path, threads: usize) -> Result<u64> {
+/// Writes a version onto an empty root, streaming each object into every place it is used;
+/// returns the objects and bytes fetched.
+pub fn deploy_fresh(
+    client: &mut Client,
+    m: &Manifest,
+    root: &Path,
+    threads: usize,
+) -> Result<(u64, u64)> {
     m.validate()?;
     let rootfd = apply::open_root(root)?;
     let rfd = rootfd.as_fd();
@@ -807,7 +814,7 @@ pub fn deploy_fresh(client: &mut Client, m: &Manifest, root: &Path, threads: usi
         let d = apply::open_dir_beneath(rfd, &e.path)?;
         apply::set_meta_fd(d.as_fd(), e)?;
     }
-    Ok(written.load(Ordering::Relaxed))
+    Ok((wants.len() as u64, written.load(Ordering::Relaxed)))
 }
 
 struct NoObjects;
@@ -965,8 +972,9 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
     if p.fresh {
         // The data the image holds (holes excluded) must fit beside what is there.
         ensure_space(&o.root, m.digests().map(|c| u64::from(c.len)).sum())?;
-        let written = deploy_fresh(&mut client, &m, &o.root, o.threads)?;
+        let (objects, written) = deploy_fresh(&mut client, &m, &o.root, o.threads)?;
         sum.created = m.entries.len() as u64 - 1;
+        sum.fetched_objects = objects;
         sum.fetched_bytes = written;
     } else {
         let deleted_files = p.delete_files;

@@ -100,6 +100,15 @@ fn deploy_update_resume_and_safety() {
     let node = t.path().join("node");
     let s = run(args(&server, "img", &node)).unwrap();
     assert_eq!(s.version, 1);
+    // The summary counts what moved: every distinct object once.
+    let distinct: std::collections::HashSet<_> = store
+        .manifest("img", 1)
+        .unwrap()
+        .digests()
+        .map(|c| c.digest)
+        .collect();
+    assert!(distinct.len() > 200);
+    assert_eq!(s.fetched_objects, distinct.len() as u64);
     same_tree(&src, &node, &["/var"]);
     assert!(node.join("var/lib/si/installed.toml").exists());
 

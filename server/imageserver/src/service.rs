@@ -1,8 +1,11 @@
 //! `si-server`'s image service: nodes fetch manifests and objects over the si protocol.
 //!
 //! One task per connection, a semaphore caps connections (the one past the cap gets
-//! `Error{Busy}`), and each connection holds at most one object in memory at a time whatever a
-//! `Want` asks for. Objects go out compressed exactly as stored; the node verifies them.
+//! `Error{Busy}`, which nodes retry with backoff). Whatever a `Want` asks for, a connection
+//! holds at most [`GROUP_BYTES`] of compressed objects plus one object (objects are at most
+//! one chunk, 1 MiB) read from the store at a time, and its 1 MiB write buffer: about 3 MiB,
+//! 1.5 GiB at the default cap of 512 connections. Objects go out compressed exactly as
+//! stored; the node verifies them.
 
 use crate::manifest_cache::ManifestCache;
 use anyhow::{bail, Context, Result};
@@ -129,6 +132,38 @@ fn manifest_reply(
     ))
 }
 
+/// Compressed object bytes one connection reads from the store in one trip: small objects
+/// travel in groups (one blocking call for many), and a connection never holds more than this
+/// plus one object.
+const GROUP_BYTES: usize = 1 << 20;
+
+/// An object as it goes out: digest, uncompressed length, compressed bytes.
+type Outgoing = (si_proto::Digest, u32, Vec<u8>);
+
+/// Reads objects from the front of `want` until their compressed bytes reach `budget` (at
+/// least one object); returns them and how many digests of `want` they cover.
+fn read_group(
+    store: &Store,
+    want: &[si_proto::Digest],
+    budget: usize,
+) -> (Result<Vec<Outgoing>>, usize) {
+    let mut out = Vec::new();
+    let mut held = 0;
+    for (i, d) in want.iter().enumerate() {
+        if held >= budget {
+            return (Ok(out), i);
+        }
+        match store.get_compressed(d) {
+            Ok((raw, z)) => {
+                held += z.len();
+                out.push((*d, raw, z));
+            }
+            Err(e) => return (Err(e), i + 1),
+        }
+    }
+    (Ok(out), want.len())
+}
+
 async fn handle(
     sock: TcpStream,
     peer: SocketAddr,
@@ -212,16 +247,14 @@ async fn handle(
                 if ds.len() > msg::MAX_WANT {
                     bail!("Want of {} digests exceeds {}", ds.len(), msg::MAX_WANT);
                 }
-                for group in ds.chunks(32) {
+                let mut rest = &ds[..];
+                while !rest.is_empty() {
                     let st = store.clone();
-                    let group = group.to_vec();
-                    let objs = tokio::task::spawn_blocking(move || {
-                        group
-                            .iter()
-                            .map(|d| st.get_compressed(d).map(|(raw, z)| (*d, raw, z)))
-                            .collect::<Result<Vec<_>>>()
-                    })
-                    .await?;
+                    let todo = rest.to_vec();
+                    let (objs, taken) =
+                        tokio::task::spawn_blocking(move || read_group(&st, &todo, GROUP_BYTES))
+                            .await?;
+                    rest = &rest[taken..];
                     match objs {
                         Ok(objs) => {
                             for (d, raw, z) in objs {
@@ -278,5 +311,48 @@ async fn handle(
         };
         res?;
         w.flush().await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bound holds whatever a Want asks for: a group stops once its bytes reach the
+    /// budget, and the groups together cover the request in order.
+    #[test]
+    fn object_groups_are_bounded_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut w = store.pack_writer().unwrap();
+        let mut want = Vec::new();
+        let mut x = 7u64;
+        for i in 0..40u32 {
+            // 100 KiB of noise each: zstd cannot shrink it much.
+            let data: Vec<u8> = (0..100 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8 ^ i as u8
+                })
+                .collect();
+            want.push(w.add_raw(&data).unwrap());
+        }
+        w.finish().unwrap();
+        let budget = 256 << 10;
+        let mut rest = &want[..];
+        let mut sent = Vec::new();
+        while !rest.is_empty() {
+            let (objs, taken) = read_group(&store, rest, budget);
+            let objs = objs.unwrap();
+            let held: usize = objs.iter().map(|o| o.2.len()).sum();
+            let largest = objs.iter().map(|o| o.2.len()).max().unwrap();
+            assert!(held < budget + largest, "{held} bytes held");
+            assert_eq!(objs.len(), taken);
+            sent.extend(objs.into_iter().map(|o| o.0));
+            rest = &rest[taken..];
+        }
+        assert_eq!(sent, want);
     }
 }

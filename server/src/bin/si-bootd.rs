@@ -1,6 +1,6 @@
 //! si-bootd: the TFTP and HTTP boot services alone (for tests; si-server runs them too).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use si_server::bootcfg::{self, BootAction, BootSettings, Generated};
 use si_server::{http, tftp};
@@ -41,9 +41,15 @@ struct Args {
 }
 
 async fn run(a: Args) -> Result<()> {
-    let http_base = a
-        .http_base
-        .unwrap_or_else(|| format!("http://{}", a.http_listen));
+    // Scripts name an address the clients reach: a wildcard listen address is none.
+    let http_base = match a.http_base {
+        Some(b) => b.trim_end_matches('/').to_string(),
+        None if a.http_listen.ip().is_unspecified() => bail!(
+            "--http-listen {} names no address clients can reach: give --http-base",
+            a.http_listen
+        ),
+        None => format!("http://{}", a.http_listen),
+    };
     let settings = BootSettings {
         http_base,
         si_server: a.si_server,

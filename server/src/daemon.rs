@@ -4,7 +4,7 @@
 //! reports a finished install, its boot action flips to `local` (SystemImager's
 //! si_netbootmond), and its boot files are regenerated at once.
 
-use crate::bootcfg::{self, BootNode, BootSettings, Generated};
+use crate::bootcfg::{self, BootNode, BootSettings, GenerateConfig, Generated};
 use crate::dhcp::{self, BootFiles, DhcpConfig, Mode, UnknownPolicy};
 use crate::imagecmd::StoreArg;
 use crate::inventory::{self, Inventory};
@@ -55,6 +55,9 @@ pub struct DaemonArgs {
     /// Boot files the DHCP service names (a name without `scheme://` is a TFTP path).
     #[command(flatten)]
     pub boot: BootFiles,
+    /// Which boot configurations are generated, and whether the root's files win.
+    #[command(flatten)]
+    pub generate: GenerateConfig,
     /// Serve this directory over TFTP (iPXE/pxelinux/GRUB binaries, kernels).
     #[arg(long)]
     pub tftp_root: Option<PathBuf>,
@@ -227,6 +230,17 @@ pub fn reachable(a: &DaemonArgs, server_ip: Option<Ipv4Addr>) -> Result<Reachabl
     })
 }
 
+/// Says, for each generated path that a file in `root` shares, which one is served.
+pub fn log_shared(generated: &Generated, root: &std::path::Path) {
+    let served = match generated.config().boot_files {
+        bootcfg::Precedence::RootFirst => "the root's file (--boot-files root-first)",
+        bootcfg::Precedence::GeneratedFirst => "the generated file (--boot-files generated-first)",
+    };
+    for path in generated.shared_with(root) {
+        tracing::info!(%path, root = %root.display(), served, "a generated boot file shares a path with the root");
+    }
+}
+
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(a: DaemonArgs) -> Result<()> {
     let store = Arc::new(a.store.open()?);
@@ -262,7 +276,10 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     if boot_services {
         tracing::info!(%http_base, si_server = %reach.si_server, "nodes are pointed at");
     }
-    let generated = Generated::new(render(&inv, &settings)?);
+    let generated = Generated::with_config(a.generate.clone(), render(&inv, &settings)?);
+    for root in a.tftp_root.iter().chain(&a.http_root) {
+        log_shared(&generated, root);
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

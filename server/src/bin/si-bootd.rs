@@ -38,6 +38,8 @@ struct Args {
     /// Largest TFTP window granted.
     #[arg(long, default_value_t = 64)]
     max_windowsize: u16,
+    #[command(flatten)]
+    generate: bootcfg::GenerateConfig,
 }
 
 async fn run(a: Args) -> Result<()> {
@@ -65,7 +67,8 @@ async fn run(a: Args) -> Result<()> {
         }
         None => Vec::new(),
     };
-    let generated = Generated::new(bootcfg::render(&settings, &nodes)?);
+    let generated = Generated::with_config(a.generate, bootcfg::render(&settings, &nodes)?);
+    si_server::daemon::log_shared(&generated, &a.tftp_root);
 
     let udp = tokio::net::UdpSocket::bind(a.tftp_listen)
         .await

@@ -159,3 +159,121 @@ fn writes_tree_atomically() {
     let g = Generated::new(files);
     assert!(g.get("boot.ipxe").is_some() && g.get("nope").is_none());
 }
+
+fn site_root() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("pxelinux.cfg")).unwrap();
+    std::fs::write(root.join("pxelinux.cfg/default"), b"site\n").unwrap();
+    std::fs::write(dir.path().join("secret"), b"s").unwrap();
+    std::os::unix::fs::symlink("../secret", root.join("boot.ipxe")).unwrap();
+    let root = std::fs::canonicalize(&root).unwrap();
+    (dir, root)
+}
+
+fn generated_files() -> BTreeMap<String, String> {
+    let s = settings();
+    render(&s, &[node()]).unwrap()
+}
+
+#[test]
+fn root_first_serves_the_operators_file_and_fills_in_the_rest() {
+    let (_d, root) = site_root();
+    let g = Generated::new(generated_files());
+    assert_eq!(g.config().boot_files, Precedence::RootFirst);
+    assert_eq!(
+        g.lookup(&root, "pxelinux.cfg/default"),
+        Ok(Found::File(root.join("pxelinux.cfg/default")))
+    );
+    assert!(matches!(
+        g.lookup(&root, "pxelinux.cfg/01-52-54-00-ab-00-01"),
+        Ok(Found::Generated(_))
+    ));
+    // A root path that is refused stays refused: it does not fall through to generated.
+    assert_eq!(g.lookup(&root, "boot.ipxe"), Err(PathError::Escape));
+    assert_eq!(g.lookup(&root, "nope"), Err(PathError::NotFound));
+    assert_eq!(g.shared_with(&root), ["boot.ipxe", "pxelinux.cfg/default"]);
+}
+
+#[test]
+fn generated_first_shadows_the_root() {
+    let (_d, root) = site_root();
+    let cfg = GenerateConfig {
+        boot_files: Precedence::GeneratedFirst,
+        no_generate: vec![],
+    };
+    let g = Generated::with_config(cfg, generated_files());
+    match g.lookup(&root, "pxelinux.cfg/default") {
+        Ok(Found::Generated(d)) => assert!(d.starts_with(b"# si: default")),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        g.lookup(&root, "boot.ipxe"),
+        Ok(Found::Generated(_))
+    ));
+}
+
+#[test]
+fn no_generate_leaves_a_loader_to_the_site() {
+    let (_d, root) = site_root();
+    let cfg = GenerateConfig {
+        boot_files: Precedence::GeneratedFirst,
+        no_generate: vec![Loader::Pxelinux, Loader::Grub],
+    };
+    let g = Generated::with_config(cfg, generated_files());
+    assert_eq!(
+        g.lookup(&root, "pxelinux.cfg/default"),
+        Ok(Found::File(root.join("pxelinux.cfg/default")))
+    );
+    let paths = g.paths();
+    assert!(
+        paths.iter().all(|p| Loader::of(p) == Some(Loader::Ipxe)),
+        "{paths:?}"
+    );
+    assert!(paths.contains(&"boot/52-54-00-ab-00-01.ipxe".to_string()));
+    // Replacing the set (an inventory change) keeps the filter.
+    g.replace(generated_files());
+    assert!(g.get("grub/grub.cfg").is_none() && g.get("boot.ipxe").is_some());
+}
+
+#[test]
+fn generate_config_is_flags_and_toml() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        g: GenerateConfig,
+    }
+    use clap::Parser;
+    let c = Cli::parse_from([
+        "x",
+        "--boot-files",
+        "generated-first",
+        "--no-generate",
+        "ipxe,grub",
+    ])
+    .g;
+    assert_eq!(c.boot_files, Precedence::GeneratedFirst);
+    assert_eq!(c.no_generate, [Loader::Ipxe, Loader::Grub]);
+    let t: GenerateConfig =
+        toml::from_str("boot-files = \"generated-first\"\nno-generate = [\"ipxe\", \"grub\"]\n")
+            .unwrap();
+    assert_eq!(t, c);
+    assert_eq!(Cli::parse_from(["x"]).g, GenerateConfig::default());
+    assert!(toml::from_str::<GenerateConfig>("boot-file = \"root-first\"").is_err());
+}
+
+#[test]
+fn grub_entry_needs_regexp_only_for_the_per_mac_chain() {
+    let e = grub_entry(&settings());
+    // The chain is inside `if insmod regexp`; the default entry follows unconditionally, with
+    // no menu wait.
+    let guard = e.find("if insmod regexp; then\n").expect(&e);
+    let regexp = e.find("regexp --set").expect(&e);
+    let end = e.find("\nfi\n").expect(&e);
+    assert!(guard < regexp && regexp < end, "{e}");
+    assert!(
+        e[end..].contains("set timeout=0\nmenuentry 'si: default'"),
+        "{e}"
+    );
+    assert_eq!(e.matches("if ").count(), e.matches("fi\n").count(), "{e}");
+}

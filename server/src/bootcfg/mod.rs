@@ -11,7 +11,8 @@
 //! pxelinux.cfg/01-52-54-00-12-34-56  per MAC
 //! pxelinux.cfg/0AD50A05              per IPv4 address (uppercase hex)
 //! grub/grub.cfg                      chains grub.cfg-01-<mac>, falls back to local boot
-//! grub/grub.cfg-01-52-54-00-12-34-56 per MAC
+//! grub/grub.cfg-01-52-54-00-12-34-56 per MAC (GRUB's own search)
+//! grub/grub.cfg-01-52:54:00:12:34:56 the same, for grub.cfg's chain by $net_default_mac
 //! grub/grub.cfg-0AD50A05             per IPv4 address
 //! ```
 //!
@@ -412,18 +413,13 @@ pub fn ipxe_entry(s: &BootSettings) -> String {
 
 /// `grub/grub.cfg`: GRUB reads this when its network search finds no per-node file (GRUB ≥
 /// 2.04 searches `grub.cfg-01-<mac>` and `grub.cfg-<IP hex>` itself), or first when built
-/// without the search; it chains the per-MAC file when present. That needs the `regexp` module
-/// (to turn `$net_default_mac` into the dashed name): a GRUB image without it skips the chain
-/// and boots the default entry at once, with no menu wait.
+/// without the search. It chains the node's file by GRUB's own `$net_default_mac`
+/// (`grub.cfg-01-52:54:00:12:34:56`, the same text as the dashed file), which needs only the
+/// `configfile` command: no `regexp` or `test` module, whose absence GRUB's `if` does not even
+/// see (an unknown command leaves `$?` as it was). For an unknown node the chain is an error
+/// message, and the default entry boots at once (`timeout=0`).
 pub fn grub_entry(s: &BootSettings) -> String {
-    let mut o = String::from(
-        "if insmod regexp; then\n\
-         \x20 regexp --set=1:m1 --set=2:m2 --set=3:m3 --set=4:m4 --set=5:m5 --set=6:m6 \
-         '^(..):(..):(..):(..):(..):(..)$' \"$net_default_mac\"\n\
-         \x20 set si_cfg=\"$prefix/grub.cfg-01-$m1-$m2-$m3-$m4-$m5-$m6\"\n\
-         \x20 if [ -s \"$si_cfg\" ]; then configfile \"$si_cfg\"; fi\n\
-         fi\n",
-    );
+    let mut o = String::from("configfile \"$prefix/grub.cfg-01-$net_default_mac\"\n");
     o.push_str(&grub_config(s, "default", "", &s.default_action));
     o
 }
@@ -491,6 +487,11 @@ pub fn render(s: &BootSettings, nodes: &[BootNode]) -> Result<BTreeMap<String, S
             put(format!("boot/{}.ipxe", mac_dashed(mac)), &ipxe)?;
             put(format!("pxelinux.cfg/01-{}", mac_dashed(mac)), &pxe)?;
             put(format!("grub/grub.cfg-01-{}", mac_dashed(mac)), &grub)?;
+            // For grub.cfg's chain, named by `$net_default_mac`.
+            put(
+                format!("grub/grub.cfg-01-{}", mac_dashed(mac).replace('-', ":")),
+                &grub,
+            )?;
         }
         if let Some(ip) = n.ip {
             put(format!("pxelinux.cfg/{}", ip_hex(ip)), &pxe)?;

@@ -891,15 +891,18 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
     };
     if let Some(old) = old {
         let mut seen = HashSet::new();
-        let new_chunks: Box<dyn Iterator<Item = &si_proto::Chunk>> = match &answer {
-            ManifestAnswer::Full { m, .. } => Box::new(m.digests()),
-            ManifestAnswer::Delta { delta, .. } => {
-                Box::new(delta.upserts.iter().flat_map(|e| match &e.kind {
-                    Kind::File { chunks, .. } => chunks.as_slice(),
-                    _ => &[],
-                }))
-            }
+        // Only what the plan can write: nothing below an excluded path is fetched.
+        let excludes = scope(o)?;
+        let entries: Box<dyn Iterator<Item = &Entry>> = match &answer {
+            ManifestAnswer::Full { m, .. } => Box::new(m.entries.iter()),
+            ManifestAnswer::Delta { delta, .. } => Box::new(delta.upserts.iter()),
         };
+        let new_chunks = entries
+            .filter(|e| !excludes.is_excluded(&e.path))
+            .flat_map(|e| match &e.kind {
+                Kind::File { chunks, .. } => chunks.as_slice(),
+                _ => &[],
+            });
         prefetch = new_chunks
             .filter(|c| !old.contains(&c.digest) && seen.insert(c.digest))
             .map(|c| (c.digest, c.len))
@@ -1329,6 +1332,19 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_update_excludes_protect_node_state_at_any_depth() {
+        let u = Excludes::new(default_update_excludes()).unwrap();
+        for p in [
+            "var/log/apt/history.log",
+            "var/spool/cron/crontabs/root",
+            "home/u/.ssh/k",
+        ] {
+            assert!(u.is_excluded(p.as_bytes()), "{p}");
+        }
+        assert!(!u.is_excluded(b"var/lib/dpkg/status"));
+    }
 
     #[test]
     fn digest_list_round_trip_and_rejects() {

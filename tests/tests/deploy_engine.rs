@@ -325,6 +325,101 @@ fn default_update_excludes_keep_node_state() {
     assert_eq!(s.deleted, 1);
 }
 
+/// Node state two and more levels below an excluded directory (`/var/cache/*`, `/var/log/*`,
+/// `/var/spool/*`) is neither overwritten, recreated nor fetched by an update, and the dry run
+/// lists exactly what the update then does.
+#[test]
+fn update_excludes_cover_every_depth_below() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let deep = [
+        "var/cache/debconf/config.dat",
+        "var/log/apt/history.log",
+        "var/spool/cron/crontabs/root",
+    ];
+    for p in deep {
+        std::fs::create_dir_all(src.join(p).parent().unwrap()).unwrap();
+        std::fs::write(src.join(p), format!("golden v1 {p}\n")).unwrap();
+    }
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/passwd"), b"root v1\n").unwrap();
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+    // Version 1 everywhere (no excludes), as the installer leaves it.
+    let node = t.path().join("node");
+    run(args(&server, "img", &node)).unwrap();
+    for p in deep {
+        assert_eq!(
+            std::fs::read_to_string(node.join(p)).unwrap(),
+            format!("golden v1 {p}\n")
+        );
+    }
+
+    // The node's own edits and deletions below the excluded directories.
+    std::fs::write(node.join(deep[0]), b"node's debconf\n").unwrap();
+    std::fs::write(node.join(deep[1]), b"node's log\n").unwrap();
+    std::fs::remove_file(node.join(deep[2])).unwrap();
+    // Version 2 changes those files, adds new ones below them, and changes one file outside.
+    for p in deep {
+        std::fs::write(src.join(p), format!("golden v2 {p}\n")).unwrap();
+    }
+    std::fs::create_dir_all(src.join("var/cache/apt/archives")).unwrap();
+    std::fs::write(
+        src.join("var/cache/apt/archives/big.deb"),
+        rand_bytes(3 << 20, 11),
+    )
+    .unwrap();
+    std::fs::write(src.join("etc/passwd"), b"root v2\n").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+
+    let with_defaults = || OptionArgs {
+        no_default_excludes: false,
+        ..args(&server, "img", &node)
+    };
+    let o = update::options(with_defaults()).unwrap();
+    let mut out = Vec::new();
+    update::update(
+        &update::UpdateOptions {
+            dry_run: true,
+            ..o.clone()
+        },
+        &mut out,
+    )
+    .unwrap();
+    let listing = String::from_utf8(out).unwrap();
+    assert!(listing.contains("~ /etc/passwd"), "{listing}");
+    for l in listing.lines() {
+        assert!(
+            !["/var/cache/", "/var/log/", "/var/spool/"]
+                .iter()
+                .any(|d| l.contains(d)),
+            "dry run would touch excluded state: {l}\nin:\n{listing}"
+        );
+    }
+
+    let s = run(with_defaults()).unwrap();
+    assert_eq!(s.version, 2);
+    assert_eq!((s.created, s.replaced, s.deleted), (0, 1, 0), "{s:?}");
+    assert_eq!(s.fetched_objects, 1, "only /etc/passwd's new object: {s:?}");
+    assert!(s.fetched_bytes < 1 << 20, "{s:?}");
+    assert_eq!(
+        std::fs::read(node.join("etc/passwd")).unwrap(),
+        b"root v2\n"
+    );
+    assert_eq!(
+        std::fs::read(node.join(deep[0])).unwrap(),
+        b"node's debconf\n"
+    );
+    assert_eq!(std::fs::read(node.join(deep[1])).unwrap(), b"node's log\n");
+    assert!(!node.join(deep[2]).exists(), "deleted node state recreated");
+    assert!(
+        !node.join("var/cache/apt").exists(),
+        "excluded tree created"
+    );
+}
+
 #[test]
 fn hooks_and_triggers_run_around_the_swap() {
     let t = tempfile::tempdir().unwrap();

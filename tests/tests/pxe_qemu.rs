@@ -13,7 +13,12 @@
 //! - UEFI: OVMF's own PXE → TFTP `grubx64.efi` (grub-mkimage) → `grub/grub.cfg-01-<mac>` →
 //!   kernel + initrd over TFTP (blksize 1024);
 //! - UEFI HTTP boot, no TFTP (si-server alone): OVMF (PXE entries hidden) → DHCP `HTTPClient` →
-//!   HTTP `ipxe.efi` → iPXE → HTTP `boot/<mac>.ipxe` → HTTP kernel + initrd.
+//!   HTTP `ipxe.efi` → iPXE → HTTP `boot/<mac>.ipxe` → HTTP kernel + initrd;
+//! - as a site runs it ([`site_boot`], `site_files_*`): si-server alone, no `--server-ip`,
+//!   default listen addresses, an unknown VM, and the site's own `pxelinux.cfg/default`,
+//!   `boot.ipxe` and `grub/grub.cfg` (a GRUB image without `regexp`) in the TFTP root, winning
+//!   over the generated files of the same names: BIOS pxelinux, BIOS iPXE, UEFI iPXE, UEFI PXE
+//!   with GRUB, UEFI HTTP boot.
 //!
 //! DHCP comes from dnsmasq in DHCP-only mode (`--port=0`) for now: see [`start_dhcp`].
 //!
@@ -168,11 +173,11 @@ fn copy(from: impl AsRef<Path>, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn lab(subnet: u8, fw: Firmware, provider: Provider) -> Result<Lab> {
+/// Puts what every boot loads into `root`: `vmlinuz`, the test initramfs `initrd.img` and a
+/// fresh `marker`, which it returns.
+fn kernel_initrd_marker(root: &Path) -> Result<String> {
     let (vmlinuz, release) = find_kernel()?;
-    let dir = tempfile::tempdir()?;
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(&root)?;
+    std::fs::create_dir_all(root)?;
     copy(&vmlinuz, &root.join("vmlinuz"))?;
     let modules = MODULES
         .iter()
@@ -183,6 +188,60 @@ fn lab(subnet: u8, fw: Firmware, provider: Provider) -> Result<Lab> {
         modules,
     };
     std::fs::write(root.join("initrd.img"), image.build()?)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .subsec_nanos();
+    let marker = format!("si-marker-{}-{nanos}", std::process::id());
+    std::fs::write(root.join("marker"), format!("{marker}\n"))?;
+    Ok(marker)
+}
+
+/// Builds a GRUB network image for UEFI with `modules`; its prefix `(tftp)/grub` makes it
+/// search `grub/grub.cfg-01-<mac>`, `grub/grub.cfg-<IP hex>`…, `grub/grub.cfg`.
+fn grub_image(out: &Path, modules: &[&str]) -> Result<()> {
+    si_tests::run(
+        std::process::Command::new("grub-mkimage")
+            .args(["-O", "x86_64-efi", "-p", "(tftp)/grub", "-o"])
+            .arg(out)
+            .args(modules),
+    )
+    .context("building a GRUB network image (grub-common, grub-efi-amd64-bin)")?;
+    Ok(())
+}
+
+/// dnsmasq sending IPv6 router advertisements on br0 of `ns` and nothing else (no DHCP, no
+/// TFTP), so that iPXE does not wait ~13 s for one.
+fn ra_only(ns: &Netns, dir: &Path, subnet: u8) -> Result<Guard> {
+    ns.sh(&format!(
+        "ip -6 addr add fd00:213:{subnet}::1/64 dev br0 nodad"
+    ))?;
+    let child = ns
+        .cmd("dnsmasq")
+        .args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--bind-interfaces",
+            "--interface=br0",
+            "--enable-ra",
+        ])
+        .arg(format!("--dhcp-range=fd00:213:{subnet}::,ra-only"))
+        .arg(format!("--pid-file={}", dir.join("ra.pid").display()))
+        .arg(format!(
+            "--dhcp-leasefile={}",
+            dir.join("ra.leases").display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting dnsmasq for router advertisements")?;
+    Ok(Guard(child))
+}
+
+fn lab(subnet: u8, fw: Firmware, provider: Provider) -> Result<Lab> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root");
+    let marker = kernel_initrd_marker(&root)?;
     copy("/usr/lib/ipxe/undionly.kpxe", &root.join("undionly.kpxe"))?;
     copy("/usr/lib/ipxe/ipxe.efi", &root.join("ipxe.efi"))?;
     copy("/usr/lib/PXELINUX/pxelinux.0", &root.join("pxelinux.0"))?;
@@ -191,7 +250,6 @@ fn lab(subnet: u8, fw: Firmware, provider: Provider) -> Result<Lab> {
         &root.join("ldlinux.c32"),
     )?;
     if fw == Firmware::UefiGrub {
-        // GRUB's prefix (tftp)/grub makes it search grub/grub.cfg-01-<mac> first.
         let mods = [
             "normal",
             "configfile",
@@ -204,19 +262,8 @@ fn lab(subnet: u8, fw: Firmware, provider: Provider) -> Result<Lab> {
             "regexp",
             "gzio",
         ];
-        si_tests::run(
-            std::process::Command::new("grub-mkimage")
-                .args(["-O", "x86_64-efi", "-p", "(tftp)/grub", "-o"])
-                .arg(root.join("grubx64.efi"))
-                .args(mods),
-        )
-        .context("building a GRUB network image (grub-common, grub-efi-amd64-bin)")?;
+        grub_image(&root.join("grubx64.efi"), &mods)?;
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .subsec_nanos();
-    let marker = format!("si-marker-{}-{nanos}", std::process::id());
-    std::fs::write(root.join("marker"), format!("{marker}\n"))?;
 
     let server = format!("10.213.{subnet}.1");
     let http = format!("{server}:8080");
@@ -644,28 +691,14 @@ fn si_server_full_stack_uefi_http_boot() {
 /// that iPXE does not wait ~13 s for one.
 fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time::Duration) {
     let _vm = vm_lock();
-    let (vmlinuz, release) = find_kernel().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    copy(&vmlinuz, &root.join("vmlinuz")).unwrap();
-    let modules = MODULES
-        .iter()
-        .map(|m| si_initrd::testimage::find_module(&release, m))
-        .collect::<Result<Vec<_>>>()
-        .unwrap();
-    let image = si_initrd::testimage::TestImage {
-        busybox: "/bin/busybox".into(),
-        modules,
-    };
-    std::fs::write(root.join("initrd.img"), image.build().unwrap()).unwrap();
+    let marker = kernel_initrd_marker(&root).unwrap();
     copy("/usr/lib/ipxe/undionly.kpxe", &root.join("undionly.kpxe")).unwrap();
     copy("/usr/lib/ipxe/ipxe.efi", &root.join("ipxe.efi")).unwrap();
     // UEFI HTTP boot needs no TFTP server: si-server runs without one, and the firmware gets
     // the same ipxe.efi at the default URL `{http}/ipxe.efi`.
     let tftp = fw != Firmware::UefiHttp;
-    let marker = format!("si-full-stack-{}", std::process::id());
-    std::fs::write(root.join("marker"), format!("{marker}\n")).unwrap();
 
     let server = format!("10.213.{subnet}.1");
     let http = format!("{server}:8080");
@@ -779,34 +812,7 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
     wait_for_log(&log, ready, &mut child).unwrap();
     let mut procs = vec![Guard(child)];
     if ra {
-        ns.sh(&format!(
-            "ip -6 addr add fd00:213:{subnet}::1/64 dev br0 nodad"
-        ))
-        .unwrap();
-        let ra_only = ns
-            .cmd("dnsmasq")
-            .args([
-                "--no-daemon",
-                "--conf-file=/dev/null",
-                "--port=0",
-                "--bind-interfaces",
-                "--interface=br0",
-                "--enable-ra",
-            ])
-            .arg(format!("--dhcp-range=fd00:213:{subnet}::,ra-only"))
-            .arg(format!(
-                "--pid-file={}",
-                dir.path().join("ra.pid").display()
-            ))
-            .arg(format!(
-                "--dhcp-leasefile={}",
-                dir.path().join("ra.leases").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        procs.push(Guard(ra_only));
+        procs.push(ra_only(&ns, dir.path(), subnet).unwrap());
     }
     let lab = Lab {
         _procs: procs,
@@ -855,4 +861,254 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
     );
     assert!(!after.contains("vmlinuz"), "{after}");
     (lab.log("server.log"), console, took)
+}
+
+/// A site's own boot files, under the names si also generates (`pxelinux.cfg/default`,
+/// `boot.ipxe`, `grub/grub.cfg`), served by si-server alone as a new site runs it: its DHCP on
+/// br0 with no `--server-ip`, TFTP, HTTP and the image service on their default (wildcard)
+/// addresses, the VM unknown to the inventory (`--unknown discover`, a pool address). Every
+/// answer naming a TFTP file must carry the next server, every URL the interface's address, and
+/// the root's files must win over the generated ones (`--boot-files root-first`, the default).
+/// Returns si-server's log, the serial console and the time from VM start to the marker.
+fn site_boot(fw: Firmware, subnet: u8) -> (String, String, Duration) {
+    let _vm = vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let marker = kernel_initrd_marker(&root).unwrap();
+    let server = format!("10.213.{subnet}.1");
+    let cmdline = "console=ttyS0 quiet panic=-1";
+    // The site's files: Debian's loaders, and configurations of its own.
+    copy("/usr/lib/ipxe/ipxe.efi", &root.join("ipxe.efi")).unwrap();
+    copy("/usr/lib/PXELINUX/pxelinux.0", &root.join("pxelinux.0")).unwrap();
+    copy(
+        "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+        &root.join("ldlinux.c32"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("pxelinux.cfg")).unwrap();
+    std::fs::write(
+        root.join("pxelinux.cfg/default"),
+        format!(
+            "SAY site: pxelinux.cfg/default\nDEFAULT site\nPROMPT 0\nTIMEOUT 0\nLABEL site\n  \
+             KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND si.http={server} {cmdline}\n"
+        ),
+    )
+    .unwrap();
+    // Relative names resolve against the script's own tftp:// URL; the kernel is told the
+    // server the DHCP answer named.
+    std::fs::write(
+        root.join("boot.ipxe"),
+        format!(
+            "#!ipxe\necho site: boot.ipxe from ${{next-server}}\n\
+             kernel vmlinuz initrd=initrd.img si.http=${{next-server}} {cmdline}\n\
+             initrd initrd.img\nboot\n"
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("grub")).unwrap();
+    std::fs::write(
+        root.join("grub/grub.cfg"),
+        format!(
+            "set timeout=0\nmenuentry 'site' {{\n  echo 'site: grub.cfg'\n  \
+             linux /vmlinuz si.http={server} {cmdline}\n  initrd /initrd.img\n}}\n"
+        ),
+    )
+    .unwrap();
+    if fw == Firmware::UefiGrub {
+        // A site's GRUB: no regexp (nor anything else si's own grub.cfg might use).
+        let mods = [
+            "normal",
+            "configfile",
+            "linux",
+            "efinet",
+            "tftp",
+            "net",
+            "echo",
+            "gzio",
+        ];
+        grub_image(&root.join("grubx64.efi"), &mods).unwrap();
+    }
+
+    let ns = Netns::new().unwrap();
+    ns.sh(&format!(
+        "ip link add br0 type bridge
+         ip addr add {server}/24 dev br0
+         ip link set br0 up
+         ip tuntap add tap0 mode tap
+         ip link set tap0 master br0 up"
+    ))
+    .unwrap();
+    let state = dir.path().join("state");
+    si_tests::run(
+        std::process::Command::new(bin("si-node"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["subnet", "add", "boot", "--network"])
+            .arg(format!("10.213.{subnet}.0/24"))
+            .arg("--pool")
+            .arg(format!("10.213.{subnet}.100-10.213.{subnet}.150")),
+    )
+    .unwrap();
+    // The site's choice of first stage: iPXE ROMs and iPXE itself get the iPXE script (or
+    // pxelinux.0 when the site boots pxelinux), UEFI PXE ipxe.efi (or GRUB), UEFI HTTP boot
+    // the default URL {http}/ipxe.efi.
+    let (ipxe_file, uefi_file) = match fw {
+        Firmware::BiosPxelinux => ("pxelinux.0", "ipxe.efi"),
+        Firmware::UefiGrub => ("boot.ipxe", "grubx64.efi"),
+        _ => ("boot.ipxe", "ipxe.efi"),
+    };
+    let log = dir.path().join("server.log");
+    let mut child = ns
+        .cmd(bin("si-server"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--store")
+        .arg(dir.path().join("store"))
+        .args(["--dhcp-interface", "br0", "--unknown", "discover"])
+        .arg("--tftp-root")
+        .arg(&root)
+        .arg("--http-root")
+        .arg(&root)
+        .args([
+            "--boot-discovery-script",
+            ipxe_file,
+            "--boot-uefi",
+            uefi_file,
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_log(
+        &log,
+        &[
+            "TFTP server listening",
+            "HTTP server listening",
+            "DHCP service started",
+        ],
+        &mut child,
+    )
+    .unwrap();
+    let mut procs = vec![Guard(child)];
+    procs.push(ra_only(&ns, dir.path(), subnet).unwrap());
+    let lab = Lab {
+        _procs: procs,
+        ns,
+        dir,
+        marker,
+    };
+    let (took, console) = match lab.boot(fw) {
+        Ok(x) => x,
+        Err(e) => panic!("{fw:?}: {e:#}\n--- si-server:\n{}", lab.log("server.log")),
+    };
+    eprintln!("site {fw:?} boot from si-server alone: marker after {took:.1?}");
+    let log = lab.log("server.log");
+    // URLs name the interface's address, never the wildcard the services listen on.
+    assert!(
+        log.contains(&format!("http_base=http://{server} ")),
+        "{log}"
+    );
+    assert!(!log.contains("http://0.0.0.0"), "{log}");
+    // The site's files share names with generated ones; the site's are served.
+    for p in ["pxelinux.cfg/default", "boot.ipxe", "grub/grub.cfg"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("shares a path with the root") && l.contains(p)),
+            "{p}: {log}"
+        );
+    }
+    (log, console, took)
+}
+
+/// What si-server's TFTP was asked for (`file="…"` of its read requests).
+fn tftp_reads(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("TFTP read request"))
+        .filter_map(|l| {
+            l.split("file=\"")
+                .nth(1)?
+                .split('"')
+                .next()
+                .map(String::from)
+        })
+        .collect()
+}
+
+#[test]
+fn site_files_bios_pxelinux() {
+    require_root!();
+    let (log, console, _) = site_boot(Firmware::BiosPxelinux, 70);
+    let reads = tftp_reads(&log);
+    for want in [
+        "pxelinux.0",
+        "pxelinux.cfg/default",
+        "vmlinuz",
+        "initrd.img",
+    ] {
+        assert!(
+            reads.iter().any(|r| r == want),
+            "{want} not read: {reads:?}"
+        );
+    }
+    assert!(console.contains("site: pxelinux.cfg/default"), "{console}");
+}
+
+#[test]
+fn site_files_bios_ipxe() {
+    require_root!();
+    let (log, console, _) = site_boot(Firmware::BiosIpxe, 71);
+    assert!(
+        console.contains("site: boot.ipxe from 10.213.71.1"),
+        "{console}"
+    );
+    let reads = tftp_reads(&log);
+    assert!(reads.iter().any(|r| r == "boot.ipxe"), "{reads:?}");
+}
+
+#[test]
+fn site_files_uefi_ipxe() {
+    require_root!();
+    let (log, console, _) = site_boot(Firmware::UefiOvmf, 72);
+    assert!(
+        console.contains("site: boot.ipxe from 10.213.72.1"),
+        "{console}"
+    );
+    let reads = tftp_reads(&log);
+    assert!(
+        reads.iter().any(|r| r == "ipxe.efi") && reads.iter().any(|r| r == "boot.ipxe"),
+        "{reads:?}"
+    );
+}
+
+#[test]
+fn site_files_uefi_grub_without_regexp() {
+    require_root!();
+    let (log, console, _) = site_boot(Firmware::UefiGrub, 73);
+    assert!(console.contains("site: grub.cfg"), "{console}");
+    let reads = tftp_reads(&log);
+    for want in ["grubx64.efi", "/grub/grub.cfg", "/vmlinuz"] {
+        assert!(
+            reads.iter().any(|r| r == want),
+            "{want} not read: {reads:?}"
+        );
+    }
+}
+
+#[test]
+fn site_files_uefi_http() {
+    require_root!();
+    let (log, console, _) = site_boot(Firmware::UefiHttp, 74);
+    assert!(
+        console.contains("URI: http://10.213.74.1/ipxe.efi"),
+        "{console}"
+    );
+    assert!(
+        console.contains("site: boot.ipxe from 10.213.74.1"),
+        "{console}"
+    );
+    assert!(
+        log.contains("method=GET path=\"/ipxe.efi\" status=200"),
+        "{log}"
+    );
 }

@@ -2,8 +2,10 @@
 //!
 //! A pattern starting with `/` is anchored at the image root; any other pattern matches a name
 //! (or a trailing run of components) at any depth. `*` and `?` stay within one component, `**`
-//! spans components. A matched directory is skipped with everything below it, so `/proc/*`
-//! keeps `/proc` itself and drops its contents.
+//! spans components. An entry is excluded when it or any of its ancestors matches: a matched
+//! directory is excluded with everything below it, so `/proc/*` keeps `/proc` itself and drops
+//! its contents at every depth. Capture's scan, the update's walk of the node and the update's
+//! plan over manifest entries all ask [`Excludes::is_excluded`], so they cannot disagree.
 
 use anyhow::{Context, Result};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -74,7 +76,8 @@ impl Excludes {
         &self.patterns
     }
 
-    /// Whether the entry at relative path `rel` (manifest form, no leading slash) is excluded.
+    /// Whether the entry at relative path `rel` (manifest form, no leading slash) is excluded:
+    /// `rel` itself or one of its ancestors matches a pattern.
     pub fn is_excluded(&self, rel: &[u8]) -> bool {
         if rel.is_empty() || self.patterns.is_empty() {
             return false;
@@ -82,8 +85,16 @@ impl Excludes {
         let mut abs = Vec::with_capacity(rel.len() + 1);
         abs.push(b'/');
         abs.extend_from_slice(rel);
+        // Each ancestor is a prefix of `/rel` ending before a `/`; then `/rel` itself.
+        let mut ends = abs
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|&(_, &b)| b == b'/')
+            .map(|(i, _)| i)
+            .chain(std::iter::once(abs.len()));
         use std::os::unix::ffi::OsStrExt;
-        self.set.is_match(std::ffi::OsStr::from_bytes(&abs))
+        ends.any(|end| self.set.is_match(std::ffi::OsStr::from_bytes(&abs[..end])))
     }
 }
 
@@ -112,6 +123,24 @@ mod tests {
         assert!(!e.is_excluded(b"etc/ssh/sshd_config"));
         assert!(e.is_excluded(b"var/cache"));
         assert!(!e.is_excluded(b""));
+    }
+
+    #[test]
+    fn below_an_excluded_directory_is_excluded_at_every_depth() {
+        let e = Excludes::new(["/var/cache/*", "/etc/ssh/ssh_host_*", "*.pyc"]).unwrap();
+        assert!(!e.is_excluded(b"var/cache"));
+        for p in [
+            "var/cache/debconf",
+            "var/cache/debconf/config.dat",
+            "var/cache/apt/archives/partial/x.deb",
+            "etc/ssh/ssh_host_keys/a/b",
+            "usr/lib/x.pyc/inside",
+        ] {
+            assert!(e.is_excluded(p.as_bytes()), "{p}");
+        }
+        // A name that merely starts like an excluded one is not below it.
+        assert!(!e.is_excluded(b"var/cachex/a/b"));
+        assert!(!e.is_excluded(b"var/lib/cache/a"));
     }
 
     #[test]

@@ -4,10 +4,10 @@
 //! reports a finished install, its boot action flips to `local` (SystemImager's
 //! si_netbootmond), and its boot files are regenerated at once.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
-use si_boot::bootcfg::{self, BootNode, BootSettings, Generated};
-use si_boot::dhcp::{self, DhcpConfig, Mode, UnknownPolicy};
+use si_boot::bootcfg::{self, BootNode, BootSettings, GenerateConfig, Generated};
+use si_boot::dhcp::{self, BootFiles, DhcpConfig, Mode, UnknownPolicy};
 use si_boot::{http, tftp};
 use si_imageserver::service as serve;
 use si_imaging::commands::StoreArg;
@@ -45,12 +45,20 @@ pub struct DaemonArgs {
     /// Unknown machines: ignore them, or boot the discovery script.
     #[arg(long, value_enum, default_value_t = UnknownPolicy::Ignore)]
     pub unknown: UnknownPolicy,
-    /// Our address on the boot network (default: the DHCP interface's).
+    /// Our address on the boot network, put in every URL and `si.server=` handed to nodes
+    /// (default: the DHCP interface's address, else the address HTTP listens on; a wildcard
+    /// listen address with neither is an error at start).
     #[arg(long)]
     pub server_ip: Option<Ipv4Addr>,
-    /// DHCP settings as TOML (overrides the flags above).
+    /// DHCP settings as TOML (overrides the flags above and the --boot-* flags).
     #[arg(long)]
     pub dhcp_config: Option<PathBuf>,
+    /// Boot files the DHCP service names (a name without `scheme://` is a TFTP path).
+    #[command(flatten)]
+    pub boot: BootFiles,
+    /// Which boot configurations are generated, and whether the root's files win.
+    #[command(flatten)]
+    pub generate: GenerateConfig,
     /// Serve this directory over TFTP (iPXE/pxelinux/GRUB binaries, kernels).
     #[arg(long)]
     pub tftp_root: Option<PathBuf>,
@@ -121,32 +129,158 @@ fn render(inv: &Inventory, settings: &BootSettings) -> Result<BTreeMap<String, S
     bootcfg::render(settings, &boot_nodes(inv)?)
 }
 
+/// The DHCP configuration: the file's, else the flags'. Unset fields of a file are filled in
+/// from what the daemon knows (its HTTP base).
+fn dhcp_config(a: &DaemonArgs) -> Result<Option<DhcpConfig>> {
+    if let Some(p) = &a.dhcp_config {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let c = toml::from_str::<DhcpConfig>(&text)
+            .with_context(|| format!("parsing {}", p.display()))?;
+        return Ok(Some(c));
+    }
+    let Some(iface) = &a.dhcp_interface else {
+        return Ok(None);
+    };
+    let mut c = DhcpConfig::new(iface);
+    c.server_ip = a.server_ip;
+    c.mode = if a.proxy_dhcp {
+        Mode::Proxy
+    } else {
+        Mode::Full
+    };
+    c.unknown = a.unknown;
+    c.boot = a.boot.clone();
+    Ok(Some(c))
+}
+
+/// The host part of a URL (`http://HOST[:PORT]/…`, `[v6]` kept in brackets).
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let auth = rest.split(['/', '?', '#']).next()?;
+    let auth = auth.rsplit('@').next()?;
+    if auth.starts_with('[') {
+        return auth.find(']').map(|i| &auth[..=i]);
+    }
+    auth.split(':').next()
+}
+
+/// Where nodes reach us, as put into the URLs and `si.server=` handed to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reachable {
+    /// Base URL of the HTTP service, without a trailing slash.
+    pub http_base: String,
+    /// `si.server=` on installer command lines: the image service's address.
+    pub si_server: String,
+}
+
+/// Finds the addresses nodes reach: `--server-ip`, else `server_ip` (the DHCP interface's
+/// address), else the specific address a service listens on. Every URL handed to a node must
+/// name an address it can reach: a wildcard with nothing else known is an error.
+pub fn reachable(a: &DaemonArgs, server_ip: Option<Ipv4Addr>) -> Result<Reachable> {
+    let addr = a.server_ip.or(server_ip);
+    let specific = |l: SocketAddr| (!l.ip().is_unspecified()).then(|| l.ip());
+    let http_base = match &a.http_base {
+        Some(b) => {
+            let host = url_host(b)
+                .filter(|h| !h.is_empty())
+                .with_context(|| format!("--http-base {b:?} is not a URL (http://HOST[:PORT])"))?;
+            let ip = host.trim_start_matches('[').trim_end_matches(']');
+            if ip
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|i| i.is_unspecified())
+            {
+                bail!("--http-base {b:?} names no address a node can reach");
+            }
+            b.trim_end_matches('/').to_string()
+        }
+        None => {
+            let ip = match (addr, specific(a.http_listen)) {
+                (Some(ip), _) => std::net::IpAddr::V4(ip),
+                (None, Some(ip)) => ip,
+                (None, None) => bail!(
+                    "cannot tell which address nodes reach the HTTP service at (it listens on \
+                     {}): give --server-ip, --dhcp-interface, --http-base or a specific \
+                     --http-listen",
+                    a.http_listen
+                ),
+            };
+            let host = match ip {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                v4 => v4.to_string(),
+            };
+            if a.http_listen.port() == 80 {
+                format!("http://{host}")
+            } else {
+                format!("http://{host}:{}", a.http_listen.port())
+            }
+        }
+    };
+    let si_server = match (addr, specific(a.listen)) {
+        (Some(ip), _) => format!("{ip}:{}", a.listen.port()),
+        (None, Some(_)) => a.listen.to_string(),
+        (None, None) => bail!(
+            "cannot tell which address nodes reach the image service at (it listens on {}): \
+             give --server-ip, --dhcp-interface or a specific --listen",
+            a.listen
+        ),
+    };
+    Ok(Reachable {
+        http_base,
+        si_server,
+    })
+}
+
+/// Says, for each generated path that a file in `root` shares, which one is served.
+pub fn log_shared(generated: &Generated, root: &std::path::Path) {
+    let served = match generated.config().boot_files {
+        bootcfg::Precedence::RootFirst => "the root's file (--boot-files root-first)",
+        bootcfg::Precedence::GeneratedFirst => "the generated file (--boot-files generated-first)",
+    };
+    for path in generated.shared_with(root) {
+        tracing::info!(%path, root = %root.display(), served, "a generated boot file shares a path with the root");
+    }
+}
+
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(a: DaemonArgs) -> Result<()> {
     let store = Arc::new(a.store.open()?);
     let inv = Arc::new(Inventory::open_state_dir(&a.state_dir)?.with_actor("si-server"));
-    let http_base = a.http_base.clone().unwrap_or_else(|| {
-        let ip = a
-            .server_ip
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| a.http_listen.ip().to_string());
-        if a.http_listen.port() == 80 {
-            format!("http://{ip}")
-        } else {
-            format!("http://{ip}:{}", a.http_listen.port())
+    let dhcp_cfg = dhcp_config(&a)?;
+    let boot_services = a.tftp_root.is_some() || a.http_root.is_some() || dhcp_cfg.is_some();
+    // The DHCP interface's address is the one its clients reach (as the DHCP service finds it).
+    let dhcp_ip = match &dhcp_cfg {
+        Some(c) => match c.server_ip.or(a.server_ip) {
+            Some(ip) => Some(ip),
+            None => Some(dhcp::interface_ipv4(&c.interface)?),
+        },
+        None => None,
+    };
+    // Without boot services nothing is handed to nodes: the image service alone needs no
+    // address (si-updateclient is told where it is).
+    let reach = if boot_services {
+        reachable(&a, dhcp_ip)?
+    } else {
+        Reachable {
+            http_base: String::new(),
+            si_server: a.listen.to_string(),
         }
-    });
+    };
+    let http_base = reach.http_base.clone();
     let settings = BootSettings {
         http_base: http_base.clone(),
-        si_server: match a.server_ip {
-            Some(ip) => format!("{ip}:{}", a.listen.port()),
-            None => a.listen.to_string(),
-        },
+        si_server: reach.si_server.clone(),
         installer_kernel: a.installer_kernel.clone(),
         installer_initrd: a.installer_initrd.clone(),
         default_action: bootcfg::BootAction::Local,
     };
-    let generated = Generated::new(render(&inv, &settings)?);
+    if boot_services {
+        tracing::info!(%http_base, si_server = %reach.si_server, "nodes are pointed at");
+    }
+    let generated = Generated::with_config(a.generate.clone(), render(&inv, &settings)?);
+    for root in a.tftp_root.iter().chain(&a.http_root) {
+        log_shared(&generated, root);
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -204,27 +338,11 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         };
         tasks.spawn(http::serve(tcp, cfg, generated.clone(), stopped()));
     }
-    if a.dhcp_interface.is_some() || a.dhcp_config.is_some() {
-        let cfg = match &a.dhcp_config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str::<DhcpConfig>(&text)
-                    .with_context(|| format!("parsing {}", p.display()))?
-            }
-            None => {
-                let mut c = DhcpConfig::new(a.dhcp_interface.as_deref().expect("checked"));
-                c.server_ip = a.server_ip;
-                c.mode = if a.proxy_dhcp {
-                    Mode::Proxy
-                } else {
-                    Mode::Full
-                };
-                c.unknown = a.unknown;
-                c.http_base = Some(http_base.clone());
-                c
-            }
-        };
+    if let Some(mut cfg) = dhcp_cfg {
+        cfg.server_ip = cfg.server_ip.or(dhcp_ip);
+        if cfg.http_base.is_none() {
+            cfg.http_base = Some(http_base.clone());
+        }
         tasks.spawn(dhcp::serve(cfg, inv.clone(), stopped()));
     }
     // Inventory edits (si-node set ... --boot install) reach the boot files within seconds.
@@ -264,4 +382,79 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> DaemonArgs {
+        DaemonArgs::parse_from(std::iter::once("si-server").chain(a.iter().copied()))
+    }
+
+    #[test]
+    fn urls_name_the_dhcp_interface_address_not_the_wildcard() {
+        let ip = Some(Ipv4Addr::new(10, 213, 0, 1));
+        let r = reachable(&args(&["--tftp-root", "/srv"]), ip).unwrap();
+        assert_eq!(r.http_base, "http://10.213.0.1");
+        assert_eq!(r.si_server, "10.213.0.1:7811");
+        let r = reachable(&args(&["--http-listen", "0.0.0.0:8080"]), ip).unwrap();
+        assert_eq!(r.http_base, "http://10.213.0.1:8080");
+        // --server-ip wins over the interface's address.
+        let r = reachable(&args(&["--server-ip", "10.213.0.2"]), ip).unwrap();
+        assert_eq!(r.http_base, "http://10.213.0.2");
+        assert_eq!(r.si_server, "10.213.0.2:7811");
+    }
+
+    #[test]
+    fn specific_listen_addresses_are_used_without_an_interface() {
+        let a = args(&[
+            "--http-listen",
+            "10.213.0.5:8080",
+            "--listen",
+            "10.213.0.5:7000",
+        ]);
+        let r = reachable(&a, None).unwrap();
+        assert_eq!(r.http_base, "http://10.213.0.5:8080");
+        assert_eq!(r.si_server, "10.213.0.5:7000");
+        let a = args(&[
+            "--http-listen",
+            "[fd00::1]:80",
+            "--listen",
+            "10.213.0.5:7811",
+        ]);
+        assert_eq!(reachable(&a, None).unwrap().http_base, "http://[fd00::1]");
+    }
+
+    #[test]
+    fn no_reachable_address_is_an_error_at_start() {
+        let e = reachable(&args(&["--tftp-root", "/srv"]), None).unwrap_err();
+        assert!(format!("{e:#}").contains("--server-ip"), "{e:#}");
+        // An explicit HTTP base still leaves si.server= unknown.
+        let a = args(&["--http-base", "http://10.213.0.1:8080/"]);
+        let e = reachable(&a, None).unwrap_err();
+        assert!(format!("{e:#}").contains("image service"), "{e:#}");
+        let a = args(&[
+            "--http-base",
+            "http://10.213.0.1:8080/",
+            "--listen",
+            "10.213.0.1:7811",
+        ]);
+        assert_eq!(
+            reachable(&a, None).unwrap().http_base,
+            "http://10.213.0.1:8080"
+        );
+        for bad in ["http://0.0.0.0:8080", "http://[::]/", "10.213.0.1"] {
+            let a = args(&["--http-base", bad, "--server-ip", "10.213.0.1"]);
+            assert!(reachable(&a, None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn url_hosts() {
+        assert_eq!(url_host("http://10.0.0.1:80/x"), Some("10.0.0.1"));
+        assert_eq!(url_host("http://u@h/x"), Some("h"));
+        assert_eq!(url_host("http://[::1]:8080"), Some("[::1]"));
+        assert_eq!(url_host("nope"), None);
+    }
 }

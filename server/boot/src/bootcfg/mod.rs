@@ -11,19 +11,25 @@
 //! pxelinux.cfg/01-52-54-00-12-34-56  per MAC
 //! pxelinux.cfg/0AD50A05              per IPv4 address (uppercase hex)
 //! grub/grub.cfg                      chains grub.cfg-01-<mac>, falls back to local boot
-//! grub/grub.cfg-01-52-54-00-12-34-56 per MAC
+//! grub/grub.cfg-01-52-54-00-12-34-56 per MAC (GRUB's own search)
+//! grub/grub.cfg-01-52:54:00:12:34:56 the same, for grub.cfg's chain by $net_default_mac
 //! grub/grub.cfg-0AD50A05             per IPv4 address
 //! ```
 //!
-//! The map is served by both the TFTP and HTTP servers through [`Generated`] (ahead of
-//! files on disk), or written out with [`write_tree`].
+//! The map is served by both the TFTP and HTTP servers through [`Generated`], or written out
+//! with [`write_tree`]. Where a generated file and a file in the served root share a path,
+//! [`GenerateConfig::boot_files`] decides ([`Precedence`]: the root's file by default), and
+//! [`GenerateConfig::no_generate`] turns generation off per loader ([`Loader`]); both servers
+//! ask [`Generated::lookup`], so they always serve the same file for a path.
 
+use crate::tftp::root::{self, PathError};
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 /// What a node should boot.
@@ -80,30 +86,144 @@ pub struct BootSettings {
     pub default_action: BootAction,
 }
 
+/// Which file is served when a generated file and a file in the served root share a path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precedence {
+    /// The root's file (the operator's own loader configuration, a vendor's tool); generated
+    /// files fill in the paths the root lacks.
+    #[default]
+    RootFirst,
+    /// The generated file; the root's file of the same path is never served.
+    GeneratedFirst,
+}
+
+/// The boot loaders si generates configurations for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Loader {
+    /// `boot.ipxe`, `boot/*.ipxe`.
+    Ipxe,
+    /// `pxelinux.cfg/*`.
+    Pxelinux,
+    /// `grub/grub.cfg*`.
+    Grub,
+}
+
+impl Loader {
+    /// The loader a generated path belongs to.
+    pub fn of(path: &str) -> Option<Loader> {
+        if path == "boot.ipxe" || (path.starts_with("boot/") && path.ends_with(".ipxe")) {
+            Some(Loader::Ipxe)
+        } else if path.starts_with("pxelinux.cfg/") {
+            Some(Loader::Pxelinux)
+        } else if path.starts_with("grub/grub.cfg") {
+            Some(Loader::Grub)
+        } else {
+            None
+        }
+    }
+}
+
+/// Which boot files are generated and how they meet the operator's files in the served root:
+/// command-line flags of `si-server` and `si-bootd`, and a TOML table with the same keys.
+#[derive(Args, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct GenerateConfig {
+    /// Where a generated boot file and a file in the TFTP/HTTP root share a path: serve the
+    /// root's file (root-first) or the generated one (generated-first).
+    #[arg(long, value_enum, default_value_t = Precedence::RootFirst)]
+    pub boot_files: Precedence,
+    /// Generate no configuration files for these loaders (comma-separated: ipxe, pxelinux,
+    /// grub); the site's own files in the root are served instead.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub no_generate: Vec<Loader>,
+}
+
+/// What a request path resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A generated file's contents.
+    Generated(Arc<[u8]>),
+    /// A regular file beneath the root (canonical path).
+    File(PathBuf),
+}
+
 /// Generated files shared with the servers; replace the whole set when nodes change.
 #[derive(Debug, Clone, Default)]
-pub struct Generated(Arc<RwLock<BTreeMap<String, Arc<[u8]>>>>);
+pub struct Generated {
+    files: Arc<RwLock<BTreeMap<String, Arc<[u8]>>>>,
+    cfg: Arc<GenerateConfig>,
+}
 
 impl Generated {
+    /// `files` with the default configuration (root first, every loader generated).
     pub fn new(files: BTreeMap<String, String>) -> Generated {
-        let g = Generated::default();
+        Generated::with_config(GenerateConfig::default(), files)
+    }
+
+    pub fn with_config(cfg: GenerateConfig, files: BTreeMap<String, String>) -> Generated {
+        let g = Generated {
+            files: Default::default(),
+            cfg: Arc::new(cfg),
+        };
         g.replace(files);
         g
+    }
+
+    pub fn config(&self) -> &GenerateConfig {
+        &self.cfg
     }
 
     /// Contents of a normalised relative path, if generated.
     pub fn get(&self, path: &str) -> Option<Arc<[u8]>> {
         // A poisoned lock only means a writer panicked; the map itself is always whole.
-        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.files.read().unwrap_or_else(|e| e.into_inner());
         map.get(path).cloned()
     }
 
+    /// The paths generated now.
+    pub fn paths(&self) -> Vec<String> {
+        let map = self.files.read().unwrap_or_else(|e| e.into_inner());
+        map.keys().cloned().collect()
+    }
+
+    /// Replaces the set; files of loaders in `no_generate` are left out.
     pub fn replace(&self, files: BTreeMap<String, String>) {
         let new = files
             .into_iter()
+            .filter(|(k, _)| Loader::of(k).is_none_or(|l| !self.cfg.no_generate.contains(&l)))
             .map(|(k, v)| (k, Arc::from(v.into_bytes())))
             .collect();
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = new;
+        *self.files.write().unwrap_or_else(|e| e.into_inner()) = new;
+    }
+
+    /// What a normalised request path (see [`root::normalize`]) serves, beneath the canonical
+    /// `root`, in the configured [`Precedence`]. With root first, only a path the root lacks
+    /// falls through to a generated file; a path the root refuses (a symlink out of it, a
+    /// directory) stays refused.
+    pub fn lookup(&self, root: &Path, rel: &str) -> Result<Found, PathError> {
+        match self.cfg.boot_files {
+            Precedence::GeneratedFirst => match self.get(rel) {
+                Some(d) => Ok(Found::Generated(d)),
+                None => root::resolve(root, rel).map(Found::File),
+            },
+            Precedence::RootFirst => match root::resolve(root, rel) {
+                Err(PathError::NotFound) => self
+                    .get(rel)
+                    .map(Found::Generated)
+                    .ok_or(PathError::NotFound),
+                r => r.map(Found::File),
+            },
+        }
+    }
+
+    /// Generated paths that a file in `root` shares, for the start-up log.
+    pub fn shared_with(&self, root: &Path) -> Vec<String> {
+        self.paths()
+            .into_iter()
+            .filter(|p| root.join(p).exists())
+            .collect()
     }
 }
 
@@ -291,15 +411,15 @@ pub fn ipxe_entry(s: &BootSettings) -> String {
     )
 }
 
-/// `grub/grub.cfg`: GRUB reads this first when its network search finds no per-node file
-/// (or when built without the search); it chains the per-MAC file when present.
+/// `grub/grub.cfg`: GRUB reads this when its network search finds no per-node file (GRUB ≥
+/// 2.04 searches `grub.cfg-01-<mac>` and `grub.cfg-<IP hex>` itself), or first when built
+/// without the search. It chains the node's file by GRUB's own `$net_default_mac`
+/// (`grub.cfg-01-52:54:00:12:34:56`, the same text as the dashed file), which needs only the
+/// `configfile` command: no `regexp` or `test` module, whose absence GRUB's `if` does not even
+/// see (an unknown command leaves `$?` as it was). For an unknown node the chain is an error
+/// message, and the default entry boots at once (`timeout=0`).
 pub fn grub_entry(s: &BootSettings) -> String {
-    let mut o = String::from(
-        "regexp --set=1:m1 --set=2:m2 --set=3:m3 --set=4:m4 --set=5:m5 --set=6:m6 \
-         '^(..):(..):(..):(..):(..):(..)$' \"$net_default_mac\"\n\
-         set si_cfg=\"$prefix/grub.cfg-01-$m1-$m2-$m3-$m4-$m5-$m6\"\n\
-         if [ -s \"$si_cfg\" ]; then configfile \"$si_cfg\"; fi\n",
-    );
+    let mut o = String::from("configfile \"$prefix/grub.cfg-01-$net_default_mac\"\n");
     o.push_str(&grub_config(s, "default", "", &s.default_action));
     o
 }
@@ -367,6 +487,11 @@ pub fn render(s: &BootSettings, nodes: &[BootNode]) -> Result<BTreeMap<String, S
             put(format!("boot/{}.ipxe", mac_dashed(mac)), &ipxe)?;
             put(format!("pxelinux.cfg/01-{}", mac_dashed(mac)), &pxe)?;
             put(format!("grub/grub.cfg-01-{}", mac_dashed(mac)), &grub)?;
+            // For grub.cfg's chain, named by `$net_default_mac`.
+            put(
+                format!("grub/grub.cfg-01-{}", mac_dashed(mac).replace('-', ":")),
+                &grub,
+            )?;
         }
         if let Some(ip) = n.ip {
             put(format!("pxelinux.cfg/{}", ip_hex(ip)), &pxe)?;

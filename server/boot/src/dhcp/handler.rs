@@ -631,25 +631,29 @@ impl Handler {
             return false;
         }
         let b = &self.cfg.boot;
-        let (file, tftp) = if c.ipxe {
-            let t = if node.is_some() {
+        let template = if c.ipxe {
+            if node.is_some() {
                 &b.ipxe_script
             } else {
                 &b.discovery_script
-            };
-            (self.expand(t, mac, node), false)
+            }
         } else {
             match c.firmware() {
-                Firmware::UefiHttp => (self.expand(&b.uefi_http, mac, node), false),
-                Firmware::Bios => (self.expand(&b.bios, mac, node), true),
-                Firmware::UefiX64 => (self.expand(&b.uefi_x64, mac, node), true),
-                Firmware::UefiArm64 => (self.expand(&b.uefi_arm64, mac, node), true),
+                Firmware::UefiHttp => &b.uefi_http,
+                Firmware::Bios => &b.bios,
+                Firmware::UefiX64 => &b.uefi_x64,
+                Firmware::UefiArm64 => &b.uefi_arm64,
                 Firmware::Other(a) => {
                     warn!(%mac, arch = a, "no boot file for this client architecture");
                     return false;
                 }
             }
         };
+        let file = self.expand(template, mac, node);
+        // A file named without a scheme is fetched by TFTP, whoever the client is (an iPXE
+        // script kept in the TFTP root too): say which server has it, as dnsmasq's
+        // `--dhcp-boot=FILE,,SERVER` does. A URL names its server itself.
+        let tftp = !is_url(&file);
         if c.http {
             r.opts_mut()
                 .insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
@@ -812,6 +816,16 @@ fn fixed_option_order(bytes: &[u8]) -> Option<Vec<u8>> {
     }
     out.extend_from_slice(&bytes[i..]);
     Some(out)
+}
+
+/// Whether a boot file is a URL (`http://…`, `https://…`, `tftp://…`) rather than a TFTP path.
+fn is_url(file: &str) -> bool {
+    file.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    })
 }
 
 fn requested_ip(msg: &Message) -> Option<Ipv4Addr> {

@@ -4,7 +4,7 @@
 //! from beneath the root (same rules as TFTP, see [`crate::tftp::root`]). Single byte ranges
 //! (`Range: bytes=a-b`, `a-`, `-n`) are answered with 206. Connections are capped.
 
-use crate::bootcfg::Generated;
+use crate::bootcfg::{Found, Generated};
 use crate::tftp::root::{self, PathError};
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -196,20 +196,23 @@ async fn respond(state: &State, req: &Request<Incoming>) -> Response<FileBody> {
     };
     let head = req.method() == Method::HEAD;
     let ctype = HeaderValue::from_static(content_type(&rel));
-    if let Some(data) = state.generated.get(&rel) {
-        let len = data.len();
-        let mut r = Response::new(FileBody::Full(
-            (!head).then(|| Bytes::copy_from_slice(&data)),
-        ));
-        r.headers_mut().insert(header::CONTENT_TYPE, ctype);
-        r.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        return r;
-    }
-    let file_path = match root::resolve(&state.root, &rel) {
-        Ok(p) => p,
+    let found = match state.generated.lookup(&state.root, &rel) {
+        Ok(f) => f,
         Err(PathError::NotFound) => return status(StatusCode::NOT_FOUND, "not found\n"),
         Err(_) => return status(StatusCode::FORBIDDEN, "forbidden\n"),
+    };
+    let file_path = match found {
+        Found::File(p) => p,
+        Found::Generated(data) => {
+            let len = data.len();
+            let mut r = Response::new(FileBody::Full(
+                (!head).then(|| Bytes::copy_from_slice(&data)),
+            ));
+            r.headers_mut().insert(header::CONTENT_TYPE, ctype);
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            return r;
+        }
     };
     let opened = async {
         let f = tokio::fs::File::open(&file_path).await?;
@@ -413,6 +416,41 @@ mod tests {
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    }
+
+    /// HTTP and TFTP share one rule ([`Generated::lookup`]): the root's file first by default.
+    #[tokio::test]
+    async fn operator_script_wins_over_the_generated_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("boot.ipxe"), b"#!ipxe\necho site\n").unwrap();
+        let gen = Generated::new(
+            [
+                ("boot.ipxe".to_string(), "#!ipxe\necho si\n".to_string()),
+                (
+                    "boot/default.ipxe".to_string(),
+                    "#!ipxe\nexit\n".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = HttpConfig {
+            root: dir.path().to_path_buf(),
+            ..HttpConfig::default()
+        };
+        tokio::spawn(serve(listener, cfg, gen, std::future::pending()));
+        let close = "Connection: close\r\n\r\n";
+        let r = get(addr, &format!("GET /boot.ipxe HTTP/1.1\r\n{close}")).await;
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("echo site\n"),
+            "{r}"
+        );
+        let r = get(addr, &format!("GET /boot/default.ipxe HTTP/1.1\r\n{close}")).await;
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("exit\n"),
+            "{r}"
+        );
     }
 
     #[test]

@@ -216,6 +216,36 @@ async fn serves_generated_and_refuses_escapes() {
     assert_eq!(&buf[..4], &[0, 5, 0, 2], "{:?}", &buf[..n]);
 }
 
+/// A site's own file under a generated name: served by default (root first), shadowed with
+/// `generated-first`; a generated file the root lacks is served either way.
+#[tokio::test]
+async fn operator_files_and_generated_files_by_precedence() {
+    use crate::bootcfg::{GenerateConfig, Precedence};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pxelinux.cfg")).unwrap();
+    std::fs::write(dir.path().join("pxelinux.cfg/default"), b"SITE\n").unwrap();
+    let files: std::collections::BTreeMap<String, String> = [
+        ("pxelinux.cfg/default".to_string(), "SI\n".to_string()),
+        ("pxelinux.cfg/01-aa".to_string(), "NODE\n".to_string()),
+    ]
+    .into();
+    for (precedence, want) in [
+        (Precedence::RootFirst, &b"SITE\n"[..]),
+        (Precedence::GeneratedFirst, b"SI\n"),
+    ] {
+        let cfg = GenerateConfig {
+            boot_files: precedence,
+            no_generate: vec![],
+        };
+        let gen = Generated::with_config(cfg, files.clone());
+        let (addr, _stop) = start(dir.path(), gen).await;
+        let got = fetch(addr, "pxelinux.cfg/default", &[]).await.unwrap();
+        assert_eq!(got, want, "{precedence:?}");
+        let got = fetch(addr, "/pxelinux.cfg/01-aa", &[]).await.unwrap();
+        assert_eq!(got, b"NODE\n", "{precedence:?}");
+    }
+}
+
 #[tokio::test]
 async fn retransmits_after_timeout() {
     let dir = tempfile::tempdir().unwrap();

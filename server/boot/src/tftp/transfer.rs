@@ -6,7 +6,7 @@
 use super::packet::{self, ErrorCode, Mode, Packet, Request};
 use super::root::{self, PathError};
 use super::TftpConfig;
-use crate::bootcfg::Generated;
+use crate::bootcfg::{Found, Generated};
 use anyhow::{bail, Context, Result};
 use std::net::UdpSocket;
 use std::net::{IpAddr, SocketAddr};
@@ -101,26 +101,26 @@ fn open(
     req: &Request,
 ) -> Result<Source, (ErrorCode, String)> {
     let rel = root::normalize(&req.filename).map_err(path_error)?;
-    let mut src = if let Some(data) = generated.get(&rel) {
-        Source::Memory(data)
-    } else {
-        let path = root::resolve(&cfg.root, &rel).map_err(path_error)?;
-        let file = std::fs::File::open(&path)
-            .map_err(|_| (ErrorCode::AccessViolation, "cannot open file".to_string()))?;
-        let size = file
-            .metadata()
-            .map_err(|_| {
-                (
-                    ErrorCode::AccessViolation,
-                    "cannot read file size".to_string(),
-                )
-            })?
-            .len();
-        Source::File {
-            file,
-            size,
-            buf: Vec::new(),
-            buf_off: 0,
+    let mut src = match generated.lookup(&cfg.root, &rel).map_err(path_error)? {
+        Found::Generated(data) => Source::Memory(data),
+        Found::File(path) => {
+            let file = std::fs::File::open(&path)
+                .map_err(|_| (ErrorCode::AccessViolation, "cannot open file".to_string()))?;
+            let size = file
+                .metadata()
+                .map_err(|_| {
+                    (
+                        ErrorCode::AccessViolation,
+                        "cannot read file size".to_string(),
+                    )
+                })?
+                .len();
+            Source::File {
+                file,
+                size,
+                buf: Vec::new(),
+                buf_off: 0,
+            }
         }
     };
     if req.mode == Mode::Netascii {

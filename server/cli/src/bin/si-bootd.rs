@@ -1,6 +1,6 @@
 //! si-bootd: the TFTP and HTTP boot services alone (for tests; si-server runs them too).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use si_boot::bootcfg::{self, BootAction, BootSettings, Generated};
 use si_boot::{http, tftp};
@@ -38,12 +38,20 @@ struct Args {
     /// Largest TFTP window granted.
     #[arg(long, default_value_t = 64)]
     max_windowsize: u16,
+    #[command(flatten)]
+    generate: bootcfg::GenerateConfig,
 }
 
 async fn run(a: Args) -> Result<()> {
-    let http_base = a
-        .http_base
-        .unwrap_or_else(|| format!("http://{}", a.http_listen));
+    // Scripts name an address the clients reach: a wildcard listen address is none.
+    let http_base = match a.http_base {
+        Some(b) => b.trim_end_matches('/').to_string(),
+        None if a.http_listen.ip().is_unspecified() => bail!(
+            "--http-listen {} names no address clients can reach: give --http-base",
+            a.http_listen
+        ),
+        None => format!("http://{}", a.http_listen),
+    };
     let settings = BootSettings {
         http_base,
         si_server: a.si_server,
@@ -59,7 +67,8 @@ async fn run(a: Args) -> Result<()> {
         }
         None => Vec::new(),
     };
-    let generated = Generated::new(bootcfg::render(&settings, &nodes)?);
+    let generated = Generated::with_config(a.generate, bootcfg::render(&settings, &nodes)?);
+    si_server::daemon::log_shared(&generated, &a.tftp_root);
 
     let udp = tokio::net::UdpSocket::bind(a.tftp_listen)
         .await

@@ -231,6 +231,63 @@ fn pxe_firmwares() {
     );
     // UEFI HTTP boot.
     assert_http_boot(&discover(&h, mac(1), &http_client()).unwrap());
+    // An iPXE answer with a URL names no TFTP server: the URL does.
+    let (_, m) = pxe(0, true);
+    assert_eq!(m.siaddr(), Ipv4Addr::UNSPECIFIED);
+    assert!(opt(&m, OptionCode::TFTPServerName).is_none());
+}
+
+/// A site's iPXE script kept in the TFTP root: iPXE (BIOS and UEFI, known or discovered) is told
+/// which server has it (siaddr and option 66), as it is for every other TFTP boot file.
+#[test]
+fn ipxe_tftp_script_names_the_next_server() {
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    c.next_server = Some(Ipv4Addr::new(10, 213, 0, 9));
+    c.boot.ipxe_script = "site/{name}.ipxe".into();
+    c.boot.discovery_script = "site/discover.ipxe".into();
+    let (_d, h) = setup(c);
+    for (m, arch, file) in [
+        (mac(1), 0u16, "site/n1.ipxe"),
+        (mac(1), 7, "site/n1.ipxe"),
+        (mac(66), 0, "site/discover.ipxe"),
+    ] {
+        let o = [
+            DhcpOption::ClassIdentifier(
+                format!("PXEClient:Arch:{arch:05}:UNDI:002001").into_bytes(),
+            ),
+            DhcpOption::ClientSystemArchitecture(arch.into()),
+            DhcpOption::UserClass(b"iPXE".to_vec()),
+        ];
+        let r = discover(&h, m, &o).unwrap();
+        assert_eq!(r.msg.fname_str(), Some(Ok(file)));
+        assert_eq!(r.msg.siaddr(), Ipv4Addr::new(10, 213, 0, 9), "{file}");
+        assert_eq!(
+            opt(&r.msg, OptionCode::TFTPServerName),
+            Some(&DhcpOption::TFTPServerName(b"10.213.0.9".to_vec()))
+        );
+    }
+}
+
+#[test]
+fn urls_and_tftp_paths() {
+    for u in [
+        "http://10.213.0.1/boot.ipxe",
+        "https://x/y",
+        "tftp://10.213.0.1/a",
+    ] {
+        assert!(is_url(u), "{u}");
+    }
+    for f in [
+        "boot.ipxe",
+        "pxelinux.0",
+        "site/a.ipxe",
+        "://x",
+        "a b://c",
+        "",
+    ] {
+        assert!(!is_url(f), "{f}");
+    }
 }
 
 /// What OVMF's HTTP boot client sends in a DISCOVER.

@@ -28,13 +28,13 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 pub fn serve(cfg: AgentConfig) -> Result<()> {
     let l =
         TcpListener::bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
-    eprintln!("si-agentd: listening on {}", l.local_addr()?);
+    tracing::info!(listen = %l.local_addr()?, "si-agentd listening");
     let cfg = std::sync::Arc::new(cfg);
     for s in l.incoming() {
         let s = match s {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("si-agentd: accept: {e}");
+                tracing::warn!(error = %e, "accepting a connection");
                 continue;
             }
         };
@@ -42,7 +42,7 @@ pub fn serve(cfg: AgentConfig) -> Result<()> {
         std::thread::spawn(move || {
             let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
             if let Err(e) = handle(s, &cfg) {
-                eprintln!("si-agentd: {peer}: {e:#}");
+                tracing::warn!(%peer, error = format!("{e:#}"), "push failed");
             }
         });
     }

@@ -126,16 +126,13 @@ pub fn serve_on(listener: TcpListener, cfg: &ServeConfig) -> Result<ScanStats> {
             Err(e) => return Err(e).context("accepting a connection"),
         };
         if peer.ip() != cfg.master {
-            eprintln!(
-                "si-prepareclient: refused a connection from {peer}: only {} may capture",
-                cfg.master
-            );
+            tracing::warn!(%peer, master = %cfg.master, "refused a connection: only the master may capture");
             continue;
         }
         stream.set_nonblocking(false)?;
         match handshake(&stream, cfg) {
             Ok(()) => return capture(stream, cfg),
-            Err(e) => eprintln!("si-prepareclient: refused {peer}: {e:#}"),
+            Err(e) => tracing::warn!(%peer, error = format!("{e:#}"), "refused a connection"),
         }
     }
 }

@@ -1077,13 +1077,16 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
                     match staging.get(&c.digest, c.len) {
                         Ok(d) => text.extend(d),
                         Err(_) => {
-                            text = std::fs::read(o.root.join("etc/si/triggers.toml"))
-                                .unwrap_or_default();
+                            // Unchanged in this version: the node's own copy is the one.
+                            let p = o.root.join("etc/si/triggers.toml");
+                            text = std::fs::read(&p)
+                                .with_context(|| format!("reading {}", p.display()))?;
                             break;
                         }
                     }
                 }
-                fired_triggers(&String::from_utf8_lossy(&text), &changed)?
+                let text = String::from_utf8(text).context("/etc/si/triggers.toml is not UTF-8")?;
+                fired_triggers(&text, &changed)?
             }
             _ => vec![],
         };

@@ -23,6 +23,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    si_tree::logging::init("info");
     let a = Args::parse();
     let token = std::fs::read_to_string(&a.token_file)
         .with_context(|| format!("reading {}", a.token_file.display()))?;

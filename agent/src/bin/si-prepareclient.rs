@@ -38,6 +38,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    si_tree::logging::init("info");
     let a = Args::parse();
     let layout = if a.no_layout {
         None

@@ -21,6 +21,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    si_tree::logging::init("warn");
     let a = Args::parse();
     let mut c = si_agent::pull::Client::connect(&a.server, Duration::from_secs(10))?;
     c.report(&a.node, &a.state, &a.detail)?;

@@ -52,6 +52,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    si_tree::logging::init("warn");
     let a = Args::parse();
     let o = si_agent::update::options(si_agent::update::OptionArgs {
         server: a.server,

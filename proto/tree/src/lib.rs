@@ -12,4 +12,5 @@ pub mod apply;
 pub mod codec;
 pub mod exclude;
 pub mod fsutil;
+pub mod logging;
 pub mod scan;

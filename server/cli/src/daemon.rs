@@ -294,23 +294,20 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
-    eprintln!(
-        "si-server: images from {} on {}",
-        a.store.store.display(),
-        listener.local_addr()?
-    );
+    tracing::info!(store = %a.store.store.display(), listen = %listener.local_addr()?, "image service listening");
     let hook: serve::ReportHook = {
         let (inv, generated, settings) = (inv.clone(), generated.clone(), settings.clone());
         Arc::new(move |node: &str, state: &str, _detail: &str| {
             if state == "installed" {
-                if let Err(e) = inv.mark_installed(node) {
-                    eprintln!("si-server: marking {node} installed: {e:#}");
-                }
+                inv.mark_installed(node)
+                    .with_context(|| format!("marking {node} installed"))?;
                 match render(&inv, &settings) {
                     Ok(files) => generated.replace(files),
-                    Err(e) => eprintln!("si-server: regenerating boot files: {e:#}"),
+                    // The node is recorded; its boot files follow at the next change.
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "regenerating boot files"),
                 }
             }
+            Ok(())
         })
     };
     let scfg = serve::ServeConfig {
@@ -363,7 +360,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
                         last = files;
                     }
                     Ok(_) => {}
-                    Err(e) => eprintln!("si-server: regenerating boot files: {e:#}"),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "regenerating boot files"),
                 }
             }
         });

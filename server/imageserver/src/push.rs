@@ -202,13 +202,11 @@ pub async fn push(nodes: &[String], cfg: &PushConfig) -> Vec<NodeResult> {
                 ..r
             };
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            eprintln!(
-                "[{n}/{total}] {} {} ({:.1}s): {}",
-                r.node,
-                if r.ok { "ok" } else { "FAILED" },
-                r.seconds,
-                r.detail
-            );
+            if r.ok {
+                tracing::info!(done = n, total, node = %r.node, seconds = r.seconds, detail = %r.detail, "pushed");
+            } else {
+                tracing::warn!(done = n, total, node = %r.node, seconds = r.seconds, detail = %r.detail, "push FAILED");
+            }
             r
         }));
     }

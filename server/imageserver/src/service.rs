@@ -33,7 +33,8 @@ impl Default for ServeConfig {
 }
 
 /// Called when a node reports install/update progress or completion.
-pub type ReportHook = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
+/// Its error reaches the node: a report that was not stored is never acknowledged.
+pub type ReportHook = Arc<dyn Fn(&str, &str, &str) -> Result<()> + Send + Sync>;
 
 /// Serves until `shutdown` resolves.
 pub async fn run(
@@ -71,7 +72,7 @@ pub async fn run(
             Ok(permit) => {
                 tokio::spawn(async move {
                     if let Err(e) = handle(sock, peer, store, cache, report).await {
-                        eprintln!("si-server: {peer}: {e:#}");
+                        tracing::warn!(%peer, error = format!("{e:#}"), "session failed");
                     }
                     drop(permit);
                 });
@@ -290,9 +291,16 @@ async fn handle(
                 state,
                 detail,
             } => {
-                eprintln!("si-server: {peer}: node {node}: {state} {detail}");
+                tracing::info!(%peer, %node, %state, %detail, "node report");
                 if let Some(h) = &report {
-                    h(&node, &state, &detail);
+                    if let Err(e) = h(&node, &state, &detail) {
+                        tracing::error!(%node, %state, error = format!("{e:#}"), "report not stored");
+                        let m = Msg::Error {
+                            kind: ErrorKind::Internal,
+                            message: format!("report not stored: {e:#}"),
+                        };
+                        return write_msg_async(&mut w, &m).await.map_err(Into::into);
+                    }
                 }
                 write_msg_async(&mut w, &Msg::Ok).await.map_err(Into::into)
             }

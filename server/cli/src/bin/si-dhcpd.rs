@@ -20,14 +20,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    si_tree::logging::init("info");
     let cli = Cli::parse();
     let inv = Arc::new(Inventory::open_state_dir(&cli.state_dir)?.with_actor("si-dhcpd"));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

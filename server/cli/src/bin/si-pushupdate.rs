@@ -53,6 +53,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    si_tree::logging::init("info");
     let a = Args::parse();
     let mut nodes = Vec::new();
     for n in &a.nodes {

@@ -9,6 +9,10 @@ use std::sync::Arc;
 
 /// Starts the image service on an ephemeral port; returns its address.
 fn start_server(store: &Path) -> String {
+    start_server_with(store, None)
+}
+
+fn start_server_with(store: &Path, report: Option<si_imageserver::service::ReportHook>) -> String {
     let store = Arc::new(Store::open(store).unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -24,7 +28,7 @@ fn start_server(store: &Path) -> String {
                 l,
                 store,
                 Default::default(),
-                None,
+                report,
                 std::future::pending(),
             )
             .await
@@ -461,4 +465,25 @@ fn hooks_and_triggers_run_around_the_swap() {
         std::fs::read_to_string(&log).unwrap(),
         "pre\nstop 3\nstart\npost\n"
     );
+}
+
+/// A report the master could not store is answered with an error the node sees, and a report
+/// it stored with Ok; a server at its cap answers Busy, which the client retries.
+#[test]
+fn reports_are_acknowledged_only_when_stored() {
+    let t = tempfile::tempdir().unwrap();
+    let hook: si_imageserver::service::ReportHook = Arc::new(|node: &str, _: &str, _: &str| {
+        if node == "known" {
+            Ok(())
+        } else {
+            anyhow::bail!("no node {node:?} in the inventory")
+        }
+    });
+    let server = start_server_with(&t.path().join("store"), Some(hook));
+    let timeout = std::time::Duration::from_secs(5);
+    let mut c = si_agent::pull::Client::connect(&server, timeout).unwrap();
+    c.report("known", "installed", "").unwrap();
+    let mut c = si_agent::pull::Client::connect(&server, timeout).unwrap();
+    let e = c.report("stranger", "installed", "").unwrap_err();
+    assert!(format!("{e:#}").contains("report not stored"), "{e:#}");
 }

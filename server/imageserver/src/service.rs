@@ -299,7 +299,9 @@ async fn handle(
                             kind: ErrorKind::Internal,
                             message: format!("report not stored: {e:#}"),
                         };
-                        return write_msg_async(&mut w, &m).await.map_err(Into::into);
+                        write_msg_async(&mut w, &m).await?;
+                        w.flush().await?;
+                        bail!("report from {node} not stored: {e:#}");
                     }
                 }
                 write_msg_async(&mut w, &Msg::Ok).await.map_err(Into::into)

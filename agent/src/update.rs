@@ -22,6 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use si_proto::manifest::{Entry, Kind, Manifest};
+use si_proto::msg::ImageVersionInfo;
 use si_proto::path as mpath;
 use si_proto::Digest;
 use si_tree::apply::{self, ObjectSource};
@@ -838,9 +839,108 @@ fn ensure_space(p: &Path, need: u64) -> Result<()> {
 }
 
 /// Moves the tree at `o.root` to the requested version. With `dry_run`, only plans.
+/// Moves the node to a version, as a straight line of stages:
+///
+/// ```text
+/// prepare  the session, the target manifest (or its delta), the installed state; the walk of
+///          the node's tree starts
+/// plan     the target manifest rebuilt, the tree compared with it: the printable Plan (the dry
+///          run stops here); objects new in the version are fetched meanwhile (the prefetch)
+/// stage    everything the swap needs is put on the node: local copies checked, the rest
+///          fetched (a fresh deploy writes its tree here instead)
+/// swap     hooks and triggers around the atomic replacement of each changed entry
+/// record   installed.manifest, installed.digests, installed.toml
+/// report   the master is told, the session closed
+/// ```
 pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateSummary> {
     let start = std::time::Instant::now();
     timing("update: start");
+    let prepared = prepare(o)?;
+    let (mut client, planned) = plan_stage(o, prepared)?;
+    let mut sum = UpdateSummary {
+        image: planned.info.image.clone(),
+        version: planned.info.version,
+        plan_seconds: planned.seconds,
+        ..Default::default()
+    };
+    if o.dry_run {
+        planned.plan.print(&planned.m, out)?;
+        client.bye();
+        return Ok(sum);
+    }
+    if planned.plan.fresh {
+        deploy_stage(o, &mut client, &planned, &mut sum)?;
+    } else {
+        let staged = stage(o, &mut client, &planned, &mut sum)?;
+        swap_stage(o, &planned, staged, &mut sum)?;
+    }
+    record(o, &planned)?;
+    if !planned.plan.fresh {
+        for h in &o.post_hooks {
+            run_hook(h, o, planned.info.version, "post-update")?;
+        }
+    }
+    timing("recorded");
+    sum.wire_bytes = client.received();
+    sum.seconds = start.elapsed().as_secs_f64();
+    report(o, client, &planned.info);
+    Ok(sum)
+}
+
+/// What [`prepare`] gathers for the plan.
+struct Prepared {
+    client: Client,
+    sdir: PathBuf,
+    staging: Staging,
+    info: ImageVersionInfo,
+    answer: ManifestAnswer,
+    /// The walk of the node's tree, running.
+    walker: std::thread::JoinHandle<Result<DiskTree>>,
+    /// The installed manifest: decoded already, or being decoded.
+    installed: InstalledManifest,
+    /// Objects new in the version that the node lacks: fetched while the plan is made.
+    prefetch: Vec<(Digest, u32)>,
+    t0: std::time::Instant,
+}
+
+enum InstalledManifest {
+    Decoded(Option<Manifest>),
+    Decoding(std::thread::JoinHandle<Option<Manifest>>),
+}
+
+impl InstalledManifest {
+    fn get(self) -> Option<Manifest> {
+        match self {
+            InstalledManifest::Decoded(m) => m,
+            InstalledManifest::Decoding(h) => h.join().ok().flatten(),
+        }
+    }
+}
+
+/// The outcome of the plan stage: the target manifest and what to do to the node.
+pub struct Planned {
+    pub info: ImageVersionInfo,
+    pub m: Manifest,
+    /// The manifest's encoding, as recorded once installed.
+    pub mbytes: Vec<u8>,
+    pub plan: Plan,
+    /// Objects already fetched by the prefetch, and their bytes.
+    prefetched: HashSet<Digest>,
+    prefetched_bytes: u64,
+    staging: Staging,
+    sdir: PathBuf,
+    t0: std::time::Instant,
+    seconds: f64,
+}
+
+/// What the swap reads besides the staging area: ranges of the node's own files, in place.
+struct Staged {
+    direct: HashMap<Digest, (PathBuf, u64, u32)>,
+}
+
+/// Connects, asks for the manifest (a delta from the installed version where there is one),
+/// starts the walk of the node's tree and lists the objects to prefetch.
+fn prepare(o: &UpdateOptions) -> Result<Prepared> {
     // The walk of the node's tree runs while the server is asked for the manifest.
     std::fs::create_dir_all(&o.root).with_context(|| format!("creating {}", o.root.display()))?;
     let walker = {
@@ -877,16 +977,17 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         .as_ref()
         .and_then(|i| DigestSet::load(&sdir, &i.manifest));
     // Decoded here only when the digest list is missing; otherwise while the prefetch runs.
-    let mut decoder = Some(inst_decoder);
-    let mut early_m: Option<Manifest> = None;
+    let mut installed = InstalledManifest::Decoding(inst_decoder);
     // What the node has: the digest list, else the decoded installed manifest's digests.
     // Without either nothing is fetched ahead: the walk decides.
     let old = match (&inst, o.dry_run, known) {
         (None, _, _) | (_, true, _) => None,
         (_, _, Some(k)) => Some(k),
         (_, _, None) => {
-            early_m = decoder.take().and_then(|h| h.join().ok().flatten());
-            early_m.as_ref().map(DigestSet::of)
+            let m = installed.get();
+            let set = m.as_ref().map(DigestSet::of);
+            installed = InstalledManifest::Decoded(m);
+            set
         }
     };
     if let Some(old) = old {
@@ -914,8 +1015,35 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         ensure_space(&staging.dir, prefetch.iter().map(|x| u64::from(x.1)).sum())?;
         prefetch.retain(|(d, l)| !staging.has(d, *l));
     }
-    let prefetched = AtomicU64::new(0);
     timing("prefetch list");
+    Ok(Prepared {
+        client,
+        sdir,
+        staging,
+        info,
+        answer,
+        walker,
+        installed,
+        prefetch,
+        t0,
+    })
+}
+
+/// Rebuilds the target manifest, joins the walk and makes the plan, while the prefetch fetches
+/// the objects new in the version.
+fn plan_stage(o: &UpdateOptions, prep: Prepared) -> Result<(Client, Planned)> {
+    let Prepared {
+        mut client,
+        sdir,
+        staging,
+        info,
+        answer,
+        walker,
+        installed,
+        prefetch,
+        t0,
+    } = prep;
+    let prefetched = AtomicU64::new(0);
     let (planned, pre, inst_m) = std::thread::scope(|s| {
         let h = s.spawn(|| {
             client.fetch(&prefetch, o.threads, &|d, data| {
@@ -923,7 +1051,7 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
                 staging.put(&d, &data)
             })
         });
-        let inst_m = early_m.or_else(|| decoder.and_then(|h| h.join().ok().flatten()));
+        let inst_m = installed.get();
         timing("installed manifest");
         let rebuilt = answer.into_manifest(inst_m.as_ref());
         timing("manifest rebuilt");
@@ -949,220 +1077,267 @@ pub fn update(o: &UpdateOptions, out: &mut dyn std::io::Write) -> Result<UpdateS
         )
     });
     pre?;
-    let inst_m = inst_m.as_ref();
     let (m, mbytes, p) = match planned {
         Ok(x) => x,
         Err(tree) => {
             // The delta did not rebuild the manifest the server named: take the whole one.
             let (_, m, mbytes) = client.manifest(&o.image, Some(info.version))?;
-            let p = tree.and_then(|t| plan_with(o, &info.image, info.version, &m, inst_m, t));
+            let p =
+                tree.and_then(|t| plan_with(o, &info.image, info.version, &m, inst_m.as_ref(), t));
             (m, mbytes, p)
         }
     };
-    let p = p?;
-    let staged: HashSet<Digest> = prefetch.iter().map(|x| x.0).collect();
-    let mut sum = UpdateSummary {
-        image: info.image.clone(),
-        version: info.version,
-        plan_seconds: t0.elapsed().as_secs_f64(),
-        ..Default::default()
+    let plan = p?;
+    let planned = Planned {
+        info,
+        m,
+        mbytes,
+        plan,
+        prefetched: prefetch.iter().map(|x| x.0).collect(),
+        prefetched_bytes: prefetched.load(Ordering::Relaxed),
+        staging,
+        sdir,
+        t0,
+        seconds: t0.elapsed().as_secs_f64(),
     };
-    if o.dry_run {
-        p.print(&m, out)?;
-        client.bye();
-        return Ok(sum);
+    Ok((client, planned))
+}
+
+/// A fresh deploy: the tree is written straight from the stream (nothing to swap).
+fn deploy_stage(
+    o: &UpdateOptions,
+    client: &mut Client,
+    planned: &Planned,
+    sum: &mut UpdateSummary,
+) -> Result<()> {
+    let m = &planned.m;
+    // The data the image holds (holes excluded) must fit beside what is there.
+    ensure_space(&o.root, m.digests().map(|c| u64::from(c.len)).sum())?;
+    let (objects, written) = deploy_fresh(client, m, &o.root, o.threads)?;
+    sum.created = m.entries.len() as u64 - 1;
+    sum.fetched_objects = objects;
+    sum.fetched_bytes = written;
+    Ok(())
+}
+
+/// Puts everything the swap needs on the node before anything is touched: local copies
+/// checked (read in place at swap time where their file stays), the rest fetched.
+fn stage(
+    o: &UpdateOptions,
+    client: &mut Client,
+    planned: &Planned,
+    sum: &mut UpdateSummary,
+) -> Result<Staged> {
+    let (m, p, staging, staged) = (
+        &planned.m,
+        &planned.plan,
+        &planned.staging,
+        &planned.prefetched,
+    );
+    let deleted_files = p.delete_files;
+    if !o.force && p.disk_files > 0 && deleted_files * 2 > p.disk_files {
+        bail!(
+            "refusing to delete {deleted_files} of the node's {} files in scope (wrong image?); use --force",
+            p.disk_files
+        );
     }
-    if p.fresh {
-        // The data the image holds (holes excluded) must fit beside what is there.
-        ensure_space(&o.root, m.digests().map(|c| u64::from(c.len)).sum())?;
-        let (objects, written) = deploy_fresh(&mut client, &m, &o.root, o.threads)?;
-        sum.created = m.entries.len() as u64 - 1;
-        sum.fetched_objects = objects;
-        sum.fetched_bytes = written;
-    } else {
-        let deleted_files = p.delete_files;
-        if !o.force && p.disk_files > 0 && deleted_files * 2 > p.disk_files {
-            bail!(
-                "refusing to delete {deleted_files} of the node's {} files in scope (wrong image?); use --force",
-                p.disk_files
-            );
-        }
-        std::fs::create_dir_all(&staging.dir)
-            .with_context(|| format!("creating {}", staging.dir.display()))?;
-        // Everything the swap needs is on the node before anything is touched.
-        let new_bytes: u64 = p
-            .create
-            .iter()
-            .chain(&p.replace)
-            .map(|&i| m.entries[i].file_size())
-            .sum();
-        ensure_space(&sdir, p.fetch_bytes + new_bytes)?;
-        // Local copies first (from files not yet touched); a copy that no longer matches
-        // (local drift) is fetched instead.
-        let mut todo: Vec<(Digest, u32)> = p
-            .fetch
-            .iter()
-            .copied()
-            .filter(|(d, l)| !staged.contains(d) && !staging.has(d, *l))
-            .collect();
-        // Local copies: read in place at swap time when their file stays as it is (or is the
-        // very file they go into, still the old one until renamed over); staged otherwise.
-        // Each is checked now, so a drifted file means a fetch, not a failed swap.
-        let touched: HashSet<&[u8]> = p
-            .replace
-            .iter()
-            .map(|&i| m.entries[i].path.as_slice())
-            .chain(p.delete.iter().map(|v| v.as_slice()))
-            .collect();
-        let mut users: HashMap<Digest, HashSet<&[u8]>> = HashMap::new();
-        for &i in p.create.iter().chain(&p.replace) {
-            if let Kind::File { chunks, .. } = &m.entries[i].kind {
-                for c in chunks {
-                    users
-                        .entry(c.digest)
-                        .or_default()
-                        .insert(&m.entries[i].path);
-                }
+    std::fs::create_dir_all(&staging.dir)
+        .with_context(|| format!("creating {}", staging.dir.display()))?;
+    // Everything the swap needs is on the node before anything is touched.
+    let new_bytes: u64 = p
+        .create
+        .iter()
+        .chain(&p.replace)
+        .map(|&i| m.entries[i].file_size())
+        .sum();
+    ensure_space(&planned.sdir, p.fetch_bytes + new_bytes)?;
+    // Local copies first (from files not yet touched); a copy that no longer matches
+    // (local drift) is fetched instead.
+    let mut todo: Vec<(Digest, u32)> = p
+        .fetch
+        .iter()
+        .copied()
+        .filter(|(d, l)| !staged.contains(d) && !staging.has(d, *l))
+        .collect();
+    // Local copies: read in place at swap time when their file stays as it is (or is the
+    // very file they go into, still the old one until renamed over); staged otherwise.
+    // Each is checked now, so a drifted file means a fetch, not a failed swap.
+    let touched: HashSet<&[u8]> = p
+        .replace
+        .iter()
+        .map(|&i| m.entries[i].path.as_slice())
+        .chain(p.delete.iter().map(|v| v.as_slice()))
+        .collect();
+    let mut users: HashMap<Digest, HashSet<&[u8]>> = HashMap::new();
+    for &i in p.create.iter().chain(&p.replace) {
+        if let Kind::File { chunks, .. } = &m.entries[i].kind {
+            for c in chunks {
+                users
+                    .entry(c.digest)
+                    .or_default()
+                    .insert(&m.entries[i].path);
             }
         }
-        let mut direct: HashMap<Digest, (PathBuf, u64, u32)> = HashMap::new();
-        let mut local_ok = 0u64;
-        let mut buf = Vec::new();
-        for (d, (path, off, len)) in p.local.iter().filter(|(d, _)| !staged.contains(*d)) {
-            let abs = o.root.join(OsStr::from_bytes(path));
-            buf.resize(*len as usize, 0);
-            let ok = std::fs::File::open(&abs)
-                .and_then(|f| f.read_exact_at(&mut buf, *off))
-                .is_ok()
-                && Digest::of(&buf) == *d;
-            if !ok {
-                todo.push((*d, *len));
-                continue;
-            }
-            local_ok += 1;
-            let in_place = !touched.contains(path.as_slice())
-                || users
-                    .get(d)
-                    .is_some_and(|u| u.len() == 1 && u.contains(path.as_slice()));
-            if in_place {
-                direct.insert(*d, (abs, *off, *len));
-            } else {
-                staging.put(d, &buf)?;
-            }
+    }
+    let mut direct: HashMap<Digest, (PathBuf, u64, u32)> = HashMap::new();
+    let mut local_ok = 0u64;
+    let mut buf = Vec::new();
+    for (d, (path, off, len)) in p.local.iter().filter(|(d, _)| !staged.contains(*d)) {
+        let abs = o.root.join(OsStr::from_bytes(path));
+        buf.resize(*len as usize, 0);
+        let ok = std::fs::File::open(&abs)
+            .and_then(|f| f.read_exact_at(&mut buf, *off))
+            .is_ok()
+            && Digest::of(&buf) == *d;
+        if !ok {
+            todo.push((*d, *len));
+            continue;
         }
-        let fetched = AtomicU64::new(0);
-        client.fetch(&todo, o.threads, &|d, data| {
-            fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
-            staging.put(&d, &data)
-        })?;
-        sum.fetched_objects = (todo.len() + prefetch.len()) as u64;
-        sum.fetched_bytes = fetched.load(Ordering::Relaxed) + prefetched.load(Ordering::Relaxed);
-        sum.local_objects = local_ok;
-        sum.fetch_seconds = t0.elapsed().as_secs_f64() - sum.plan_seconds;
-        let changed: Vec<&[u8]> = p
-            .create
-            .iter()
-            .chain(&p.replace)
-            .chain(&p.meta)
-            .map(|&i| m.entries[i].path.as_slice())
-            .chain(p.delete.iter().map(|v| v.as_slice()))
-            .collect();
-        let triggers = match m.get(b"etc/si/triggers.toml") {
-            Some(Entry {
-                kind: Kind::File { chunks, .. },
-                ..
-            }) => {
-                let mut text = Vec::new();
-                for c in chunks {
-                    match staging.get(&c.digest, c.len) {
-                        Ok(d) => text.extend(d),
-                        Err(_) => {
-                            // Unchanged in this version: the node's own copy is the one.
-                            let p = o.root.join("etc/si/triggers.toml");
-                            text = std::fs::read(&p)
-                                .with_context(|| format!("reading {}", p.display()))?;
-                            break;
-                        }
+        local_ok += 1;
+        let in_place = !touched.contains(path.as_slice())
+            || users
+                .get(d)
+                .is_some_and(|u| u.len() == 1 && u.contains(path.as_slice()));
+        if in_place {
+            direct.insert(*d, (abs, *off, *len));
+        } else {
+            staging.put(d, &buf)?;
+        }
+    }
+    let fetched = AtomicU64::new(0);
+    client.fetch(&todo, o.threads, &|d, data| {
+        fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+        staging.put(&d, &data)
+    })?;
+    sum.fetched_objects = (todo.len() + staged.len()) as u64;
+    sum.fetched_bytes = fetched.load(Ordering::Relaxed) + planned.prefetched_bytes;
+    sum.local_objects = local_ok;
+    sum.fetch_seconds = planned.t0.elapsed().as_secs_f64() - sum.plan_seconds;
+    timing("fetched");
+    Ok(Staged { direct })
+}
+
+/// Runs the pre-update hooks and the fired triggers' stops, swaps every changed entry into
+/// place, then starts the triggers' services again.
+fn swap_stage(
+    o: &UpdateOptions,
+    planned: &Planned,
+    staged: Staged,
+    sum: &mut UpdateSummary,
+) -> Result<()> {
+    let (m, p, staging, version) = (
+        &planned.m,
+        &planned.plan,
+        &planned.staging,
+        planned.info.version,
+    );
+    let changed: Vec<&[u8]> = p
+        .create
+        .iter()
+        .chain(&p.replace)
+        .chain(&p.meta)
+        .map(|&i| m.entries[i].path.as_slice())
+        .chain(p.delete.iter().map(|v| v.as_slice()))
+        .collect();
+    let triggers = match m.get(b"etc/si/triggers.toml") {
+        Some(Entry {
+            kind: Kind::File { chunks, .. },
+            ..
+        }) => {
+            let mut text = Vec::new();
+            for c in chunks {
+                match staging.get(&c.digest, c.len) {
+                    Ok(d) => text.extend(d),
+                    Err(_) => {
+                        // Unchanged in this version: the node's own copy is the one.
+                        let p = o.root.join("etc/si/triggers.toml");
+                        text = std::fs::read(&p)
+                            .with_context(|| format!("reading {}", p.display()))?;
+                        break;
                     }
                 }
-                let text = String::from_utf8(text).context("/etc/si/triggers.toml is not UTF-8")?;
-                fired_triggers(&text, &changed)?
             }
-            _ => vec![],
-        };
-        for h in &o.pre_hooks {
-            run_hook(h, o, info.version, "pre-update")?;
+            let text = String::from_utf8(text).context("/etc/si/triggers.toml is not UTF-8")?;
+            fired_triggers(&text, &changed)?
         }
-        for t in &triggers {
-            run_hook(
-                t.stop
-                    .as_deref()
-                    .unwrap_or(&format!("systemctl stop {}", t.service)),
-                o,
-                info.version,
-                "trigger-stop",
-            )?;
-        }
-        timing("fetched");
-        let t1 = std::time::Instant::now();
-        swap(
-            o,
-            &m,
-            &p,
-            &SwapSource {
-                staging: &staging,
-                direct,
-            },
-        )?;
-        sum.swap_seconds = t1.elapsed().as_secs_f64();
-        timing("swapped");
-        for t in &triggers {
-            run_hook(
-                t.start
-                    .as_deref()
-                    .unwrap_or(&format!("systemctl start {}", t.service)),
-                o,
-                info.version,
-                "trigger-start",
-            )?;
-        }
-        sum.created = p.create.len() as u64;
-        sum.replaced = p.replace.len() as u64;
-        sum.meta = p.meta.len() as u64;
-        sum.deleted = p.delete.len() as u64;
+        _ => vec![],
+    };
+    for h in &o.pre_hooks {
+        run_hook(h, o, version, "pre-update")?;
     }
-    std::fs::remove_dir_all(&staging.dir).ok();
+    for t in &triggers {
+        run_hook(
+            t.stop
+                .as_deref()
+                .unwrap_or(&format!("systemctl stop {}", t.service)),
+            o,
+            version,
+            "trigger-stop",
+        )?;
+    }
+    let t1 = std::time::Instant::now();
+    swap(
+        o,
+        m,
+        p,
+        &SwapSource {
+            staging,
+            direct: staged.direct,
+        },
+    )?;
+    sum.swap_seconds = t1.elapsed().as_secs_f64();
+    timing("swapped");
+    for t in &triggers {
+        run_hook(
+            t.start
+                .as_deref()
+                .unwrap_or(&format!("systemctl start {}", t.service)),
+            o,
+            version,
+            "trigger-start",
+        )?;
+    }
+    sum.created = p.create.len() as u64;
+    sum.replaced = p.replace.len() as u64;
+    sum.meta = p.meta.len() as u64;
+    sum.deleted = p.delete.len() as u64;
+    Ok(())
+}
+
+/// Records the installed version: its manifest, its digest list and `installed.toml`.
+fn record(o: &UpdateOptions, planned: &Planned) -> Result<()> {
+    let (info, m, mbytes, sdir) = (&planned.info, &planned.m, &planned.mbytes, &planned.sdir);
+    std::fs::remove_dir_all(&planned.staging.dir).ok();
     let inst = Installed {
         image: info.image.clone(),
         version: info.version,
-        manifest: Digest::of(&mbytes).to_hex(),
+        manifest: Digest::of(mbytes).to_hex(),
         server: o.server.clone(),
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
-    si_tree::fsutil::write_atomic(&sdir.join("installed.manifest"), &mbytes)?;
+    si_tree::fsutil::write_atomic(&sdir.join("installed.manifest"), mbytes)?;
     si_tree::fsutil::write_atomic(
         &sdir.join("installed.digests"),
-        &DigestSet::encode(&m, &Digest::of(&mbytes)),
+        &DigestSet::encode(m, &Digest::of(mbytes)),
     )?;
     si_tree::fsutil::write_atomic(
         &sdir.join("installed.toml"),
         toml::to_string_pretty(&inst)?.as_bytes(),
     )?;
-    if !p.fresh {
-        for h in &o.post_hooks {
-            run_hook(h, o, info.version, "post-update")?;
-        }
-    }
-    timing("recorded");
-    sum.wire_bytes = client.received();
-    sum.seconds = start.elapsed().as_secs_f64();
-    let _ = client.report(
+    Ok(())
+}
+
+/// Tells the master the node is at the version. The update has happened whatever the answer:
+/// a report the master did not store is logged, not an error of the update.
+fn report(o: &UpdateOptions, mut client: Client, info: &ImageVersionInfo) {
+    if let Err(e) = client.report(
         &o.node,
         "updated",
         &format!("{}@{}", info.image, info.version),
-    );
+    ) {
+        tracing::warn!(node = %o.node, error = format!("{e:#}"), "the master did not take the report");
+    }
     client.bye();
-    Ok(sum)
 }
 
 /// Objects for the swap: staged ones, and ranges of the node's own files read in place

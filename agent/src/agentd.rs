@@ -4,6 +4,7 @@
 
 use crate::update::{self, OptionArgs};
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use si_proto::frame::{recv_msg, write_msg};
 use si_proto::handshake::{self, Policy};
 use si_proto::msg::{Msg, Role};
@@ -13,12 +14,28 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+/// `si-agentd`'s configuration: its command line, and the same as a serde type.
+#[derive(clap::Parser, Clone, Debug, Serialize, Deserialize)]
+#[command(
+    name = "si-agentd",
+    version,
+    about = "Accept update pushes from the master: run si-updateclient's update on request"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct AgentConfig {
+    #[arg(long, default_value = "0.0.0.0:7812")]
     pub listen: SocketAddr,
-    /// Masters allowed to push (empty: any address, token still required).
-    pub masters: Vec<IpAddr>,
-    pub token: String,
+    /// Master addresses allowed to push (repeatable; default: any, token still required).
+    #[arg(long)]
+    #[serde(default)]
+    pub master: Vec<IpAddr>,
+    /// File holding the shared push token.
+    #[arg(long, default_value = "/etc/si/agent.token")]
+    pub token_file: PathBuf,
+    #[arg(long, default_value = "/")]
     pub root: PathBuf,
+    #[arg(long)]
+    #[serde(default)]
     pub state_dir: Option<PathBuf>,
 }
 
@@ -26,6 +43,9 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Serves pushes forever (one thread per connection; updates run one at a time).
 pub fn serve(cfg: AgentConfig) -> Result<()> {
+    let token = std::fs::read_to_string(&cfg.token_file)
+        .with_context(|| format!("reading {}", cfg.token_file.display()))?;
+    let token: std::sync::Arc<str> = token.trim().into();
     let l =
         TcpListener::bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
     tracing::info!(listen = %l.local_addr()?, "si-agentd listening");
@@ -38,10 +58,10 @@ pub fn serve(cfg: AgentConfig) -> Result<()> {
                 continue;
             }
         };
-        let cfg = cfg.clone();
+        let (cfg, token) = (cfg.clone(), token.clone());
         std::thread::spawn(move || {
             let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
-            if let Err(e) = handle(s, &cfg) {
+            if let Err(e) = handle(s, &cfg, &token) {
                 tracing::warn!(%peer, error = format!("{e:#}"), "push failed");
             }
         });
@@ -49,16 +69,16 @@ pub fn serve(cfg: AgentConfig) -> Result<()> {
     Ok(())
 }
 
-fn handle(s: TcpStream, cfg: &AgentConfig) -> Result<()> {
+fn handle(s: TcpStream, cfg: &AgentConfig, token: &str) -> Result<()> {
     let peer = s.peer_addr()?;
-    if !cfg.masters.is_empty() && !cfg.masters.contains(&peer.ip()) {
+    if !cfg.master.is_empty() && !cfg.master.contains(&peer.ip()) {
         bail!("refused: not a configured master");
     }
     s.set_read_timeout(Some(handshake::HELLO_TIMEOUT))?;
     let mut conn = BufStream::new(s);
     let policy = Policy {
         roles: vec![Role::Push],
-        token: Some(cfg.token.clone()),
+        token: Some(token.to_string()),
         server: si_tree::fsutil::hostname(),
     };
     handshake::accept(&mut conn, &policy)?;

@@ -1446,21 +1446,60 @@ fn swap(o: &UpdateOptions, m: &Manifest, p: &Plan, staging: &dyn ObjectSource) -
     Ok(())
 }
 
-/// Command-line arguments, as `si-updateclient` and the push agent take them.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// What an update is asked to do: `si-updateclient`'s command line and, as the same serde
+/// type, what the push agent builds from a push.
+#[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct OptionArgs {
+    /// The si-server (HOST or HOST:PORT; port 7811 by default).
+    #[arg(long)]
     pub server: String,
+    /// Image name (default: the installed one).
+    #[arg(long)]
+    #[serde(default)]
     pub image: Option<String>,
+    /// Version (default: the newest).
+    #[arg(long)]
+    #[serde(default)]
     pub version: Option<u32>,
+    /// Root of the tree to update.
+    #[arg(long, default_value = "/")]
     pub root: PathBuf,
+    /// Where the installed record and staging live (default ROOT/var/lib/si).
+    #[arg(long)]
+    #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Only list what would change.
+    #[arg(long, short = 'n')]
+    #[serde(default)]
     pub dry_run: bool,
+    /// Re-hash every file to find and repair local drift.
+    #[arg(long)]
+    #[serde(default)]
     pub verify: bool,
+    /// Allow an update that deletes more than half of the node's files.
+    #[arg(long)]
+    #[serde(default)]
     pub force: bool,
+    /// Extra exclude patterns (paths the update neither writes nor deletes).
+    #[arg(long)]
+    #[serde(default)]
     pub exclude: Vec<String>,
+    /// Files of exclude patterns (default also /etc/si/update.exclude under ROOT if present).
+    #[arg(long)]
+    #[serde(default)]
     pub exclude_file: Vec<PathBuf>,
+    /// Do not apply the default update excludes (node state such as /etc/fstab, /var/log).
+    #[arg(long)]
+    #[serde(default)]
     pub no_default_excludes: bool,
+    /// Commands run before the swap (SI_IMAGE, SI_VERSION, SI_ROOT set).
+    #[arg(long)]
+    #[serde(default)]
     pub pre_hook: Vec<String>,
+    /// Commands run after the swap.
+    #[arg(long)]
+    #[serde(default)]
     pub post_hook: Vec<String>,
 }
 

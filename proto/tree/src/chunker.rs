@@ -326,4 +326,44 @@ mod tests {
         );
         assert!(extents_of(&[]).is_empty());
     }
+
+    /// Throughput against fastcdc's StreamCDC (what capture and import used before), hashing
+    /// each chunk as they do: `cargo test --release -p si-tree chunker_speed -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore = "a benchmark"]
+    fn chunker_speed() {
+        let data = rand_bytes(512 << 20, 11);
+        let median = |f: &mut dyn FnMut()| {
+            let mut t: Vec<f64> = (0..3)
+                .map(|_| {
+                    let s = std::time::Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[1]
+        };
+        let mut a = 0usize;
+        let old = median(&mut || {
+            for c in fastcdc::v2020::StreamCDC::new(&data[..], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+                a ^= si_proto::Digest::of(&c.unwrap().data).0[0] as usize;
+            }
+        });
+        let mut ch = Chunker::new();
+        let new = median(&mut || {
+            ch.extent(&mut &data[..], 0, data.len() as u64, |_, b| {
+                a ^= si_proto::Digest::of(b).0[0] as usize;
+                Ok(())
+            })
+            .unwrap();
+        });
+        let mb = data.len() as f64 / 1e6;
+        println!(
+            "StreamCDC {:.0} MB/s, Chunker {:.0} MB/s ({a})",
+            mb / old,
+            mb / new
+        );
+    }
 }

@@ -26,9 +26,10 @@ use si_proto::msg::ImageVersionInfo;
 use si_proto::path as mpath;
 use si_proto::Digest;
 use si_tree::apply::{self, ObjectSource};
+use si_tree::chunker::{self, Chunker, CHUNK_THRESHOLD};
 use si_tree::exclude::Excludes;
 use si_tree::fsutil::timing;
-use si_tree::scan::{self, CDC_AVG, CDC_MAX, CDC_MIN, CDC_THRESHOLD};
+use si_tree::scan;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -528,21 +529,17 @@ fn plan_with(
         for &i in &p.replace {
             let e = &m.entries[i];
             if let (Kind::File { size, .. }, Some(d)) = (&e.kind, disk.get(&e.path)) {
-                if *size > CDC_THRESHOLD
+                if *size > CHUNK_THRESHOLD
                     && d.md.is_file()
-                    && d.md.len() > CDC_THRESHOLD
+                    && d.md.len() > CHUNK_THRESHOLD
                     && !known.contains(e.path.as_slice())
                 {
                     let abs = root.join(OsStr::from_bytes(&e.path));
-                    let f = std::fs::File::open(&abs)
-                        .with_context(|| format!("opening {}", abs.display()))?;
-                    for c in fastcdc::v2020::StreamCDC::new(f, CDC_MIN, CDC_AVG, CDC_MAX) {
-                        let c = c.map_err(|err| anyhow!("reading {}: {err}", abs.display()))?;
-                        let d = Digest::of(&c.data);
-                        if seen.contains(&d) {
+                    for c in local_chunks(&abs)? {
+                        if seen.contains(&c.digest) {
                             p.local
-                                .entry(d)
-                                .or_insert((e.path.clone(), c.offset, c.length as u32));
+                                .entry(c.digest)
+                                .or_insert((e.path.clone(), c.offset, c.len));
                         }
                     }
                 }
@@ -556,6 +553,34 @@ fn plan_with(
         }
     }
     Ok(p)
+}
+
+/// The chunks a local file has by the one chunking rule ([`si_tree::chunker`], over the file's own
+/// hole map): what the old version of a changed file can give a new version without a fetch.
+pub fn local_chunks(abs: &Path) -> Result<Vec<si_proto::Chunk>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(abs)
+        .with_context(|| format!("opening {}", abs.display()))?;
+    let md = f
+        .metadata()
+        .with_context(|| format!("reading metadata of {}", abs.display()))?;
+    let extents = chunker::data_extents(&f, &md)
+        .with_context(|| format!("finding the data of {}", abs.display()))?;
+    let mut out = Vec::new();
+    Chunker::new()
+        .file(&f, &extents, |offset, data| {
+            out.push(si_proto::Chunk {
+                offset,
+                len: data.len() as u32,
+                digest: Digest::of(data),
+            });
+            Ok(())
+        })
+        .with_context(|| format!("reading {}", abs.display()))?;
+    Ok(out)
 }
 
 /// Objects staged on the node, verified on arrival.

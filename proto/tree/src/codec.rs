@@ -39,12 +39,12 @@ pub fn decompress(z: &[u8], capacity: usize) -> Result<Vec<u8>> {
 }
 
 /// Checks a received or stored object: decompresses at most `raw_len` bytes (no more than
-/// [`crate::scan::MAX_OBJECT`]) and compares the BLAKE3 digest. Returns the content.
+/// [`si_proto::limits::MAX_OBJECT`]) and compares the BLAKE3 digest. Returns the content.
 pub fn verify(digest: &Digest, raw_len: u32, z: &[u8]) -> Result<Vec<u8>> {
-    if raw_len > crate::scan::MAX_OBJECT {
+    if raw_len > si_proto::limits::MAX_OBJECT {
         bail!(
             "object {digest} claims {raw_len} bytes, more than the {}-byte limit",
-            crate::scan::MAX_OBJECT
+            si_proto::limits::MAX_OBJECT
         );
     }
     let raw = decompress(z, raw_len as usize)

@@ -4,11 +4,14 @@
 //!   `commit` on the master).
 //! - [`apply`]: writes a manifest's tree beneath a target root with full metadata (checkout on
 //!   the master, deploy and update on nodes).
+//! - [`chunker`]: the one chunking rule (per data extent, FastCDC) capture, tar import and
+//!   update share.
 //! - [`codec`]: the object codec (zstd, one context per thread) and digest verification.
 //! - [`exclude`]: exclude patterns.
 //! - [`fsutil`]: small filesystem and system helpers.
 
 pub mod apply;
+pub mod chunker;
 pub mod codec;
 pub mod exclude;
 pub mod fsutil;

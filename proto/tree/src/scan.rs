@@ -2,7 +2,7 @@
 //!
 //! The scan runs in two passes. The walk reads metadata only (lstat, xattrs, symlink targets)
 //! and is cheap. The content pass reads regular files on a pool of threads, splits them into
-//! chunks, hashes each chunk with BLAKE3, and hands every chunk the receiver does not already
+//! chunks by the one rule of [`crate::chunker`] (per data extent: holes stay holes), hashes each chunk with BLAKE3, and hands every chunk the receiver does not already
 //! have (the `have` set) to a [`BlobSink`], zstd-compressed. A [`StatCache`] from the previous
 //! scan lets unchanged files (same inode, size, mtime and ctime) skip the read altogether when
 //! the receiver still has all their chunks.
@@ -18,21 +18,12 @@ use si_proto::manifest::{Chunk, Entry, Kind, Manifest, Xattr};
 use si_proto::msg::ScanStats;
 use si_proto::Digest;
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// Files larger than this are split into content-defined chunks.
-pub const CDC_THRESHOLD: u64 = 1 << 20;
-pub const CDC_MIN: u32 = 64 << 10;
-pub const CDC_AVG: u32 = 256 << 10;
-pub const CDC_MAX: u32 = 1 << 20;
-/// Largest object (uncompressed) any producer makes; receivers refuse bigger ones.
-pub const MAX_OBJECT: u32 = CDC_MAX;
 /// Compression level of objects.
 pub const ZSTD_LEVEL: i32 = crate::codec::ZSTD_LEVEL;
 
@@ -434,34 +425,9 @@ impl Walker<'_> {
     }
 }
 
-/// Data extents `(offset, len)` of a file: one extent unless the file has holes.
-fn data_extents(f: &File, md: &std::fs::Metadata) -> Result<Vec<(u64, u64)>> {
-    let size = md.len();
-    if size == 0 {
-        return Ok(vec![]);
-    }
-    if md.blocks() * 512 >= size {
-        return Ok(vec![(0, size)]);
-    }
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    let mut fh = f;
-    while pos < size {
-        let data = match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(e).context("seeking to data"),
-        };
-        let hole =
-            rustix::fs::seek(f, rustix::fs::SeekFrom::Hole(data)).context("seeking to a hole")?;
-        let end = hole.min(size);
-        if end > data {
-            out.push((data, end - data));
-        }
-        pos = hole;
-    }
-    fh.seek(SeekFrom::Start(0))?;
-    Ok(out)
+thread_local! {
+    /// Each content worker's chunker (its buffer lives as long as the thread).
+    static CHUNKER: std::cell::RefCell<crate::chunker::Chunker> = Default::default();
 }
 
 struct Shared<'a> {
@@ -520,34 +486,19 @@ impl Shared<'_> {
                     .open(&p.abs)
             })
             .with_context(|| format!("opening {}", p.abs.display()))?;
+        let extents = crate::chunker::data_extents(&f, &p.md)
+            .with_context(|| format!("finding the data of {}", p.abs.display()))?;
         let mut chunks = Vec::new();
-        let mut end = 0u64;
-        for (off, len) in data_extents(&f, &p.md)? {
-            let mut fh = &f;
-            fh.seek(SeekFrom::Start(off))?;
-            let reader = fh.take(len);
-            if len <= CDC_THRESHOLD {
-                let mut buf = Vec::with_capacity(len as usize);
-                reader
-                    .take(len)
-                    .read_to_end(&mut buf)
-                    .with_context(|| format!("reading {}", p.abs.display()))?;
-                if !buf.is_empty() {
-                    chunks.push(self.chunk(off, &buf, tx)?);
-                }
-                end = off + buf.len() as u64;
-                self.bytes_read
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            } else {
-                for c in fastcdc::v2020::StreamCDC::new(reader, CDC_MIN, CDC_AVG, CDC_MAX) {
-                    let c = c.map_err(|e| anyhow::anyhow!("reading {}: {e}", p.abs.display()))?;
-                    chunks.push(self.chunk(off + c.offset, &c.data, tx)?);
-                    end = off + c.offset + c.length as u64;
+        let end = CHUNKER
+            .with_borrow_mut(|c| {
+                c.file(&f, &extents, |off, data| {
+                    chunks.push(self.chunk(off, data, tx)?);
                     self.bytes_read
-                        .fetch_add(c.length as u64, Ordering::Relaxed);
-                }
-            }
-        }
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                })
+            })
+            .with_context(|| format!("reading {}", p.abs.display()))?;
         self.files_read.fetch_add(1, Ordering::Relaxed);
         // A file that grew while read keeps what was read; one that shrank keeps its old size.
         Ok((p.md.len().max(end), chunks))

@@ -6,11 +6,13 @@
 //! - [`frame`]: the length-prefixed, size-bounded framing of the si protocol.
 //! - [`msg`]: the protocol messages and the version handshake.
 //! - [`layout`]: the declarative disk layout recorded by `si-prepareclient`.
+//! - [`limits`]: sizes both ends agree on (the chunking parameters, the largest object).
 
 pub mod digest;
 pub mod frame;
 pub mod handshake;
 pub mod layout;
+pub mod limits;
 pub mod manifest;
 pub mod msg;
 pub mod path;

@@ -121,7 +121,7 @@ impl Stored {
 impl ManifestCache {
     /// The manifest file of `image@v` and its digest (hashed once per file).
     pub fn stored(&self, store: &Store, image: &str, v: u32) -> Result<Stored> {
-        let path = store.manifest_path(image, v);
+        let path = store.manifest_path(image, v)?;
         let md = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
         let key = (md.dev(), md.ino(), md.len(), md.mtime(), md.mtime_nsec());
         if let Some((k, s)) = self.digests.lock().expect("cache lock").get(&path) {

@@ -327,6 +327,7 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use si_proto::manifest::{Entry, Kind, Manifest};
 
     /// The bound holds whatever a Want asks for: a group stops once its bytes reach the
     /// budget, and the groups together cover the request in order.
@@ -364,5 +365,50 @@ mod tests {
             rest = &rest[taken..];
         }
         assert_eq!(sent, want);
+    }
+
+    /// A node's `GetManifestDelta{base_image}` names a base the service looks up in the store:
+    /// a name that climbs out of `images/` finds nothing there, even when a version waits at the
+    /// place it points to, and the node gets the whole manifest.
+    #[test]
+    fn delta_base_name_cannot_leave_the_store() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        let m = Manifest {
+            entries: vec![Entry {
+                path: vec![],
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                xattrs: vec![],
+            }],
+        };
+        store
+            .record_version("img", &m, Default::default(), None)
+            .unwrap();
+        let planted = t.path().join("planted/1");
+        std::fs::create_dir_all(&planted).unwrap();
+        std::fs::copy(
+            store.manifest_path("img", 1).unwrap(),
+            planted.join("manifest"),
+        )
+        .unwrap();
+        let cache = ManifestCache::default();
+        // The control: a real base gets a delta.
+        let (head, _) =
+            manifest_reply(&store, &cache, "img", None, Some(("img".into(), 1))).unwrap();
+        assert!(matches!(head, Msg::ManifestDeltaIs { .. }), "{head:?}");
+        let abs = t.path().join("planted").to_str().unwrap().to_string();
+        for bad in ["../../planted".to_string(), abs, "a/b".into(), "".into()] {
+            let (head, data) =
+                manifest_reply(&store, &cache, "img", None, Some((bad.clone(), 1))).unwrap();
+            assert!(matches!(head, Msg::ManifestIs { .. }), "{bad:?}: {head:?}");
+            assert_eq!(*data, store.manifest_bytes("img", 1).unwrap());
+        }
+        // The image asked for is checked the same way.
+        assert!(manifest_reply(&store, &cache, "../../planted", Some(1), None).is_err());
     }
 }

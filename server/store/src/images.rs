@@ -71,12 +71,16 @@ pub fn now_rfc3339() -> String {
 }
 
 impl Store {
-    fn image_dir(&self, name: &str) -> PathBuf {
-        self.root.join("images").join(name)
+    /// Where image `name` lives. Every path the store builds from a name comes from here, and
+    /// the name is checked here: a name from a client (`../x`, `a/b`, `/etc`) never reaches the
+    /// filesystem.
+    fn image_dir(&self, name: &str) -> Result<PathBuf> {
+        valid_image_name(name)?;
+        Ok(self.root.join("images").join(name))
     }
 
-    fn version_dir(&self, name: &str, v: u32) -> PathBuf {
-        self.image_dir(name).join(v.to_string())
+    fn version_dir(&self, name: &str, v: u32) -> Result<PathBuf> {
+        Ok(self.image_dir(name)?.join(v.to_string()))
     }
 
     /// Image names, sorted.
@@ -97,8 +101,7 @@ impl Store {
 
     /// Version numbers of an image, ascending.
     pub fn versions(&self, name: &str) -> Result<Vec<u32>> {
-        valid_image_name(name)?;
-        let dir = self.image_dir(name);
+        let dir = self.image_dir(name)?;
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("no image named {name:?}"),
@@ -126,19 +129,19 @@ impl Store {
     }
 
     pub fn meta(&self, name: &str, v: u32) -> Result<VersionMeta> {
-        let p = self.version_dir(name, v).join("meta.toml");
+        let p = self.version_dir(name, v)?.join("meta.toml");
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
     }
 
     /// Where the encoded manifest of `name@v` lives.
-    pub fn manifest_path(&self, name: &str, v: u32) -> PathBuf {
-        self.version_dir(name, v).join("manifest")
+    pub fn manifest_path(&self, name: &str, v: u32) -> Result<PathBuf> {
+        Ok(self.version_dir(name, v)?.join("manifest"))
     }
 
     pub fn manifest_bytes(&self, name: &str, v: u32) -> Result<Vec<u8>> {
-        let p = self.manifest_path(name, v);
+        let p = self.manifest_path(name, v)?;
         std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
     }
 
@@ -148,7 +151,7 @@ impl Store {
     }
 
     pub fn layout(&self, name: &str, v: u32) -> Result<Option<String>> {
-        let p = self.version_dir(name, v).join("layout.toml");
+        let p = self.version_dir(name, v)?.join("layout.toml");
         match std::fs::read_to_string(&p) {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -165,7 +168,7 @@ impl Store {
         mut meta: VersionMeta,
         layout: Option<&str>,
     ) -> Result<VersionMeta> {
-        valid_image_name(name)?;
+        let idir = self.image_dir(name)?;
         m.validate()?;
         for c in m.digests() {
             if !self.contains(&c.digest) {
@@ -189,7 +192,6 @@ impl Store {
         if meta.created.is_empty() {
             meta.created = now_rfc3339();
         }
-        let idir = self.image_dir(name);
         std::fs::create_dir_all(&idir).with_context(|| format!("creating {}", idir.display()))?;
         let existing = self.versions(name)?;
         meta.parent = existing.last().copied();
@@ -205,7 +207,7 @@ impl Store {
             let text = toml::to_string_pretty(&meta).context("encoding version metadata")?;
             si_tree::fsutil::write_atomic(&tmp.join("meta.toml"), text.as_bytes())?;
             // rename(2) onto an existing non-empty directory fails: a version is never replaced.
-            match std::fs::rename(&tmp, self.version_dir(name, v)) {
+            match std::fs::rename(&tmp, self.version_dir(name, v)?) {
                 Ok(()) => {
                     si_tree::fsutil::sync_dir(&idir)?;
                     return Ok(meta);
@@ -229,33 +231,33 @@ impl Store {
         let target = match version {
             Some(v) => {
                 self.resolve(name, Some(v))?;
-                self.version_dir(name, v)
+                self.version_dir(name, v)?
             }
             None => {
                 self.versions(name)?;
-                self.image_dir(name)
+                self.image_dir(name)?
             }
         };
         let tmp = self.tmp_path("removed");
         std::fs::rename(&target, &tmp).with_context(|| format!("removing {}", target.display()))?;
         std::fs::remove_dir_all(&tmp).with_context(|| format!("deleting {}", tmp.display()))?;
         if version.is_some() && self.versions(name)?.is_empty() {
-            std::fs::remove_dir(self.image_dir(name)).ok();
+            std::fs::remove_dir(self.image_dir(name)?).ok();
         }
         Ok(())
     }
 
     /// Copies an image (all versions; objects are shared, not copied).
     pub fn copy(&self, src: &str, dst: &str) -> Result<()> {
-        valid_image_name(dst)?;
         let vs = self.versions(src)?;
-        if self.image_dir(dst).exists() {
+        let dst_dir = self.image_dir(dst)?;
+        if dst_dir.exists() {
             bail!("image {dst} already exists");
         }
         let tmp = self.tmp_path("copy");
         std::fs::create_dir(&tmp)?;
         for v in vs {
-            let from = self.version_dir(src, v);
+            let from = self.version_dir(src, v)?;
             let to = tmp.join(v.to_string());
             std::fs::create_dir(&to)?;
             for f in ["manifest", "layout.toml"] {
@@ -271,16 +273,14 @@ impl Store {
                 toml::to_string_pretty(&meta)?.as_bytes(),
             )?;
         }
-        std::fs::rename(&tmp, self.image_dir(dst))
-            .with_context(|| format!("creating image {dst}"))?;
+        std::fs::rename(&tmp, &dst_dir).with_context(|| format!("creating image {dst}"))?;
         Ok(())
     }
 
     /// Renames an image.
     pub fn rename(&self, src: &str, dst: &str) -> Result<()> {
-        valid_image_name(dst)?;
         self.versions(src)?;
-        if self.image_dir(dst).exists() {
+        if self.image_dir(dst)?.exists() {
             bail!("image {dst} already exists");
         }
         self.copy(src, dst)?;
@@ -432,4 +432,81 @@ pub struct GcReport {
     pub repacked_objects: u64,
     pub removed_packs: u64,
     pub freed_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use si_proto::manifest::{Entry, Kind};
+
+    fn root_only() -> Manifest {
+        Manifest {
+            entries: vec![Entry {
+                path: vec![],
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                xattrs: vec![],
+            }],
+        }
+    }
+
+    /// Every store function that turns a name into a path refuses a name that could leave
+    /// `images/`, even when a matching tree exists outside the store.
+    #[test]
+    fn names_never_reach_the_filesystem_unchecked() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        store
+            .record_version("good", &root_only(), VersionMeta::default(), None)
+            .unwrap();
+        // A version planted outside the store where `images/../../planted` would find it.
+        let planted = t.path().join("planted/1");
+        std::fs::create_dir_all(&planted).unwrap();
+        std::fs::copy(
+            store.manifest_path("good", 1).unwrap(),
+            planted.join("manifest"),
+        )
+        .unwrap();
+        std::fs::copy(
+            store.root().join("images/good/1/meta.toml"),
+            planted.join("meta.toml"),
+        )
+        .unwrap();
+        let abs = t.path().join("planted");
+        let abs = abs.to_str().unwrap();
+        for bad in ["../../planted", "../x", "a/b", "", ".", "..", abs, "/etc"] {
+            assert!(store.versions(bad).is_err(), "versions({bad:?})");
+            assert!(store.resolve(bad, None).is_err(), "resolve({bad:?})");
+            assert!(store.meta(bad, 1).is_err(), "meta({bad:?})");
+            assert!(
+                store.manifest_path(bad, 1).is_err(),
+                "manifest_path({bad:?})"
+            );
+            assert!(
+                store.manifest_bytes(bad, 1).is_err(),
+                "manifest_bytes({bad:?})"
+            );
+            assert!(store.manifest(bad, 1).is_err(), "manifest({bad:?})");
+            assert!(store.layout(bad, 1).is_err(), "layout({bad:?})");
+            assert!(store.remove(bad, None).is_err(), "remove({bad:?})");
+            assert!(store.remove(bad, Some(1)).is_err(), "remove({bad:?}@1)");
+            assert!(store.copy(bad, "copy").is_err(), "copy({bad:?})");
+            assert!(store.copy("good", bad).is_err(), "copy(_, {bad:?})");
+            assert!(store.rename("good", bad).is_err(), "rename(_, {bad:?})");
+            let err = store
+                .record_version(bad, &root_only(), VersionMeta::default(), None)
+                .unwrap_err();
+            assert!(format!("{err:#}").contains("invalid image name"), "{err:#}");
+        }
+        assert!(
+            planted.join("manifest").exists(),
+            "the planted tree is untouched"
+        );
+        assert_eq!(store.images().unwrap(), vec!["good".to_string()]);
+        assert_eq!(store.versions("good").unwrap(), vec![1]);
+    }
 }

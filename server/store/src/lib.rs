@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, RwLock};
 /// Target size of a pack file.
 pub const PACK_TARGET: u64 = 128 << 20;
 /// Largest object accepted (uncompressed).
-pub const MAX_OBJECT: u32 = si_tree::scan::MAX_OBJECT;
+pub const MAX_OBJECT: u32 = si_proto::limits::MAX_OBJECT;
 const FORMAT_TEXT: &str = "si-store 1\n";
 
 #[derive(Clone, Copy, Debug)]

@@ -36,6 +36,20 @@ impl Default for ServeConfig {
 /// Its error reaches the node: a report that was not stored is never acknowledged.
 pub type ReportHook = Arc<dyn Fn(&str, &str, &str) -> Result<()> + Send + Sync>;
 
+/// Where the service finds the objects it sends: the master's store, and later a node's own
+/// tree when it relays to its neighbours. Objects go out compressed as the source holds them;
+/// the receiver verifies every one against its digest, so a source need not be trusted.
+pub trait ObjectSource: Send + Sync + 'static {
+    /// The object's uncompressed length and its zstd-compressed bytes.
+    fn object(&self, d: &si_proto::Digest) -> Result<(u32, Vec<u8>)>;
+}
+
+impl ObjectSource for Store {
+    fn object(&self, d: &si_proto::Digest) -> Result<(u32, Vec<u8>)> {
+        self.get_compressed(d)
+    }
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
@@ -46,6 +60,7 @@ pub async fn run(
 ) -> Result<()> {
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
     let cache = Arc::new(ManifestCache::default());
+    let objects: Arc<dyn ObjectSource> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
     // Dropping the set (when this returns) stops the warmer.
     let mut background = tokio::task::JoinSet::new();
@@ -66,12 +81,13 @@ pub async fn run(
             _ = &mut shutdown => return Ok(()),
         };
         let store = store.clone();
+        let objects = objects.clone();
         let cache = cache.clone();
         let report = report.clone();
         match sem.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
-                    if let Err(e) = handle(sock, peer, store, cache, report).await {
+                    if let Err(e) = handle(sock, peer, store, objects, cache, report).await {
                         tracing::warn!(%peer, error = format!("{e:#}"), "session failed");
                     }
                     drop(permit);
@@ -144,7 +160,7 @@ type Outgoing = (si_proto::Digest, u32, Vec<u8>);
 /// Reads objects from the front of `want` until their compressed bytes reach `budget` (at
 /// least one object); returns them and how many digests of `want` they cover.
 fn read_group(
-    store: &Store,
+    source: &dyn ObjectSource,
     want: &[si_proto::Digest],
     budget: usize,
 ) -> (Result<Vec<Outgoing>>, usize) {
@@ -154,7 +170,7 @@ fn read_group(
         if held >= budget {
             return (Ok(out), i);
         }
-        match store.get_compressed(d) {
+        match source.object(d) {
             Ok((raw, z)) => {
                 held += z.len();
                 out.push((*d, raw, z));
@@ -169,6 +185,7 @@ async fn handle(
     sock: TcpStream,
     peer: SocketAddr,
     store: Arc<Store>,
+    objects: Arc<dyn ObjectSource>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
 ) -> Result<()> {
@@ -250,10 +267,10 @@ async fn handle(
                 }
                 let mut rest = &ds[..];
                 while !rest.is_empty() {
-                    let st = store.clone();
+                    let src = objects.clone();
                     let todo = rest.to_vec();
                     let (objs, taken) =
-                        tokio::task::spawn_blocking(move || read_group(&st, &todo, GROUP_BYTES))
+                        tokio::task::spawn_blocking(move || read_group(&*src, &todo, GROUP_BYTES))
                             .await?;
                     rest = &rest[taken..];
                     match objs {

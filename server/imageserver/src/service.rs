@@ -39,12 +39,12 @@ pub type ReportHook = Arc<dyn Fn(&str, &str, &str) -> Result<()> + Send + Sync>;
 /// Where the service finds the objects it sends: the master's store, and later a node's own
 /// tree when it relays to its neighbours. Objects go out compressed as the source holds them;
 /// the receiver verifies every one against its digest, so a source need not be trusted.
-pub trait ObjectSource: Send + Sync + 'static {
+pub trait ObjectFinder: Send + Sync + 'static {
     /// The object's uncompressed length and its zstd-compressed bytes.
     fn object(&self, d: &si_proto::Digest) -> Result<(u32, Vec<u8>)>;
 }
 
-impl ObjectSource for Store {
+impl ObjectFinder for Store {
     fn object(&self, d: &si_proto::Digest) -> Result<(u32, Vec<u8>)> {
         self.get_compressed(d)
     }
@@ -60,7 +60,7 @@ pub async fn run(
 ) -> Result<()> {
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
     let cache = Arc::new(ManifestCache::default());
-    let objects: Arc<dyn ObjectSource> = store.clone();
+    let objects: Arc<dyn ObjectFinder> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
     // Dropping the set (when this returns) stops the warmer.
     let mut background = tokio::task::JoinSet::new();
@@ -160,7 +160,7 @@ type Outgoing = (si_proto::Digest, u32, Vec<u8>);
 /// Reads objects from the front of `want` until their compressed bytes reach `budget` (at
 /// least one object); returns them and how many digests of `want` they cover.
 fn read_group(
-    source: &dyn ObjectSource,
+    source: &dyn ObjectFinder,
     want: &[si_proto::Digest],
     budget: usize,
 ) -> (Result<Vec<Outgoing>>, usize) {
@@ -185,7 +185,7 @@ async fn handle(
     sock: TcpStream,
     peer: SocketAddr,
     store: Arc<Store>,
-    objects: Arc<dyn ObjectSource>,
+    objects: Arc<dyn ObjectFinder>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
 ) -> Result<()> {

@@ -11,7 +11,8 @@ use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-/// How long a node keeps retrying a server that answers Busy.
+/// How long a node keeps retrying a server that answers Busy or cannot be reached (an installer
+/// whose master is restarting waits for it; the retries are logged as warnings).
 const BUSY_PATIENCE: Duration = Duration::from_secs(600);
 
 /// Digests per `Want`, and how many `Want`s may be outstanding.
@@ -45,7 +46,7 @@ impl Client {
         handshake::retry(
             Backoff::new(BUSY_PATIENCE),
             || Client::open(&addr, timeout, &creds),
-            |e, d| tracing::info!(server = %addr, error = %e, retry_in = ?d, "server busy; retrying"),
+            |e, d| tracing::warn!(server = %addr, error = %e, retry_in = ?d, "server busy or unreachable; retrying"),
         )
         .with_context(|| format!("opening a session with {addr}"))
     }

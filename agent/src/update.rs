@@ -943,12 +943,12 @@ impl InstalledManifest {
 }
 
 /// The outcome of the plan stage: the target manifest and what to do to the node.
-pub struct Planned {
-    pub info: ImageVersionInfo,
-    pub m: Manifest,
+struct Planned {
+    info: ImageVersionInfo,
+    m: Manifest,
     /// The manifest's encoding, as recorded once installed.
-    pub mbytes: Vec<u8>,
-    pub plan: Plan,
+    mbytes: Vec<u8>,
+    plan: Plan,
     /// Objects already fetched by the prefetch, and their bytes.
     prefetched: HashSet<Digest>,
     prefetched_bytes: u64,

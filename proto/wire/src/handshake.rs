@@ -332,11 +332,11 @@ impl Backoff {
 
 /// Runs `attempt` until it succeeds, fails permanently, or `backoff` runs out; between tries it
 /// sleeps for the backoff's delay and calls `on_retry` with the error it is retrying.
-pub fn retry<T, E: RetryClass>(
+pub fn retry<T>(
     mut backoff: Backoff,
-    mut attempt: impl FnMut() -> Result<T, E>,
-    mut on_retry: impl FnMut(&E, Duration),
-) -> Result<T, E> {
+    mut attempt: impl FnMut() -> Result<T, PeerError>,
+    mut on_retry: impl FnMut(&PeerError, Duration),
+) -> Result<T, PeerError> {
     loop {
         match attempt() {
             Err(e) if e.retryable() => match backoff.next_delay() {
@@ -348,17 +348,6 @@ pub fn retry<T, E: RetryClass>(
             },
             r => return r,
         }
-    }
-}
-
-/// Errors that know whether they are worth a retry.
-pub trait RetryClass {
-    fn retryable(&self) -> bool;
-}
-
-impl RetryClass for PeerError {
-    fn retryable(&self) -> bool {
-        PeerError::retryable(self)
     }
 }
 

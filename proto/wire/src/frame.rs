@@ -12,6 +12,11 @@
 //! allocated. A clean end of stream between frames reads as `Ok(None)`; a stream that ends inside
 //! a frame, an unknown kind, an oversized length or an undecodable message is an error, after
 //! which the connection must be closed.
+//!
+//! A payload is read into a buffer that grows as bytes arrive (one [`READ_STEP`] of 64 KiB at
+//! first, then by as much as has arrived): a peer that claims 8 MiB and sends 10 bytes makes
+//! the reader hold 64 KiB, not 8 MiB, never more than twice what it sent plus one step, and the
+//! buffer is dropped with the error when the connection fails or closes.
 
 use crate::msg::Msg;
 use std::io::{self, Read, Write};
@@ -22,6 +27,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Largest frame payload accepted.
 pub const MAX_FRAME: usize = 8 << 20;
 pub const HEADER_LEN: usize = 5;
+/// A frame's payload buffer grows by at most this much per step, so a peer that claims a
+/// large frame and then stalls holds only what it has actually sent (plus one step).
+pub const READ_STEP: usize = 64 << 10;
 const KIND_MSG: u8 = 1;
 const KIND_DATA: u8 = 2;
 
@@ -152,11 +160,24 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, FrameError> {
         }
     }
     let (len, kind) = parse_header(&h)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-        _ => FrameError::Io(e),
-    })?;
+    let mut payload = Vec::new();
+    while payload.len() < len {
+        let have = payload.len();
+        // Grow by what has already arrived (at least one step): at most twice the bytes
+        // received plus one step are held, and copying stays linear.
+        let step = (len - have).min(have.max(READ_STEP));
+        payload.reserve_exact(step);
+        payload.resize(have + step, 0);
+        let mut got = have;
+        while got < have + step {
+            match r.read(&mut payload[got..have + step]) {
+                Ok(0) => return Err(FrameError::Truncated),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     finish(kind, payload).map(Some)
 }
 
@@ -177,13 +198,24 @@ pub async fn read_frame_async<R: AsyncRead + Unpin>(
         }
     }
     let (len, kind) = parse_header(&h)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)
-        .await
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-            _ => FrameError::Io(e),
-        })?;
+    let mut payload = Vec::new();
+    while payload.len() < len {
+        let have = payload.len();
+        // Grow by what has already arrived (at least one step): at most twice the bytes
+        // received plus one step are held, and copying stays linear.
+        let step = (len - have).min(have.max(READ_STEP));
+        payload.reserve_exact(step);
+        payload.resize(have + step, 0);
+        let mut got = have;
+        while got < have + step {
+            match r.read(&mut payload[got..have + step]).await {
+                Ok(0) => return Err(FrameError::Truncated),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     finish(kind, payload).map(Some)
 }
 

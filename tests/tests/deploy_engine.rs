@@ -487,3 +487,166 @@ fn reports_are_acknowledged_only_when_stored() {
     let e = c.report("stranger", "installed", "").unwrap_err();
     assert!(format!("{e:#}").contains("report not stored"), "{e:#}");
 }
+
+/// Hundreds of idle and half-sent connections against the image service: a real node is still
+/// served at normal speed while they are open, a source past its cap is refused at once, and the
+/// service closes every one of them by its deadlines (before, they held their slots forever).
+/// Loopback only: the hostile connections come from 127.0.0.2-127.0.0.39 (Linux routes all of
+/// 127/8 to `lo`), the node from 127.0.0.1.
+#[test]
+fn idle_and_half_sent_connections_do_not_starve_a_node() {
+    use si_proto::frame::MAX_FRAME;
+    use si_proto::handshake::{self, Credentials};
+    use si_proto::msg::Role;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..300 {
+        std::fs::write(src.join(format!("d/f{i}")), rand_bytes(4000 + i, i as u64)).unwrap();
+    }
+    std::fs::write(src.join("big"), rand_bytes(24 << 20, 3)).unwrap();
+    let store_dir = t.path().join("store");
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+
+    let per_source = 8;
+    // Long enough that the load stays open through the loaded deploy (checked below).
+    const DEADLINE: Duration = Duration::from_secs(8);
+    let cfg = si_imageserver::service::ServeConfig {
+        max_connections: 400,
+        per_source,
+        message_deadline: DEADLINE,
+        idle_timeout: DEADLINE,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let l = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    rt.spawn(si_imageserver::service::run(
+        l,
+        store.clone(),
+        cfg,
+        None,
+        std::future::pending(),
+    ));
+    let server = addr.to_string();
+
+    let deploy = |name: &str| {
+        let node = t.path().join(name);
+        let start = Instant::now();
+        let s = run(args(&server, "img", &node)).unwrap();
+        let took = start.elapsed();
+        assert_eq!(s.version, 1);
+        same_tree(&src, &node, &["/var"]);
+        took
+    };
+    let unloaded = deploy("node-unloaded");
+
+    // 300 hostile connections, three kinds in turn: silent (no Hello), Hello then nothing,
+    // Hello then a frame header claiming 8 MiB followed by 1000 bytes and silence.
+    let creds = Credentials {
+        token: String::new(),
+        client: "hostile".into(),
+    };
+    let hostile = rt.block_on(async {
+        let mut conns = Vec::new();
+        for i in 0..300usize {
+            let src_ip: std::net::IpAddr =
+                format!("127.0.0.{}", 2 + i / per_source).parse().unwrap();
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind((src_ip, 0).into()).unwrap();
+            let mut c = sock.connect(addr).await.unwrap();
+            if i % 3 != 0 {
+                handshake::connect_async(&mut c, Role::Deploy, &creds)
+                    .await
+                    .unwrap();
+            }
+            if i % 3 == 2 {
+                let mut h = (MAX_FRAME as u32).to_le_bytes().to_vec();
+                h.push(1);
+                h.extend_from_slice(&[0u8; 1000]);
+                c.write_all(&h).await.unwrap();
+            }
+            conns.push(c);
+        }
+        conns
+    });
+    let opened = Instant::now();
+
+    // One more from a source at its cap is refused at once.
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(([127, 0, 0, 2], 0).into()).unwrap();
+        let mut c = sock.connect(addr).await.unwrap();
+        let m = tokio::time::timeout(
+            Duration::from_secs(5),
+            si_proto::frame::recv_msg_async(&mut c),
+        )
+        .await
+        .expect("a source past its cap is answered at once");
+        assert!(
+            matches!(
+                m,
+                Err(si_proto::frame::FrameError::Peer {
+                    kind: si_proto::msg::ErrorKind::Busy,
+                    ..
+                })
+            ),
+            "{m:?}"
+        );
+    });
+
+    // A real node while all 300 are open.
+    let loaded = deploy("node-loaded");
+    assert!(
+        opened.elapsed() < DEADLINE,
+        "the load must stay open through the deploy for the figure to mean anything"
+    );
+    eprintln!(
+        "deploy of 24 MiB + 300 files: unloaded {unloaded:?}, with 300 idle/half-sent connections open {loaded:?}"
+    );
+    assert!(
+        loaded < unloaded * 2 + Duration::from_secs(1),
+        "loaded {loaded:?} against unloaded {unloaded:?}"
+    );
+
+    // Every hostile connection is closed by the service within its deadlines (idle, message,
+    // Hello), not held: reading reaches the end within a bounded time.
+    rt.block_on(async {
+        let deadline = DEADLINE * 2;
+        let mut set = tokio::task::JoinSet::new();
+        for (i, mut c) in hostile.into_iter().enumerate() {
+            set.spawn(async move {
+                let mut sink = Vec::new();
+                let r = tokio::time::timeout(deadline, c.read_to_end(&mut sink)).await;
+                (i, r.is_ok())
+            });
+        }
+        let mut closed = 0;
+        while let Some(r) = set.join_next().await {
+            let (i, ok) = r.unwrap();
+            assert!(
+                ok,
+                "hostile connection {i} (kind {}) still open after {deadline:?}",
+                i % 3
+            );
+            closed += 1;
+        }
+        assert_eq!(closed, 300);
+    });
+    eprintln!(
+        "all 300 closed by the service {:?} after they were opened",
+        opened.elapsed()
+    );
+    // The slots came back: a third node is served.
+    deploy("node-after");
+}

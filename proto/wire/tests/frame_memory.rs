@@ -85,7 +85,10 @@ fn a_stalled_frame_holds_what_arrived_not_what_it_claims() {
         );
         assert!(held < MAX_FRAME / 2, "{held} held");
         let after = LIVE.load(Ordering::SeqCst).saturating_sub(base);
-        assert!(after < 4096, "{after} bytes still allocated after the error");
+        assert!(
+            after < 4096,
+            "{after} bytes still allocated after the error"
+        );
     }
     // A whole frame still reads in full.
     let mut whole = stalled_frame(MAX_FRAME);
@@ -139,7 +142,10 @@ mod async_reader {
                 "{sent} bytes sent, {held} held while stalled"
             );
             let after = LIVE.load(Ordering::SeqCst).saturating_sub(base);
-            assert!(after < 4096, "{after} bytes still allocated after the error");
+            assert!(
+                after < 4096,
+                "{after} bytes still allocated after the error"
+            );
         }
     }
 }

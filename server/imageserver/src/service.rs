@@ -12,24 +12,70 @@ use anyhow::{bail, Context, Result};
 use si_proto::frame::{read_frame_async, write_data_async, write_msg_async, Frame, MAX_FRAME};
 use si_proto::handshake::{self, Policy};
 use si_proto::msg::{self, ErrorKind, ImageVersionInfo, Msg, Role};
+use si_proto::persource::PerSource;
 use si_store::Store;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use std::task::{Context as TaskCx, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub max_connections: usize,
+    /// Connections one source address may hold at once; the one past it gets `Error{Busy}`.
+    pub per_source: usize,
+    /// A message, once its first byte has arrived, must be whole within this.
+    pub message_deadline: Duration,
+    /// A connection with no request for this long (after its Hello, between requests) is closed.
+    pub idle_timeout: Duration,
+    /// A peer that takes none of the bytes it asked for in this long is dropped (slow reader).
+    pub write_stall: Duration,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             max_connections: 512,
+            per_source: 16,
+            message_deadline: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            write_stall: Duration::from_secs(60),
         }
     }
+}
+
+/// Longest node name, state and report detail the service keeps; past it, text is cut with a
+/// marker.
+pub const MAX_REPORT_NAME: usize = 256;
+pub const MAX_REPORT_DETAIL: usize = 4096;
+
+/// Report text as the service logs and stores it: control characters (newlines included, which
+/// would forge log lines) escaped as `\n`, `\u{1b}`..., a backslash doubled, and cut at `max`
+/// bytes with a marker saying how much was dropped.
+pub fn clean_report_text(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max) + 32);
+    for (i, c) in s.char_indices() {
+        let piece: String = if c == '\\' {
+            "\\\\".into()
+        } else if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            c.into()
+        };
+        if out.len() + piece.len() > max {
+            out.push_str(&format!("…[{} bytes cut]", s.len() - i));
+            return out;
+        }
+        out.push_str(&piece);
+    }
+    out
 }
 
 /// Called when a node reports install/update progress or completion.
@@ -59,6 +105,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
+    let sources = PerSource::new(cfg.per_source);
     let cache = Arc::new(ManifestCache::default());
     let objects: Arc<dyn ObjectFinder> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
@@ -84,24 +131,103 @@ pub async fn run(
         let objects = objects.clone();
         let cache = cache.clone();
         let report = report.clone();
-        match sem.clone().try_acquire_owned() {
-            Ok(permit) => {
+        let cfg = cfg.clone();
+        let slot = sources.try_take(peer.ip());
+        if slot.is_none() {
+            tracing::warn!(%peer, cap = sources.max(), "source holds its cap of connections");
+        }
+        match (slot, sem.clone().try_acquire_owned()) {
+            (Some(slot), Ok(permit)) => {
                 tokio::spawn(async move {
-                    if let Err(e) = handle(sock, peer, store, objects, cache, report).await {
+                    let _slot = slot;
+                    if let Err(e) = handle(sock, peer, store, objects, cache, report, &cfg).await {
                         tracing::warn!(%peer, error = format!("{e:#}"), "session failed");
                     }
                     drop(permit);
                 });
             }
-            Err(_) => {
+            _ => {
                 tokio::spawn(async move {
-                    let mut sock = sock;
+                    let mut sock = Stalling::new(sock, Duration::from_secs(5));
                     if let Err(e) = handshake::refuse_busy_async(&mut sock).await {
                         tracing::debug!(%peer, error = %e, "telling a client we are busy");
                     }
                 });
             }
         }
+    }
+}
+
+/// A stream whose writes fail with `TimedOut` when the peer takes no bytes for `stall`: a
+/// slow or stopped reader cannot hold a connection (and its buffers) forever. Reads pass through.
+struct Stalling<S> {
+    inner: S,
+    stall: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Stalling<S> {
+    fn new(inner: S, stall: Duration) -> Self {
+        Stalling {
+            inner,
+            stall,
+            timer: None,
+        }
+    }
+
+    /// Called when the inner write is pending: arms the timer once, fails when it fires.
+    fn pending(&mut self, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        let stall = self.stall;
+        let t = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match t.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("peer took no bytes for {stall:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Stalling<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Stalling<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                self.timer = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.pending(cx).map(|r| r.map(|()| 0)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Ready(r) => {
+                self.timer = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.pending(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -188,23 +314,43 @@ async fn handle(
     objects: Arc<dyn ObjectFinder>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
+    cfg: &ServeConfig,
 ) -> Result<()> {
     sock.set_nodelay(true).ok();
-    let mut sock = sock;
+    let mut sock = Stalling::new(sock, cfg.write_stall);
     let policy = Policy {
         roles: vec![Role::Deploy],
         token: None,
         server: si_tree::fsutil::hostname(),
     };
-    let peer_hello = handshake::accept_async(&mut sock, &policy)
-        .await
-        .context("handshake")?;
+    let peer_hello = tokio::time::timeout(
+        cfg.message_deadline,
+        handshake::accept_async(&mut sock, &policy),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no hello within {:?}", cfg.message_deadline))?
+    .context("handshake")?;
     tracing::debug!(%peer, client = %peer_hello.client, version = peer_hello.version, "session open");
     let (r, w) = tokio::io::split(sock);
     let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
     let mut w = BufWriter::with_capacity(1 << 20, w);
     loop {
-        let Some(frame) = read_frame_async(&mut r).await? else {
+        // Idle between requests: wait for the first byte of the next one.
+        match tokio::time::timeout(cfg.idle_timeout, r.fill_buf()).await {
+            Err(_) => {
+                tracing::debug!(%peer, idle = ?cfg.idle_timeout, "closing an idle connection");
+                return Ok(());
+            }
+            Ok(got) => {
+                if got.context("reading a request")?.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        let Some(frame) = tokio::time::timeout(cfg.message_deadline, read_frame_async(&mut r))
+            .await
+            .map_err(|_| anyhow::anyhow!("no whole message within {:?}", cfg.message_deadline))??
+        else {
             return Ok(());
         };
         let Frame::Msg(m) = frame else {
@@ -308,6 +454,9 @@ async fn handle(
                 state,
                 detail,
             } => {
+                let node = clean_report_text(&node, MAX_REPORT_NAME);
+                let state = clean_report_text(&state, MAX_REPORT_NAME);
+                let detail = clean_report_text(&detail, MAX_REPORT_DETAIL);
                 tracing::info!(%peer, %node, %state, %detail, "node report");
                 if let Some(h) = &report {
                     if let Err(e) = h(&node, &state, &detail) {
@@ -345,6 +494,78 @@ async fn handle(
 mod tests {
     use super::*;
     use si_proto::manifest::{Entry, Kind, Manifest};
+
+    /// A report's text cannot forge log lines or fill the disk: control characters come out
+    /// escaped, the length is bounded with a marker, and the hook stores what was logged.
+    #[tokio::test]
+    async fn report_text_is_escaped_and_bounded() {
+        assert_eq!(
+            clean_report_text("ok\nFAKE level=ERROR\x1b[31m\\n", 100),
+            "ok\\nFAKE level=ERROR\\u{1b}[31m\\\\n"
+        );
+        let long = "é".repeat(10_000);
+        let c = clean_report_text(&long, MAX_REPORT_DETAIL);
+        assert!(c.len() <= MAX_REPORT_DETAIL + 32, "{}", c.len());
+        assert!(c.ends_with("bytes cut]"), "{}", &c[c.len() - 40..]);
+
+        // Through the service: a real report, as a node sends it.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook: ReportHook = {
+            let got = got.clone();
+            Arc::new(move |n: &str, s: &str, d: &str| {
+                got.lock()
+                    .unwrap()
+                    .push((n.to_string(), s.to_string(), d.to_string()));
+                Ok(())
+            })
+        };
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(run(
+            l,
+            store,
+            ServeConfig::default(),
+            Some(hook),
+            std::future::pending(),
+        ));
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let creds = handshake::Credentials {
+            client: "n1".into(),
+            token: String::new(),
+        };
+        handshake::connect_async(&mut c, Role::Deploy, &creds)
+            .await
+            .unwrap();
+        let detail = format!(
+            "done\n2026-01-01T00:00:00Z ERROR forged{}",
+            "x".repeat(3 << 20)
+        );
+        write_msg_async(
+            &mut c,
+            &Msg::Report {
+                node: "n1\nroot".into(),
+                state: "installed".into(),
+                detail,
+            },
+        )
+        .await
+        .unwrap();
+        c.flush().await.unwrap();
+        let reply = si_proto::frame::recv_msg_async(&mut c).await.unwrap();
+        assert!(matches!(reply, Msg::Ok), "{reply:?}");
+        let got = got.lock().unwrap();
+        let (n, s, d) = &got[0];
+        assert_eq!(n, "n1\\nroot");
+        assert_eq!(s, "installed");
+        assert!(
+            !d.contains('\n') && d.len() <= MAX_REPORT_DETAIL + 32,
+            "{}",
+            d.len()
+        );
+        assert!(d.starts_with("done\\n2026"), "{d:.40}");
+    }
 
     /// The bound holds whatever a Want asks for: a group stops once its bytes reach the
     /// budget, and the groups together cover the request in order.

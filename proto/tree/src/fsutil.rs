@@ -7,6 +7,13 @@ use std::path::Path;
 /// Writes `data` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the
 /// directory. Readers see the old file or the new one, never a part.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o666)
+}
+
+/// [`write_atomic`] with the file created with `mode` (less the umask), e.g. `0o600` for a file
+/// only root may read: the mode is set at creation, so there is no moment it is readable.
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -18,8 +25,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(data)
         .with_context(|| format!("writing {}", tmp.display()))?;
     f.sync_all()

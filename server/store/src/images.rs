@@ -192,20 +192,20 @@ impl Store {
         if meta.created.is_empty() {
             meta.created = now_rfc3339();
         }
-        std::fs::create_dir_all(&idir).with_context(|| format!("creating {}", idir.display()))?;
+        crate::private_dir_all(&idir)?;
         let existing = self.versions(name)?;
         meta.parent = existing.last().copied();
         let mut v = existing.last().map_or(1, |v| v + 1);
         loop {
             meta.version = v;
             let tmp = self.tmp_path("version");
-            std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            si_tree::fsutil::write_atomic(&tmp.join("manifest"), &enc)?;
+            crate::private_dir(&tmp)?;
+            crate::write_private(&tmp.join("manifest"), &enc)?;
             if let Some(l) = layout {
-                si_tree::fsutil::write_atomic(&tmp.join("layout.toml"), l.as_bytes())?;
+                crate::write_private(&tmp.join("layout.toml"), l.as_bytes())?;
             }
             let text = toml::to_string_pretty(&meta).context("encoding version metadata")?;
-            si_tree::fsutil::write_atomic(&tmp.join("meta.toml"), text.as_bytes())?;
+            crate::write_private(&tmp.join("meta.toml"), text.as_bytes())?;
             // rename(2) onto an existing non-empty directory fails: a version is never replaced.
             match std::fs::rename(&tmp, self.version_dir(name, v)?) {
                 Ok(()) => {
@@ -255,20 +255,20 @@ impl Store {
             bail!("image {dst} already exists");
         }
         let tmp = self.tmp_path("copy");
-        std::fs::create_dir(&tmp)?;
+        crate::private_dir(&tmp)?;
         for v in vs {
             let from = self.version_dir(src, v)?;
             let to = tmp.join(v.to_string());
-            std::fs::create_dir(&to)?;
+            crate::private_dir(&to)?;
             for f in ["manifest", "layout.toml"] {
                 if from.join(f).exists() {
                     let data = std::fs::read(from.join(f))?;
-                    si_tree::fsutil::write_atomic(&to.join(f), &data)?;
+                    crate::write_private(&to.join(f), &data)?;
                 }
             }
             let mut meta = self.meta(src, v)?;
             meta.image = dst.to_string();
-            si_tree::fsutil::write_atomic(
+            crate::write_private(
                 &to.join("meta.toml"),
                 toml::to_string_pretty(&meta)?.as_bytes(),
             )?;

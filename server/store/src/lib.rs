@@ -14,6 +14,9 @@
 //!   tmp/                        files being written; never read
 //! ```
 //!
+//! Everything in the store is root-only: files 0600, directories 0700, set when they are
+//! created; opening a store takes group and other bits off whatever has them, with a warning.
+//!
 //! Objects are found by the BLAKE3 digest of their *uncompressed* content. Small and large
 //! objects alike are appended to pack files (up to [`PACK_TARGET`] bytes), so a tree of tens of
 //! thousands of files becomes a few large files: one sequential write, no per-file cost.
@@ -73,16 +76,87 @@ pub struct StoreLock {
     _file: File,
 }
 
+/// Files the store writes: root only (objects lose their own mode in a pack, so a pack holds
+/// what the golden node kept root-only, /etc/shadow and private keys among them).
+pub(crate) const FILE_MODE: u32 = 0o600;
+/// Directories the store makes.
+pub(crate) const DIR_MODE: u32 = 0o700;
+
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    si_tree::fsutil::write_atomic_mode(path, data, FILE_MODE)
+}
+
+/// Creates `dir` (and missing parents inside the store) root-only.
+pub(crate) fn private_dir_all(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("creating store directory {}", dir.display()))
+}
+
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Takes group and other permissions off everything in the store (a store made before the
+/// store was root-only, or touched by hand), with one warning saying how many were changed.
+/// Symlinks are not followed (a store holds none; one planted there is left alone).
+fn tighten_modes(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut changed = 0u64;
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let md = std::fs::symlink_metadata(&p)
+            .with_context(|| format!("reading the mode of {}", p.display()))?;
+        let ft = md.file_type();
+        if ft.is_symlink() {
+            continue;
+        }
+        let mode = md.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & 0o700))
+                .with_context(|| format!("making {} root-only", p.display()))?;
+            changed += 1;
+        }
+        if ft.is_dir() {
+            for e in std::fs::read_dir(&p).with_context(|| format!("listing {}", p.display()))? {
+                todo.push(
+                    e.with_context(|| format!("listing {}", p.display()))?
+                        .path(),
+                );
+            }
+        }
+    }
+    if changed > 0 {
+        tracing::warn!(
+            store = %root.display(),
+            changed,
+            "the store was readable by other users; its files and directories are now root-only"
+        );
+    }
+    Ok(())
+}
+
 /// Checks a received object: decompresses at most `raw_len` bytes and compares digests.
 pub use si_tree::codec::verify as verify_object;
 
 impl Store {
     /// Opens the store at `root`, creating it if it does not exist.
     pub fn open(root: &Path) -> Result<Store> {
-        for d in ["packs", "images", "tmp"] {
-            std::fs::create_dir_all(root.join(d))
-                .with_context(|| format!("creating store directory {}", root.join(d).display()))?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
+        for d in ["", "packs", "images", "tmp"] {
+            private_dir_all(&root.join(d))?;
+        }
+        tighten_modes(root)?;
         let fmt = root.join("FORMAT");
         match std::fs::read_to_string(&fmt) {
             Ok(s) if s == FORMAT_TEXT => {}
@@ -92,7 +166,7 @@ impl Store {
                 s.trim()
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                si_tree::fsutil::write_atomic(&fmt, FORMAT_TEXT.as_bytes())?;
+                write_private(&fmt, FORMAT_TEXT.as_bytes())?;
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", fmt.display())),
         }
@@ -112,10 +186,12 @@ impl Store {
 
     fn lock(&self, exclusive: bool, wait: bool) -> Result<StoreLock> {
         use rustix::fs::FlockOperation as F;
+        use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(self.root.join("lock"))
             .context("opening the store lock")?;
         let op = match (exclusive, wait) {

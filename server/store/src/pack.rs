@@ -160,7 +160,15 @@ impl<'a> PackWriter<'a> {
         }
         if self.current.is_none() {
             let path = self.store.tmp_path("pack");
-            let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            let f = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .with_context(|| format!("creating {}", path.display()))?
+            };
             let mut o = Open {
                 path,
                 w: BufWriter::with_capacity(4 << 20, f),
@@ -218,7 +226,7 @@ impl<'a> PackWriter<'a> {
         let id: Digest = o.hasher.finalize().into();
         let dest = self.store.pack_path(&id, "pack");
         let dir = dest.parent().expect("pack dir");
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::private_dir_all(dir)?;
         if dest.exists() {
             // The same pack already exists (same content): never overwrite it.
             std::fs::remove_file(&o.path).ok();
@@ -228,7 +236,7 @@ impl<'a> PackWriter<'a> {
         }
         let idx = self.store.pack_path(&id, "idx");
         if !idx.exists() {
-            si_tree::fsutil::write_atomic(&idx, &encode_index(&o.entries))?;
+            crate::write_private(&idx, &encode_index(&o.entries))?;
         }
         si_tree::fsutil::sync_dir(dir)?;
         self.store.register_pack(id, &o.entries);

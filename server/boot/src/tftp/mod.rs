@@ -2,7 +2,9 @@
 //! (RFC 2348), timeout and tsize (RFC 2349) and windowsize (RFC 7440) options.
 //!
 //! One tokio task per transfer, each on its own socket (its own TID), at most
-//! [`TftpConfig::max_transfers`] at once. Files come from [`crate::bootcfg::Generated`]
+//! [`TftpConfig::max_transfers`] at once and [`TftpConfig::per_source`] per client address; a
+//! client's timeout is granted up to [`TftpConfig::max_timeout`], and a transfer's whole
+//! lifetime is bounded by its size. Files come from [`crate::bootcfg::Generated`]
 //! first (per-node boot configurations), then from beneath the root (see [`root`]).
 
 pub mod packet;
@@ -32,8 +34,17 @@ pub struct TftpConfig {
     pub max_windowsize: u16,
     /// Retransmission timeout unless the client asks for one.
     pub timeout: Duration,
+    /// Longest timeout a client may ask for (RFC 2349 allows 255 s); a longer ask is not
+    /// granted (the option is left out of the OACK and [`TftpConfig::timeout`] applies), so a
+    /// request that is never acknowledged holds its slot at most `max_timeout × (retries + 1)`.
+    pub max_timeout: Duration,
     /// Retransmissions of one window before the transfer is abandoned.
     pub retries: u32,
+    /// Transfers one source address may run at once; the one past it gets "server busy".
+    pub per_source: usize,
+    /// Slowest transfer kept: a transfer may last `30 s + size / min_rate` in all, however
+    /// its client paces its ACKs.
+    pub min_rate: u64,
     /// Largest file sent in netascii mode (converted in memory).
     pub max_netascii: u64,
 }
@@ -46,7 +57,10 @@ impl Default for TftpConfig {
             max_blksize: 65464,
             max_windowsize: 64,
             timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(5),
             retries: 5,
+            per_source: 8,
+            min_rate: 64 << 10,
             max_netascii: 16 << 20,
         }
     }
@@ -65,6 +79,7 @@ pub async fn serve(
     tracing::info!(%local, root = %cfg.root.display(), "TFTP server listening");
     let cfg = Arc::new(cfg);
     let permits = Arc::new(Semaphore::new(cfg.max_transfers));
+    let sources = si_proto::persource::PerSource::new(cfg.per_source);
     let mut buf = vec![0u8; packet::MAX_REQUEST + 1];
     let mut out = Vec::with_capacity(256);
     tokio::pin!(shutdown);
@@ -80,13 +95,16 @@ pub async fn serve(
             },
         };
         let reply = match packet::parse(&buf[..n]) {
-            Ok(Packet::Request(req)) if !req.write => match permits.clone().try_acquire_owned() {
-                Ok(permit) => {
+            Ok(Packet::Request(req)) if !req.write => match (
+                sources.try_take(peer.ip()),
+                permits.clone().try_acquire_owned(),
+            ) {
+                (Some(slot), Ok(permit)) => {
                     tracing::info!(%peer, file = req.filename, options = ?req.options, "TFTP read request");
                     let cfg = cfg.clone();
                     let generated = generated.clone();
                     tokio::task::spawn_blocking(move || {
-                        let _permit = permit;
+                        let _permit = (permit, slot);
                         let file = req.filename.clone();
                         match transfer::run(&cfg, &generated, local.ip(), peer, req) {
                             Ok(()) => tracing::debug!(%peer, file, "TFTP transfer done"),
@@ -97,7 +115,12 @@ pub async fn serve(
                     });
                     None
                 }
-                Err(_) => Some((ErrorCode::NotDefined, "server busy".to_string())),
+                (slot, _) => {
+                    if slot.is_none() {
+                        tracing::info!(%peer, cap = cfg.per_source, "TFTP source holds its cap of transfers");
+                    }
+                    Some((ErrorCode::NotDefined, "server busy".to_string()))
+                }
             },
             Ok(Packet::Request(_)) => Some((ErrorCode::AccessViolation, "read-only server".into())),
             // Stray packets for finished transfers: say nothing.

@@ -31,14 +31,24 @@ async fn start_with(
     generated: Generated,
     max_transfers: usize,
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    start_cfg(
+        TftpConfig {
+            root: root.to_path_buf(),
+            timeout: Duration::from_millis(300),
+            max_transfers,
+            ..TftpConfig::default()
+        },
+        generated,
+    )
+    .await
+}
+
+async fn start_cfg(
+    cfg: TftpConfig,
+    generated: Generated,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
-    let cfg = TftpConfig {
-        root: root.to_path_buf(),
-        timeout: Duration::from_millis(300),
-        max_transfers,
-        ..TftpConfig::default()
-    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         serve(sock, cfg, generated, async {
@@ -66,7 +76,17 @@ fn rrq(name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
 /// Fetches a file; `Err(msg)` carries the server's ERROR message. Acks each window's last
 /// block (or every block when `drop_every` simulates loss by ignoring some blocks).
 async fn fetch(server: SocketAddr, name: &str, opts: &[(&str, &str)]) -> Result<Vec<u8>, String> {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    fetch_from("127.0.0.1", server, name, opts).await
+}
+
+/// [`fetch`] from another loopback address (another source for the per-source cap).
+async fn fetch_from(
+    src: &str,
+    server: SocketAddr,
+    name: &str,
+    opts: &[(&str, &str)],
+) -> Result<Vec<u8>, String> {
+    let sock = UdpSocket::bind((src, 0)).await.unwrap();
     sock.send_to(&rrq(name, opts), server).await.unwrap();
     let mut buf = vec![0u8; 70000];
     let mut data = Vec::new();
@@ -292,6 +312,18 @@ fn negotiates_within_limits() {
         n.reply,
         o(&[("blksize", "1468"), ("windowsize", "8"), ("tsize", "77")])
     );
+    // A timeout up to max_timeout is granted as asked; a longer one is not granted at all
+    // (RFC 2349 lets the server only echo the client's value or leave it out).
+    let n = negotiate(&cfg, &o(&[("timeout", "5")]), 1);
+    assert_eq!(
+        (n.timeout, n.reply.clone()),
+        (Duration::from_secs(5), o(&[("timeout", "5")]))
+    );
+    for long in ["6", "255"] {
+        let n = negotiate(&cfg, &o(&[("timeout", long)]), 1);
+        assert_eq!(n.timeout, cfg.timeout, "timeout {long}");
+        assert!(n.reply.is_empty(), "timeout {long}: {:?}", n.reply);
+    }
     let n = negotiate(
         &cfg,
         &o(&[("blksize", "7"), ("timeout", "0"), ("windowsize", "abc")]),
@@ -373,8 +405,9 @@ async fn server_survives_fuzzed_datagrams() {
         }
         sock.send_to(&p, addr).await.unwrap();
     }
-    // Also garbage at a transfer's own port, mid-transfer.
-    let t = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Also garbage at a transfer's own port, mid-transfer (from another source: the requests
+    // above hold 127.0.0.1's cap of transfers until they time out).
+    let t = UdpSocket::bind("127.0.0.3:0").await.unwrap();
     t.send_to(&rrq("f", &[]), addr).await.unwrap();
     let mut buf = [0u8; 1000];
     let (_, tid) = t.recv_from(&mut buf).await.unwrap();
@@ -385,9 +418,14 @@ async fn server_survives_fuzzed_datagrams() {
     }
     // The server still serves a good client correctly.
     assert_eq!(
-        fetch(addr, "f", &[("blksize", "1432"), ("windowsize", "4")])
-            .await
-            .unwrap(),
+        fetch_from(
+            "127.0.0.4",
+            addr,
+            "f",
+            &[("blksize", "1432"), ("windowsize", "4")]
+        )
+        .await
+        .unwrap(),
         content(5000)
     );
 }
@@ -396,7 +434,17 @@ async fn server_survives_fuzzed_datagrams() {
 async fn serves_many_transfers_at_once() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("f"), content(300_000)).unwrap();
-    let (addr, _stop) = start(dir.path(), Generated::default()).await;
+    // All from 127.0.0.1: this test is about concurrency, not the per-source cap.
+    let (addr, _stop) = start_cfg(
+        TftpConfig {
+            root: dir.path().to_path_buf(),
+            timeout: Duration::from_millis(300),
+            per_source: 64,
+            ..TftpConfig::default()
+        },
+        Generated::default(),
+    )
+    .await;
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             tokio::spawn(async move {
@@ -426,4 +474,84 @@ async fn refuses_beyond_max_transfers() {
     stalled.recv_from(&mut buf).await.unwrap();
     let err = fetch(addr, "f", &[]).await.unwrap_err();
     assert_eq!(err, "server busy");
+}
+
+/// Requests asking for a 255 s timeout and never acknowledged cannot lock TFTP out: the long
+/// timeout is not granted, so each holds its slot a few seconds, and a real client is served
+/// soon after. Before, every slot stayed taken for 255 s × (retries + 1).
+#[tokio::test]
+async fn never_acknowledged_long_timeout_requests_do_not_lock_tftp_out() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), content(5000)).unwrap();
+    let cfg = TftpConfig {
+        root: dir.path().to_path_buf(),
+        timeout: Duration::from_millis(200),
+        retries: 2,
+        max_transfers: 8,
+        per_source: 8,
+        ..TftpConfig::default()
+    };
+    let (addr, _stop) = start_cfg(cfg, Generated::default()).await;
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(&rrq("f", &[("timeout", "255")]), addr)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 600];
+        let (n, _) = s.recv_from(&mut buf).await.unwrap();
+        // The answer is DATA 1 (the option was not granted, so no OACK).
+        assert_eq!(&buf[..4], &[0, 3, 0, 1], "{:?}", &buf[..n]);
+        stalled.push(s);
+    }
+    assert_eq!(fetch(addr, "f", &[]).await.unwrap_err(), "server busy");
+    // Slots come back after timeout × (retries + 1) = 0.6 s; poll for at most 10 s.
+    let start = std::time::Instant::now();
+    loop {
+        match fetch(addr, "f", &[]).await {
+            Ok(d) => {
+                assert_eq!(d, content(5000));
+                break;
+            }
+            Err(e) if e == "server busy" && start.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("still refused after {:?}: {e}", start.elapsed()),
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// One source address cannot take every slot: past its cap it is told "busy" while another
+/// address is served.
+#[tokio::test]
+async fn one_source_is_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), content(5000)).unwrap();
+    let cfg = TftpConfig {
+        root: dir.path().to_path_buf(),
+        timeout: Duration::from_secs(2),
+        per_source: 2,
+        ..TftpConfig::default()
+    };
+    let (addr, _stop) = start_cfg(cfg, Generated::default()).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(&rrq("f", &[]), addr).await.unwrap();
+        let mut buf = [0u8; 600];
+        s.recv_from(&mut buf).await.unwrap();
+        held.push(s);
+    }
+    assert_eq!(fetch(addr, "f", &[]).await.unwrap_err(), "server busy");
+    // 127.0.0.2 is another source (all of 127/8 is loopback on Linux).
+    let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other.send_to(&rrq("f", &[]), addr).await.unwrap();
+    let mut buf = [0u8; 600];
+    let (n, _) = other.recv_from(&mut buf).await.unwrap();
+    assert_eq!(&buf[..4], &[0, 3, 0, 1], "{:?}", &buf[..n]);
 }

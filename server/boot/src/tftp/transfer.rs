@@ -176,7 +176,7 @@ pub(crate) fn negotiate(cfg: &TftpConfig, options: &[(String, String)], size: u6
                 n.reply.push((k.clone(), b.to_string()));
             }
             ("tsize", Some(_)) => n.reply.push((k.clone(), size.to_string())),
-            ("timeout", Some(t)) if (1..=255).contains(&t) => {
+            ("timeout", Some(t)) if (1..=cfg.max_timeout.as_secs().min(255)).contains(&t) => {
                 n.timeout = Duration::from_secs(t);
                 n.reply.push((k.clone(), t.to_string()));
             }
@@ -302,6 +302,8 @@ pub(crate) fn run(
     };
     let size = src.size();
     let neg = negotiate(cfg, &req.options, size);
+    let lifetime = Duration::from_secs(30 + size / cfg.min_rate.max(1));
+    let deadline = Instant::now() + lifetime;
     let blksize = neg.blksize;
     let mut rbuf = vec![0u8; 1024];
     let mut out = Vec::with_capacity(blksize + 4);
@@ -366,6 +368,10 @@ pub(crate) fn run(
         if retries > cfg.retries {
             send_error(&sock, ErrorCode::NotDefined, "timed out");
             bail!("timed out waiting for ACK of block {base}");
+        }
+        if Instant::now() > deadline {
+            send_error(&sock, ErrorCode::NotDefined, "transfer too slow");
+            bail!("transfer of {size} bytes still running after {lifetime:?}");
         }
     }
 }

@@ -312,8 +312,17 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     };
     let scfg = serve::ServeConfig {
         max_connections: a.max_connections,
+        ..Default::default()
     };
     tasks.spawn(serve::run(listener, store, scfg, Some(hook), stopped()));
+
+    // TFTP and HTTP serve boot files only: a root that holds the store or the inventory (or
+    // lies inside the store) is refused before anything listens.
+    let inventory_db = a.state_dir.join("inventory.db");
+    let private = [a.store.store.as_path(), inventory_db.as_path()];
+    for root in a.tftp_root.iter().chain(&a.http_root) {
+        si_boot::tftp::root::check_disjoint(root, &private)?;
+    }
 
     if let Some(root) = &a.tftp_root {
         let udp = tokio::net::UdpSocket::bind(a.tftp_listen)

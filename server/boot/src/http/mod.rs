@@ -2,7 +2,9 @@
 //!
 //! `GET` and `HEAD` only. Files come from [`Generated`] first (per-node boot scripts), then
 //! from beneath the root (same rules as TFTP, see [`crate::tftp::root`]). Single byte ranges
-//! (`Range: bytes=a-b`, `a-`, `-n`) are answered with 206. Connections are capped.
+//! (`Range: bytes=a-b`, `a-`, `-n`) are answered with 206. Connections are capped, in all and
+//! per source address; each has one deadline for its request header and for taking its answer
+//! (see [`HttpConfig`]). Only world-readable files are served (see [`crate::tftp::root`]).
 
 use crate::bootcfg::{Found, Generated};
 use crate::tftp::root::{self, PathError};
@@ -30,6 +32,14 @@ pub struct HttpConfig {
     pub root: PathBuf,
     /// Most connections at once; more are closed on accept.
     pub max_connections: usize,
+    /// Connections one source address may hold at once; more are closed on accept.
+    pub per_source: usize,
+    /// A request's whole header must arrive within this (slowloris), and a connection with no
+    /// new request for this long after its last answer is closed.
+    pub header_deadline: Duration,
+    /// Slowest reader kept: an answer of `n` bytes must be taken within
+    /// `header_deadline + n / min_rate` seconds, or the connection is closed.
+    pub min_rate: u64,
 }
 
 impl Default for HttpConfig {
@@ -37,11 +47,16 @@ impl Default for HttpConfig {
         HttpConfig {
             root: PathBuf::from("/srv/si/http"),
             max_connections: 512,
+            per_source: 16,
+            header_deadline: Duration::from_secs(10),
+            min_rate: 64 << 10,
         }
     }
 }
 
 const CHUNK: usize = 64 << 10;
+/// Most bytes of request head buffered per connection (hyper refuses a longer head).
+const MAX_HEADER_BUF: usize = 16 << 10;
 
 /// A response body: a small buffer or a stretch of an open file.
 pub enum FileBody {
@@ -291,10 +306,11 @@ pub async fn serve(
         .context("reading HTTP socket address")?;
     tracing::info!(%local, root = %cfg.root.display(), "HTTP server listening");
     let state = Arc::new(State {
-        root: cfg.root,
+        root: cfg.root.clone(),
         generated,
     });
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let sources = si_proto::persource::PerSource::new(cfg.per_source);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -309,27 +325,58 @@ pub async fn serve(
                 }
             },
         };
+        let Some(slot) = sources.try_take(peer.ip()) else {
+            tracing::warn!(%peer, cap = sources.max(), "HTTP source holds its cap of connections, closing");
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "too many HTTP connections, closing");
             continue;
         };
         let state = state.clone();
+        let (header_deadline, min_rate) = (cfg.header_deadline, cfg.min_rate.max(1));
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
+            // One deadline for the connection, moved on by each request: its header must be
+            // whole within `header_deadline` of the last answer's allowance, and an answer of
+            // n bytes is allowed n / min_rate more. Past it the connection is dropped, however
+            // slowly its client reads or writes.
+            let deadline = Arc::new(std::sync::Mutex::new(
+                tokio::time::Instant::now() + header_deadline,
+            ));
+            let d = deadline.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
+                let d = d.clone();
                 async move {
                     let r = respond(&state, &req).await;
+                    let bytes = r.body().size_hint().exact().unwrap_or(0);
+                    let allow = header_deadline + Duration::from_secs(bytes / min_rate);
+                    *d.lock().unwrap_or_else(|p| p.into_inner()) =
+                        tokio::time::Instant::now() + allow;
                     tracing::info!(%peer, method = %req.method(), path = req.uri().path(), status = r.status().as_u16(), "HTTP");
                     Ok::<_, Infallible>(r)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(header_deadline)
+                .max_buf_size(MAX_HEADER_BUF)
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with error");
+            let watchdog = async {
+                loop {
+                    let at = *deadline.lock().unwrap_or_else(|p| p.into_inner());
+                    if tokio::time::Instant::now() >= at {
+                        return;
+                    }
+                    tokio::time::sleep_until(at).await;
+                }
+            };
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with error");
+                },
+                () = watchdog => tracing::info!(%peer, "HTTP connection past its deadline, closed"),
             }
         });
     }
@@ -451,6 +498,196 @@ mod tests {
             r.starts_with("HTTP/1.1 200") && r.ends_with("exit\n"),
             "{r}"
         );
+    }
+
+    async fn start(root: &std::path::Path, cfg: HttpConfig) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = HttpConfig {
+            root: root.to_path_buf(),
+            ..cfg
+        };
+        tokio::spawn(serve(
+            listener,
+            cfg,
+            Generated::default(),
+            std::future::pending(),
+        ));
+        addr
+    }
+
+    /// Reads until the server closes; the bytes and how long it took. Bounded by `limit`.
+    async fn until_closed(
+        c: &mut tokio::net::TcpStream,
+        limit: Duration,
+    ) -> Result<Vec<u8>, &'static str> {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        match tokio::time::timeout(limit, c.read_to_end(&mut out)).await {
+            Ok(_) => Ok(out),
+            Err(_) => Err("still open"),
+        }
+    }
+
+    /// Slowloris: a header dribbled a byte at a time never completes, and the connection is
+    /// closed at the header deadline (it was 30 s and renewed by each byte's arrival... hyper's
+    /// timer is per header, so the bound is the deadline, whatever the pace).
+    #[tokio::test]
+    async fn a_dribbled_header_is_cut_at_its_deadline() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), b"kernel").unwrap();
+        let cfg = HttpConfig {
+            header_deadline: Duration::from_secs(1),
+            ..HttpConfig::default()
+        };
+        let addr = start(dir.path(), cfg).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let start = std::time::Instant::now();
+        let req = b"GET /k HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let mut cut = false;
+        for b in req.iter() {
+            if c.write_all(&[*b]).await.is_err() {
+                cut = true;
+                break;
+            }
+            // The pace of the attack: one byte every 100 ms (the whole header would take 8 s).
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(100), c.peek(&mut probe)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    cut = true;
+                    break;
+                }
+                Ok(Ok(_)) => panic!("the server answered a header that never ended"),
+                Err(_) => {}
+            }
+        }
+        let took = start.elapsed();
+        assert!(cut, "the dribbled header was read to its end ({took:?})");
+        assert!(took < Duration::from_secs(4), "cut after {took:?}");
+        // An idle connection (nothing sent) is closed too.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        until_closed(&mut idle, Duration::from_secs(4))
+            .await
+            .unwrap();
+    }
+
+    /// A slow reader cannot hold a connection: an answer of n bytes must be taken within the
+    /// header deadline plus n / min_rate.
+    #[tokio::test]
+    async fn a_slow_reader_is_cut_at_its_transfer_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64usize << 20;
+        std::fs::write(dir.path().join("initrd"), vec![7u8; size]).unwrap();
+        let cfg = HttpConfig {
+            header_deadline: Duration::from_secs(1),
+            min_rate: 32 << 20, // 64 MiB: 1 s + 2 s allowed
+            ..HttpConfig::default()
+        };
+        let addr = start(dir.path(), cfg).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /initrd HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        // 64 KiB every 20 ms: about 3 MiB/s, the whole file would take 20 s. What the kernel
+        // buffered before the cut (a few MiB) still arrives, then the end.
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "not cut: {got} bytes read"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(got < size, "the slow reader got all {got} bytes");
+        let took = start.elapsed();
+        eprintln!("slow reader cut after {took:?}, {got} of {size} bytes");
+        assert!(took < Duration::from_secs(8), "cut after {took:?}");
+        // A reader at normal speed gets it all.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /initrd HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let all = until_closed(&mut c, Duration::from_secs(3)).await.unwrap();
+        assert!(
+            all.len() > size && all.ends_with(&[7u8; 100]),
+            "{}",
+            all.len()
+        );
+    }
+
+    /// One source cannot take every connection; another source is still served.
+    #[tokio::test]
+    async fn one_source_is_capped() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), b"kernel").unwrap();
+        let cfg = HttpConfig {
+            per_source: 2,
+            ..HttpConfig::default()
+        };
+        let addr = start(dir.path(), cfg).await;
+        let _a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = third
+            .write_all(b"GET /k HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await;
+        let r = until_closed(&mut third, Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert!(r.is_empty(), "{}", String::from_utf8_lossy(&r));
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(([127, 0, 0, 2], 0).into()).unwrap();
+        let mut other = sock.connect(addr).await.unwrap();
+        other
+            .write_all(b"GET /k HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let r = until_closed(&mut other, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let r = String::from_utf8_lossy(&r);
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("kernel"),
+            "{r}"
+        );
+    }
+
+    /// Boot files only: a file only root may read (as every file of the image store is) is
+    /// never served, even from inside the served root, directly or through a symlink.
+    #[tokio::test]
+    async fn root_only_files_are_never_served() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let packs = dir.path().join("store/packs/4e");
+        std::fs::create_dir_all(&packs).unwrap();
+        std::fs::write(packs.join("4e67.pack"), b"root:$6$shadow").unwrap();
+        std::fs::set_permissions(
+            packs.join("4e67.pack"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("store/packs/4e/4e67.pack", dir.path().join("vmlinuz")).unwrap();
+        std::fs::write(dir.path().join("k"), b"kernel").unwrap();
+        let addr = start(dir.path(), HttpConfig::default()).await;
+        let close = "Connection: close\r\n\r\n";
+        for p in ["/store/packs/4e/4e67.pack", "/vmlinuz"] {
+            let r = get(addr, &format!("GET {p} HTTP/1.1\r\n{close}")).await;
+            assert!(
+                r.starts_with("HTTP/1.1 403") && !r.contains("shadow"),
+                "{p}: {r}"
+            );
+        }
+        let r = get(addr, &format!("GET /k HTTP/1.1\r\n{close}")).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     }
 
     #[test]

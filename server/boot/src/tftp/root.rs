@@ -4,12 +4,14 @@
 //! empty and `.` components are dropped, a leading `/` means the root, and any `..`
 //! component is refused. The result is then joined to the canonical root and canonicalised,
 //! which follows symlinks; a target outside the root is refused, so a symlink may point
-//! elsewhere inside the root but never out of it. Only regular files are served.
+//! elsewhere inside the root but never out of it. Only regular files that every user may read
+//! are served (a root-only file is never a boot file).
 //!
 //! The check and the later open are two steps: a local user who can replace files inside
 //! the root between them could race it. The root is meant to be writable by the server's
 //! operator only.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Why a path was refused.
@@ -23,6 +25,8 @@ pub enum PathError {
     NotFound,
     #[error("not a regular file")]
     NotAFile,
+    #[error("file is not world-readable, so not a boot file")]
+    NotPublic,
 }
 
 /// Longest request path accepted.
@@ -59,7 +63,35 @@ pub fn resolve(root: &Path, normalized: &str) -> Result<PathBuf, PathError> {
     if !meta.is_file() {
         return Err(PathError::NotAFile);
     }
+    // Boot files are public by nature (firmware fetches them unauthenticated); a file only
+    // root may read (the image store's packs and manifests, a node's overrides, keys) is
+    // never one, whatever path leads to it.
+    if meta.permissions().mode() & 0o004 == 0 {
+        return Err(PathError::NotPublic);
+    }
     Ok(real)
+}
+
+/// Refuses a served root that holds, or lies inside, one of `private` (the image store, the
+/// inventory's directory): TFTP and HTTP serve boot files only. Paths that do not exist are
+/// skipped.
+pub fn check_disjoint(root: &Path, private: &[&Path]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let r = std::fs::canonicalize(root)
+        .with_context(|| format!("opening served root {}", root.display()))?;
+    for p in private {
+        let Ok(p) = std::fs::canonicalize(p) else {
+            continue;
+        };
+        if r.starts_with(&p) || p.starts_with(&r) {
+            anyhow::bail!(
+                "served root {} overlaps {}: TFTP and HTTP serve boot files only, never the store",
+                r.display(),
+                p.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -99,5 +131,24 @@ mod tests {
             resolve(&root, &normalize("/etc/passwd").unwrap()),
             Err(PathError::NotFound)
         );
+        std::fs::set_permissions(root.join("sub/f"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        assert_eq!(resolve(&root, "sub/f"), Err(PathError::NotPublic));
+        assert_eq!(resolve(&root, "in"), Err(PathError::NotPublic));
+    }
+
+    #[test]
+    fn a_root_overlapping_the_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("srv/store");
+        let boot = dir.path().join("srv/boot");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::create_dir_all(&boot).unwrap();
+        let nope = dir.path().join("absent");
+        check_disjoint(&boot, &[&store, &nope]).unwrap();
+        assert!(check_disjoint(&dir.path().join("srv"), &[&store]).is_err());
+        assert!(check_disjoint(&store, &[&store]).is_err());
+        std::fs::create_dir_all(store.join("packs")).unwrap();
+        assert!(check_disjoint(&store.join("packs"), &[&store]).is_err());
     }
 }

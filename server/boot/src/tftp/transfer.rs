@@ -141,7 +141,9 @@ fn open(
 fn path_error(e: PathError) -> (ErrorCode, String) {
     let code = match e {
         PathError::NotFound => ErrorCode::FileNotFound,
-        PathError::Escape | PathError::Invalid | PathError::NotAFile => ErrorCode::AccessViolation,
+        PathError::Escape | PathError::Invalid | PathError::NotAFile | PathError::NotPublic => {
+            ErrorCode::AccessViolation
+        }
     };
     (code, e.to_string())
 }

@@ -91,8 +91,54 @@ impl Offers {
     }
 }
 
+/// DHCPDECLINE bounds: over any [`DECLINE_WINDOW`] seconds, at most [`DECLINES_PER_CLIENT`]
+/// from one MAC and [`DECLINES_TOTAL`] in all quarantine an address, for at most
+/// [`QUARANTINE_MAX`] seconds (or the lease time when shorter). Past a bound, a DECLINE is
+/// logged and ignored: forged DECLINEs can take a few addresses for a while, never a pool.
+pub const DECLINE_WINDOW: i64 = 600;
+pub const DECLINES_PER_CLIENT: usize = 2;
+pub const DECLINES_TOTAL: usize = 16;
+pub const QUARANTINE_MAX: i64 = 600;
+/// Clients whose recent DECLINEs are remembered at once.
+const MAX_DECLINERS: usize = 4096;
+
+/// Recent DECLINEs that quarantined an address, by client and in all.
+#[derive(Default)]
+struct Declines {
+    by_mac: std::collections::HashMap<String, Vec<i64>>,
+    all: std::collections::VecDeque<i64>,
+}
+
+impl Declines {
+    /// Counts a DECLINE from `mac` at `now` if both bounds allow it.
+    fn allow(&mut self, mac: &str, now: i64) -> Result<(), &'static str> {
+        let since = now - DECLINE_WINDOW;
+        while self.all.front().is_some_and(|t| *t <= since) {
+            self.all.pop_front();
+        }
+        if self.all.len() >= DECLINES_TOTAL {
+            return Err("too many DECLINEs from all clients");
+        }
+        if !self.by_mac.contains_key(mac) && self.by_mac.len() >= MAX_DECLINERS {
+            self.by_mac.retain(|_, v| v.iter().any(|t| *t > since));
+            if self.by_mac.len() >= MAX_DECLINERS {
+                return Err("too many declining clients");
+            }
+        }
+        let v = self.by_mac.entry(mac.to_string()).or_default();
+        v.retain(|t| *t > since);
+        if v.len() >= DECLINES_PER_CLIENT {
+            return Err("too many DECLINEs from this client");
+        }
+        v.push(now);
+        self.all.push_back(now);
+        Ok(())
+    }
+}
+
 pub struct Handler {
     cfg: DhcpConfig,
+    declines: std::sync::Mutex<Declines>,
     /// A connection of the handler's own to the same inventory, for its reads: a burst's
     /// reads share one read transaction on it.
     reader: Inventory,
@@ -137,6 +183,7 @@ impl Handler {
             next_server,
             cursor: AtomicU32::new(0),
             offers: Default::default(),
+            declines: Default::default(),
             leases,
         })
     }
@@ -328,17 +375,34 @@ impl Handler {
                 else {
                     return Ok(None);
                 };
-                if subnet.in_pool(*ip) {
-                    warn!(%mac, %ip, "client declined address (in use?): quarantined");
-                    self.leases()?.remove(mac)?;
-                    self.leases()?.put(Lease {
-                        mac: format!("declined/{ip}"),
-                        ip: *ip,
-                        expires: Some(si_inventory::now() + i64::from(subnet.lease_time)),
-                        state: "declined".into(),
-                        hostname: None,
-                    })?;
+                let ip = *ip;
+                if !subnet.in_pool(ip) {
+                    return Ok(None);
                 }
+                // Only the address this client was offered or holds: a DECLINE is unauthenticated,
+                // and one naming any other address would let a single MAC empty the pool.
+                let now = si_inventory::now();
+                let offered = self.offers().get(mac, now);
+                let leased = self.leases()?.get(mac).map(|l| l.ip);
+                if offered != Some(ip) && leased != Some(ip) {
+                    warn!(%mac, %ip, ?offered, ?leased, "DECLINE of an address this client was not given: ignored");
+                    return Ok(None);
+                }
+                if let Err(why) = self.declines().allow(mac, now) {
+                    warn!(%mac, %ip, why, "DECLINE over its bound: ignored");
+                    return Ok(None);
+                }
+                let hold = i64::from(subnet.lease_time).clamp(1, QUARANTINE_MAX);
+                warn!(%mac, %ip, seconds = hold, "client declined address (in use?): quarantined");
+                self.offers().remove(mac);
+                self.leases()?.remove(mac)?;
+                self.leases()?.put(Lease {
+                    mac: format!("declined/{ip}"),
+                    ip,
+                    expires: Some(now + hold),
+                    state: "declined".into(),
+                    hostname: None,
+                })?;
                 Ok(None)
             }
             MessageType::Inform => {
@@ -504,6 +568,10 @@ impl Handler {
 
     fn offers(&self) -> std::sync::MutexGuard<'_, Offers> {
         self.offers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn declines(&self) -> std::sync::MutexGuard<'_, Declines> {
+        self.declines.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Chooses an address: the node's static one, else its current lease, else the requested

@@ -725,3 +725,92 @@ fn no_ack_when_the_lease_cannot_be_recorded() {
     assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(book.get("52:54:00:00:00:1e").unwrap().ip, ip);
 }
+
+fn decline(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+    packet(
+        mac,
+        MessageType::Decline,
+        &[
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(ip),
+        ],
+    )
+}
+
+/// Forged DECLINEs with a registered MAC (n1's) naming every pool address quarantine nothing:
+/// only the address a client was offered or holds can be declined. Before, one MAC emptied the
+/// pool and the next client got no address.
+#[test]
+fn forged_declines_do_not_quarantine_the_pool() {
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    let (_d, h) = setup(c);
+    let book = h.leases.clone().unwrap();
+    for last in 1..=3 {
+        let ip = Ipv4Addr::new(10, 213, 100, last);
+        assert!(h.handle(&decline(mac(1), ip), src(), Port::Dhcp).is_none());
+        assert!(
+            !book.held_by_other(ip, "52:54:00:00:00:30", si_inventory::now()),
+            "{ip} quarantined"
+        );
+    }
+    // Three other clients still get the three addresses.
+    let mut got = Vec::new();
+    for m in 30..33 {
+        let r = discover(&h, mac(m), &[]).expect("an address for a new client");
+        got.push(r.msg.yiaddr());
+    }
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 3);
+}
+
+/// A real DECLINE (of the address the client was just offered) quarantines that address, for a
+/// bounded time; a client's further DECLINEs past its bound are ignored.
+#[test]
+fn a_real_decline_quarantines_its_address_for_a_while() {
+    let mut c = cfg();
+    c.unknown = UnknownPolicy::Discover;
+    let (_d, h) = setup(c);
+    let book = h.leases.clone().unwrap();
+    let m = mac(40);
+    let mut declined = Vec::new();
+    for _ in 0..DECLINES_PER_CLIENT + 1 {
+        let ip = discover(&h, m, &[]).unwrap().msg.yiaddr();
+        assert!(h.handle(&decline(m, ip), src(), Port::Dhcp).is_none());
+        declined.push(ip);
+    }
+    let now = si_inventory::now();
+    let other = "52:54:00:00:00:99";
+    for ip in &declined[..DECLINES_PER_CLIENT] {
+        assert!(book.held_by_other(*ip, other, now), "{ip} not quarantined");
+        // Quarantine ends (the subnet's lease time, 120 s here, is under QUARANTINE_MAX).
+        assert!(
+            !book.held_by_other(*ip, other, now + 121),
+            "{ip} quarantined for ever"
+        );
+    }
+    let last = declined[DECLINES_PER_CLIENT];
+    assert!(
+        !book.held_by_other(last, other, now),
+        "{last}: the bound did not hold"
+    );
+}
+
+#[test]
+fn declines_are_bounded_in_all() {
+    let mut d = Declines::default();
+    let t = 1_000_000;
+    for i in 0..DECLINES_TOTAL {
+        d.allow(&format!("m{i}"), t).unwrap();
+    }
+    assert!(d.allow("another", t).is_err());
+    // The window moves on.
+    d.allow("another", t + DECLINE_WINDOW + 1).unwrap();
+    let mut d = Declines::default();
+    for _ in 0..DECLINES_PER_CLIENT {
+        d.allow("m", t).unwrap();
+    }
+    assert!(d.allow("m", t + 1).is_err());
+    d.allow("m", t + DECLINE_WINDOW + 1).unwrap();
+}

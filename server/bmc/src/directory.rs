@@ -95,6 +95,7 @@ struct Settings {
     password: Option<String>,
     driver: Option<Driver>,
     cipher_suite: Option<u8>,
+    redfish_tls: Option<crate::RedfishTls>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -230,6 +231,7 @@ impl TomlDirectory {
             password: pick!(password).ok_or_else(|| anyhow!("node {node}: no BMC password"))?,
             driver,
             cipher_suite,
+            redfish_tls: pick!(redfish_tls).unwrap_or_default(),
         })
     }
 

@@ -326,6 +326,7 @@ mod tests {
             password: "pw".into(),
             driver: Driver::Ipmi,
             cipher_suite: 17,
+            redfish_tls: Default::default(),
         };
         let start = Instant::now();
         let mut b = ipmi::IpmiBmc::new(
@@ -404,6 +405,7 @@ mod tests {
                     password: "pw".into(),
                     driver: Driver::Ipmi,
                     cipher_suite: cs,
+                    redfish_tls: Default::default(),
                 };
                 let start = Instant::now();
                 let r = ipmi::NativeTransport::connect(&t, start + Duration::from_millis(150));
@@ -427,6 +429,7 @@ mod tests {
                 password: "pw".into(),
                 driver: Driver::Ipmi,
                 cipher_suite: cs,
+                redfish_tls: Default::default(),
             };
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut b = ipmi::IpmiBmc::new(ipmi::NativeTransport::connect(&t, deadline).unwrap());

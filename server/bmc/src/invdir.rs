@@ -69,6 +69,7 @@ impl BmcDirectory for InventoryDirectory {
                     password: b.password.clone().unwrap_or_default(),
                     driver,
                     cipher_suite: b.cipher_suite.unwrap_or(3),
+                    redfish_tls: Default::default(),
                 })
             })
             .collect()

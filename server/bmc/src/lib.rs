@@ -41,6 +41,77 @@ pub enum Driver {
     Redfish,
 }
 
+/// How the Redfish driver protects its connection (the BMC password travels in it).
+///
+/// Written in a BMC directory or on the command line as `verify` (the default: HTTPS, the
+/// certificate checked against the system's CAs, or `SI_REDFISH_CACERT`), `ca:/path/ca.pem`,
+/// `pin:sha256//BASE64` (HTTPS, the BMC's public key pinned, as `curl --pinnedpubkey` takes
+/// it), `insecure-skip-verify` (HTTPS, nothing checked: lab BMCs, warned on every use) or
+/// `plain-http` (no TLS at all, warned on every use).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum RedfishTls {
+    #[default]
+    Verify,
+    Ca(std::path::PathBuf),
+    Pin(String),
+    InsecureSkipVerify,
+    PlainHttp,
+}
+
+impl std::str::FromStr for RedfishTls {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<RedfishTls> {
+        Ok(match s {
+            "verify" => RedfishTls::Verify,
+            "insecure-skip-verify" => RedfishTls::InsecureSkipVerify,
+            "plain-http" => RedfishTls::PlainHttp,
+            _ => {
+                if let Some(p) = s.strip_prefix("ca:").filter(|p| !p.is_empty()) {
+                    RedfishTls::Ca(p.into())
+                } else if let Some(k) = s.strip_prefix("pin:") {
+                    let b64 = k.strip_prefix("sha256//").unwrap_or("");
+                    anyhow::ensure!(
+                        b64.len() == 44
+                            && b64.bytes().all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(&c)),
+                        "a Redfish pin is pin:sha256//BASE64 (44 characters of the BMC public key's SHA-256)"
+                    );
+                    RedfishTls::Pin(k.to_string())
+                } else {
+                    anyhow::bail!(
+                        "unknown Redfish TLS setting {s:?} (verify, ca:PATH, pin:sha256//BASE64, insecure-skip-verify, plain-http)"
+                    )
+                }
+            }
+        })
+    }
+}
+
+impl TryFrom<String> for RedfishTls {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<RedfishTls> {
+        s.parse()
+    }
+}
+
+impl From<RedfishTls> for String {
+    fn from(t: RedfishTls) -> String {
+        t.to_string()
+    }
+}
+
+impl fmt::Display for RedfishTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedfishTls::Verify => f.write_str("verify"),
+            RedfishTls::Ca(p) => write!(f, "ca:{}", p.display()),
+            RedfishTls::Pin(k) => write!(f, "pin:{k}"),
+            RedfishTls::InsecureSkipVerify => f.write_str("insecure-skip-verify"),
+            RedfishTls::PlainHttp => f.write_str("plain-http"),
+        }
+    }
+}
+
 /// How to reach one node's BMC.
 #[derive(Clone, PartialEq, Eq, Serialize)]
 pub struct BmcTarget {
@@ -53,6 +124,9 @@ pub struct BmcTarget {
     pub password: String,
     pub driver: Driver,
     pub cipher_suite: u8,
+    /// Redfish only.
+    #[serde(default)]
+    pub redfish_tls: RedfishTls,
 }
 
 impl fmt::Debug for BmcTarget {
@@ -65,6 +139,7 @@ impl fmt::Debug for BmcTarget {
             .field("password", &"<redacted>")
             .field("driver", &self.driver)
             .field("cipher_suite", &self.cipher_suite)
+            .field("redfish_tls", &self.redfish_tls)
             .finish()
     }
 }
@@ -213,6 +288,7 @@ mod tests {
             password: "hunter2".into(),
             driver: Driver::Ipmi,
             cipher_suite: 17,
+            redfish_tls: Default::default(),
         };
         let s = format!("{t:?}");
         assert!(!s.contains("hunter2") && s.contains("redacted"), "{s}");

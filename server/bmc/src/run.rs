@@ -122,6 +122,7 @@ mod tests {
                 password: "p".into(),
                 driver: Driver::Ipmi,
                 cipher_suite: 3,
+                redfish_tls: Default::default(),
             })
             .collect()
     }

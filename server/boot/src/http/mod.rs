@@ -337,49 +337,99 @@ pub async fn serve(
         let (header_deadline, min_rate) = (cfg.header_deadline, cfg.min_rate.max(1));
         tokio::spawn(async move {
             let _held = (permit, slot);
-            // One deadline for the connection, moved on by each request: its header must be
-            // whole within `header_deadline` of the last answer's allowance, and an answer of
-            // n bytes is allowed n / min_rate more. Past it the connection is dropped, however
-            // slowly its client reads or writes.
-            let deadline = Arc::new(std::sync::Mutex::new(
-                tokio::time::Instant::now() + header_deadline,
-            ));
-            let d = deadline.clone();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                let d = d.clone();
-                async move {
-                    let r = respond(&state, &req).await;
-                    let bytes = r.body().size_hint().exact().unwrap_or(0);
-                    let allow = header_deadline + Duration::from_secs(bytes / min_rate);
-                    *d.lock().unwrap_or_else(|p| p.into_inner()) =
-                        tokio::time::Instant::now() + allow;
-                    tracing::info!(%peer, method = %req.method(), path = req.uri().path(), status = r.status().as_u16(), "HTTP");
-                    Ok::<_, Infallible>(r)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_deadline)
-                .max_buf_size(MAX_HEADER_BUF)
-                .serve_connection(TokioIo::new(stream), svc);
-            let watchdog = async {
-                loop {
-                    let at = *deadline.lock().unwrap_or_else(|p| p.into_inner());
-                    if tokio::time::Instant::now() >= at {
-                        return;
-                    }
-                    tokio::time::sleep_until(at).await;
-                }
-            };
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "HTTP connection ended with error");
-                },
-                () = watchdog => tracing::info!(%peer, "HTTP connection past its deadline, closed"),
-            }
+            serve_connection(TokioIo::new(stream), peer, state, header_deadline, min_rate).await;
         });
     }
+}
+
+/// Serves one connection until it closes or passes its deadline.
+async fn serve_connection<I>(
+    io: I,
+    peer: std::net::SocketAddr,
+    state: Arc<State>,
+    header_deadline: Duration,
+    min_rate: u64,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    // One deadline for the connection, moved on by each request: its header must be
+    // whole within `header_deadline` of the last answer's allowance, and an answer of
+    // n bytes is allowed n / min_rate more. Past it the connection is dropped, however
+    // slowly its client reads or writes.
+    let deadline = Arc::new(std::sync::Mutex::new(
+        tokio::time::Instant::now() + header_deadline,
+    ));
+    let d = deadline.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        let d = d.clone();
+        async move {
+            let r = respond(&state, &req).await;
+            let bytes = r.body().size_hint().exact().unwrap_or(0);
+            let allow = header_deadline + Duration::from_secs(bytes / min_rate);
+            *d.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now() + allow;
+            tracing::info!(%peer, method = %req.method(), path = req.uri().path(), status = r.status().as_u16(), "HTTP");
+            Ok::<_, Infallible>(r)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_deadline)
+        .half_close(true)
+        .max_buf_size(MAX_HEADER_BUF)
+        .serve_connection(io, svc);
+    let watchdog = async {
+        loop {
+            let at = *deadline.lock().unwrap_or_else(|p| p.into_inner());
+            if tokio::time::Instant::now() >= at {
+                return;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+    };
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "HTTP connection ended with error");
+        },
+        () = watchdog => tracing::info!(%peer, "HTTP connection past its deadline, closed"),
+    }
+}
+
+/// Feeds `request` (the bytes a client sends on one connection, then its end) to the server
+/// and returns what it answers: the fuzz target's way in, through the same code as a socket.
+pub fn answer_bytes(root: &std::path::Path, generated: Generated, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(_) => return Vec::new(),
+    };
+    let state = Arc::new(State {
+        root: root.to_path_buf(),
+        generated,
+    });
+    let (client, server) = tokio::io::duplex(1 << 20);
+    rt.block_on(async {
+        let conn = serve_connection(
+            TokioIo::new(server),
+            ([127, 0, 0, 1], 0).into(),
+            state,
+            Duration::from_secs(10),
+            64 << 10,
+        );
+        let talk = async {
+            let (mut r, mut w) = tokio::io::split(client);
+            let _ = w.write_all(request).await;
+            let _ = w.shutdown().await;
+            let mut out = Vec::new();
+            let _ = r.read_to_end(&mut out).await;
+            out
+        };
+        let ((), out) = tokio::join!(conn, talk);
+        out
+    })
 }
 
 #[cfg(test)]
@@ -688,6 +738,31 @@ mod tests {
         }
         let r = get(addr, &format!("GET /k HTTP/1.1\r\n{close}")).await;
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+
+    /// The fuzz target's entry answers like the socket server does.
+    #[test]
+    fn answer_bytes_serves_like_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), b"kernel").unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let out = answer_bytes(
+            &root,
+            Generated::default(),
+            b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 200") && out.ends_with("kernel"),
+            "{out}"
+        );
+        let out = answer_bytes(
+            &root,
+            Generated::default(),
+            b"GET /../etc/passwd HTTP/1.1\r\n\r\n",
+        );
+        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 403"));
+        assert!(answer_bytes(&root, Generated::default(), b"\x00\xff garbage").len() < 200);
     }
 
     #[test]

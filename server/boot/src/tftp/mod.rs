@@ -66,6 +66,17 @@ impl Default for TftpConfig {
     }
 }
 
+/// What a request's options negotiate to under `cfg` for a file of `size` bytes: block size,
+/// window size and retransmission timeout (for tests and the fuzz target).
+pub fn negotiated(
+    cfg: &TftpConfig,
+    options: &[(String, String)],
+    size: u64,
+) -> (usize, u64, Duration) {
+    let n = transfer::negotiate(cfg, options, size);
+    (n.blksize, n.windowsize, n.timeout)
+}
+
 /// Runs the server on `socket` until `shutdown` completes.
 pub async fn serve(
     socket: UdpSocket,

@@ -241,3 +241,75 @@ fn http_serves_files_beneath_root() {
         }
     }
 }
+
+/// Hundreds of never-acknowledged read requests asking for a 255 s timeout, from attackers at
+/// other addresses of the client network (10.213.2.10-19), cannot lock TFTP out: the long
+/// timeout is not granted, each source is capped, and real clients (atftp and tftp-hpa, from
+/// 10.213.2.2) are served while the flood is under way.
+#[test]
+fn never_acknowledged_requests_do_not_lock_tftp_out() {
+    require_root!();
+    let s = setup().unwrap();
+    for i in 10..20 {
+        // On the veth end that holds 10.213.2.2.
+        s.client
+            .sh(&format!(
+                "ip addr add 10.213.2.{i}/24 dev $(ip -o -4 addr show | awk '/10.213.2.2\\//{{print $2}}')"
+            ))
+            .unwrap();
+    }
+    // 300 requests (30 per source), sent and never acknowledged.
+    let flood = r#"
+import socket
+socks = []
+for i in range(300):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("10.213.2.%d" % (10 + i % 10), 0))
+    s.sendto(b"\0\1big\0octet\0timeout\0" + b"255\0", ("10.213.2.1", 69))
+    socks.append(s)
+busy = served = 0
+for s in socks:
+    s.settimeout(0.3)
+    try:
+        d, _ = s.recvfrom(2048)
+        if d[:2] == b"\0\5" and b"busy" in d:
+            busy += 1
+        elif d[:4] == b"\0\3\0\1":
+            served += 1
+    except socket.timeout:
+        pass
+print(busy, served)
+"#;
+    let start = std::time::Instant::now();
+    let o = s
+        .client
+        .cmd("python3")
+        .args(["-c", flood])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let n: Vec<usize> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    let (busy, served) = (n[0], n[1]);
+    eprintln!("flood: {busy} told busy, {served} served a first block (never acknowledged)");
+    // At most 8 per source are served (DATA 1 straight away: the 255 s timeout is not
+    // granted, so no OACK); the rest are told "busy" at once (a burst may also lose some).
+    assert!(
+        served <= 10 * 8,
+        "{served} served: the per-source cap did not hold"
+    );
+    assert!(busy >= 150, "{busy} busy answers");
+    // While those 80 wait for ACKs that never come, real clients fetch at once.
+    let want = std::fs::read(s.root.join("sub/small")).unwrap();
+    let out = s.out("flood-atftp");
+    let (ok, msg) = s.atftp(&["timeout 255"], "sub/small", &out).unwrap();
+    assert!(ok, "{msg}");
+    assert_eq!(std::fs::read(&out).unwrap(), want);
+    let out = s.out("flood-hpa");
+    let msg = s.hpa("octet", "sub/small", &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), want, "{msg}");
+    let took = start.elapsed();
+    eprintln!("300 stalled requests, then two real fetches: {took:?}");
+    // Bounded: nothing waited for a 255 s timeout.
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+}

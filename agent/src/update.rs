@@ -1355,11 +1355,18 @@ fn record(o: &UpdateOptions, planned: &Planned) -> Result<()> {
 /// Tells the master the node is at the version. The update has happened whatever the answer:
 /// a report the master did not store is logged, not an error of the update.
 fn report(o: &UpdateOptions, mut client: Client, info: &ImageVersionInfo) {
-    if let Err(e) = client.report(
-        &o.node,
-        "updated",
-        &format!("{}@{}", info.image, info.version),
-    ) {
+    let detail = format!("{}@{}", info.image, info.version);
+    let mut sent = client.report(&o.node, "updated", &detail);
+    if sent.is_err() {
+        // The swap and the hooks may outlast the service's idle timeout (it closes a
+        // connection quiet for two minutes): one new connection for the report.
+        sent = Client::connect(&o.server, Duration::from_secs(10)).and_then(|mut c| {
+            let r = c.report(&o.node, "updated", &detail);
+            client = c;
+            r
+        });
+    }
+    if let Err(e) = sent {
         tracing::warn!(node = %o.node, error = format!("{e:#}"), "the master did not take the report");
     }
     client.bye();

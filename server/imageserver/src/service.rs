@@ -567,6 +567,37 @@ mod tests {
         assert!(d.starts_with("done\\n2026"), "{d:.40}");
     }
 
+    /// A peer that stops taking bytes is dropped after `write_stall`, not held for ever; a peer
+    /// that reads gets everything.
+    #[tokio::test]
+    async fn a_stalled_reader_times_out_its_writes() {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let mut w = Stalling::new(ours, Duration::from_millis(300));
+        let start = std::time::Instant::now();
+        let e = w.write_all(&vec![1u8; 1 << 20]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        let (ours, theirs2) = tokio::io::duplex(4096);
+        let mut w = Stalling::new(ours, Duration::from_millis(300));
+        let reader = tokio::spawn(async move {
+            let mut theirs2 = theirs2;
+            let mut v = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut theirs2, &mut v)
+                .await
+                .unwrap();
+            v.len()
+        });
+        w.write_all(&vec![1u8; 1 << 20]).await.unwrap();
+        w.shutdown().await.unwrap();
+        drop(w);
+        assert_eq!(reader.await.unwrap(), 1 << 20);
+        drop(theirs);
+    }
+
     /// The bound holds whatever a Want asks for: a group stops once its bytes reach the
     /// budget, and the groups together cover the request in order.
     #[test]

@@ -596,3 +596,37 @@ async fn http_route_refuses_another_nodes_address() {
     let r = get("127.0.0.3", addr, "/si-distro/../autoinstall/tokens/n1").await;
     assert!(!r.contains(&t), "{r}");
 }
+
+/// The examples in images/autoinstall/ render for a node with only the shipped snippets, and
+/// each ends with the callback to si-server.
+#[test]
+fn shipped_examples_render() {
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/autoinstall");
+    let l = lab("x\n");
+    for e in std::fs::read_dir(ex.join("snippets")).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        l.store.put_snippet(&Scope::Global, &name, &text).unwrap();
+    }
+    let mut p = l.store.profile("p1").unwrap();
+    p.vars
+        .insert("repo_url".into(), "http://mirror/rocky".into());
+    let token = l.store.token("n1").unwrap();
+    let done = format!("http://10.213.0.1:8080/autoinstall/done/n1/{token}");
+    for (file, must) in [
+        ("debian12.preseed", "d-i netcfg/get_hostname string n1\n"),
+        (
+            "rocky9.ks",
+            "network --bootproto=dhcp --hostname=n1 --activate\n",
+        ),
+        ("leap15.autoyast.xml", "<hostname>n1</hostname>"),
+    ] {
+        let t = std::fs::read_to_string(ex.join(file)).unwrap();
+        l.store.put_profile(&p, &t).unwrap();
+        let out = render(&l, "n1").unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        assert!(out.contains(must), "{file}:\n{out}");
+        assert!(out.contains(&done), "{file}: no callback:\n{out}");
+        assert!(!out.contains("{{") && !out.contains("{%"), "{file}:\n{out}");
+    }
+}

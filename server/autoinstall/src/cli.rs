@@ -239,6 +239,16 @@ pub enum ProfileCmd {
         #[arg(long)]
         http_base: Option<String>,
     },
+    /// Render the answer file of every node that has a profile (or of NODES, a range like
+    /// `n[1-100]`) and report the ones that fail; `--repeat` renders each that many times
+    /// (a benchmark). Nothing is printed but errors and a summary.
+    Check {
+        nodes: Option<String>,
+        #[arg(long)]
+        http_base: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+    },
     /// Snippets: templates included by name, looked up per node, profile, distro, then global.
     #[command(subcommand)]
     Snippet(SnippetCmd),
@@ -339,6 +349,56 @@ pub fn profile_main(cli: ProfileCli) -> Result<()> {
             let r = render_answer(&store, &inv, &node, &urls)?;
             out.write_all(r.text.as_bytes())
                 .context("writing to stdout")?;
+        }
+        ProfileCmd::Check {
+            nodes,
+            http_base,
+            repeat,
+        } => {
+            let urls = server_urls(&store, http_base)?;
+            let inv = Inventory::open_state_dir(&cli.common.state_dir)?;
+            let names: Vec<String> = match nodes {
+                Some(r) => si_inventory::ranges::expand(&r)?,
+                None => {
+                    let mut v = Vec::new();
+                    for n in inv.nodes()? {
+                        if inv.boot_info(&n.name)?.is_some_and(|b| b.profile.is_some()) {
+                            v.push(n.name);
+                        }
+                    }
+                    v
+                }
+            };
+            let start = std::time::Instant::now();
+            let (mut ok, mut failed, mut bytes) = (0u64, 0u64, 0u64);
+            for _ in 0..repeat.max(1) {
+                for n in &names {
+                    match render_answer(&store, &inv, n, &urls) {
+                        Ok(r) => {
+                            ok += 1;
+                            bytes += r.text.len() as u64;
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            if repeat <= 1 {
+                                eprintln!("{n}: {e:#}");
+                            }
+                        }
+                    }
+                }
+            }
+            let took = start.elapsed();
+            let per = took.as_secs_f64() * 1e6 / (ok + failed).max(1) as f64;
+            writeln!(
+                out,
+                "rendered {ok} answer files ({bytes} bytes) for {} nodes, {failed} failed, in {:.3} s ({per:.0} us per file)",
+                names.len(),
+                took.as_secs_f64()
+            )
+            .context("writing to stdout")?;
+            if failed > 0 {
+                bail!("{failed} answer files failed to render");
+            }
         }
         ProfileCmd::Snippet(cmd) => match cmd {
             SnippetCmd::Add { name, file, scope } => {

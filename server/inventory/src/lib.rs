@@ -426,6 +426,20 @@ impl Inventory {
         })
     }
 
+    /// Sets a node to be installed by its distribution's installer at its next network boot
+    /// (boot action `autoinstall`, see si-autoinstall).
+    pub fn set_boot_autoinstall(&self, name: &str) -> Result<()> {
+        self.write(|tx, actor| {
+            let old = node(tx, name)?.with_context(|| format!("unknown node {name:?}"))?;
+            tx.execute(
+                "UPDATE nodes SET boot_action = 'autoinstall', boot_kernel = NULL, boot_initrd = NULL, boot_cmdline = NULL WHERE name = ?1",
+                [name],
+            )
+            .context("setting the boot action")?;
+            history(tx, actor, &format!("node/{name}"), "boot", &format!("boot: {} -> autoinstall", old.boot))
+        })
+    }
+
     /// Records an event about a node that changes nothing in the inventory (a power action,
     /// a boot device change), so the node's history tells the whole story.
     pub fn record_event(&self, name: &str, action: &str, detail: &str) -> Result<()> {

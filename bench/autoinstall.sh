@@ -75,7 +75,18 @@ printf 'render: %d files (%d nodes x %d rounds, %d snippets each): wall %s s, cp
 [ "${DHCP:-0}" = 1 ] || exit 0
 echo "DHCP without a rendering load (si-dhcpd, $RATE/s):"
 SERVERS=si "$ROOT/bench/dhcp.sh" "$RATE"
-( while true; do render "$ROUNDS" >/dev/null; done ) &
+# The loop stops its renderer before it exits, so that nothing renders while $WORK goes away.
+(
+    c=
+    trap 'if [ -n "$c" ]; then kill "$c" 2>/dev/null; wait "$c" 2>/dev/null; fi; exit 0' TERM
+    while true; do
+        "$BIN/si-profile" "${S[@]}" check --http-base http://10.213.0.1:8080 \
+            --repeat "$ROUNDS" >>"$WORK/loop.out" &
+        c=$!
+        wait "$c"
+    done
+) &
 LOOP=$!
 echo "DHCP with a rendering loop beside it (si-profile check --repeat $ROUNDS, continuously):"
 SERVERS=si "$ROOT/bench/dhcp.sh" "$RATE"
+echo "rendering loop: $(grep -c ', 0 failed,' "$WORK/loop.out" || true) complete runs of $((NODES * ROUNDS)) files during the DHCP runs, $(grep -vc ', 0 failed,' "$WORK/loop.out" || true) with failures"

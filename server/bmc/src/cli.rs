@@ -268,7 +268,9 @@ pub fn inventory(c: &Common) -> Result<ExitCode> {
 
 /// PXE for the next boot, boot action `install`, then power cycle (or on if off); each step
 /// is recorded in the node's history.
-pub fn reinstall(c: &Common) -> Result<ExitCode> {
+/// `action` is the boot action armed: `install` (an image) or `autoinstall` (the
+/// distribution's installer with the node's profile).
+pub fn reinstall(c: &Common, action: &str) -> Result<ExitCode> {
     let (dir, targets, timeout) = c.setup()?;
     let out = for_each_node(&targets, c.fanout, timeout, |t, deadline| {
         with_bmc(t, deadline, |b| {
@@ -276,11 +278,11 @@ pub fn reinstall(c: &Common) -> Result<ExitCode> {
             recorded(dir.as_ref(), &t.node, "reinstall: bootdev pxe", r, |_| {
                 String::new()
             })?;
-            let r = dir.set_boot_action(&t.node, "install");
+            let r = dir.set_boot_action(&t.node, action);
             recorded(
                 dir.as_ref(),
                 &t.node,
-                "reinstall: boot-action install",
+                &format!("reinstall: boot-action {action}"),
                 r,
                 |_| String::new(),
             )?;
@@ -296,7 +298,7 @@ pub fn reinstall(c: &Common) -> Result<ExitCode> {
                 format!("power {}", a.name())
             })?;
             Ok(format!(
-                "reinstalling (pxe, boot action install, power {})",
+                "reinstalling (pxe, boot action {action}, power {})",
                 a.name()
             ))
         })

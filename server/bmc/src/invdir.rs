@@ -83,8 +83,11 @@ impl BmcDirectory for InventoryDirectory {
     fn set_boot_action(&self, node: &str, action: &str) -> Result<()> {
         match action {
             "install" => self.inv.set_boot_install(node),
+            "autoinstall" => self.inv.set_boot_autoinstall(node),
             "local" => self.inv.mark_installed(node),
-            other => bail!("boot action {other:?} cannot be set here (install or local)"),
+            other => {
+                bail!("boot action {other:?} cannot be set here (install, autoinstall or local)")
+            }
         }
     }
 }

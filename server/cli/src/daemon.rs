@@ -87,13 +87,46 @@ fn mac_bytes(s: &str) -> Option<[u8; 6]> {
     v.try_into().ok()
 }
 
+/// What the boot files of `autoinstall` nodes need: the distros and profiles, and where nodes
+/// reach the answer files.
+#[derive(Debug, Clone)]
+pub struct Autoinstall {
+    pub store: si_autoinstall::Store,
+    pub urls: si_autoinstall::ServerUrls,
+}
+
 /// The boot description of every node in the inventory.
-pub fn boot_nodes(inv: &Inventory) -> Result<Vec<BootNode>> {
+pub fn boot_nodes(inv: &Inventory, auto: &Autoinstall) -> Result<Vec<BootNode>> {
     let mut out = Vec::new();
     for n in inv.nodes()? {
         let Some(b) = inv.boot_info(&n.name)? else {
             continue;
         };
+        if b.action == si_inventory::BootAction::Autoinstall {
+            let (action, kernel_args) = match si_autoinstall::render::boot_action(
+                &auto.store,
+                &b,
+                &auto.urls,
+            ) {
+                Ok(x) => x,
+                Err(e) => {
+                    // One misconfigured node must not stop the others' boot files: it
+                    // boots its disk until its profile is fixed.
+                    tracing::warn!(node = %b.name, error = format!("{e:#}"), "autoinstall node boots locally");
+                    (bootcfg::BootAction::Local, String::new())
+                }
+            };
+            out.push(BootNode {
+                name: b.name,
+                macs: b.macs.iter().filter_map(|m| mac_bytes(m)).collect(),
+                ip: b.ip,
+                uuid: None,
+                action,
+                kernel_args,
+                firmware: firmware(b.firmware),
+            });
+            continue;
+        }
         out.push(BootNode {
             name: b.name,
             macs: b.macs.iter().filter_map(|m| mac_bytes(m)).collect(),
@@ -113,20 +146,30 @@ pub fn boot_nodes(inv: &Inventory) -> Result<Vec<BootNode>> {
                     initrd,
                     cmdline,
                 },
+                // Handled above.
+                si_inventory::BootAction::Autoinstall => bootcfg::BootAction::Local,
             },
             kernel_args: b.kernel_args,
-            firmware: match b.firmware {
-                si_inventory::Firmware::Auto => bootcfg::Firmware::Any,
-                si_inventory::Firmware::Bios => bootcfg::Firmware::Bios,
-                si_inventory::Firmware::Uefi => bootcfg::Firmware::Uefi,
-            },
+            firmware: firmware(b.firmware),
         });
     }
     Ok(out)
 }
 
-fn render(inv: &Inventory, settings: &BootSettings) -> Result<BTreeMap<String, String>> {
-    bootcfg::render(settings, &boot_nodes(inv)?)
+fn firmware(f: si_inventory::Firmware) -> bootcfg::Firmware {
+    match f {
+        si_inventory::Firmware::Auto => bootcfg::Firmware::Any,
+        si_inventory::Firmware::Bios => bootcfg::Firmware::Bios,
+        si_inventory::Firmware::Uefi => bootcfg::Firmware::Uefi,
+    }
+}
+
+fn render(
+    inv: &Inventory,
+    settings: &BootSettings,
+    auto: &Autoinstall,
+) -> Result<BTreeMap<String, String>> {
+    bootcfg::render(settings, &boot_nodes(inv, auto)?)
 }
 
 /// The DHCP configuration: the file's, else the flags'. Unset fields of a file are filled in
@@ -277,7 +320,18 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     if boot_services {
         tracing::info!(%http_base, si_server = %reach.si_server, "nodes are pointed at");
     }
-    let generated = Generated::with_config(a.generate.clone(), render(&inv, &settings)?);
+    let auto = Autoinstall {
+        store: si_autoinstall::Store::open(&a.state_dir)?,
+        urls: si_autoinstall::ServerUrls {
+            http_base: http_base.clone(),
+        },
+    };
+    if boot_services {
+        si_autoinstall::cli::record_server(&auto.store, &auto.urls)?;
+    }
+    let generated = Generated::with_config(a.generate.clone(), render(&inv, &settings, &auto)?);
+    // Distros' kernels, initrds and package trees (TFTP and HTTP).
+    generated.mount(si_autoinstall::DISTRO_PREFIX, &auto.store.distros_dir())?;
     for root in a.tftp_root.iter().chain(&a.http_root) {
         log_shared(&generated, root);
     }
@@ -296,12 +350,17 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         .with_context(|| format!("listening on {}", a.listen))?;
     tracing::info!(store = %a.store.store.display(), listen = %listener.local_addr()?, "image service listening");
     let hook: serve::ReportHook = {
-        let (inv, generated, settings) = (inv.clone(), generated.clone(), settings.clone());
+        let (inv, generated, settings, auto) = (
+            inv.clone(),
+            generated.clone(),
+            settings.clone(),
+            auto.clone(),
+        );
         Arc::new(move |node: &str, state: &str, _detail: &str| {
             if state == "installed" {
                 inv.mark_installed(node)
                     .with_context(|| format!("marking {node} installed"))?;
-                match render(&inv, &settings) {
+                match render(&inv, &settings, &auto) {
                     Ok(files) => generated.replace(files),
                     // The node is recorded; its boot files follow at the next change.
                     Err(e) => tracing::error!(error = format!("{e:#}"), "regenerating boot files"),
@@ -338,8 +397,33 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         let tcp = tokio::net::TcpListener::bind(a.http_listen)
             .await
             .with_context(|| format!("binding HTTP to {}", a.http_listen))?;
+        // Answer files and install callbacks; a finished install flips the node to local.
+        let on_done: si_autoinstall::route::DoneHook = {
+            let (inv, generated, settings, auto) = (
+                inv.clone(),
+                generated.clone(),
+                settings.clone(),
+                auto.clone(),
+            );
+            Arc::new(move |node: &str| {
+                inv.mark_installed(node)
+                    .with_context(|| format!("marking {node} installed"))?;
+                match render(&inv, &settings, &auto) {
+                    Ok(files) => generated.replace(files),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "regenerating boot files"),
+                }
+                Ok(())
+            })
+        };
+        let route = si_autoinstall::AnswerRoute {
+            store: auto.store.clone(),
+            inv: inv.clone(),
+            urls: auto.urls.clone(),
+            on_done,
+        };
         let cfg = http::HttpConfig {
             root: root.clone(),
+            routes: http::Routes(vec![Arc::new(route)]),
             ..Default::default()
         };
         tasks.spawn(http::serve(tcp, cfg, generated.clone(), stopped()));
@@ -353,17 +437,22 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     }
     // Inventory edits (si-node set ... --boot install) reach the boot files within seconds.
     {
-        let (inv, generated, settings) = (inv.clone(), generated.clone(), settings.clone());
+        let (inv, generated, settings, auto) = (
+            inv.clone(),
+            generated.clone(),
+            settings.clone(),
+            auto.clone(),
+        );
         let stop = stopped();
         tasks.spawn(async move {
             tokio::pin!(stop);
-            let mut last = render(&inv, &settings)?;
+            let mut last = render(&inv, &settings, &auto)?;
             loop {
                 tokio::select! {
                     _ = &mut stop => return Ok(()),
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 }
-                match render(&inv, &settings) {
+                match render(&inv, &settings, &auto) {
                     Ok(files) if files != last => {
                         generated.replace(files.clone());
                         last = files;

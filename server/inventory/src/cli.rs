@@ -136,9 +136,12 @@ pub enum NodeCmd {
         /// Host name (single node only; defaults to the node name).
         #[arg(long)]
         hostname: Option<String>,
-        /// install or local.
-        #[arg(long, default_value = "install")]
+        /// install, local or autoinstall (the distribution's installer, see --profile).
+        #[arg(long, visible_alias = "action", default_value = "install")]
         boot: String,
+        /// Automatic-install profile (`si-profile`); overrides the group's.
+        #[arg(long)]
+        profile: Option<String>,
         /// Permanent (infinite) DHCP lease.
         #[arg(long)]
         permanent: bool,
@@ -163,9 +166,12 @@ pub enum NodeCmd {
         image: Option<String>,
         #[arg(long)]
         hostname: Option<String>,
-        /// install, local or custom (custom needs --kernel).
-        #[arg(long)]
+        /// install, local, autoinstall or custom (custom needs --kernel).
+        #[arg(long, visible_alias = "action")]
         boot: Option<String>,
+        /// Automatic-install profile (`si-profile`); an empty value clears it.
+        #[arg(long)]
+        profile: Option<String>,
         #[arg(long)]
         kernel: Option<String>,
         #[arg(long)]
@@ -260,6 +266,9 @@ pub struct GroupArgs {
     /// auto, bios or uefi.
     #[arg(long)]
     pub firmware: Option<String>,
+    /// Automatic-install profile of the group's nodes (`si-profile`); empty clears it.
+    #[arg(long)]
+    pub profile: Option<String>,
     #[command(flatten)]
     pub bmc: BmcArgs,
 }
@@ -294,12 +303,13 @@ fn boot_action(
     Ok(match kind {
         "install" => BootAction::Install,
         "local" => BootAction::Local,
+        "autoinstall" => BootAction::Autoinstall,
         "custom" => BootAction::Custom {
             kernel: kernel.context("--boot custom needs --kernel")?,
             initrd,
             cmdline: cmdline.unwrap_or_default(),
         },
-        _ => bail!("unknown boot action {kind:?} (install, local or custom)"),
+        _ => bail!("unknown boot action {kind:?} (install, local, autoinstall or custom)"),
     })
 }
 
@@ -333,6 +343,7 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
             image,
             hostname,
             boot,
+            profile,
             permanent,
             bmc,
         } => {
@@ -359,6 +370,7 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                     state: "new".into(),
                     permanent,
                     bmc: Bmc::default(),
+                    profile: profile.clone(),
                 };
                 bmc.apply(&mut n.bmc, i)?;
                 list.push(n);
@@ -398,7 +410,7 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                 let bmc = inv.bmc(&n.name)?.unwrap_or_default().redacted();
                 writeln!(
                     out,
-                    "name: {}\nmacs: {}\nip: {}\nhostname: {}\ngroup: {}\nimage: {}\nboot: {}\nstate: {}\npermanent lease: {}\nkernel args: {}\nfirmware: {}\nbmc: host={} port={} user={} password={} driver={} cipher-suite={}\n",
+                    "name: {}\nmacs: {}\nip: {}\nhostname: {}\ngroup: {}\nimage: {}\nboot: {}\nstate: {}\npermanent lease: {}\nkernel args: {}\nfirmware: {}\nprofile: {}\nbmc: host={} port={} user={} password={} driver={} cipher-suite={}\n",
                     n.name,
                     n.macs.join(", "),
                     opt(&n.ip),
@@ -410,6 +422,7 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                     n.permanent,
                     b.kernel_args,
                     b.firmware.as_str(),
+                    opt(&b.profile),
                     opt(&bmc.host),
                     opt(&bmc.port),
                     opt(&bmc.user),
@@ -428,6 +441,7 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
             image,
             hostname,
             boot,
+            profile,
             kernel,
             initrd,
             cmdline,
@@ -470,6 +484,9 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                 }
                 if let Some(b) = &boot {
                     n.boot = b.clone();
+                }
+                if let Some(p) = &profile {
+                    n.profile = (!p.is_empty()).then(|| p.clone());
                 }
                 if let Some(s) = &state {
                     n.state.clone_from(s);
@@ -629,6 +646,9 @@ fn apply_group(g: &mut Group, a: &GroupArgs) -> Result<()> {
     }
     if let Some(f) = &a.firmware {
         g.firmware = Firmware::parse(f)?;
+    }
+    if let Some(p) = &a.profile {
+        g.profile = (!p.is_empty()).then(|| p.clone());
     }
     a.bmc.apply(&mut g.bmc, 0)
 }

@@ -231,7 +231,7 @@ impl Inventory {
     pub fn groups(&self) -> Result<Vec<Group>> {
         let c = self.conn();
         let mut st = c
-            .prepare(&format!("SELECT {GROUP_COLS} FROM groups"))
+            .prepare(&format!("SELECT {GROUP_COLS}, profile FROM groups"))
             .context("listing groups")?;
         let mut v = st
             .query_map([], group_from_row)
@@ -301,7 +301,7 @@ impl Inventory {
         let c = self.conn();
         let mut v = {
             let mut st = c
-                .prepare(&format!("SELECT {NODE_COLS} FROM nodes"))
+                .prepare(&format!("SELECT {NODE_COLS}, profile FROM nodes"))
                 .context("listing nodes")?;
             let r = st
                 .query_map([], node_from_row)
@@ -423,6 +423,20 @@ impl Inventory {
             )
             .context("setting the boot action")?;
             history(tx, actor, &format!("node/{name}"), "boot", &format!("boot: {} -> install", old.boot))
+        })
+    }
+
+    /// Sets a node to be installed by its distribution's installer at its next network boot
+    /// (boot action `autoinstall`, see si-autoinstall).
+    pub fn set_boot_autoinstall(&self, name: &str) -> Result<()> {
+        self.write(|tx, actor| {
+            let old = node(tx, name)?.with_context(|| format!("unknown node {name:?}"))?;
+            tx.execute(
+                "UPDATE nodes SET boot_action = 'autoinstall', boot_kernel = NULL, boot_initrd = NULL, boot_cmdline = NULL WHERE name = ?1",
+                [name],
+            )
+            .context("setting the boot action")?;
+            history(tx, actor, &format!("node/{name}"), "boot", &format!("boot: {} -> autoinstall", old.boot))
         })
     }
 
@@ -715,6 +729,7 @@ fn node_from_row(r: &Row<'_>) -> rusqlite::Result<Node> {
     let action: String = r.get(5)?;
     let boot = match action.as_str() {
         "local" => BootAction::Local,
+        "autoinstall" => BootAction::Autoinstall,
         "custom" => BootAction::Custom {
             kernel: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
             initrd: r.get(7)?,
@@ -733,6 +748,7 @@ fn node_from_row(r: &Row<'_>) -> rusqlite::Result<Node> {
         state: r.get(9)?,
         permanent: r.get(10)?,
         bmc: bmc_from_row(r, 11)?,
+        profile: r.get(17)?,
     })
 }
 
@@ -746,6 +762,7 @@ fn group_from_row(r: &Row<'_>) -> rusqlite::Result<Group> {
         kernel_args: r.get(4)?,
         firmware: Firmware::parse(&fw).unwrap_or_default(),
         bmc: bmc_from_row(r, 6)?,
+        profile: r.get(12)?,
     })
 }
 
@@ -795,7 +812,7 @@ fn subnets(c: &Connection) -> Result<Vec<Subnet>> {
 
 fn group(c: &Connection, name: &str) -> Result<Option<Group>> {
     c.query_row(
-        &format!("SELECT {GROUP_COLS} FROM groups WHERE name = ?1"),
+        &format!("SELECT {GROUP_COLS}, profile FROM groups WHERE name = ?1"),
         [name],
         group_from_row,
     )
@@ -805,7 +822,9 @@ fn group(c: &Connection, name: &str) -> Result<Option<Group>> {
 
 fn node(c: &Connection, name: &str) -> Result<Option<Node>> {
     let Some(mut n) = c
-        .prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"))
+        .prepare_cached(&format!(
+            "SELECT {NODE_COLS}, profile FROM nodes WHERE name = ?1"
+        ))
         .and_then(|mut st| st.query_row([name], node_from_row).optional())
         .with_context(|| format!("looking up node {name:?}"))?
     else {
@@ -839,6 +858,10 @@ fn boot_info(c: &Connection, n: Node) -> Result<BootInfo> {
             .unwrap_or_default(),
         disk_layout: g.as_ref().and_then(|g| g.disk_layout.clone()),
         firmware: g.as_ref().map(|g| g.firmware).unwrap_or_default(),
+        profile: n
+            .profile
+            .clone()
+            .or_else(|| g.as_ref().and_then(|g| g.profile.clone())),
         name: n.name,
         macs: n.macs,
         ip: n.ip,
@@ -895,6 +918,10 @@ fn put_subnet(tx: &Connection, actor: &str, s: &Subnet) -> Result<()> {
 
 fn put_group(tx: &Connection, actor: &str, g: &Group, catalog: &dyn ImageCatalog) -> Result<()> {
     crate::ranges::check_name(&g.name)?;
+    if let Some(p) = &g.profile {
+        crate::ranges::check_name(p)
+            .with_context(|| format!("checking the profile of group {}", g.name))?;
+    }
     check_image(catalog, &g.image).with_context(|| format!("checking group {:?}", g.name))?;
     let old = group(tx, &g.name)?;
     tx.execute(
@@ -915,6 +942,11 @@ fn put_group(tx: &Connection, actor: &str, g: &Group, catalog: &dyn ImageCatalog
         ],
     )
     .context("writing group")?;
+    tx.execute(
+        "UPDATE groups SET profile = ?2 WHERE name = ?1",
+        params![g.name, g.profile],
+    )
+    .context("writing the group's profile")?;
     let detail = match &old {
         Some(o) => password_change(&o.bmc, &g.bmc, diff(&group_fields(o), &group_fields(g))),
         None => describe(&group_fields(g)),
@@ -937,6 +969,10 @@ fn put_node(
     catalog: &dyn ImageCatalog,
 ) -> Result<()> {
     crate::ranges::check_name(&n.name)?;
+    if let Some(p) = &n.profile {
+        crate::ranges::check_name(p)
+            .with_context(|| format!("checking the profile of node {}", n.name))?;
+    }
     let mut n = n.clone();
     n.macs = n
         .macs
@@ -1044,6 +1080,11 @@ fn put_node(
         ],
     )
     .with_context(|| format!("writing node {}", n.name))?;
+    tx.execute(
+        "UPDATE nodes SET profile = ?2 WHERE name = ?1",
+        params![n.name, n.profile],
+    )
+    .with_context(|| format!("writing the profile of node {}", n.name))?;
     for m in &n.macs {
         tx.execute(
             "INSERT INTO node_macs (mac, node) VALUES (?1, ?2)",
@@ -1097,6 +1138,7 @@ fn node_fields(n: &Node) -> Vec<(&'static str, String)> {
         ("boot", n.boot.to_string()),
         ("state", n.state.clone()),
         ("permanent", n.permanent.to_string()),
+        ("profile", opt(&n.profile)),
     ];
     bmc_fields(&n.bmc, &mut v);
     v
@@ -1109,6 +1151,7 @@ fn group_fields(g: &Group) -> Vec<(&'static str, String)> {
         ("disk-layout", opt(&g.disk_layout)),
         ("kernel-args", g.kernel_args.clone()),
         ("firmware", g.firmware.as_str().into()),
+        ("profile", opt(&g.profile)),
     ];
     bmc_fields(&g.bmc, &mut v);
     v

@@ -14,6 +14,9 @@ pub enum BootAction {
     Install,
     /// Boot from the local disk.
     Local,
+    /// Boot the distribution's own installer with the node's answer file (its profile's distro,
+    /// see `si-profile`).
+    Autoinstall,
     /// Boot a given kernel and initrd with a command line.
     Custom {
         kernel: String,
@@ -29,6 +32,7 @@ impl BootAction {
         match self {
             BootAction::Install => "install",
             BootAction::Local => "local",
+            BootAction::Autoinstall => "autoinstall",
             BootAction::Custom { .. } => "custom",
         }
     }
@@ -159,6 +163,9 @@ pub struct Group {
     pub firmware: Firmware,
     #[serde(default, skip_serializing_if = "Bmc::is_empty")]
     pub bmc: Bmc,
+    /// Automatic-install profile of the group's nodes (`si-profile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// One machine of the cluster.
@@ -188,6 +195,9 @@ pub struct Node {
     pub permanent: bool,
     #[serde(default, skip_serializing_if = "Bmc::is_empty")]
     pub bmc: Bmc,
+    /// Automatic-install profile; overrides the group's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 fn default_state() -> String {
@@ -333,6 +343,8 @@ pub struct BootInfo {
     pub disk_layout: Option<String>,
     pub firmware: Firmware,
     pub state: String,
+    /// Node profile, else its group's.
+    pub profile: Option<String>,
 }
 
 /// The whole cluster as declarative TOML (`si-node export` / `si-node import`).

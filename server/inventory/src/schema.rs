@@ -66,6 +66,11 @@ CREATE TABLE history (
 );
 CREATE INDEX history_object ON history(object);
 "#,
+    // 2: automatic-install profiles of nodes and groups (si-autoinstall)
+    r#"
+ALTER TABLE nodes ADD COLUMN profile TEXT;
+ALTER TABLE groups ADD COLUMN profile TEXT;
+"#,
 ];
 
 /// The schema version this build writes.

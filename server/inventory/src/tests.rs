@@ -187,3 +187,48 @@ fn leases() {
     i.put_lease(&m).unwrap();
     assert_eq!(i.leases().unwrap(), vec![m]);
 }
+
+#[test]
+fn profiles_of_nodes_and_groups() {
+    let (_d, i) = inv();
+    i.add_group(
+        &Group {
+            name: "compute".into(),
+            profile: Some("deb12".into()),
+            ..Default::default()
+        },
+        &NoCatalog,
+    )
+    .unwrap();
+    let mut n = node("n1", "52:54:00:00:00:01", "10.213.0.11");
+    n.group = Some("compute".into());
+    n.boot = BootAction::Autoinstall;
+    i.add_node(&n, &NoCatalog).unwrap();
+    i.add_node(&node("n2", "52:54:00:00:00:02", "10.213.0.12"), &NoCatalog)
+        .unwrap();
+    // The group's profile, until the node has its own.
+    let b = i.boot_info("n1").unwrap().unwrap();
+    assert_eq!(b.action, BootAction::Autoinstall);
+    assert_eq!(b.profile.as_deref(), Some("deb12"));
+    assert_eq!(i.boot_info("n2").unwrap().unwrap().profile, None);
+    n.profile = Some("rocky9".into());
+    i.update_nodes(&[n.clone()], &NoCatalog).unwrap();
+    let got = i.node("n1").unwrap().unwrap();
+    assert_eq!(got.profile.as_deref(), Some("rocky9"));
+    assert_eq!(got.boot, BootAction::Autoinstall);
+    assert_eq!(
+        i.boot_info("n1").unwrap().unwrap().profile.as_deref(),
+        Some("rocky9")
+    );
+    assert!(i
+        .history(Some("node/n1"), 10)
+        .unwrap()
+        .iter()
+        .any(|h| h.detail.contains("profile: - -> rocky9")));
+    // A profile name becomes a path in si-autoinstall: checked here too.
+    n.profile = Some("../etc".into());
+    assert!(i.update_nodes(&[n], &NoCatalog).is_err());
+    // Installed: back to local boot.
+    i.mark_installed("n1").unwrap();
+    assert_eq!(i.node("n1").unwrap().unwrap().boot, BootAction::Local);
+}

@@ -46,6 +46,80 @@ pub enum BootAction {
         initrd: Option<String>,
         cmdline: String,
     },
+    /// Boot a distribution's own installer (kernel and initrd relative to the served roots)
+    /// with its family's answer-file argument pointing at `answer_url`.
+    Autoinstall {
+        family: Family,
+        kernel: String,
+        initrd: String,
+        /// The node's own answer file (served only to the node, see `si-autoinstall`).
+        answer_url: String,
+        /// The distribution's package tree over HTTP, if it has one.
+        #[serde(default)]
+        tree_url: Option<String>,
+        /// Host name handed to installers that take it on the command line (d-i).
+        hostname: String,
+    },
+}
+
+/// Installer families, by the answer-file argument their kernel command line takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// Debian and Ubuntu's debian-installer: a preseed file.
+    Debian,
+    /// Anaconda (Red Hat, Fedora, Rocky, Alma...): a Kickstart file.
+    Redhat,
+    /// SUSE's YaST: an AutoYaST profile.
+    Suse,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Debian => "debian",
+            Family::Redhat => "redhat",
+            Family::Suse => "suse",
+        }
+    }
+
+    /// The kernel arguments that make the installer fetch `answer` and run unattended.
+    pub fn answer_args(self, answer: &str, tree: Option<&str>, hostname: &str) -> String {
+        match self {
+            // auto=true delays the locale and keyboard questions until the preseed file is
+            // read; priority=critical asks nothing that has a default; interface=auto picks
+            // the interface that got a DHCP answer.
+            Family::Debian => format!(
+                "auto=true priority=critical url={answer} interface=auto hostname={hostname}"
+            ),
+            Family::Redhat => match tree {
+                Some(t) => format!("inst.ks={answer} inst.repo={t}"),
+                None => format!("inst.ks={answer}"),
+            },
+            Family::Suse => match tree {
+                Some(t) => format!("autoyast={answer} install={t}"),
+                None => format!("autoyast={answer}"),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Family {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Family> {
+        Ok(match s {
+            "debian" => Family::Debian,
+            "redhat" => Family::Redhat,
+            "suse" => Family::Suse,
+            _ => bail!("unknown installer family {s:?} (debian, redhat or suse)"),
+        })
+    }
 }
 
 /// Firmware of a node; `Any` makes scripts that work on both.
@@ -154,6 +228,8 @@ pub enum Found {
 pub struct Generated {
     files: Arc<RwLock<BTreeMap<String, Arc<[u8]>>>>,
     cfg: Arc<GenerateConfig>,
+    /// Directories served beneath a path prefix (see [`Generated::mount`]).
+    mounts: Arc<RwLock<BTreeMap<String, PathBuf>>>,
 }
 
 impl Generated {
@@ -166,6 +242,7 @@ impl Generated {
         let g = Generated {
             files: Default::default(),
             cfg: Arc::new(cfg),
+            mounts: Default::default(),
         };
         g.replace(files);
         g
@@ -203,6 +280,9 @@ impl Generated {
     /// falls through to a generated file; a path the root refuses (a symlink out of it, a
     /// directory) stays refused.
     pub fn lookup(&self, root: &Path, rel: &str) -> Result<Found, PathError> {
+        if let Some(found) = self.lookup_mounted(rel) {
+            return found;
+        }
         match self.cfg.boot_files {
             Precedence::GeneratedFirst => match self.get(rel) {
                 Some(d) => Ok(Found::Generated(d)),
@@ -216,6 +296,28 @@ impl Generated {
                 r => r.map(Found::File),
             },
         }
+    }
+
+    /// Serves the directory `dir` beneath the path `prefix` (one normalised segment, e.g.
+    /// `autoinstall`) over both TFTP and HTTP, whatever the roots hold there: the distributions
+    /// imported by si-autoinstall live in the server's state directory, not in a served root.
+    /// Paths resolve beneath `dir` with the roots' rules (no symlink out of it).
+    pub fn mount(&self, prefix: &str, dir: &Path) -> anyhow::Result<()> {
+        if prefix.is_empty() || prefix.contains('/') || prefix.starts_with('.') {
+            bail!("mount prefix {prefix:?} must be one path segment");
+        }
+        let dir = std::fs::canonicalize(dir)
+            .with_context(|| format!("opening mounted directory {}", dir.display()))?;
+        let mut m = self.mounts.write().unwrap_or_else(|e| e.into_inner());
+        m.insert(prefix.to_string(), dir);
+        Ok(())
+    }
+
+    fn lookup_mounted(&self, rel: &str) -> Option<Result<Found, PathError>> {
+        let (first, rest) = rel.split_once('/')?;
+        let m = self.mounts.read().unwrap_or_else(|e| e.into_inner());
+        let dir = m.get(first)?;
+        Some(root::resolve(dir, rest).map(Found::File))
     }
 
     /// Generated paths that a file in `root` shares, for the start-up log.
@@ -328,6 +430,25 @@ fn kernel_for<'a>(
             initrd: initrd.as_deref(),
             cmdline: cmdline.clone(),
         }),
+        BootAction::Autoinstall {
+            family,
+            kernel,
+            initrd,
+            answer_url,
+            tree_url,
+            hostname,
+        } => {
+            let mut cmdline = family.answer_args(answer_url, tree_url.as_deref(), hostname);
+            if !args.trim().is_empty() {
+                cmdline.push(' ');
+                cmdline.push_str(args.trim());
+            }
+            Some(Kernel {
+                kernel,
+                initrd: Some(initrd),
+                cmdline,
+            })
+        }
     }
 }
 
@@ -449,6 +570,35 @@ fn check_node(n: &BootNode) -> Result<()> {
     }
     if n.kernel_args.contains('\n') {
         bail!("kernel arguments of node {} contain a newline", n.name);
+    }
+    if let BootAction::Autoinstall {
+        kernel,
+        initrd,
+        answer_url,
+        tree_url,
+        hostname,
+        ..
+    } = &n.action
+    {
+        // One word each on a kernel line, a loader command and a URL.
+        let word = |v: &str| {
+            !v.is_empty()
+                && v.chars()
+                    .all(|c| c.is_ascii_graphic() && !"\"'`$;&|\\{}".contains(c))
+        };
+        for (what, v) in [
+            ("kernel", kernel.as_str()),
+            ("initrd", initrd.as_str()),
+            ("answer URL", answer_url.as_str()),
+            ("host name", hostname.as_str()),
+        ]
+        .into_iter()
+        .chain(tree_url.as_deref().map(|t| ("tree URL", t)))
+        {
+            if !word(v) {
+                bail!("{what} {v:?} of node {} is not one plain word", n.name);
+            }
+        }
     }
     Ok(())
 }

@@ -310,3 +310,111 @@ fn grub_files_parse_with_grub_script_check() {
         );
     }
 }
+
+fn autoinstall(family: Family, tree: Option<&str>) -> BootNode {
+    BootNode {
+        action: BootAction::Autoinstall {
+            family,
+            kernel: "si-distro/d/linux".into(),
+            initrd: "si-distro/d/initrd".into(),
+            answer_url: "http://10.213.0.1:8080/autoinstall/answer/n01/abc123".into(),
+            tree_url: tree.map(str::to_string),
+            hostname: "n01.lab".into(),
+        },
+        ..node()
+    }
+}
+
+#[test]
+fn autoinstall_boots_the_distros_installer_per_family() {
+    let url = "http://10.213.0.1:8080/autoinstall/answer/n01/abc123";
+    let tree = "http://10.213.0.1:8080/si-distro/d/tree";
+    for (family, t, args) in [
+        (
+            Family::Debian,
+            None,
+            format!("auto=true priority=critical url={url} interface=auto hostname=n01.lab"),
+        ),
+        (Family::Redhat, None, format!("inst.ks={url}")),
+        (
+            Family::Redhat,
+            Some(tree),
+            format!("inst.ks={url} inst.repo={tree}"),
+        ),
+        (Family::Suse, None, format!("autoyast={url}")),
+        (
+            Family::Suse,
+            Some(tree),
+            format!("autoyast={url} install={tree}"),
+        ),
+    ] {
+        let files = render(&settings(), &[autoinstall(family, t)]).unwrap();
+        let cmd = format!("{args} console=ttyS0");
+        let ipxe = &files["boot/52-54-00-ab-00-01.ipxe"];
+        assert!(
+            ipxe.contains(&format!(
+                "kernel http://10.213.0.1:8080/si-distro/d/linux initrd=initrd {cmd}\n\
+                 initrd http://10.213.0.1:8080/si-distro/d/initrd\nboot\n"
+            )),
+            "{family}: {ipxe}"
+        );
+        let pxe = &files["pxelinux.cfg/01-52-54-00-ab-00-01"];
+        assert!(
+            pxe.contains(&format!(
+                "  KERNEL si-distro/d/linux\n  INITRD si-distro/d/initrd\n  APPEND {cmd}\n"
+            )),
+            "{family}: {pxe}"
+        );
+        assert_eq!(pxe, &files["pxelinux.cfg/0AD50A05"]);
+        let grub = &files["grub/grub.cfg-01-52-54-00-ab-00-01"];
+        assert!(
+            grub.contains(&format!(
+                "  linux /si-distro/d/linux {cmd}\n  initrd /si-distro/d/initrd\n"
+            )),
+            "{family}: {grub}"
+        );
+    }
+}
+
+#[test]
+fn autoinstall_fields_must_be_plain_words() {
+    for bad in [
+        "http://x/a b",
+        "http://x/a;reboot",
+        "http://x/${mac}",
+        "u\nrl",
+        "",
+    ] {
+        let mut n = autoinstall(Family::Debian, None);
+        if let BootAction::Autoinstall { answer_url, .. } = &mut n.action {
+            *answer_url = bad.into();
+        }
+        let e = render(&settings(), &[n]).unwrap_err().to_string();
+        assert!(e.contains("answer URL"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn mounted_directories_are_served_beneath_their_prefix() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let mounted = d.path().join("distros");
+    std::fs::create_dir_all(mounted.join("deb")).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(mounted.join("deb/linux"), "k").unwrap();
+    std::fs::write(d.path().join("secret"), "s").unwrap();
+    std::os::unix::fs::symlink("../../secret", mounted.join("deb/out")).unwrap();
+    let g = Generated::default();
+    g.mount("si-distro", &mounted).unwrap();
+    let root = std::fs::canonicalize(&root).unwrap();
+    match g.lookup(&root, "si-distro/deb/linux").unwrap() {
+        Found::File(p) => assert_eq!(std::fs::read_to_string(p).unwrap(), "k"),
+        f => panic!("{f:?}"),
+    }
+    assert_eq!(g.lookup(&root, "si-distro/deb/out"), Err(PathError::Escape));
+    assert_eq!(
+        g.lookup(&root, "si-distro/deb/none"),
+        Err(PathError::NotFound)
+    );
+    assert!(g.mount("a/b", &mounted).is_err());
+}

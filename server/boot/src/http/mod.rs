@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+pub use hyper::{Method, StatusCode};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
@@ -40,6 +41,8 @@ pub struct HttpConfig {
     /// Slowest reader kept: an answer of `n` bytes must be taken within
     /// `header_deadline + n / min_rate` seconds, or the connection is closed.
     pub min_rate: u64,
+    /// Dynamic routes answered before the file rules (see [`Route`]).
+    pub routes: Routes,
 }
 
 impl Default for HttpConfig {
@@ -50,6 +53,7 @@ impl Default for HttpConfig {
             per_source: 16,
             header_deadline: Duration::from_secs(10),
             min_rate: 64 << 10,
+            routes: Routes::default(),
         }
     }
 }
@@ -57,6 +61,79 @@ impl Default for HttpConfig {
 const CHUNK: usize = 64 << 10;
 /// Most bytes of request head buffered per connection (hyper refuses a longer head).
 const MAX_HEADER_BUF: usize = 16 << 10;
+
+/// A dynamic part of the HTTP space: requests for `/<prefix>/...` (GET, HEAD or POST; a body
+/// is not read) are answered by the route instead of the file rules. The route decides who
+/// may ask: it is handed the peer's address. [`Route::answer`] may block (it runs on tokio's
+/// blocking pool).
+pub trait Route: Send + Sync + std::fmt::Debug + 'static {
+    /// The first path segment the route owns (`autoinstall`).
+    fn prefix(&self) -> &str;
+    /// Answers `rest`, the raw (not percent-decoded) path after `/<prefix>/`.
+    fn answer(&self, peer: std::net::IpAddr, method: &Method, rest: &str) -> RouteReply;
+}
+
+/// What a [`Route`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteReply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl RouteReply {
+    /// A plain-text answer.
+    pub fn text(status: StatusCode, body: impl Into<String>) -> RouteReply {
+        RouteReply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into().into_bytes(),
+        }
+    }
+}
+
+/// The routes of a server.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(pub Vec<Arc<dyn Route>>);
+
+async fn route(
+    state: &State,
+    peer: std::net::IpAddr,
+    req: &Request<Incoming>,
+) -> Option<Response<FileBody>> {
+    let path = req.uri().path().strip_prefix('/')?;
+    let (first, rest) = path.split_once('/').unwrap_or((path, ""));
+    let r = state.routes.0.iter().find(|r| r.prefix() == first)?.clone();
+    let method = req.method().clone();
+    if method != Method::GET && method != Method::HEAD && method != Method::POST {
+        let mut r = status(StatusCode::METHOD_NOT_ALLOWED, "GET, HEAD or POST\n");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+        return Some(r);
+    }
+    let rest = rest.to_string();
+    let peer = peer.to_canonical();
+    let m = method.clone();
+    let reply = match tokio::task::spawn_blocking(move || r.answer(peer, &m, &rest)).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::error!(error = %e, "an HTTP route failed");
+            RouteReply::text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
+        }
+    };
+    let len = reply.body.len();
+    let mut resp = Response::new(FileBody::Full(
+        (method != Method::HEAD).then(|| Bytes::from(reply.body)),
+    ));
+    *resp.status_mut() = reply.status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(reply.content_type),
+    );
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Some(resp)
+}
 
 /// A response body: a small buffer or a stretch of an open file.
 pub enum FileBody {
@@ -194,7 +271,14 @@ fn content_type(path: &str) -> &'static str {
     }
 }
 
-async fn respond(state: &State, req: &Request<Incoming>) -> Response<FileBody> {
+async fn respond(
+    state: &State,
+    peer: std::net::SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<FileBody> {
+    if let Some(r) = route(state, peer.ip(), req).await {
+        return r;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = status(StatusCode::METHOD_NOT_ALLOWED, "read-only server\n");
         r.headers_mut()
@@ -290,6 +374,7 @@ async fn respond(state: &State, req: &Request<Incoming>) -> Response<FileBody> {
 struct State {
     root: PathBuf,
     generated: Generated,
+    routes: Routes,
 }
 
 /// Runs the server on `listener` until `shutdown` completes.
@@ -308,6 +393,7 @@ pub async fn serve(
     let state = Arc::new(State {
         root: cfg.root.clone(),
         generated,
+        routes: cfg.routes,
     });
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let sources = si_proto::persource::PerSource::new(cfg.per_source);
@@ -364,7 +450,7 @@ async fn serve_connection<I>(
         let state = state.clone();
         let d = d.clone();
         async move {
-            let r = respond(&state, &req).await;
+            let r = respond(&state, peer, &req).await;
             let bytes = r.body().size_hint().exact().unwrap_or(0);
             let allow = header_deadline + Duration::from_secs(bytes / min_rate);
             *d.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now() + allow;
@@ -409,6 +495,7 @@ pub fn answer_bytes(root: &std::path::Path, generated: Generated, request: &[u8]
     let state = Arc::new(State {
         root: root.to_path_buf(),
         generated,
+        routes: Routes::default(),
     });
     let (client, server) = tokio::io::duplex(1 << 20);
     rt.block_on(async {

@@ -37,6 +37,18 @@ pub struct AgentConfig {
     #[arg(long)]
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// The master's CA fingerprint the updates pin (default: IDENTITY_DIR/ca.fingerprint).
+    #[arg(long, env = "SI_CA_FINGERPRINT")]
+    #[serde(default)]
+    pub ca_fingerprint: Option<String>,
+    /// Updates fetch over plain TCP (lab use only; logged loudly).
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure: bool,
+    /// This node's key, certificate and pin (default /etc/si).
+    #[arg(long)]
+    #[serde(default)]
+    pub identity_dir: Option<PathBuf>,
 }
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -104,6 +116,9 @@ fn handle(s: TcpStream, cfg: &AgentConfig, token: &str) -> Result<()> {
         verify,
         force,
         dry_run,
+        ca_fingerprint: cfg.ca_fingerprint.clone(),
+        insecure: cfg.insecure,
+        identity_dir: cfg.identity_dir.clone(),
         ..Default::default()
     })
     .and_then(|o| update::update(&o, &mut std::io::sink()));

@@ -54,6 +54,8 @@ pub fn default_update_excludes() -> Vec<String> {
 #[derive(Clone, Debug)]
 pub struct UpdateOptions {
     pub server: String,
+    /// How the master is reached and trusted (TLS pinned to its CA, or `--insecure`).
+    pub trust: si_trust::Connector,
     pub image: String,
     pub version: Option<u32>,
     pub root: PathBuf,
@@ -979,7 +981,7 @@ fn prepare(o: &UpdateOptions) -> Result<Prepared> {
         let dir = sdir.clone();
         std::thread::spawn(move || read_installed_manifest(&dir))
     };
-    let mut client = Client::connect(&o.server, Duration::from_secs(10))?;
+    let mut client = Client::connect(&o.server, Duration::from_secs(10), &o.trust)?;
     timing("connected");
     let has_manifest = sdir.join("installed.manifest").exists();
     let base = inst
@@ -1526,6 +1528,19 @@ pub struct OptionArgs {
     #[arg(long)]
     #[serde(default)]
     pub post_hook: Vec<String>,
+    /// The master's CA fingerprint (`sha256:HEX`, from `si-server ca show`; default: the one
+    /// saved in IDENTITY_DIR/ca.fingerprint).
+    #[arg(long, env = "SI_CA_FINGERPRINT")]
+    #[serde(default)]
+    pub ca_fingerprint: Option<String>,
+    /// Plain TCP to the master, nothing authenticated (lab use only; logged loudly).
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure: bool,
+    /// This node's key, certificate and pin (default /etc/si).
+    #[arg(long)]
+    #[serde(default)]
+    pub identity_dir: Option<PathBuf>,
 }
 
 /// Resolves arguments into options: the image defaults to the installed one; the exclude list
@@ -1554,7 +1569,14 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
         ex.extend(Excludes::from_file(f)?);
     }
     ex.extend(a.exclude.iter().cloned());
+    let trust = crate::pull::TrustArgs {
+        ca_fingerprint: a.ca_fingerprint.clone(),
+        insecure: a.insecure,
+        identity_dir: a.identity_dir.clone(),
+    }
+    .connector()?;
     Ok(UpdateOptions {
+        trust,
         server: a.server,
         image,
         version: a.version,

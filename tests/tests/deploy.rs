@@ -14,6 +14,8 @@ fn si_image(store: &Path) -> Command {
 fn start_server(master: &Netns, store: &Path) -> Proc {
     let p = master
         .cmd(bin("si-server"))
+        .arg("--ca-dir")
+        .arg(&si_tests::test_ca().dir)
         .arg("--store")
         .arg(store)
         .arg("--state-dir")
@@ -30,6 +32,7 @@ fn update(node: &Netns, server: &str, root: &Path, extra: &[&str]) -> std::proce
     let summary = root.with_extension("json");
     let out = node
         .cmd(bin("si-updateclient"))
+        .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
         .args([
             "--server",
             server,
@@ -142,6 +145,7 @@ fn deploy_update_and_resume_across_namespaces() {
     let root1 = t.path().join("node-resume");
     let child = nodes[1]
         .cmd(bin("si-updateclient"))
+        .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
         .args([
             "--server",
             "10.213.2.1",
@@ -248,6 +252,7 @@ fn push_to_eight_nodes_with_one_down() {
         std::fs::create_dir_all(&root).unwrap();
         let p = n
             .cmd(bin("si-agentd"))
+            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
             .args(["--listen", "0.0.0.0:7812", "--master", "10.213.9.1"])
             .arg("--token-file")
             .arg(&token)
@@ -361,8 +366,9 @@ fn push_over_ssh() {
         ))
         .arg("--remote-command")
         .arg(format!(
-            "{} --root {d}/{{node}} --state-dir {d}/{{node}}.state --no-default-excludes",
+            "{} --root {d}/{{node}} --state-dir {d}/{{node}}.state --no-default-excludes --ca-fingerprint {pin}",
             bin("si-updateclient").display(),
+            pin = si_tests::test_ca().pin,
             d = d.display()
         ))
         .arg("--results")

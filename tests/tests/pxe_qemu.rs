@@ -771,7 +771,9 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
     let log = dir.path().join("server.log");
     let store = dir.path().join("store");
     let mut cmd = ns.cmd(bin("si-server"));
-    cmd.arg("--state-dir")
+    cmd.arg("--ca-dir")
+        .arg(&si_tests::test_ca().dir)
+        .arg("--state-dir")
         .arg(&state)
         .arg("--store")
         .arg(&store)
@@ -835,14 +837,19 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
         "install script serves the installer"
     );
     // The installer's last step: report; the node boots its disk from now on.
-    si_tests::run(lab.ns.cmd(bin("si-report")).args([
-        "--server",
-        &format!("{server}:7811"),
-        "--node",
-        "vm1",
-        "--state",
-        "installed",
-    ]))
+    si_tests::run(
+        lab.ns
+            .cmd(bin("si-report"))
+            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+            .args([
+                "--server",
+                &format!("{server}:7811"),
+                "--node",
+                "vm1",
+                "--state",
+                "installed",
+            ]),
+    )
     .unwrap();
     let shown = si("si-node", &["show", "vm1"]);
     assert!(

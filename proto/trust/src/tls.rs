@@ -275,6 +275,16 @@ pub enum Acceptor {
 }
 
 #[cfg(feature = "async")]
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Acceptor::Tls(_) => "Tls",
+            Acceptor::Insecure => "Insecure",
+        })
+    }
+}
+
+#[cfg(feature = "async")]
 impl Acceptor {
     pub fn tls(config: Arc<rustls::ServerConfig>) -> Acceptor {
         Acceptor::Tls(tokio_rustls::TlsAcceptor::from(config))

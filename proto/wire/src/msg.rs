@@ -168,6 +168,8 @@ pub enum Msg {
         info: ImageVersionInfo,
         digest: Digest,
         bytes: u64,
+        /// The master's signature on (image, version, digest): see si-trust's `sign`.
+        signature: Vec<u8>,
     },
     /// Like `GetManifest`, for a node that has `base_version` of `base_image`: the answer is
     /// `ManifestDeltaIs` (or `ManifestIs` when the server no longer has the base).
@@ -184,6 +186,8 @@ pub enum Msg {
         digest: Digest,
         bytes: u64,
         delta_bytes: u64,
+        /// The master's signature on (image, version, digest of the whole manifest).
+        signature: Vec<u8>,
     },
     Want(Vec<Digest>),
     /// Node reports install progress or completion (free text, bounded by the frame).

@@ -16,21 +16,94 @@ use si_store::Store;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeConfig {
     pub max_connections: usize,
+    /// TLS with the master's certificate (the default everywhere), or plain TCP under
+    /// `--insecure`.
+    pub transport: si_trust::Acceptor,
+    /// Signs a version that has no signature yet (the master holds the key; a relay has none
+    /// and serves the signatures it was given).
+    pub signer: Option<Signer>,
 }
 
-impl Default for ServeConfig {
-    fn default() -> Self {
+/// Signs (image, version, manifest digest); the master's is its CA key (si-trust `sign`).
+pub type Signer = Arc<dyn Fn(&str, u32, &si_proto::Digest) -> Result<Vec<u8>> + Send + Sync>;
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("max_connections", &self.max_connections)
+            .field("transport", &self.transport)
+            .field("signer", &self.signer.is_some())
+            .finish()
+    }
+}
+
+/// The digest a version's signature covers: the manifest digest its record holds. Every
+/// signature is made and checked over this one field, so a change in what the digest covers
+/// flows through.
+pub fn manifest_digest(meta: &si_store::VersionMeta) -> Result<si_proto::Digest> {
+    si_proto::Digest::from_hex(&meta.manifest).with_context(|| {
+        format!(
+            "reading the manifest digest of {}@{}",
+            meta.image, meta.version
+        )
+    })
+}
+
+/// The signature on `image@v`: the stored one, else (where this server holds the key) made now
+/// and stored beside the version.
+pub fn version_signature(
+    store: &Store,
+    signer: Option<&Signer>,
+    image: &str,
+    v: u32,
+) -> Result<Vec<u8>> {
+    if let Some(s) = store.signature(image, v)? {
+        return Ok(s);
+    }
+    let Some(sign) = signer else {
+        bail!("{image}@{v} is not signed and this server holds no signing key");
+    };
+    let digest = manifest_digest(&store.meta(image, v)?)?;
+    let sig = sign(image, v, &digest)?;
+    store.write_signature(image, v, &sig)?;
+    tracing::info!(%image, version = v, "signed a version");
+    Ok(sig)
+}
+
+/// Signs every version that has no signature yet (the migration si-server runs at start);
+/// returns how many it signed.
+pub fn sign_unsigned(store: &Store, signer: &Signer) -> Result<usize> {
+    let mut n = 0;
+    for image in store.images()? {
+        for v in store.versions(&image)? {
+            if store.signature(&image, v)?.is_none() {
+                version_signature(store, Some(signer), &image, v)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+impl ServeConfig {
+    /// The default limits over `transport`.
+    pub fn new(transport: si_trust::Acceptor) -> ServeConfig {
         ServeConfig {
             max_connections: 512,
+            transport,
+            signer: None,
         }
     }
 }
+
+/// How long a client has to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Called when a node reports install/update progress or completion.
 /// Its error reaches the node: a report that was not stored is never acknowledged.
@@ -59,6 +132,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
+    if matches!(cfg.transport, si_trust::Acceptor::Insecure) {
+        tracing::warn!("--insecure: the image service accepts plain TCP; anyone who reaches it reads every image");
+    }
+    let transport = cfg.transport.clone();
+    let signer = cfg.signer.clone();
     let cache = Arc::new(ManifestCache::default());
     let objects: Arc<dyn ObjectFinder> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
@@ -77,17 +155,29 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         let (sock, peer) = tokio::select! {
-            r = listener.accept() => r.context("accepting a connection")?,
+            r = listener.accept() => {
+                let (s, p) = r.context("accepting a connection")?;
+                s.set_nodelay(true).ok();
+                (s, p)
+            }
             _ = &mut shutdown => return Ok(()),
         };
         let store = store.clone();
         let objects = objects.clone();
         let cache = cache.clone();
         let report = report.clone();
+        let transport = transport.clone();
+        let signer = signer.clone();
         match sem.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
-                    if let Err(e) = handle(sock, peer, store, objects, cache, report).await {
+                    let res = match transport.accept(sock, TLS_HANDSHAKE_TIMEOUT).await {
+                        Ok((sock, _who)) => {
+                            handle(sock, peer, store, objects, cache, report, signer).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = res {
                         tracing::warn!(%peer, error = format!("{e:#}"), "session failed");
                     }
                     drop(permit);
@@ -95,7 +185,11 @@ pub async fn run(
             }
             Err(_) => {
                 tokio::spawn(async move {
-                    let mut sock = sock;
+                    // The refusal travels inside TLS: that is what the client speaks.
+                    let Ok((mut sock, _)) = transport.accept(sock, TLS_HANDSHAKE_TIMEOUT).await
+                    else {
+                        return;
+                    };
                     if let Err(e) = handshake::refuse_busy_async(&mut sock).await {
                         tracing::debug!(%peer, error = %e, "telling a client we are busy");
                     }
@@ -121,6 +215,7 @@ fn info(store: &Store, image: &str, v: u32) -> Result<ImageVersionInfo> {
 fn manifest_reply(
     store: &Store,
     cache: &ManifestCache,
+    signer: Option<&Signer>,
     image: &str,
     version: Option<u32>,
     base: Option<(String, u32)>,
@@ -128,6 +223,7 @@ fn manifest_reply(
     let v = store.resolve(image, version)?;
     let target = cache.stored(store, image, v)?;
     let info = info(store, image, v)?;
+    let signature = version_signature(store, signer, image, v)?;
     let (digest, len) = (target.digest, target.len);
     if let Some(Ok(base)) = base.map(|(bi, bv)| cache.stored(store, &bi, bv)) {
         let delta = cache.delta(&base, &target)?;
@@ -136,6 +232,7 @@ fn manifest_reply(
             digest,
             bytes: len,
             delta_bytes: delta.len() as u64,
+            signature,
         };
         return Ok((head, delta));
     }
@@ -144,6 +241,7 @@ fn manifest_reply(
             info,
             digest,
             bytes: len,
+            signature,
         },
         Arc::new(target.bytes()?),
     ))
@@ -182,14 +280,14 @@ fn read_group(
 }
 
 async fn handle(
-    sock: TcpStream,
+    sock: si_trust::ServerStream,
     peer: SocketAddr,
     store: Arc<Store>,
     objects: Arc<dyn ObjectFinder>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
+    signer: Option<Signer>,
 ) -> Result<()> {
-    sock.set_nodelay(true).ok();
     let mut sock = sock;
     let policy = Policy {
         roles: vec![Role::Deploy],
@@ -239,9 +337,9 @@ async fn handle(
                     Msg::GetManifest { image, version } => (image, version, None),
                     _ => unreachable!("matched above"),
                 };
-                let (st, c) = (store.clone(), cache.clone());
+                let (st, c, sg) = (store.clone(), cache.clone(), signer.clone());
                 let got = tokio::task::spawn_blocking(move || {
-                    manifest_reply(&st, &c, &image, version, base)
+                    manifest_reply(&st, &c, sg.as_ref(), &image, version, base)
                 })
                 .await?;
                 match got {
@@ -346,6 +444,10 @@ mod tests {
     use super::*;
     use si_proto::manifest::{Entry, Kind, Manifest};
 
+    fn test_signer() -> Signer {
+        Arc::new(|_: &str, _: u32, d: &si_proto::Digest| Ok(d.0.to_vec()))
+    }
+
     /// The bound holds whatever a Want asks for: a group stops once its bytes reach the
     /// budget, and the groups together cover the request in order.
     #[test]
@@ -415,17 +517,31 @@ mod tests {
         .unwrap();
         let cache = ManifestCache::default();
         // The control: a real base gets a delta.
-        let (head, _) =
-            manifest_reply(&store, &cache, "img", None, Some(("img".into(), 1))).unwrap();
+        let (head, _) = manifest_reply(
+            &store,
+            &cache,
+            Some(&test_signer()),
+            "img",
+            None,
+            Some(("img".into(), 1)),
+        )
+        .unwrap();
         assert!(matches!(head, Msg::ManifestDeltaIs { .. }), "{head:?}");
         let abs = t.path().join("planted").to_str().unwrap().to_string();
         for bad in ["../../planted".to_string(), abs, "a/b".into(), "".into()] {
-            let (head, data) =
-                manifest_reply(&store, &cache, "img", None, Some((bad.clone(), 1))).unwrap();
+            let (head, data) = manifest_reply(
+                &store,
+                &cache,
+                Some(&test_signer()),
+                "img",
+                None,
+                Some((bad.clone(), 1)),
+            )
+            .unwrap();
             assert!(matches!(head, Msg::ManifestIs { .. }), "{bad:?}: {head:?}");
             assert_eq!(*data, store.manifest_bytes("img", 1).unwrap());
         }
         // The image asked for is checked the same way.
-        assert!(manifest_reply(&store, &cache, "../../planted", Some(1), None).is_err());
+        assert!(manifest_reply(&store, &cache, None, "../../planted", Some(1), None).is_err());
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod enroll;
 mod leasebook;
 pub mod model;
 pub mod ranges;

@@ -42,7 +42,7 @@ pub struct TrustArgs {
 /// Where a node keeps its identity and its pin when none is given.
 pub const DEFAULT_IDENTITY_DIR: &str = "/etc/si";
 /// The file in the identity directory that holds the pinned fingerprint.
-pub const PIN_FILE: &str = "ca.fingerprint";
+pub const PIN_FILE: &str = si_trust::identity::PIN_FILE;
 
 impl TrustArgs {
     /// The connector these options describe: TLS pinned to the given (or saved) fingerprint,

@@ -226,6 +226,27 @@ impl Authority {
             .to_vec())
     }
 
+    /// The one-time enrollment token of `node` for the enrollment the inventory recorded
+    /// (its nonce and expiry): HMAC-SHA256 under a key derived from the CA key, 128 bits in
+    /// hex. The inventory keeps only the nonce, so reading it yields no token; the master
+    /// computes the token for the node's boot script and again to check it.
+    pub fn enrollment_token(&self, node: &str, nonce: &str, expires: i64) -> String {
+        let mut seed = b"si-enrollment-token-v1\0".to_vec();
+        seed.extend_from_slice(self.ca_key.serialized_der());
+        let key_bytes = ring::digest::digest(&ring::digest::SHA256, &seed);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key_bytes.as_ref());
+        let mut m = Vec::new();
+        for part in [
+            node.as_bytes(),
+            nonce.as_bytes(),
+            expires.to_string().as_bytes(),
+        ] {
+            m.extend_from_slice(part);
+            m.push(0);
+        }
+        hex::encode(&ring::hmac::sign(&key, &m).as_ref()[..16])
+    }
+
     fn roots(&self) -> Result<Arc<RootCertStore>> {
         let mut roots = RootCertStore::empty();
         roots

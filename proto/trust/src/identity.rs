@@ -88,6 +88,8 @@ impl std::fmt::Debug for NodeIdentity {
 pub const KEY_FILE: &str = "node.key";
 pub const CERT_FILE: &str = "node.crt";
 pub const CA_FILE: &str = "ca.crt";
+/// The pinned fingerprint, as node clients read it when none is given.
+pub const PIN_FILE: &str = "ca.fingerprint";
 
 impl NodeIdentity {
     /// A fresh key pair for `name` (the certificate comes from enrollment).
@@ -136,6 +138,8 @@ impl NodeIdentity {
         files::write_private(&dir.join(KEY_FILE), &self.key)?;
         files::write_file(&dir.join(CERT_FILE), self.cert(), 0o644)?;
         files::write_file(&dir.join(CA_FILE), self.ca(), 0o644)?;
+        let pin = format!("{}\n", crate::Fingerprint::of(self.ca()));
+        files::write_file(&dir.join(PIN_FILE), pin.as_bytes(), 0o644)?;
         Ok(())
     }
 

@@ -18,6 +18,7 @@
 //!   ([`sign::version_message`], domain-separated from certificate signatures), so a node that
 //!   pinned the CA verifies a version without a second pin.
 
+pub mod enroll;
 pub mod files;
 mod fingerprint;
 pub mod identity;

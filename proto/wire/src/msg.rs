@@ -197,6 +197,20 @@ pub enum Msg {
         detail: String,
     },
     Ok,
+    /// An installer asks for its node certificate: the one-time token from its boot script,
+    /// the MAC it booted from, its SMBIOS UUID, and the public key it made (SubjectPublicKeyInfo
+    /// DER). Answered by `Enrolled` or an error; the token is spent either way it succeeds.
+    Enroll {
+        node: String,
+        token: String,
+        mac: String,
+        uuid: String,
+        public_key: Vec<u8>,
+    },
+    /// The node's certificate, then the CA's (DER).
+    Enrolled {
+        chain: Vec<Vec<u8>>,
+    },
 
     // push (master connects to a node's si-agentd)
     /// Move the node to a version, pulling from `server` (an si-server address).
@@ -242,6 +256,8 @@ impl Msg {
             Msg::Want { .. } => "Want",
             Msg::Report { .. } => "Report",
             Msg::Ok => "Ok",
+            Msg::Enroll { .. } => "Enroll",
+            Msg::Enrolled { .. } => "Enrolled",
             Msg::PushUpdate { .. } => "PushUpdate",
             Msg::PushDone { .. } => "PushDone",
         }

@@ -419,10 +419,20 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         Arc::new(move |image: &str, v: u32, d: &si_proto::Digest| ca.sign_version(image, v, d))
     };
     migrate_signatures(&store, &ca, &signer)?;
+    // Under --insecure nobody is authenticated, so nothing can be authorised per node.
+    let gate: Arc<dyn serve::Gate> = if a.insecure {
+        Arc::new(serve::Open)
+    } else {
+        Arc::new(crate::gate::InventoryGate {
+            inv: inv.clone(),
+            ca: ca.clone(),
+        })
+    };
     let scfg = serve::ServeConfig {
         max_connections: a.max_connections,
         transport,
         signer: Some(signer),
+        gate,
     };
     tasks.spawn(serve::run(listener, store, scfg, Some(hook), stopped()));
 

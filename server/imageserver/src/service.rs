@@ -28,6 +28,60 @@ pub struct ServeConfig {
     /// Signs a version that has no signature yet (the master holds the key; a relay has none
     /// and serves the signatures it was given).
     pub signer: Option<Signer>,
+    /// Who may do what, asked at every request.
+    pub gate: Arc<dyn Gate>,
+}
+
+/// Who is asking, as the session established it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub addr: SocketAddr,
+    /// The identity its certificate names (None: no certificate, or `--insecure`).
+    pub peer: Option<si_trust::Peer>,
+    /// The fingerprint of the certificate it presented.
+    pub cert: Option<si_trust::Fingerprint>,
+}
+
+/// What each caller may do. Asked at every request, so a revocation takes effect on an open
+/// session's next request. An `Err` is the refusal the caller is told (and the session ends).
+pub trait Gate: Send + Sync + 'static {
+    /// Manifests of `image` (and whether the image shows in a listing).
+    fn may_read_image(&self, c: &Caller, image: &str) -> Result<()>;
+    /// Objects (content-addressed: a caller learns digests from the manifests it may read).
+    fn may_fetch_objects(&self, c: &Caller) -> Result<()>;
+    /// A report about `node`.
+    fn may_report(&self, c: &Caller, node: &str) -> Result<()>;
+    /// Enrollment: the node certificate chain for the key, or the refusal.
+    fn enroll(&self, c: &Caller, req: &EnrollRequest) -> Result<Vec<Vec<u8>>>;
+}
+
+/// An `Enroll` request as it arrived.
+#[derive(Clone, Debug)]
+pub struct EnrollRequest {
+    pub node: String,
+    pub token: String,
+    pub mac: String,
+    pub uuid: String,
+    pub public_key: Vec<u8>,
+}
+
+/// Everyone may read and report; nobody enrolls. For `--insecure` labs and tests of other
+/// concerns: it authorises nothing, so the master never runs TLS with it.
+pub struct Open;
+
+impl Gate for Open {
+    fn may_read_image(&self, _: &Caller, _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn may_fetch_objects(&self, _: &Caller) -> Result<()> {
+        Ok(())
+    }
+    fn may_report(&self, _: &Caller, _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn enroll(&self, _: &Caller, _: &EnrollRequest) -> Result<Vec<Vec<u8>>> {
+        bail!("this server does not enroll nodes")
+    }
 }
 
 /// Signs (image, version, manifest digest); the master's is its CA key (si-trust `sign`).
@@ -39,6 +93,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_connections", &self.max_connections)
             .field("transport", &self.transport)
             .field("signer", &self.signer.is_some())
+            .field("gate", &"..")
             .finish()
     }
 }
@@ -98,6 +153,7 @@ impl ServeConfig {
             max_connections: 512,
             transport,
             signer: None,
+            gate: Arc::new(Open),
         }
     }
 }
@@ -137,6 +193,7 @@ pub async fn run(
     }
     let transport = cfg.transport.clone();
     let signer = cfg.signer.clone();
+    let gate = cfg.gate.clone();
     let cache = Arc::new(ManifestCache::default());
     let objects: Arc<dyn ObjectFinder> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
@@ -168,12 +225,27 @@ pub async fn run(
         let report = report.clone();
         let transport = transport.clone();
         let signer = signer.clone();
+        let gate = gate.clone();
         match sem.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
                     let res = match transport.accept(sock, TLS_HANDSHAKE_TIMEOUT).await {
-                        Ok((sock, _who)) => {
-                            handle(sock, peer, store, objects, cache, report, signer).await
+                        Ok((sock, who)) => {
+                            let caller = Caller {
+                                addr: peer,
+                                peer: who,
+                                cert: si_trust::tls::peer_cert_fingerprint(&sock),
+                            };
+                            let ctx = Session {
+                                store,
+                                objects,
+                                cache,
+                                report,
+                                signer,
+                                gate,
+                                caller,
+                            };
+                            handle(sock, ctx).await
                         }
                         Err(e) => Err(e),
                     };
@@ -279,15 +351,56 @@ fn read_group(
     (Ok(out), want.len())
 }
 
-async fn handle(
-    sock: si_trust::ServerStream,
-    peer: SocketAddr,
+/// What one session works with.
+struct Session {
     store: Arc<Store>,
     objects: Arc<dyn ObjectFinder>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
     signer: Option<Signer>,
+    gate: Arc<dyn Gate>,
+    caller: Caller,
+}
+
+/// Asks the gate (blocking: it reads the inventory); a refusal is logged with who asked.
+async fn allowed(
+    gate: &Arc<dyn Gate>,
+    caller: &Caller,
+    what: &'static str,
+    f: impl FnOnce(&dyn Gate, &Caller) -> Result<()> + Send + 'static,
 ) -> Result<()> {
+    let (g, c) = (gate.clone(), caller.clone());
+    let r = tokio::task::spawn_blocking(move || f(&*g, &c)).await?;
+    if let Err(e) = &r {
+        tracing::warn!(peer = %caller.addr, who = ?caller.peer, what, error = format!("{e:#}"), "request refused");
+    }
+    r
+}
+
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, e: anyhow::Error) -> Result<()> {
+    write_msg_async(
+        w,
+        &Msg::Error {
+            kind: ErrorKind::Refused,
+            message: format!("{e:#}"),
+        },
+    )
+    .await?;
+    w.flush().await?;
+    bail!("refused: {e:#}")
+}
+
+async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
+    let Session {
+        store,
+        objects,
+        cache,
+        report,
+        signer,
+        gate,
+        caller,
+    } = ctx;
+    let peer = caller.addr;
     let mut sock = sock;
     let policy = Policy {
         roles: vec![Role::Deploy],
@@ -312,9 +425,14 @@ async fn handle(
             Msg::Bye => return Ok(()),
             Msg::ListImages => {
                 let st = store.clone();
+                let (g, c) = (gate.clone(), caller.clone());
                 let list = tokio::task::spawn_blocking(move || -> Result<Vec<ImageVersionInfo>> {
                     let mut out = Vec::new();
                     for n in st.images()? {
+                        // A caller sees only the images it may read.
+                        if g.may_read_image(&c, &n).is_err() {
+                            continue;
+                        }
                         for v in st.versions(&n)? {
                             out.push(info(&st, &n, v)?);
                         }
@@ -337,6 +455,14 @@ async fn handle(
                     Msg::GetManifest { image, version } => (image, version, None),
                     _ => unreachable!("matched above"),
                 };
+                let img = image.clone();
+                if let Err(e) = allowed(&gate, &caller, "manifest", move |g, c| {
+                    g.may_read_image(c, &img)
+                })
+                .await
+                {
+                    return refuse(&mut w, e).await;
+                }
                 let (st, c, sg) = (store.clone(), cache.clone(), signer.clone());
                 let got = tokio::task::spawn_blocking(move || {
                     manifest_reply(&st, &c, sg.as_ref(), &image, version, base)
@@ -362,6 +488,11 @@ async fn handle(
             Msg::Want(ds) => {
                 if ds.len() > msg::MAX_WANT {
                     bail!("Want of {} digests exceeds {}", ds.len(), msg::MAX_WANT);
+                }
+                if let Err(e) =
+                    allowed(&gate, &caller, "objects", |g, c| g.may_fetch_objects(c)).await
+                {
+                    return refuse(&mut w, e).await;
                 }
                 let mut rest = &ds[..];
                 while !rest.is_empty() {
@@ -406,6 +537,12 @@ async fn handle(
                 state,
                 detail,
             } => {
+                let n = node.clone();
+                if let Err(e) =
+                    allowed(&gate, &caller, "report", move |g, c| g.may_report(c, &n)).await
+                {
+                    return refuse(&mut w, e).await;
+                }
                 tracing::info!(%peer, %node, %state, %detail, "node report");
                 if let Some(h) = &report {
                     if let Err(e) = h(&node, &state, &detail) {
@@ -420,6 +557,29 @@ async fn handle(
                     }
                 }
                 write_msg_async(&mut w, &Msg::Ok).await.map_err(Into::into)
+            }
+            Msg::Enroll {
+                node,
+                token,
+                mac,
+                uuid,
+                public_key,
+            } => {
+                let req = EnrollRequest {
+                    node,
+                    token,
+                    mac,
+                    uuid,
+                    public_key,
+                };
+                let (g, c) = (gate.clone(), caller.clone());
+                let got = tokio::task::spawn_blocking(move || g.enroll(&c, &req)).await?;
+                match got {
+                    Ok(chain) => write_msg_async(&mut w, &Msg::Enrolled { chain })
+                        .await
+                        .map_err(Into::into),
+                    Err(e) => return refuse(&mut w, e).await,
+                }
             }
             other => {
                 write_msg_async(

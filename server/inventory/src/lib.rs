@@ -424,7 +424,10 @@ impl Inventory {
             )
             .context("setting the boot action")?;
             history(tx, actor, &format!("node/{name}"), "boot", &format!("boot: {} -> install", old.boot))
-        })
+        })?;
+        // Arming an install opens the node's one-time enrollment.
+        self.arm_enrollment(name, enroll::DEFAULT_WINDOW_SECS)?;
+        Ok(())
     }
 
     /// Records an event about a node that changes nothing in the inventory (a power action,

@@ -1576,7 +1576,7 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
     }
     .connector()?;
     Ok(UpdateOptions {
-        trust,
+        trust: trust.clone(),
         server: a.server,
         image,
         version: a.version,
@@ -1587,7 +1587,11 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
         verify: a.verify,
         force: a.force,
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        node: si_tree::fsutil::hostname(),
+        // Enrolled, a node reports under the name its certificate carries.
+        node: trust
+            .node()
+            .map(str::to_string)
+            .unwrap_or_else(si_tree::fsutil::hostname),
         pre_hooks: a.pre_hook,
         post_hooks: a.post_hook,
     })

@@ -129,6 +129,8 @@ pub enum Connector {
         pin: Fingerprint,
         /// The name the server's certificate must carry (`master.si` for the master).
         name: String,
+        /// The node this client presents itself as, when it has an identity.
+        node: Option<String>,
     },
     Insecure,
 }
@@ -149,6 +151,7 @@ impl Connector {
             config: client_config(pin, identity)?,
             pin,
             name: crate::MASTER_NAME.to_string(),
+            node: identity.map(|i| i.name.clone()),
         })
     }
 
@@ -191,6 +194,14 @@ impl Connector {
                     conn, tcp,
                 ))))
             }
+        }
+    }
+
+    /// The node name of the identity presented, if any.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Connector::Tls { node, .. } => node.as_deref(),
+            Connector::Insecure => None,
         }
     }
 

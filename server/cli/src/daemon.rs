@@ -104,6 +104,9 @@ pub enum CaCmd {
     /// Print the CA fingerprint clients pin (`--ca-fingerprint`), and where the CA lives
     /// (made now if it does not exist yet).
     Show,
+    /// Print the one-time enrollment token of a node whose install is armed (a secret: for
+    /// installs by hand and tests; nodes get theirs on their boot script).
+    Token { node: String },
 }
 
 impl DaemonArgs {
@@ -160,6 +163,21 @@ fn migrate_signatures(
         tracing::info!(signed, resigned, "signed the store's versions");
     }
     Ok(())
+}
+
+/// `si-server ca token NODE`.
+pub fn ca_token(a: &DaemonArgs, node: &str) -> Result<()> {
+    let ca = a.authority()?;
+    let inv = Inventory::open_state_dir(&a.state_dir)?;
+    match crate::gate::enrollment_token(&inv, &ca, node)? {
+        Some(t) => {
+            println!("{t}");
+            Ok(())
+        }
+        None => bail!(
+            "no open enrollment for {node}: arm an install (si-node set {node} --boot install)"
+        ),
+    }
 }
 
 /// `si-server ca show`.

@@ -176,7 +176,7 @@ impl Inventory {
                 return refuse(Refusal::Expired);
             }
             let mac_n = mac.to_ascii_lowercase().replace('-', ":");
-            if !n.macs.iter().any(|m| *m == mac_n) {
+            if !n.macs.contains(&mac_n) {
                 return refuse(Refusal::WrongMac);
             }
             if let Some(u) = &e.uuid {

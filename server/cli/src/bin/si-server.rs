@@ -9,6 +9,9 @@ async fn main() -> anyhow::Result<()> {
         Some(si_server::daemon::ServerCmd::Ca(si_server::daemon::CaCmd::Show)) => {
             si_server::daemon::ca_show(&a)
         }
+        Some(si_server::daemon::ServerCmd::Ca(si_server::daemon::CaCmd::Token { node })) => {
+            si_server::daemon::ca_token(&a, node)
+        }
         None => si_server::daemon::run(a).await,
     }
 }

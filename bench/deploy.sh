@@ -9,6 +9,8 @@
 #   --repeat   run every scenario N times and print medians (default 1)
 #   --workdir  where the trees and stores go (default /var/tmp)
 #   --rate     link rate for tc (default 1gbit)
+#   --insecure si without TLS (plain TCP on both sides); the default is TLS with the CA pinned.
+#              Run both ways to compare: TLS should cost at most 10 % in wall and node CPU.
 #   --quick    only the disk deploy (once) and the update scenario (the update runs --repeat times,
 #              each rep a new version with other files changed)
 #
@@ -27,6 +29,7 @@ workbase=/var/tmp
 rate=1gbit
 keep=0
 quick=0
+insecure=0
 bindir=$repo/target/release
 while [ $# -gt 0 ]; do
     case $1 in
@@ -35,7 +38,8 @@ while [ $# -gt 0 ]; do
     --rate) rate=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --quick) quick=1; shift ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    --insecure) insecure=1; shift ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) echo "$0: unknown option $1" >&2; exit 2 ;;
     *) bindir=$1; shift ;;
     esac
@@ -95,7 +99,15 @@ store=$work/store
 "$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
 
 # The master's services.
-/usr/bin/time -f '%e %U %S %M' -o "$work/t.server" ip netns exec "$ns_m" "$bindir/si-server" --store "$store" --state-dir "$work/state" --listen 0.0.0.0:7811 2>"$work/server.log" &
+if [ "$insecure" = 1 ]; then
+    tls_server=(--insecure); tls_client=(--insecure)
+    log "TLS off (--insecure on both sides)"
+else
+    pin=$("$bindir/si-server" --state-dir "$work/state" ca show | sed -n 's/^fingerprint: *//p')
+    tls_server=(); tls_client=(--ca-fingerprint "$pin")
+    log "TLS on, CA $pin"
+fi
+/usr/bin/time -f '%e %U %S %M' -o "$work/t.server" ip netns exec "$ns_m" "$bindir/si-server" --store "$store" --state-dir "$work/state" --listen 0.0.0.0:7811 "${tls_server[@]}" 2>"$work/server.log" &
 pids+=($!)
 cat >"$work/rsyncd.conf" <<CONF
 port = 873
@@ -123,7 +135,7 @@ si_pull() { # rep scenario dest [extra...]
     before=$(ncpu "$ns_m")
     /usr/bin/time -f '%e %U %S %M' -o "$work/t.si" ip netns exec "$ns_n" "$bindir/si-updateclient" \
         --server $M --image bench --root "$dest" --state-dir "$dest.state" --no-default-excludes \
-        --summary-json "$work/si.json" "$@" >/dev/null 2>"$work/si.log" || { cat "$work/si.log" >&2; return 1; }
+        --summary-json "$work/si.json" "${tls_client[@]}" "$@" >/dev/null 2>"$work/si.log" || { cat "$work/si.log" >&2; return 1; }
     after=$(ncpu "$ns_m")
     read -r wall u s rss <"$work/t.si"
     wire=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["wire_bytes"])' "$work/si.json")

@@ -37,15 +37,41 @@ pub struct AgentConfig {
     #[arg(long)]
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// The master's CA fingerprint the updates pin (default: IDENTITY_DIR/ca.fingerprint).
+    #[arg(long, env = "SI_CA_FINGERPRINT")]
+    #[serde(default)]
+    pub ca_fingerprint: Option<String>,
+    /// Updates fetch over plain TCP (lab use only; logged loudly).
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure: bool,
+    /// This node's key, certificate and pin (default /etc/si).
+    #[arg(long)]
+    #[serde(default)]
+    pub identity_dir: Option<PathBuf>,
 }
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// Connections served at once (updates run one at a time anyway; the rest wait or are told).
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves pushes forever (one thread per connection; updates run one at a time).
 pub fn serve(cfg: AgentConfig) -> Result<()> {
-    let token = std::fs::read_to_string(&cfg.token_file)
-        .with_context(|| format!("reading {}", cfg.token_file.display()))?;
+    // The token file must be private (0600, no group or other bits) and not empty: an empty
+    // token would accept an empty token.
+    let token = si_trust::files::read_private(&cfg.token_file)
+        .with_context(|| format!("reading the push token {}", cfg.token_file.display()))?;
+    let token = String::from_utf8(token)
+        .with_context(|| format!("{} is not text", cfg.token_file.display()))?;
+    if token.trim().is_empty() {
+        bail!(
+            "{} is empty: refusing to accept an empty token",
+            cfg.token_file.display()
+        );
+    }
     let token: std::sync::Arc<str> = token.trim().into();
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let l =
         TcpListener::bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
     tracing::info!(listen = %l.local_addr()?, "si-agentd listening");
@@ -58,12 +84,19 @@ pub fn serve(cfg: AgentConfig) -> Result<()> {
                 continue;
             }
         };
-        let (cfg, token) = (cfg.clone(), token.clone());
+        // At most MAX_CONNECTIONS threads: one past the cap is closed at once.
+        if open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            tracing::warn!(peer = ?s.peer_addr().ok(), "too many connections; closing this one");
+            continue;
+        }
+        let (cfg, token, open) = (cfg.clone(), token.clone(), open.clone());
         std::thread::spawn(move || {
             let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
             if let Err(e) = handle(s, &cfg, &token) {
                 tracing::warn!(%peer, error = format!("{e:#}"), "push failed");
             }
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
     Ok(())
@@ -104,6 +137,9 @@ fn handle(s: TcpStream, cfg: &AgentConfig, token: &str) -> Result<()> {
         verify,
         force,
         dry_run,
+        ca_fingerprint: cfg.ca_fingerprint.clone(),
+        insecure: cfg.insecure,
+        identity_dir: cfg.identity_dir.clone(),
         ..Default::default()
     })
     .and_then(|o| update::update(&o, &mut std::io::sink()));
@@ -123,4 +159,39 @@ fn handle(s: TcpStream, cfg: &AgentConfig, token: &str) -> Result<()> {
     write_msg(&mut conn, &done)?;
     conn.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn cfg(token_file: PathBuf) -> AgentConfig {
+        AgentConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            master: vec![],
+            token_file,
+            root: "/nonexistent".into(),
+            state_dir: None,
+            ca_fingerprint: None,
+            insecure: false,
+            identity_dir: None,
+        }
+    }
+
+    /// An empty token file would accept an empty token, and a token others can read is no
+    /// secret: the agent refuses to start with either.
+    #[test]
+    fn empty_or_readable_token_files_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("agent.token");
+        std::fs::write(&p, "\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = format!("{:#}", serve(cfg(p.clone())).unwrap_err());
+        assert!(e.contains("empty"), "{e}");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = format!("{:#}", serve(cfg(p)).unwrap_err());
+        assert!(e.contains("group or others"), "{e}");
+    }
 }

@@ -7,8 +7,10 @@ use si_proto::manifest::Manifest;
 use si_proto::msg::{ImageVersionInfo, Msg, Role};
 use si_proto::stream::{BufStream, Counted, Traffic};
 use si_proto::Digest;
+use si_trust::{ClientStream, Connector, Fingerprint};
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How long a node keeps retrying a server that answers Busy or cannot be reached (an installer
@@ -21,13 +23,73 @@ const IN_FLIGHT: usize = 2;
 
 pub use si_tree::codec::verify;
 
+/// How a node client trusts the master: the CA fingerprint it pins, or `--insecure`; and the
+/// node identity it presents once enrolled. Flattened into every node command line.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TrustArgs {
+    /// The master's CA fingerprint (`sha256:HEX`, as `si-server ca show` prints it); default:
+    /// the one in IDENTITY_DIR/ca.fingerprint.
+    #[arg(long, env = "SI_CA_FINGERPRINT")]
+    pub ca_fingerprint: Option<String>,
+    /// Plain TCP to the master: nothing authenticated or encrypted (lab use only; logged loudly).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Where this node's key, certificate and pinned CA live (default /etc/si).
+    #[arg(long)]
+    pub identity_dir: Option<PathBuf>,
+}
+
+/// Where a node keeps its identity and its pin when none is given.
+pub const DEFAULT_IDENTITY_DIR: &str = "/etc/si";
+/// The file in the identity directory that holds the pinned fingerprint.
+pub const PIN_FILE: &str = si_trust::identity::PIN_FILE;
+
+impl TrustArgs {
+    /// The connector these options describe: TLS pinned to the given (or saved) fingerprint,
+    /// presenting the node's identity when it has one; plain TCP under `--insecure`.
+    pub fn connector(&self) -> Result<Connector> {
+        let dir = self
+            .identity_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_IDENTITY_DIR));
+        if self.insecure {
+            return Connector::from_options(None, true, None);
+        }
+        let pin = match &self.ca_fingerprint {
+            Some(f) => Some(
+                f.parse::<Fingerprint>()
+                    .context("reading --ca-fingerprint")?,
+            ),
+            None => read_pin(&dir)?,
+        };
+        Connector::from_options(pin, false, Some(&dir))
+    }
+}
+
+/// The fingerprint saved in `dir/ca.fingerprint`, if there is one.
+pub fn read_pin(dir: &Path) -> Result<Option<Fingerprint>> {
+    let p = dir.join(PIN_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(s) => {
+            Ok(Some(s.parse().with_context(|| {
+                format!("reading the pin in {}", p.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
 pub struct Client {
-    conn: BufStream<Counted<TcpStream>>,
+    conn: BufStream<Counted<ClientStream>>,
     traffic: Traffic,
+    /// The pinned CA certificate as the server sent it (None under `--insecure`): the key that
+    /// signs versions.
+    ca: Option<Vec<u8>>,
 }
 
 impl Client {
-    pub fn connect(server: &str, timeout: Duration) -> Result<Client> {
+    pub fn connect(server: &str, timeout: Duration, trust: &Connector) -> Result<Client> {
         let server = if server.contains(':') {
             server.to_string()
         } else {
@@ -45,7 +107,7 @@ impl Client {
         // A server at its connection cap answers Busy: wait and retry (see si_proto::handshake).
         handshake::retry(
             Backoff::new(BUSY_PATIENCE),
-            || Client::open(&addr, timeout, &creds),
+            || Client::open(&addr, timeout, &creds, trust),
             |e, d| tracing::warn!(server = %addr, error = %e, retry_in = ?d, "server busy or unreachable; retrying"),
         )
         .with_context(|| format!("opening a session with {addr}"))
@@ -55,17 +117,58 @@ impl Client {
         addr: &std::net::SocketAddr,
         timeout: Duration,
         creds: &Credentials,
+        trust: &Connector,
     ) -> Result<Client, PeerError> {
         let io = |e: std::io::Error| PeerError::Frame(si_proto::frame::FrameError::Io(e));
         let s = TcpStream::connect_timeout(addr, timeout).map_err(io)?;
         s.set_nodelay(true).ok();
         s.set_read_timeout(Some(Duration::from_secs(120)))
             .map_err(io)?;
+        let mut s = trust
+            .wrap(s)
+            .map_err(|e| PeerError::Protocol(format!("{e:#}")))?;
+        // A wrong CA or a refused certificate fails here, permanently (not retried).
+        s.handshake()
+            .map_err(|e| PeerError::Protocol(format!("TLS handshake with {addr}: {e}")))?;
+        let ca = trust.pin().and_then(|p| s.pinned_ca(&p));
         let counted = Counted::new(s);
         let traffic = counted.traffic();
         let mut conn = BufStream::with_capacities(1 << 20, 64 << 10, counted);
         handshake::connect(&mut conn, Role::Deploy, creds)?;
-        Ok(Client { conn, traffic })
+        Ok(Client { conn, traffic, ca })
+    }
+
+    /// Checks that an answer is the version asked for and carries the master's signature on
+    /// its manifest digest, before any of it is used (the bytes are then checked against the
+    /// digest). Under `--insecure` there is no pinned key: the check is skipped, loudly.
+    fn check_signed(
+        &self,
+        image: &str,
+        version: Option<u32>,
+        info: &ImageVersionInfo,
+        digest: &Digest,
+        signature: &[u8],
+    ) -> Result<()> {
+        if info.image != image || version.is_some_and(|v| v != info.version) {
+            bail!(
+                "asked for {image}@{}, the server answered with {}@{}",
+                version.map_or("newest".into(), |v| v.to_string()),
+                info.image,
+                info.version
+            );
+        }
+        match &self.ca {
+            Some(ca) => si_trust::sign::verify_version(ca, image, info.version, digest, signature),
+            None => {
+                tracing::warn!(%image, version = info.version, "--insecure: the version's signature is not checked");
+                Ok(())
+            }
+        }
+    }
+
+    /// The pinned CA certificate the server presented (None under `--insecure`).
+    pub fn ca(&self) -> Option<&[u8]> {
+        self.ca.as_deref()
     }
 
     /// Bytes received from the server so far.
@@ -101,7 +204,11 @@ impl Client {
                 info,
                 digest,
                 bytes,
-            } => (info, digest, bytes),
+                signature,
+            } => {
+                self.check_signed(image, version, &info, &digest, &signature)?;
+                (info, digest, bytes)
+            }
             m => bail!("unexpected answer: {m:?}"),
         };
         if bytes > si_proto::manifest::MAX_MANIFEST_BYTES {
@@ -164,7 +271,9 @@ impl Client {
                 digest,
                 bytes,
                 delta_bytes,
+                signature,
             } => {
+                self.check_signed(image, version, &info, &digest, &signature)?;
                 let data = self.recv_bytes(delta_bytes)?;
                 let delta = si_proto::manifest::Delta::decode(&data)?;
                 Ok(ManifestAnswer::Delta {
@@ -178,7 +287,9 @@ impl Client {
                 info,
                 digest,
                 bytes,
+                signature,
             } => {
+                self.check_signed(image, version, &info, &digest, &signature)?;
                 let data = self.recv_bytes(bytes)?;
                 if Digest::of(&data) != digest {
                     bail!("manifest of {image} arrived corrupt");

@@ -54,6 +54,8 @@ pub fn default_update_excludes() -> Vec<String> {
 #[derive(Clone, Debug)]
 pub struct UpdateOptions {
     pub server: String,
+    /// How the master is reached and trusted (TLS pinned to its CA, or `--insecure`).
+    pub trust: si_trust::Connector,
     pub image: String,
     pub version: Option<u32>,
     pub root: PathBuf,
@@ -979,7 +981,7 @@ fn prepare(o: &UpdateOptions) -> Result<Prepared> {
         let dir = sdir.clone();
         std::thread::spawn(move || read_installed_manifest(&dir))
     };
-    let mut client = Client::connect(&o.server, Duration::from_secs(10))?;
+    let mut client = Client::connect(&o.server, Duration::from_secs(10), &o.trust)?;
     timing("connected");
     let has_manifest = sdir.join("installed.manifest").exists();
     let base = inst
@@ -1360,7 +1362,7 @@ fn report(o: &UpdateOptions, mut client: Client, info: &ImageVersionInfo) {
     if sent.is_err() {
         // The swap and the hooks may outlast the service's idle timeout (it closes a
         // connection quiet for two minutes): one new connection for the report.
-        sent = Client::connect(&o.server, Duration::from_secs(10)).and_then(|mut c| {
+        sent = Client::connect(&o.server, Duration::from_secs(10), &o.trust).and_then(|mut c| {
             let r = c.report(&o.node, "updated", &detail);
             client = c;
             r
@@ -1533,6 +1535,19 @@ pub struct OptionArgs {
     #[arg(long)]
     #[serde(default)]
     pub post_hook: Vec<String>,
+    /// The master's CA fingerprint (`sha256:HEX`, from `si-server ca show`; default: the one
+    /// saved in IDENTITY_DIR/ca.fingerprint).
+    #[arg(long, env = "SI_CA_FINGERPRINT")]
+    #[serde(default)]
+    pub ca_fingerprint: Option<String>,
+    /// Plain TCP to the master, nothing authenticated (lab use only; logged loudly).
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure: bool,
+    /// This node's key, certificate and pin (default /etc/si).
+    #[arg(long)]
+    #[serde(default)]
+    pub identity_dir: Option<PathBuf>,
 }
 
 /// Resolves arguments into options: the image defaults to the installed one; the exclude list
@@ -1561,7 +1576,14 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
         ex.extend(Excludes::from_file(f)?);
     }
     ex.extend(a.exclude.iter().cloned());
+    let trust = crate::pull::TrustArgs {
+        ca_fingerprint: a.ca_fingerprint.clone(),
+        insecure: a.insecure,
+        identity_dir: a.identity_dir.clone(),
+    }
+    .connector()?;
     Ok(UpdateOptions {
+        trust: trust.clone(),
         server: a.server,
         image,
         version: a.version,
@@ -1572,7 +1594,11 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
         verify: a.verify,
         force: a.force,
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        node: si_tree::fsutil::hostname(),
+        // Enrolled, a node reports under the name its certificate carries.
+        node: trust
+            .node()
+            .map(str::to_string)
+            .unwrap_or_else(si_tree::fsutil::hostname),
         pre_hooks: a.pre_hook,
         post_hooks: a.post_hook,
     })

@@ -272,3 +272,39 @@ pub fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The CA every si-server a test process starts uses (`--ca-dir`), made once per process by the
+/// real `si-server ca show`, and the fingerprint clients pin (`--ca-fingerprint` or the
+/// `SI_CA_FINGERPRINT` environment variable).
+pub struct TestCa {
+    pub dir: PathBuf,
+    pub pin: String,
+}
+
+pub fn test_ca() -> &'static TestCa {
+    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        let t = tempfile::Builder::new()
+            .prefix("si-test-ca")
+            .tempdir()
+            .expect("making the test CA's directory");
+        // Kept for the life of the test process.
+        let root = t.keep();
+        let dir = root.join("ca");
+        let out = run(Command::new(bin("si-server"))
+            .arg("--state-dir")
+            .arg(&root)
+            .arg("--ca-dir")
+            .arg(&dir)
+            .args(["ca", "show"]))
+        .expect("si-server ca show");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let pin = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint:"))
+            .map(|f| f.trim().to_string())
+            .unwrap_or_else(|| panic!("no fingerprint in: {text}"));
+        assert!(pin.starts_with("sha256:"), "{pin}");
+        TestCa { dir, pin }
+    })
+}

@@ -14,6 +14,8 @@ fn si_image(store: &Path) -> Command {
 fn start_server(master: &Netns, store: &Path) -> Proc {
     let p = master
         .cmd(bin("si-server"))
+        .arg("--ca-dir")
+        .arg(&si_tests::test_ca().dir)
         .arg("--store")
         .arg(store)
         .arg("--state-dir")
@@ -26,10 +28,58 @@ fn start_server(master: &Netns, store: &Path) -> Proc {
     Proc(p)
 }
 
+/// Enrolls a node as its installer would: the inventory learns it (a MAC, image debian), an
+/// install is armed (which opens its one-time enrollment), the master gives its token, and
+/// si-enroll in the node's namespace keeps key and certificate in `id_dir`. Returns `id_dir`.
+fn enroll(
+    node: &Netns,
+    server: &str,
+    store: &Path,
+    name: &str,
+    id_dir: &Path,
+) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let i = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mac = format!("52:54:00:13:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff);
+    let state = store.with_extension("state");
+    let si_node = |args: &[&str]| {
+        run(Command::new(bin("si-node"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--images", "debian"])
+            .args(args))
+        .unwrap()
+    };
+    si_node(&[
+        "add", name, "--mac", &mac, "--image", "debian", "--boot", "local",
+    ]);
+    si_node(&["set", name, "--boot", "install"]);
+    let out = run(Command::new(bin("si-server"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--ca-dir")
+        .arg(&si_tests::test_ca().dir)
+        .args(["ca", "token", name]))
+    .unwrap();
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    run(node
+        .cmd(bin("si-enroll"))
+        .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+        .args([
+            "--server", server, "--node", name, "--token", &token, "--mac", &mac,
+        ])
+        .args(["--uuid", &format!("uuid-{name}")])
+        .arg("--identity-dir")
+        .arg(id_dir))
+    .unwrap();
+    id_dir.to_path_buf()
+}
+
 fn update(node: &Netns, server: &str, root: &Path, extra: &[&str]) -> std::process::Output {
     let summary = root.with_extension("json");
     let out = node
         .cmd(bin("si-updateclient"))
+        .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
         .args([
             "--server",
             server,
@@ -43,6 +93,8 @@ fn update(node: &Netns, server: &str, root: &Path, extra: &[&str]) -> std::proce
         .arg(root.with_extension("state"))
         .arg("--summary-json")
         .arg(&summary)
+        .arg("--identity-dir")
+        .arg(root.with_extension("id"))
         .args(extra)
         .output()
         .unwrap();
@@ -91,6 +143,13 @@ fn deploy_update_and_resume_across_namespaces() {
     // Fresh deploys on three nodes, compared exactly with the golden tree.
     for (i, n) in nodes.iter().enumerate() {
         let root = t.path().join(format!("node{i}"));
+        enroll(
+            n,
+            &format!("10.213.{}.1", i + 1),
+            &store,
+            &format!("node{i}"),
+            &root.with_extension("id"),
+        );
         let out = update(n, &format!("10.213.{}.1", i + 1), &root, &[]);
         assert!(
             out.status.success(),
@@ -140,8 +199,11 @@ fn deploy_update_and_resume_across_namespaces() {
         ))
         .unwrap();
     let root1 = t.path().join("node-resume");
+    // Node 1 deploying into another root: the identity it enrolled with.
+    std::os::unix::fs::symlink(t.path().join("node1.id"), root1.with_extension("id")).unwrap();
     let child = nodes[1]
         .cmd(bin("si-updateclient"))
+        .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
         .args([
             "--server",
             "10.213.2.1",
@@ -153,6 +215,8 @@ fn deploy_update_and_resume_across_namespaces() {
         .arg(&root1)
         .arg("--state-dir")
         .arg(root1.with_extension("state"))
+        .arg("--identity-dir")
+        .arg(root1.with_extension("id"))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -238,6 +302,8 @@ fn push_to_eight_nodes_with_one_down() {
     run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
     let token = t.path().join("token");
     std::fs::write(&token, "s3cret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // One boot network: a bridge in the master's namespace, each node on it by a veth pair.
     let (master, nodes) = bridged(9, 8);
@@ -246,8 +312,18 @@ fn push_to_eight_nodes_with_one_down() {
     for (i, n) in nodes.iter().enumerate().take(7) {
         let root = t.path().join(format!("node{i}"));
         std::fs::create_dir_all(&root).unwrap();
+        let id = enroll(
+            n,
+            "10.213.9.1",
+            &store,
+            &format!("node{i}"),
+            &root.with_extension("id"),
+        );
         let p = n
             .cmd(bin("si-agentd"))
+            .arg("--identity-dir")
+            .arg(&id)
+            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
             .args(["--listen", "0.0.0.0:7812", "--master", "10.213.9.1"])
             .arg("--token-file")
             .arg(&token)
@@ -348,6 +424,14 @@ fn push_over_ssh() {
             .unwrap();
         sshds.push(Proc(p));
         wait_port(n, "127.0.0.1:22").unwrap();
+        let ip = format!("10.213.10.{}", 11 + i);
+        enroll(
+            n,
+            "10.213.10.1",
+            &store,
+            &format!("ssh{i}"),
+            &d.join(format!("{ip}.id")),
+        );
     }
     // Node 3 (10.213.10.13) runs no sshd.
     let results = d.join("results");
@@ -361,8 +445,9 @@ fn push_over_ssh() {
         ))
         .arg("--remote-command")
         .arg(format!(
-            "{} --root {d}/{{node}} --state-dir {d}/{{node}}.state --no-default-excludes",
+            "{} --root {d}/{{node}} --state-dir {d}/{{node}}.state --identity-dir {d}/{{node}}.id --no-default-excludes --ca-fingerprint {pin}",
             bin("si-updateclient").display(),
+            pin = si_tests::test_ca().pin,
             d = d.display()
         ))
         .arg("--results")
@@ -420,6 +505,7 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
 
     // Version 1 (12 MiB) fits.
     let root = disk.join("root");
+    enroll(&ns, "127.0.0.1", &store, "full", &root.with_extension("id"));
     let out = update(&ns, "127.0.0.1", &root, &[]);
     assert!(
         out.status.success(),
@@ -445,6 +531,8 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
 
     // A fresh deploy of version 2 into the same small disk: refused before writing.
     let fresh = disk.join("fresh");
+    // The same node, deploying afresh: its identity is the one it enrolled with.
+    std::os::unix::fs::symlink(root.with_extension("id"), fresh.with_extension("id")).unwrap();
     let out = update(&ns, "127.0.0.1", &fresh, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -7,12 +7,37 @@ use si_tests::rand_bytes;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Starts the image service on an ephemeral port; returns its address.
+/// The master's CA for this test process (in-process, like the service).
+fn authority() -> &'static si_trust::ca::Authority {
+    static CA: std::sync::OnceLock<si_trust::ca::Authority> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        si_trust::ca::Authority::open_or_create(&dir.join("ca"), &[]).unwrap()
+    })
+}
+
+fn pin() -> String {
+    authority().fingerprint().to_string()
+}
+
+fn connector() -> si_trust::Connector {
+    si_trust::Connector::master(authority().fingerprint(), None).unwrap()
+}
+
+/// Starts the image service (TLS) on an ephemeral port; returns its address.
 fn start_server(store: &Path) -> String {
     start_server_with(store, None)
 }
 
 fn start_server_with(store: &Path, report: Option<si_imageserver::service::ReportHook>) -> String {
+    start_server_over(store, report, true)
+}
+
+fn start_server_over(
+    store: &Path,
+    report: Option<si_imageserver::service::ReportHook>,
+    tls: bool,
+) -> String {
     let store = Arc::new(Store::open(store).unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -24,15 +49,18 @@ fn start_server_with(store: &Path, report: Option<si_imageserver::service::Repor
         rt.block_on(async move {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(l.local_addr().unwrap().to_string()).unwrap();
-            si_imageserver::service::run(
-                l,
-                store,
-                Default::default(),
-                report,
-                std::future::pending(),
-            )
-            .await
-            .unwrap();
+            let tls = if tls {
+                si_trust::Acceptor::tls(authority().server_config().unwrap())
+            } else {
+                si_trust::Acceptor::Insecure
+            };
+            let mut cfg = si_imageserver::service::ServeConfig::new(tls);
+            cfg.signer = Some(Arc::new(|i: &str, v: u32, d: &si_proto::Digest| {
+                authority().sign_version(i, v, d)
+            }));
+            si_imageserver::service::run(l, store, cfg, report, std::future::pending())
+                .await
+                .unwrap();
         });
     });
     rx.recv().unwrap()
@@ -44,6 +72,7 @@ fn args(server: &str, image: &str, root: &Path) -> OptionArgs {
         image: Some(image.into()),
         root: root.into(),
         no_default_excludes: true,
+        ca_fingerprint: Some(pin()),
         ..Default::default()
     }
 }
@@ -481,9 +510,9 @@ fn reports_are_acknowledged_only_when_stored() {
     });
     let server = start_server_with(&t.path().join("store"), Some(hook));
     let timeout = std::time::Duration::from_secs(5);
-    let mut c = si_agent::pull::Client::connect(&server, timeout).unwrap();
+    let mut c = si_agent::pull::Client::connect(&server, timeout, &connector()).unwrap();
     c.report("known", "installed", "").unwrap();
-    let mut c = si_agent::pull::Client::connect(&server, timeout).unwrap();
+    let mut c = si_agent::pull::Client::connect(&server, timeout, &connector()).unwrap();
     let e = c.report("stranger", "installed", "").unwrap_err();
     assert!(format!("{e:#}").contains("report not stored"), "{e:#}");
 }
@@ -498,8 +527,8 @@ fn idle_and_half_sent_connections_do_not_starve_a_node() {
     use si_proto::frame::MAX_FRAME;
     use si_proto::handshake::{self, Credentials};
     use si_proto::msg::Role;
+    use std::io::{Read, Write};
     use std::time::{Duration, Instant};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
@@ -515,13 +544,16 @@ fn idle_and_half_sent_connections_do_not_starve_a_node() {
     let per_source = 8;
     // Long enough that the load stays open through the loaded deploy (checked below).
     const DEADLINE: Duration = Duration::from_secs(8);
-    let cfg = si_imageserver::service::ServeConfig {
-        max_connections: 400,
-        per_source,
-        message_deadline: DEADLINE,
-        idle_timeout: DEADLINE,
-        ..Default::default()
-    };
+    let mut cfg = si_imageserver::service::ServeConfig::new(si_trust::Acceptor::tls(
+        authority().server_config().unwrap(),
+    ));
+    cfg.max_connections = 400;
+    cfg.per_source = per_source;
+    cfg.message_deadline = DEADLINE;
+    cfg.idle_timeout = DEADLINE;
+    cfg.signer = Some(Arc::new(|i: &str, v: u32, d: &si_proto::Digest| {
+        authority().sign_version(i, v, d)
+    }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -551,48 +583,55 @@ fn idle_and_half_sent_connections_do_not_starve_a_node() {
     };
     let unloaded = deploy("node-unloaded");
 
-    // 300 hostile connections, three kinds in turn: silent (no Hello), Hello then nothing,
-    // Hello then a frame header claiming 8 MiB followed by 1000 bytes and silence.
+    // A TCP connection from a chosen loopback source address (blocking).
+    let dial = |src_ip: std::net::IpAddr| -> std::net::TcpStream {
+        rt.block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind((src_ip, 0).into()).unwrap();
+            let c = sock.connect(addr).await.unwrap().into_std().unwrap();
+            c.set_nonblocking(false).unwrap();
+            c
+        })
+    };
+    // 300 hostile connections, three kinds in turn: silent (not even a TLS hello), Hello then
+    // nothing, Hello then a frame header claiming 8 MiB followed by 1000 bytes and silence (the
+    // last two inside TLS, as a real client speaks).
     let creds = Credentials {
         token: String::new(),
         client: "hostile".into(),
     };
-    let hostile = rt.block_on(async {
-        let mut conns = Vec::new();
-        for i in 0..300usize {
-            let src_ip: std::net::IpAddr =
-                format!("127.0.0.{}", 2 + i / per_source).parse().unwrap();
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.bind((src_ip, 0).into()).unwrap();
-            let mut c = sock.connect(addr).await.unwrap();
-            if i % 3 != 0 {
-                handshake::connect_async(&mut c, Role::Deploy, &creds)
-                    .await
-                    .unwrap();
-            }
-            if i % 3 == 2 {
-                let mut h = (MAX_FRAME as u32).to_le_bytes().to_vec();
-                h.push(1);
-                h.extend_from_slice(&[0u8; 1000]);
-                c.write_all(&h).await.unwrap();
-            }
-            conns.push(c);
+    enum Hostile {
+        Raw(std::net::TcpStream),
+        Tls(Box<si_trust::ClientStream>),
+    }
+    let mut hostile = Vec::new();
+    for i in 0..300usize {
+        let src_ip: std::net::IpAddr = format!("127.0.0.{}", 2 + i / per_source).parse().unwrap();
+        let c = dial(src_ip);
+        if i % 3 == 0 {
+            hostile.push(Hostile::Raw(c));
+            continue;
         }
-        conns
-    });
+        let mut c = connector().wrap(c).unwrap();
+        handshake::connect(&mut c, Role::Deploy, &creds).unwrap();
+        if i % 3 == 2 {
+            let mut h = (MAX_FRAME as u32).to_le_bytes().to_vec();
+            h.push(1);
+            h.extend_from_slice(&[0u8; 1000]);
+            c.write_all(&h).unwrap();
+            c.flush().unwrap();
+        }
+        hostile.push(Hostile::Tls(Box::new(c)));
+    }
     let opened = Instant::now();
 
     // One more from a source at its cap is refused at once.
-    rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(([127, 0, 0, 2], 0).into()).unwrap();
-        let mut c = sock.connect(addr).await.unwrap();
-        let m = tokio::time::timeout(
-            Duration::from_secs(5),
-            si_proto::frame::recv_msg_async(&mut c),
-        )
-        .await
-        .expect("a source past its cap is answered at once");
+    {
+        let mut c = connector().wrap(dial([127, 0, 0, 2].into())).unwrap();
+        c.tcp()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let m = si_proto::frame::recv_msg(&mut c);
         assert!(
             matches!(
                 m,
@@ -601,9 +640,9 @@ fn idle_and_half_sent_connections_do_not_starve_a_node() {
                     ..
                 })
             ),
-            "{m:?}"
+            "a source past its cap is answered Busy at once: {m:?}"
         );
-    });
+    }
 
     // A real node while all 300 are open.
     let loaded = deploy("node-loaded");
@@ -620,33 +659,166 @@ fn idle_and_half_sent_connections_do_not_starve_a_node() {
     );
 
     // Every hostile connection is closed by the service within its deadlines (idle, message,
-    // Hello), not held: reading reaches the end within a bounded time.
-    rt.block_on(async {
-        let deadline = DEADLINE * 2;
-        let mut set = tokio::task::JoinSet::new();
-        for (i, mut c) in hostile.into_iter().enumerate() {
-            set.spawn(async move {
-                let mut sink = Vec::new();
-                let r = tokio::time::timeout(deadline, c.read_to_end(&mut sink)).await;
-                (i, r.is_ok())
-            });
-        }
-        let mut closed = 0;
-        while let Some(r) = set.join_next().await {
-            let (i, ok) = r.unwrap();
+    // Hello, TLS handshake), not held: reading reaches the end within a bounded time.
+    let until = opened + DEADLINE * 2;
+    for (i, h) in hostile.into_iter().enumerate() {
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let mut sink = Vec::new();
+        let r = match h {
+            Hostile::Raw(mut c) => {
+                c.set_read_timeout(Some(left)).unwrap();
+                c.read_to_end(&mut sink)
+            }
+            Hostile::Tls(mut c) => {
+                c.tcp().set_read_timeout(Some(left)).unwrap();
+                c.read_to_end(&mut sink)
+            }
+        };
+        // Closed means the end of the stream or a reset, never a read timing out.
+        if let Err(e) = &r {
             assert!(
-                ok,
-                "hostile connection {i} (kind {}) still open after {deadline:?}",
-                i % 3
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "hostile connection {i} (kind {}) still open {:?} after the load was opened",
+                i % 3,
+                opened.elapsed()
             );
-            closed += 1;
         }
-        assert_eq!(closed, 300);
-    });
+    }
     eprintln!(
         "all 300 closed by the service {:?} after they were opened",
         opened.elapsed()
     );
     // The slots came back: a third node is served.
     deploy("node-after");
+}
+
+/// TLS is what a node speaks unless told otherwise: a node pinning another CA is refused at the
+/// handshake, at once (not retried as if the server were busy); one given no pin is told how to
+/// get one.
+#[test]
+fn a_wrong_or_missing_pin_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let server = start_server(&t.path().join("store"));
+    let other = si_trust::ca::Authority::open_or_create(&t.path().join("other-ca"), &[]).unwrap();
+    let timeout = std::time::Duration::from_secs(5);
+    let started = std::time::Instant::now();
+    let wrong = si_trust::Connector::master(other.fingerprint(), None).unwrap();
+    let e = si_agent::pull::Client::connect(&server, timeout, &wrong)
+        .err()
+        .expect("a wrong CA is refused");
+    assert!(format!("{e:#}").contains("TLS handshake"), "{e:#}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let none = si_agent::pull::TrustArgs {
+        identity_dir: Some(t.path().join("no-identity")),
+        ..Default::default()
+    };
+    let e = none.connector().unwrap_err();
+    assert!(format!("{e:#}").contains("--ca-fingerprint"), "{e:#}");
+    // The right pin lists.
+    let mut c = si_agent::pull::Client::connect(&server, timeout, &connector()).unwrap();
+    assert!(c.list().unwrap().is_empty());
+    assert!(c.ca().is_some());
+}
+
+/// `--insecure` on both sides still deploys over plain TCP, and says so loudly: the real
+/// si-updateclient logs a warning for it.
+#[test]
+fn insecure_still_works_and_warns() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"plain").unwrap();
+    capture::commit(&Store::open(&store).unwrap(), &src, "img", &[], None).unwrap();
+    let server = start_server_over(&store, None, false);
+    let node = t.path().join("node");
+    std::fs::create_dir_all(&node).unwrap();
+    let out = std::process::Command::new(si_tests::bin("si-updateclient"))
+        .args([
+            "--server",
+            &server,
+            "--image",
+            "img",
+            "--no-default-excludes",
+            "--insecure",
+        ])
+        .arg("--root")
+        .arg(&node)
+        .env_remove("SI_CA_FINGERPRINT")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("WARN") && err.contains("--insecure"), "{err}");
+    assert_eq!(std::fs::read(node.join("f")).unwrap(), b"plain");
+    // Without --insecure the same client refuses to speak plain TCP to it.
+    let out = std::process::Command::new(si_tests::bin("si-updateclient"))
+        .args([
+            "--server",
+            &server,
+            "--image",
+            "img",
+            "--no-default-excludes",
+        ])
+        .args(["--ca-fingerprint", &pin()])
+        .arg("--root")
+        .arg(&node)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+/// Versions are signed by the master's CA; a node checks the signature before it uses a
+/// manifest. A signature replayed from another version, one made by another CA, or one
+/// flipped by a bit is refused with a clear error, and the node keeps the version it has.
+#[test]
+fn tampered_signatures_are_refused_and_the_node_keeps_its_version() {
+    let t = tempfile::tempdir().unwrap();
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"one").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    std::fs::create_dir_all(&node).unwrap();
+    run(args(&server, "img", &node)).unwrap();
+    assert_eq!(std::fs::read(node.join("f")).unwrap(), b"one");
+    // The service signed version 1 when it was first asked for, and stored the signature.
+    let sig1 = store.signature("img", 1).unwrap().expect("v1 signed");
+    std::fs::write(src.join("f"), b"two").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let digest2 = si_imageserver::service::manifest_digest(&store.meta("img", 2).unwrap()).unwrap();
+    let other = si_trust::ca::Authority::open_or_create(&t.path().join("other-ca"), &[]).unwrap();
+    let good2 = authority().sign_version("img", 2, &digest2).unwrap();
+    let mut flipped = good2.clone();
+    flipped[0] ^= 0x40;
+    for (what, bad) in [
+        ("replayed from v1", sig1),
+        (
+            "another CA's",
+            other.sign_version("img", 2, &digest2).unwrap(),
+        ),
+        ("flipped", flipped),
+    ] {
+        store.write_signature("img", 2, &bad).unwrap();
+        let e = run(args(&server, "img", &node)).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("signature") && msg.contains("refusing"),
+            "{what}: {msg}"
+        );
+        assert_eq!(std::fs::read(node.join("f")).unwrap(), b"one", "{what}");
+        let inst = std::fs::read_to_string(node.join("var/lib/si/installed.toml")).unwrap();
+        assert!(inst.contains("version = 1"), "{what}: {inst}");
+    }
+    store.write_signature("img", 2, &good2).unwrap();
+    run(args(&server, "img", &node)).unwrap();
+    assert_eq!(std::fs::read(node.join("f")).unwrap(), b"two");
 }

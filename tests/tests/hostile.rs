@@ -6,10 +6,11 @@
 use si_proto::frame::{read_frame, write_data, write_msg, Frame};
 use si_proto::manifest::{Chunk, Entry, Kind, Manifest};
 use si_proto::msg::{ImageVersionInfo, Msg};
+use si_proto::stream::BufStream;
 use si_proto::Digest;
 use si_tests::bin;
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::Path;
 
@@ -42,20 +43,31 @@ fn file(path: &[u8], data: &[u8], objects: &mut HashMap<Digest, Vec<u8>>) -> Ent
     )
 }
 
+/// The adversary is a compromised master: it holds the CA the node pins (so TLS and, later,
+/// signatures pass), and what it serves is all that stands between the node and its root.
+fn authority() -> &'static si_trust::ca::Authority {
+    static CA: std::sync::OnceLock<si_trust::ca::Authority> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        si_trust::ca::Authority::open_or_create(&dir.join("ca"), &[]).unwrap()
+    })
+}
+
 /// Serves `entries` (encoded as given, never validated) as image "evil" version 1 to one
-/// connection after another, with the objects it is asked for.
+/// connection after another, over TLS, with the objects it is asked for.
 fn adversary(entries: Vec<Entry>, objects: HashMap<Digest, Vec<u8>>) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let bytes = Manifest { entries }.encode();
+    let tls = authority().server_config().unwrap();
     std::thread::spawn(move || {
         for sock in l.incoming() {
             let Ok(sock) = sock else { return };
-            let mut r = BufReader::new(sock.try_clone().unwrap());
-            let mut w = BufWriter::new(sock);
+            let conn = rustls::ServerConnection::new(tls.clone()).unwrap();
+            let mut w = BufStream::new(rustls::StreamOwned::new(conn, sock));
             let _ = (|| -> anyhow::Result<()> {
                 loop {
-                    let Some(Frame::Msg(m)) = read_frame(&mut r)? else {
+                    let Some(Frame::Msg(m)) = read_frame(&mut w)? else {
                         return Ok(());
                     };
                     match m {
@@ -79,6 +91,9 @@ fn adversary(entries: Vec<Entry>, objects: HashMap<Digest, Vec<u8>>) -> String {
                                     },
                                     digest: Digest::of(&bytes),
                                     bytes: bytes.len() as u64,
+                                    signature: authority()
+                                        .sign_version("evil", 1, &Digest::of(&bytes))
+                                        .unwrap(),
                                 },
                             )?;
                             write_data(&mut w, &bytes)?;
@@ -109,6 +124,7 @@ fn adversary(entries: Vec<Entry>, objects: HashMap<Digest, Vec<u8>>) -> String {
 
 fn update(server: &str, root: &Path, extra: &[&str]) -> std::process::Output {
     std::process::Command::new(bin("si-updateclient"))
+        .env("SI_CA_FINGERPRINT", authority().fingerprint().to_string())
         .args([
             "--server",
             server,

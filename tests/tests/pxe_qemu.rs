@@ -771,7 +771,9 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
     let log = dir.path().join("server.log");
     let store = dir.path().join("store");
     let mut cmd = ns.cmd(bin("si-server"));
-    cmd.arg("--state-dir")
+    cmd.arg("--ca-dir")
+        .arg(&si_tests::test_ca().dir)
+        .arg("--state-dir")
         .arg(&state)
         .arg("--store")
         .arg(&store)
@@ -834,15 +836,53 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
         String::from_utf8_lossy(&before.stdout).contains("vmlinuz"),
         "install script serves the installer"
     );
+    // The installer enrolled first: arming the install opened vm1's one-time enrollment, the
+    // token comes from the master (on the boot script, once the installer carries it).
+    si("si-node", &["set", "vm1", "--boot", "install"]);
+    let token = si_tests::run(
+        std::process::Command::new(bin("si-server"))
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--ca-dir")
+            .arg(&si_tests::test_ca().dir)
+            .args(["ca", "token", "vm1"]),
+    )
+    .unwrap();
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let id = lab.dir.path().join("vm1-identity");
+    si_tests::run(
+        lab.ns
+            .cmd(bin("si-enroll"))
+            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+            .args(["--server", &format!("{server}:7811"), "--node", "vm1"])
+            .args([
+                "--token",
+                &token,
+                "--mac",
+                "52:54:00:d1:00:01",
+                "--uuid",
+                "vm1",
+            ])
+            .arg("--identity-dir")
+            .arg(&id),
+    )
+    .unwrap();
     // The installer's last step: report; the node boots its disk from now on.
-    si_tests::run(lab.ns.cmd(bin("si-report")).args([
-        "--server",
-        &format!("{server}:7811"),
-        "--node",
-        "vm1",
-        "--state",
-        "installed",
-    ]))
+    si_tests::run(
+        lab.ns
+            .cmd(bin("si-report"))
+            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+            .arg("--identity-dir")
+            .arg(&id)
+            .args([
+                "--server",
+                &format!("{server}:7811"),
+                "--node",
+                "vm1",
+                "--state",
+                "installed",
+            ]),
+    )
     .unwrap();
     let shown = si("si-node", &["show", "vm1"]);
     assert!(

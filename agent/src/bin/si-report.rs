@@ -18,12 +18,15 @@ struct Args {
     state: String,
     #[arg(long, default_value = "")]
     detail: String,
+    #[command(flatten)]
+    trust: si_agent::pull::TrustArgs,
 }
 
 fn main() -> Result<()> {
     si_tree::logging::init("warn");
     let a = Args::parse();
-    let mut c = si_agent::pull::Client::connect(&a.server, Duration::from_secs(10))?;
+    let mut c =
+        si_agent::pull::Client::connect(&a.server, Duration::from_secs(10), &a.trust.connector()?)?;
     c.report(&a.node, &a.state, &a.detail)?;
     c.bye();
     Ok(())

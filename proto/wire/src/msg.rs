@@ -168,6 +168,8 @@ pub enum Msg {
         info: ImageVersionInfo,
         digest: Digest,
         bytes: u64,
+        /// The master's signature on (image, version, digest): see si-trust's `sign`.
+        signature: Vec<u8>,
     },
     /// Like `GetManifest`, for a node that has `base_version` of `base_image`: the answer is
     /// `ManifestDeltaIs` (or `ManifestIs` when the server no longer has the base).
@@ -184,6 +186,8 @@ pub enum Msg {
         digest: Digest,
         bytes: u64,
         delta_bytes: u64,
+        /// The master's signature on (image, version, digest of the whole manifest).
+        signature: Vec<u8>,
     },
     Want(Vec<Digest>),
     /// Node reports install progress or completion (free text, bounded by the frame).
@@ -193,6 +197,20 @@ pub enum Msg {
         detail: String,
     },
     Ok,
+    /// An installer asks for its node certificate: the one-time token from its boot script,
+    /// the MAC it booted from, its SMBIOS UUID, and the public key it made (SubjectPublicKeyInfo
+    /// DER). Answered by `Enrolled` or an error; the token is spent either way it succeeds.
+    Enroll {
+        node: String,
+        token: String,
+        mac: String,
+        uuid: String,
+        public_key: Vec<u8>,
+    },
+    /// The node's certificate, then the CA's (DER).
+    Enrolled {
+        chain: Vec<Vec<u8>>,
+    },
 
     // push (master connects to a node's si-agentd)
     /// Move the node to a version, pulling from `server` (an si-server address).
@@ -238,6 +256,8 @@ impl Msg {
             Msg::Want { .. } => "Want",
             Msg::Report { .. } => "Report",
             Msg::Ok => "Ok",
+            Msg::Enroll { .. } => "Enroll",
+            Msg::Enrolled { .. } => "Enrolled",
             Msg::PushUpdate { .. } => "PushUpdate",
             Msg::PushDone { .. } => "PushDone",
         }

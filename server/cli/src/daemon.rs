@@ -77,6 +77,119 @@ pub struct DaemonArgs {
     pub installer_kernel: String,
     #[arg(long, default_value = "si/initrd.img")]
     pub installer_initrd: String,
+    /// The CA directory (root-only; made on first start; default STATE_DIR/ca).
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// Extra names and addresses the master's certificate carries (besides `master.si`, the
+    /// host name, --server-ip and a specific --listen address).
+    #[arg(long)]
+    pub tls_name: Vec<String>,
+    /// Plain TCP on the image service: no authentication, no encryption (lab use only; every
+    /// connection is logged as a warning).
+    #[arg(long)]
+    pub insecure: bool,
+    #[command(subcommand)]
+    pub command: Option<ServerCmd>,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ServerCmd {
+    /// The master's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum CaCmd {
+    /// Print the CA fingerprint clients pin (`--ca-fingerprint`), and where the CA lives
+    /// (made now if it does not exist yet).
+    Show,
+    /// Print the one-time enrollment token of a node whose install is armed (a secret: for
+    /// installs by hand and tests; nodes get theirs on their boot script).
+    Token { node: String },
+}
+
+impl DaemonArgs {
+    pub fn ca_dir(&self) -> PathBuf {
+        self.ca_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("ca"))
+    }
+
+    /// The names and addresses the master's certificate carries besides `master.si`.
+    pub fn tls_names(&self) -> Vec<String> {
+        let mut n = vec![si_tree::fsutil::hostname()];
+        if !self.listen.ip().is_unspecified() {
+            n.push(self.listen.ip().to_string());
+        }
+        n.extend(self.server_ip.map(|ip| ip.to_string()));
+        n.extend(self.tls_name.iter().cloned());
+        n.retain(|x| !x.is_empty() && x != si_trust::MASTER_NAME);
+        n.sort();
+        n.dedup();
+        n
+    }
+
+    /// Opens (or makes) the master's CA.
+    pub fn authority(&self) -> Result<si_trust::ca::Authority> {
+        si_trust::ca::Authority::open_or_create(&self.ca_dir(), &self.tls_names())
+            .with_context(|| format!("opening the CA in {}", self.ca_dir().display()))
+    }
+}
+
+/// The migration at start: every version gets a signature by this CA (versions made before
+/// versions were signed, or signed by a CA that has since been replaced).
+fn migrate_signatures(
+    store: &si_store::Store,
+    ca: &si_trust::ca::Authority,
+    signer: &serve::Signer,
+) -> Result<()> {
+    let mut resigned = 0;
+    for image in store.images()? {
+        for v in store.versions(&image)? {
+            let Some(sig) = store.signature(&image, v)? else {
+                continue;
+            };
+            let digest = serve::manifest_digest(&store.meta(&image, v)?)?;
+            if si_trust::sign::verify_version(ca.ca_der(), &image, v, &digest, &sig).is_err() {
+                tracing::warn!(%image, version = v, "the stored signature is not this CA's: signing again");
+                store.write_signature(&image, v, &ca.sign_version(&image, v, &digest)?)?;
+                resigned += 1;
+            }
+        }
+    }
+    let signed = serve::sign_unsigned(store, signer)?;
+    if signed + resigned > 0 {
+        tracing::info!(signed, resigned, "signed the store's versions");
+    }
+    Ok(())
+}
+
+/// `si-server ca token NODE`.
+pub fn ca_token(a: &DaemonArgs, node: &str) -> Result<()> {
+    let ca = a.authority()?;
+    let inv = Inventory::open_state_dir(&a.state_dir)?;
+    match crate::gate::enrollment_token(&inv, &ca, node)? {
+        Some(t) => {
+            println!("{t}");
+            Ok(())
+        }
+        None => bail!(
+            "no open enrollment for {node}: arm an install (si-node set {node} --boot install)"
+        ),
+    }
+}
+
+/// `si-server ca show`.
+pub fn ca_show(a: &DaemonArgs) -> Result<()> {
+    let ca = a.authority()?;
+    println!("fingerprint: {}", ca.fingerprint());
+    println!("directory:   {}", ca.dir().display());
+    println!(
+        "certificate: {}",
+        ca.dir().join(si_trust::ca::CA_CERT).display()
+    );
+    Ok(())
 }
 
 fn mac_bytes(s: &str) -> Option<[u8; 6]> {
@@ -369,9 +482,34 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             Ok(())
         })
     };
+    // The CA signs versions whether or not TLS is on, so nodes that pin it can check them.
+    let ca = Arc::new(a.authority()?);
+    let transport = if a.insecure {
+        tracing::warn!("--insecure: the image service runs without TLS; any host that reaches it reads every image and can report for any node");
+        si_trust::Acceptor::Insecure
+    } else {
+        tracing::info!(fingerprint = %ca.fingerprint(), ca = %ca.dir().display(), names = ?a.tls_names(), "TLS: clients pin this CA");
+        si_trust::Acceptor::tls(ca.server_config()?)
+    };
+    let signer: serve::Signer = {
+        let ca = ca.clone();
+        Arc::new(move |image: &str, v: u32, d: &si_proto::Digest| ca.sign_version(image, v, d))
+    };
+    migrate_signatures(&store, &ca, &signer)?;
+    // Under --insecure nobody is authenticated, so nothing can be authorised per node.
+    let gate: Arc<dyn serve::Gate> = if a.insecure {
+        Arc::new(serve::Open)
+    } else {
+        Arc::new(crate::gate::InventoryGate {
+            inv: inv.clone(),
+            ca: ca.clone(),
+        })
+    };
     let scfg = serve::ServeConfig {
         max_connections: a.max_connections,
-        ..Default::default()
+        signer: Some(signer),
+        gate,
+        ..serve::ServeConfig::new(transport)
     };
     tasks.spawn(serve::run(listener, store, scfg, Some(hook), stopped()));
 

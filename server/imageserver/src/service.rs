@@ -23,33 +23,166 @@ use std::task::{Context as TaskCx, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufWriter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeConfig {
     pub max_connections: usize,
     /// Connections one source address may hold at once; the one past it gets `Error{Busy}`.
     pub per_source: usize,
-    /// A message, once its first byte has arrived, must be whole within this.
+    /// A message (the Hello included), once its first byte has arrived, must be whole within this.
     pub message_deadline: Duration,
     /// A connection with no request for this long (after its Hello, between requests) is closed.
     pub idle_timeout: Duration,
     /// A peer that takes none of the bytes it asked for in this long is dropped (slow reader).
     pub write_stall: Duration,
+    /// TLS with the master's certificate (the default everywhere), or plain TCP under
+    /// `--insecure`.
+    pub transport: si_trust::Acceptor,
+    /// Signs a version that has no signature yet (the master holds the key; a relay has none
+    /// and serves the signatures it was given).
+    pub signer: Option<Signer>,
+    /// Who may do what, asked at every request.
+    pub gate: Arc<dyn Gate>,
 }
 
-impl Default for ServeConfig {
-    fn default() -> Self {
+/// Who is asking, as the session established it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub addr: SocketAddr,
+    /// The identity its certificate names (None: no certificate, or `--insecure`).
+    pub peer: Option<si_trust::Peer>,
+    /// The fingerprint of the certificate it presented.
+    pub cert: Option<si_trust::Fingerprint>,
+}
+
+/// What each caller may do. Asked at every request, so a revocation takes effect on an open
+/// session's next request. An `Err` is the refusal the caller is told (and the session ends).
+pub trait Gate: Send + Sync + 'static {
+    /// Manifests of `image` (and whether the image shows in a listing).
+    fn may_read_image(&self, c: &Caller, image: &str) -> Result<()>;
+    /// Objects (content-addressed: a caller learns digests from the manifests it may read).
+    fn may_fetch_objects(&self, c: &Caller) -> Result<()>;
+    /// A report about `node`.
+    fn may_report(&self, c: &Caller, node: &str) -> Result<()>;
+    /// Enrollment: the node certificate chain for the key, or the refusal.
+    fn enroll(&self, c: &Caller, req: &EnrollRequest) -> Result<Vec<Vec<u8>>>;
+}
+
+/// An `Enroll` request as it arrived.
+#[derive(Clone, Debug)]
+pub struct EnrollRequest {
+    pub node: String,
+    pub token: String,
+    pub mac: String,
+    pub uuid: String,
+    pub public_key: Vec<u8>,
+}
+
+/// Everyone may read and report; nobody enrolls. For `--insecure` labs and tests of other
+/// concerns: it authorises nothing, so the master never runs TLS with it.
+pub struct Open;
+
+impl Gate for Open {
+    fn may_read_image(&self, _: &Caller, _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn may_fetch_objects(&self, _: &Caller) -> Result<()> {
+        Ok(())
+    }
+    fn may_report(&self, _: &Caller, _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn enroll(&self, _: &Caller, _: &EnrollRequest) -> Result<Vec<Vec<u8>>> {
+        bail!("this server does not enroll nodes")
+    }
+}
+
+/// Signs (image, version, manifest digest); the master's is its CA key (si-trust `sign`).
+pub type Signer = Arc<dyn Fn(&str, u32, &si_proto::Digest) -> Result<Vec<u8>> + Send + Sync>;
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("max_connections", &self.max_connections)
+            .field("per_source", &self.per_source)
+            .field("message_deadline", &self.message_deadline)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("write_stall", &self.write_stall)
+            .field("transport", &self.transport)
+            .field("signer", &self.signer.is_some())
+            .field("gate", &"..")
+            .finish()
+    }
+}
+
+/// The digest a version's signature covers: the manifest digest its record holds. Every
+/// signature is made and checked over this one field, so a change in what the digest covers
+/// flows through.
+pub fn manifest_digest(meta: &si_store::VersionMeta) -> Result<si_proto::Digest> {
+    si_proto::Digest::from_hex(&meta.manifest).with_context(|| {
+        format!(
+            "reading the manifest digest of {}@{}",
+            meta.image, meta.version
+        )
+    })
+}
+
+/// The signature on `image@v`: the stored one, else (where this server holds the key) made now
+/// and stored beside the version.
+pub fn version_signature(
+    store: &Store,
+    signer: Option<&Signer>,
+    image: &str,
+    v: u32,
+) -> Result<Vec<u8>> {
+    if let Some(s) = store.signature(image, v)? {
+        return Ok(s);
+    }
+    let Some(sign) = signer else {
+        bail!("{image}@{v} is not signed and this server holds no signing key");
+    };
+    let digest = manifest_digest(&store.meta(image, v)?)?;
+    let sig = sign(image, v, &digest)?;
+    store.write_signature(image, v, &sig)?;
+    tracing::info!(%image, version = v, "signed a version");
+    Ok(sig)
+}
+
+/// Signs every version that has no signature yet (the migration si-server runs at start);
+/// returns how many it signed.
+pub fn sign_unsigned(store: &Store, signer: &Signer) -> Result<usize> {
+    let mut n = 0;
+    for image in store.images()? {
+        for v in store.versions(&image)? {
+            if store.signature(&image, v)?.is_none() {
+                version_signature(store, Some(signer), &image, v)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+impl ServeConfig {
+    /// The default limits over `transport`.
+    pub fn new(transport: si_trust::Acceptor) -> ServeConfig {
         ServeConfig {
             max_connections: 512,
             per_source: 16,
             message_deadline: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             write_stall: Duration::from_secs(60),
+            transport,
+            signer: None,
+            gate: Arc::new(Open),
         }
     }
 }
+
+/// How long a client has to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Longest node name, state and report detail the service keeps; past it, text is cut with a
 /// marker.
@@ -106,6 +239,12 @@ pub async fn run(
 ) -> Result<()> {
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
     let sources = PerSource::new(cfg.per_source);
+    if matches!(cfg.transport, si_trust::Acceptor::Insecure) {
+        tracing::warn!("--insecure: the image service accepts plain TCP; anyone who reaches it reads every image");
+    }
+    let transport = cfg.transport.clone();
+    let signer = cfg.signer.clone();
+    let gate = cfg.gate.clone();
     let cache = Arc::new(ManifestCache::default());
     let objects: Arc<dyn ObjectFinder> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
@@ -124,14 +263,21 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         let (sock, peer) = tokio::select! {
-            r = listener.accept() => r.context("accepting a connection")?,
+            r = listener.accept() => {
+                let (s, p) = r.context("accepting a connection")?;
+                s.set_nodelay(true).ok();
+                (s, p)
+            }
             _ = &mut shutdown => return Ok(()),
         };
         let store = store.clone();
         let objects = objects.clone();
         let cache = cache.clone();
         let report = report.clone();
-        let cfg = cfg.clone();
+        let transport = transport.clone();
+        let signer = signer.clone();
+        let gate = gate.clone();
+        let limits = Limits::of(&cfg);
         let slot = sources.try_take(peer.ip());
         if slot.is_none() {
             tracing::warn!(%peer, cap = sources.max(), "source holds its cap of connections");
@@ -140,7 +286,28 @@ pub async fn run(
             (Some(slot), Ok(permit)) => {
                 tokio::spawn(async move {
                     let _slot = slot;
-                    if let Err(e) = handle(sock, peer, store, objects, cache, report, &cfg).await {
+                    let res = match transport.accept(sock, TLS_HANDSHAKE_TIMEOUT).await {
+                        Ok((sock, who)) => {
+                            let caller = Caller {
+                                addr: peer,
+                                peer: who,
+                                cert: si_trust::tls::peer_cert_fingerprint(&sock),
+                            };
+                            let ctx = Session {
+                                store,
+                                objects,
+                                cache,
+                                report,
+                                signer,
+                                gate,
+                                caller,
+                                limits,
+                            };
+                            handle(sock, ctx).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = res {
                         tracing::warn!(%peer, error = format!("{e:#}"), "session failed");
                     }
                     drop(permit);
@@ -148,7 +315,12 @@ pub async fn run(
             }
             _ => {
                 tokio::spawn(async move {
-                    let mut sock = Stalling::new(sock, Duration::from_secs(5));
+                    // The refusal travels inside TLS: that is what the client speaks.
+                    let Ok((mut sock, _)) = transport.accept(sock, TLS_HANDSHAKE_TIMEOUT).await
+                    else {
+                        return;
+                    };
+                    let mut sock = Stalling::new(&mut sock, Duration::from_secs(5));
                     if let Err(e) = handshake::refuse_busy_async(&mut sock).await {
                         tracing::debug!(%peer, error = %e, "telling a client we are busy");
                     }
@@ -247,6 +419,7 @@ fn info(store: &Store, image: &str, v: u32) -> Result<ImageVersionInfo> {
 fn manifest_reply(
     store: &Store,
     cache: &ManifestCache,
+    signer: Option<&Signer>,
     image: &str,
     version: Option<u32>,
     base: Option<(String, u32)>,
@@ -254,6 +427,7 @@ fn manifest_reply(
     let v = store.resolve(image, version)?;
     let target = cache.stored(store, image, v)?;
     let info = info(store, image, v)?;
+    let signature = version_signature(store, signer, image, v)?;
     let (digest, len) = (target.digest, target.len);
     if let Some(Ok(base)) = base.map(|(bi, bv)| cache.stored(store, &bi, bv)) {
         let delta = cache.delta(&base, &target)?;
@@ -262,6 +436,7 @@ fn manifest_reply(
             digest,
             bytes: len,
             delta_bytes: delta.len() as u64,
+            signature,
         };
         return Ok((head, delta));
     }
@@ -270,6 +445,7 @@ fn manifest_reply(
             info,
             digest,
             bytes: len,
+            signature,
         },
         Arc::new(target.bytes()?),
     ))
@@ -307,28 +483,88 @@ fn read_group(
     (Ok(out), want.len())
 }
 
-async fn handle(
-    sock: TcpStream,
-    peer: SocketAddr,
+/// What one session works with.
+struct Session {
     store: Arc<Store>,
     objects: Arc<dyn ObjectFinder>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
-    cfg: &ServeConfig,
+    signer: Option<Signer>,
+    gate: Arc<dyn Gate>,
+    caller: Caller,
+    limits: Limits,
+}
+
+/// The per-connection deadlines a session runs under (from [`ServeConfig`]).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    message_deadline: Duration,
+    idle_timeout: Duration,
+    write_stall: Duration,
+}
+
+impl Limits {
+    fn of(cfg: &ServeConfig) -> Limits {
+        Limits {
+            message_deadline: cfg.message_deadline,
+            idle_timeout: cfg.idle_timeout,
+            write_stall: cfg.write_stall,
+        }
+    }
+}
+
+/// Asks the gate (blocking: it reads the inventory); a refusal is logged with who asked.
+async fn allowed(
+    gate: &Arc<dyn Gate>,
+    caller: &Caller,
+    what: &'static str,
+    f: impl FnOnce(&dyn Gate, &Caller) -> Result<()> + Send + 'static,
 ) -> Result<()> {
-    sock.set_nodelay(true).ok();
-    let mut sock = Stalling::new(sock, cfg.write_stall);
+    let (g, c) = (gate.clone(), caller.clone());
+    let r = tokio::task::spawn_blocking(move || f(&*g, &c)).await?;
+    if let Err(e) = &r {
+        tracing::warn!(peer = %caller.addr, who = ?caller.peer, what, error = format!("{e:#}"), "request refused");
+    }
+    r
+}
+
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, e: anyhow::Error) -> Result<()> {
+    write_msg_async(
+        w,
+        &Msg::Error {
+            kind: ErrorKind::Refused,
+            message: format!("{e:#}"),
+        },
+    )
+    .await?;
+    w.flush().await?;
+    bail!("refused: {e:#}")
+}
+
+async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
+    let Session {
+        store,
+        objects,
+        cache,
+        report,
+        signer,
+        gate,
+        caller,
+        limits,
+    } = ctx;
+    let peer = caller.addr;
+    let mut sock = Stalling::new(sock, limits.write_stall);
     let policy = Policy {
         roles: vec![Role::Deploy],
         token: None,
         server: si_tree::fsutil::hostname(),
     };
     let peer_hello = tokio::time::timeout(
-        cfg.message_deadline,
+        limits.message_deadline,
         handshake::accept_async(&mut sock, &policy),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("no hello within {:?}", cfg.message_deadline))?
+    .map_err(|_| anyhow::anyhow!("no hello within {:?}", limits.message_deadline))?
     .context("handshake")?;
     tracing::debug!(%peer, client = %peer_hello.client, version = peer_hello.version, "session open");
     let (r, w) = tokio::io::split(sock);
@@ -336,9 +572,9 @@ async fn handle(
     let mut w = BufWriter::with_capacity(1 << 20, w);
     loop {
         // Idle between requests: wait for the first byte of the next one.
-        match tokio::time::timeout(cfg.idle_timeout, r.fill_buf()).await {
+        match tokio::time::timeout(limits.idle_timeout, r.fill_buf()).await {
             Err(_) => {
-                tracing::debug!(%peer, idle = ?cfg.idle_timeout, "closing an idle connection");
+                tracing::debug!(%peer, idle = ?limits.idle_timeout, "closing an idle connection");
                 return Ok(());
             }
             Ok(got) => {
@@ -347,9 +583,11 @@ async fn handle(
                 }
             }
         }
-        let Some(frame) = tokio::time::timeout(cfg.message_deadline, read_frame_async(&mut r))
+        let Some(frame) = tokio::time::timeout(limits.message_deadline, read_frame_async(&mut r))
             .await
-            .map_err(|_| anyhow::anyhow!("no whole message within {:?}", cfg.message_deadline))??
+            .map_err(|_| {
+                anyhow::anyhow!("no whole message within {:?}", limits.message_deadline)
+            })??
         else {
             return Ok(());
         };
@@ -360,9 +598,14 @@ async fn handle(
             Msg::Bye => return Ok(()),
             Msg::ListImages => {
                 let st = store.clone();
+                let (g, c) = (gate.clone(), caller.clone());
                 let list = tokio::task::spawn_blocking(move || -> Result<Vec<ImageVersionInfo>> {
                     let mut out = Vec::new();
                     for n in st.images()? {
+                        // A caller sees only the images it may read.
+                        if g.may_read_image(&c, &n).is_err() {
+                            continue;
+                        }
                         for v in st.versions(&n)? {
                             out.push(info(&st, &n, v)?);
                         }
@@ -385,9 +628,17 @@ async fn handle(
                     Msg::GetManifest { image, version } => (image, version, None),
                     _ => unreachable!("matched above"),
                 };
-                let (st, c) = (store.clone(), cache.clone());
+                let img = image.clone();
+                if let Err(e) = allowed(&gate, &caller, "manifest", move |g, c| {
+                    g.may_read_image(c, &img)
+                })
+                .await
+                {
+                    return refuse(&mut w, e).await;
+                }
+                let (st, c, sg) = (store.clone(), cache.clone(), signer.clone());
                 let got = tokio::task::spawn_blocking(move || {
-                    manifest_reply(&st, &c, &image, version, base)
+                    manifest_reply(&st, &c, sg.as_ref(), &image, version, base)
                 })
                 .await?;
                 match got {
@@ -410,6 +661,11 @@ async fn handle(
             Msg::Want(ds) => {
                 if ds.len() > msg::MAX_WANT {
                     bail!("Want of {} digests exceeds {}", ds.len(), msg::MAX_WANT);
+                }
+                if let Err(e) =
+                    allowed(&gate, &caller, "objects", |g, c| g.may_fetch_objects(c)).await
+                {
+                    return refuse(&mut w, e).await;
                 }
                 let mut rest = &ds[..];
                 while !rest.is_empty() {
@@ -454,9 +710,16 @@ async fn handle(
                 state,
                 detail,
             } => {
+                // Cleaned first: neither the refusal nor the report may forge log lines.
                 let node = clean_report_text(&node, MAX_REPORT_NAME);
                 let state = clean_report_text(&state, MAX_REPORT_NAME);
                 let detail = clean_report_text(&detail, MAX_REPORT_DETAIL);
+                let n = node.clone();
+                if let Err(e) =
+                    allowed(&gate, &caller, "report", move |g, c| g.may_report(c, &n)).await
+                {
+                    return refuse(&mut w, e).await;
+                }
                 tracing::info!(%peer, %node, %state, %detail, "node report");
                 if let Some(h) = &report {
                     if let Err(e) = h(&node, &state, &detail) {
@@ -471,6 +734,29 @@ async fn handle(
                     }
                 }
                 write_msg_async(&mut w, &Msg::Ok).await.map_err(Into::into)
+            }
+            Msg::Enroll {
+                node,
+                token,
+                mac,
+                uuid,
+                public_key,
+            } => {
+                let req = EnrollRequest {
+                    node,
+                    token,
+                    mac,
+                    uuid,
+                    public_key,
+                };
+                let (g, c) = (gate.clone(), caller.clone());
+                let got = tokio::task::spawn_blocking(move || g.enroll(&c, &req)).await?;
+                match got {
+                    Ok(chain) => write_msg_async(&mut w, &Msg::Enrolled { chain })
+                        .await
+                        .map_err(Into::into),
+                    Err(e) => return refuse(&mut w, e).await,
+                }
             }
             other => {
                 write_msg_async(
@@ -494,6 +780,10 @@ async fn handle(
 mod tests {
     use super::*;
     use si_proto::manifest::{Entry, Kind, Manifest};
+
+    fn test_signer() -> Signer {
+        Arc::new(|_: &str, _: u32, d: &si_proto::Digest| Ok(d.0.to_vec()))
+    }
 
     /// A report's text cannot forge log lines or fill the disk: control characters come out
     /// escaped, the length is bounded with a marker, and the hook stores what was logged.
@@ -526,11 +816,11 @@ mod tests {
         tokio::spawn(run(
             l,
             store,
-            ServeConfig::default(),
+            ServeConfig::new(si_trust::Acceptor::Insecure),
             Some(hook),
             std::future::pending(),
         ));
-        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let creds = handshake::Credentials {
             client: "n1".into(),
             token: String::new(),
@@ -667,17 +957,31 @@ mod tests {
         .unwrap();
         let cache = ManifestCache::default();
         // The control: a real base gets a delta.
-        let (head, _) =
-            manifest_reply(&store, &cache, "img", None, Some(("img".into(), 1))).unwrap();
+        let (head, _) = manifest_reply(
+            &store,
+            &cache,
+            Some(&test_signer()),
+            "img",
+            None,
+            Some(("img".into(), 1)),
+        )
+        .unwrap();
         assert!(matches!(head, Msg::ManifestDeltaIs { .. }), "{head:?}");
         let abs = t.path().join("planted").to_str().unwrap().to_string();
         for bad in ["../../planted".to_string(), abs, "a/b".into(), "".into()] {
-            let (head, data) =
-                manifest_reply(&store, &cache, "img", None, Some((bad.clone(), 1))).unwrap();
+            let (head, data) = manifest_reply(
+                &store,
+                &cache,
+                Some(&test_signer()),
+                "img",
+                None,
+                Some((bad.clone(), 1)),
+            )
+            .unwrap();
             assert!(matches!(head, Msg::ManifestIs { .. }), "{bad:?}: {head:?}");
             assert_eq!(*data, store.manifest_bytes("img", 1).unwrap());
         }
         // The image asked for is checked the same way.
-        assert!(manifest_reply(&store, &cache, "../../planted", Some(1), None).is_err());
+        assert!(manifest_reply(&store, &cache, None, "../../planted", Some(1), None).is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! or [`group_main`].
 
 use super::*;
+use crate::enroll::{Enrollment, DEFAULT_WINDOW_SECS};
 use crate::ranges;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -150,8 +151,13 @@ pub enum NodeCmd {
     },
     /// List nodes.
     List { nodes: Option<String> },
-    /// Show nodes in detail (passwords as ***).
+    /// Show nodes in detail (passwords as ***), with their enrollment and any alarm.
     Show { nodes: String },
+    /// Cut nodes off: their certificates are refused from their next request on (open sessions
+    /// included). Arming an install lets a node enroll again.
+    Revoke { nodes: String },
+    /// What a node may fetch and do on the image service.
+    Access { node: String },
     /// Change nodes.
     Set {
         nodes: String,
@@ -294,6 +300,28 @@ pub enum GroupCmd {
     },
 }
 
+/// The enrollment part of `si-node show` (the token itself is never shown: the inventory does
+/// not hold it).
+fn enrollment_lines(e: Option<&Enrollment>) -> String {
+    let Some(e) = e else {
+        return "enrollment: none".into();
+    };
+    let mut s = format!(
+        "enrollment: {}\ncertificate: {}{}",
+        match e.spent {
+            Some(t) => format!("spent at {t}"),
+            None if e.expires > crate::now() => format!("open until {}", e.expires),
+            None => "expired".into(),
+        },
+        e.cert.as_deref().unwrap_or("-"),
+        if e.revoked { " (revoked)" } else { "" }
+    );
+    if let Some(a) = &e.alarm {
+        s.push_str(&format!("\nALARM: {a}"));
+    }
+    s
+}
+
 fn boot_action(
     kind: &str,
     kernel: Option<String>,
@@ -431,7 +459,46 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                     opt(&bmc.cipher_suite),
                 )
                 .context("writing to stdout")?;
+                let e = inv.enrollment(&n.name)?;
+                writeln!(out, "{}", enrollment_lines(e.as_ref())).context("writing to stdout")?;
             }
+        }
+        NodeCmd::Revoke { nodes } => {
+            for n in existing(&inv, &nodes)? {
+                inv.revoke(&n.name)?;
+                eprintln!("revoked {}", n.name);
+            }
+        }
+        NodeCmd::Access { node } => {
+            let n = inv
+                .node(&node)?
+                .with_context(|| format!("unknown node {node:?}"))?;
+            let e = inv.enrollment(&n.name)?;
+            let images = inv.entitled_images(&n.name)?;
+            let usable = e.as_ref().is_some_and(|e| e.cert.is_some() && !e.revoked);
+            writeln!(
+                out,
+                "node: {}\ncertificate: {}\nmay fetch: {}\nmay report: {}\n",
+                n.name,
+                match &e {
+                    Some(e) if e.revoked => "revoked".to_string(),
+                    Some(Enrollment { cert: Some(c), .. }) => c.clone(),
+                    _ => "none (not enrolled)".to_string(),
+                },
+                if !usable {
+                    "nothing".to_string()
+                } else if images.is_empty() {
+                    "nothing (no image for the node or its group)".to_string()
+                } else {
+                    format!("manifests and objects of {}", images.join(", "))
+                },
+                if usable {
+                    "about itself only"
+                } else {
+                    "nothing"
+                },
+            )
+            .context("writing to stdout")?;
         }
         NodeCmd::Set {
             nodes,
@@ -499,6 +566,12 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
             }
             // Free MACs/IPs inside the range first so shifting a range works.
             inv.update_nodes(&changed, c.catalog().as_ref())?;
+            // Arming an install opens the node's one-time enrollment.
+            if matches!(boot, Some(BootAction::Install)) {
+                for n in &changed {
+                    inv.arm_enrollment(&n.name, DEFAULT_WINDOW_SECS)?;
+                }
+            }
             eprintln!("updated {} node(s)", changed.len());
         }
         NodeCmd::Rm { nodes } => {

@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod enroll;
 mod leasebook;
 pub mod model;
 pub mod ranges;
@@ -423,7 +424,10 @@ impl Inventory {
             )
             .context("setting the boot action")?;
             history(tx, actor, &format!("node/{name}"), "boot", &format!("boot: {} -> install", old.boot))
-        })
+        })?;
+        // Arming an install opens the node's one-time enrollment.
+        self.arm_enrollment(name, enroll::DEFAULT_WINDOW_SECS)?;
+        Ok(())
     }
 
     /// Sets a node to be installed by its distribution's installer at its next network boot

@@ -71,6 +71,21 @@ CREATE INDEX history_object ON history(object);
 ALTER TABLE nodes ADD COLUMN profile TEXT;
 ALTER TABLE groups ADD COLUMN profile TEXT;
 "#,
+    // 3: enrollment and node certificates (see enroll.rs and docs/security.md)
+    r#"
+CREATE TABLE enrollments (
+    node TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    nonce TEXT NOT NULL,
+    armed INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    spent INTEGER,
+    mac TEXT,
+    uuid TEXT,
+    cert TEXT,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    alarm TEXT
+);
+"#,
 ];
 
 /// The schema version this build writes.

@@ -135,6 +135,23 @@ impl Store {
         toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
     }
 
+    /// The master's signature on `name@v` (see si-trust's `sign`), if it has one yet.
+    pub fn signature(&self, name: &str, v: u32) -> Result<Option<Vec<u8>>> {
+        let p = self.version_dir(name, v)?.join("signature");
+        match std::fs::read(&p) {
+            Ok(b) if b.len() <= 1024 => Ok(Some(b)),
+            Ok(b) => bail!("{} is {} bytes: not a signature", p.display(), b.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    /// Stores the signature on `name@v` beside the version (written atomically).
+    pub fn write_signature(&self, name: &str, v: u32, sig: &[u8]) -> Result<()> {
+        let p = self.version_dir(name, v)?.join("signature");
+        si_tree::fsutil::write_atomic(&p, sig).with_context(|| format!("writing {}", p.display()))
+    }
+
     /// Where the encoded manifest of `name@v` lives.
     pub fn manifest_path(&self, name: &str, v: u32) -> Result<PathBuf> {
         Ok(self.version_dir(name, v)?.join("manifest"))

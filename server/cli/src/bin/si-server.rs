@@ -4,7 +4,16 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     si_tree::logging::init("info");
-    si_server::daemon::run(si_server::daemon::DaemonArgs::parse()).await
+    let a = si_server::daemon::DaemonArgs::parse();
+    match &a.command {
+        Some(si_server::daemon::ServerCmd::Ca(si_server::daemon::CaCmd::Show)) => {
+            si_server::daemon::ca_show(&a)
+        }
+        Some(si_server::daemon::ServerCmd::Ca(si_server::daemon::CaCmd::Token { node })) => {
+            si_server::daemon::ca_token(&a, node)
+        }
+        None => si_server::daemon::run(a).await,
+    }
 }
 
 #[test]

@@ -1,0 +1,46 @@
+//! si's trust layer: the master's certificate authority, the certificates it issues, the
+//! rustls configurations every si connection uses, and the signatures on image versions.
+//!
+//! The model (docs/security.md has the whole of it):
+//! - The master keeps a CA of its own ([`ca::Authority`], behind the `ca` feature) in a
+//!   root-only directory. It issues the master's certificate (SAN `master.si` plus the names and
+//!   addresses it serves) and node certificates (SAN `NODE.node.si`) for keys the nodes made.
+//! - Clients are given the CA's [`Fingerprint`] (SHA-256 of the CA certificate's DER). The
+//!   server sends its chain *including* the CA certificate; the client finds the certificate
+//!   whose fingerprint is the pin, takes it as the only trust anchor, and verifies the chain and
+//!   the role name against it ([`tls::client_config`]). A client therefore needs nothing but the
+//!   fingerprint, which fits on a kernel command line.
+//! - Who a peer is comes from its certificate's SAN ([`Peer`]): `master.si` is the master,
+//!   `NODE.node.si` is node NODE. The server config ([`ca::Authority::server_config`]) asks for a
+//!   client certificate, verifies it against the CA when one is sent, and lets the service decide
+//!   per request what an anonymous or a known peer may do.
+//! - The CA key is ed25519 and also signs each image version's manifest digest
+//!   ([`sign::version_message`], domain-separated from certificate signatures), so a node that
+//!   pinned the CA verifies a version without a second pin.
+
+pub mod enroll;
+pub mod files;
+mod fingerprint;
+pub mod identity;
+pub mod sign;
+pub mod tls;
+
+#[cfg(feature = "ca")]
+pub mod ca;
+
+pub use fingerprint::Fingerprint;
+pub use identity::{NodeIdentity, Peer};
+#[cfg(feature = "async")]
+pub use tls::{Acceptor, ServerStream};
+pub use tls::{ClientStream, Connector};
+
+/// The SAN every master certificate carries; clients check the master's certificate against it
+/// whatever address they dialled.
+pub const MASTER_NAME: &str = "master.si";
+/// The suffix of a node certificate's SAN: node `n1` is `n1.node.si`.
+pub const NODE_SUFFIX: &str = ".node.si";
+
+/// The crypto provider every si TLS config uses (ring: no C toolchain beyond cc).
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}

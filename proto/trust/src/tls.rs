@@ -1,0 +1,397 @@
+//! rustls configurations: a client that trusts only the pinned CA, the master's server with
+//! optional client certificates, and a blocking stream that is TLS or (with `--insecure`) TCP.
+
+use crate::{Fingerprint, NodeIdentity};
+use anyhow::{anyhow, Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+/// Verifies a server against the CA whose certificate has the pinned fingerprint. The server
+/// sends that CA certificate in its chain; it becomes the only trust anchor for the handshake,
+/// and the chain is then verified by webpki as usual (signatures, validity, server-auth usage,
+/// and the name: `master.si` for the master, whatever address was dialled).
+#[derive(Debug)]
+pub struct PinnedVerifier {
+    pin: Fingerprint,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinnedVerifier {
+    pub fn new(pin: Fingerprint) -> PinnedVerifier {
+        PinnedVerifier {
+            pin,
+            provider: crate::provider(),
+        }
+    }
+
+    fn anchored(
+        &self,
+        ca: &CertificateDer<'_>,
+    ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(format!("building the pinned verifier: {e}")))
+    }
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| Fingerprint::of(c.as_ref()) == self.pin)
+        else {
+            tracing::warn!(pin = %self.pin, "the server's chain does not contain the pinned CA");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ));
+        };
+        self.anchored(ca)?
+            .verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config that trusts only the CA pinned by `pin`, presenting `identity` (a node's
+/// certificate) when given.
+pub fn client_config(
+    pin: Fingerprint,
+    identity: Option<&NodeIdentity>,
+) -> Result<Arc<ClientConfig>> {
+    let b = ClientConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(pin)));
+    let cfg = match identity {
+        Some(id) => {
+            let (chain, key) = id.rustls();
+            b.with_client_auth_cert(chain, key)
+                .context("loading the node certificate")?
+        }
+        None => b.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// How a blocking client reaches an si server: TLS with a pinned CA (the default), or plain
+/// TCP when the operator said `--insecure`.
+#[derive(Clone)]
+pub enum Connector {
+    Tls {
+        config: Arc<ClientConfig>,
+        pin: Fingerprint,
+        /// The name the server's certificate must carry (`master.si` for the master).
+        name: String,
+        /// The node this client presents itself as, when it has an identity.
+        node: Option<String>,
+    },
+    Insecure,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Connector::Tls { pin, name, .. } => write!(f, "Tls({name}, {pin})"),
+            Connector::Insecure => f.write_str("Insecure"),
+        }
+    }
+}
+
+impl Connector {
+    /// TLS to the master, trusting the pinned CA, with an optional node identity.
+    pub fn master(pin: Fingerprint, identity: Option<&NodeIdentity>) -> Result<Connector> {
+        Ok(Connector::Tls {
+            config: client_config(pin, identity)?,
+            pin,
+            name: crate::MASTER_NAME.to_string(),
+            node: identity.map(|i| i.name.clone()),
+        })
+    }
+
+    /// From the usual client options: `--insecure` wins (and is logged loudly), otherwise a pin
+    /// is required; a node identity in `identity_dir` is used when one is there.
+    pub fn from_options(
+        pin: Option<Fingerprint>,
+        insecure: bool,
+        identity_dir: Option<&std::path::Path>,
+    ) -> Result<Connector> {
+        if insecure {
+            tracing::warn!("--insecure: talking to the si server over plain TCP; anyone on the path reads and alters what is sent");
+            return Ok(Connector::Insecure);
+        }
+        let pin = pin.ok_or_else(|| {
+            anyhow!("no CA fingerprint: pass --ca-fingerprint (si-server ca show prints it) or --insecure")
+        })?;
+        let identity = match identity_dir {
+            Some(d) if d.join(crate::identity::KEY_FILE).exists() => {
+                Some(NodeIdentity::load(d, &pin)?)
+            }
+            _ => None,
+        };
+        Connector::master(pin, identity.as_ref())
+    }
+
+    /// Wraps a connected TCP stream; the TLS handshake happens on the first read or write.
+    pub fn wrap(&self, tcp: TcpStream) -> Result<ClientStream> {
+        match self {
+            Connector::Insecure => {
+                tracing::warn!(peer = ?tcp.peer_addr().ok(), "--insecure: plain TCP connection");
+                Ok(ClientStream::Plain(tcp))
+            }
+            Connector::Tls { config, name, .. } => {
+                let sn = ServerName::try_from(name.clone())
+                    .map_err(|e| anyhow!("{name} is not a server name: {e}"))?;
+                let conn = rustls::ClientConnection::new(config.clone(), sn)
+                    .context("starting a TLS session")?;
+                Ok(ClientStream::Tls(Box::new(rustls::StreamOwned::new(
+                    conn, tcp,
+                ))))
+            }
+        }
+    }
+
+    /// The node name of the identity presented, if any.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Connector::Tls { node, .. } => node.as_deref(),
+            Connector::Insecure => None,
+        }
+    }
+
+    /// The pinned CA fingerprint (None when insecure).
+    pub fn pin(&self) -> Option<Fingerprint> {
+        match self {
+            Connector::Tls { pin, .. } => Some(*pin),
+            Connector::Insecure => None,
+        }
+    }
+}
+
+/// A client's connection: TLS, or TCP under `--insecure`.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl ClientStream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            ClientStream::Plain(s) => s,
+            ClientStream::Tls(s) => s.get_ref(),
+        }
+    }
+
+    /// Completes the TLS handshake now (so a wrong CA fails here, with a clear error).
+    pub fn handshake(&mut self) -> std::io::Result<()> {
+        if let ClientStream::Tls(s) = self {
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut s.sock)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The CA certificate the server sent whose fingerprint is `pin` (the key that signs
+    /// versions), once the handshake is done.
+    pub fn pinned_ca(&self, pin: &Fingerprint) -> Option<Vec<u8>> {
+        let ClientStream::Tls(s) = self else {
+            return None;
+        };
+        s.conn
+            .peer_certificates()?
+            .iter()
+            .find(|c| Fingerprint::of(c.as_ref()) == *pin)
+            .map(|c| c.to_vec())
+    }
+}
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            ClientStream::Plain(s) => s.read(buf),
+            ClientStream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for ClientStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ClientStream::Plain(s) => s.write(buf),
+            ClientStream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ClientStream::Plain(s) => s.flush(),
+            ClientStream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// The accepting side of a service: TLS with the master's config, or plain TCP under
+/// `--insecure`.
+#[cfg(feature = "async")]
+#[derive(Clone)]
+pub enum Acceptor {
+    Tls(tokio_rustls::TlsAcceptor),
+    Insecure,
+}
+
+#[cfg(feature = "async")]
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Acceptor::Tls(_) => "Tls",
+            Acceptor::Insecure => "Insecure",
+        })
+    }
+}
+
+#[cfg(feature = "async")]
+impl Acceptor {
+    pub fn tls(config: Arc<rustls::ServerConfig>) -> Acceptor {
+        Acceptor::Tls(tokio_rustls::TlsAcceptor::from(config))
+    }
+
+    /// Runs the TLS handshake (bounded by `deadline`) and says who the peer is: `None` for a
+    /// peer without a certificate (and for every peer under `--insecure`).
+    pub async fn accept(
+        &self,
+        tcp: tokio::net::TcpStream,
+        deadline: std::time::Duration,
+    ) -> Result<(ServerStream, Option<crate::Peer>)> {
+        match self {
+            Acceptor::Insecure => {
+                tracing::warn!(peer = ?tcp.peer_addr().ok(), "--insecure: plain TCP session; the peer is not authenticated");
+                Ok((ServerStream::Plain(tcp), None))
+            }
+            Acceptor::Tls(a) => {
+                let s = tokio::time::timeout(deadline, a.accept(tcp))
+                    .await
+                    .map_err(|_| anyhow!("TLS handshake timed out"))?
+                    .context("TLS handshake")?;
+                let peer = match s.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                    Some(c) => Some(crate::Peer::from_cert(c.as_ref())?),
+                    None => None,
+                };
+                Ok((ServerStream::Tls(Box::new(s)), peer))
+            }
+        }
+    }
+}
+
+/// The fingerprint of the certificate a server-side peer presented (the inventory keeps each
+/// node's current one: a replaced or revoked certificate is refused even while it is valid).
+#[cfg(feature = "async")]
+pub fn peer_cert_fingerprint(s: &ServerStream) -> Option<Fingerprint> {
+    match s {
+        ServerStream::Plain(_) => None,
+        ServerStream::Tls(t) => t
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| Fingerprint::of(c.as_ref())),
+    }
+}
+
+/// A server-side session stream.
+#[cfg(feature = "async")]
+pub enum ServerStream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+#[cfg(feature = "async")]
+mod server_io {
+    use super::ServerStream;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    impl AsyncRead for ServerStream {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                ServerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            }
+        }
+    }
+
+    impl AsyncWrite for ServerStream {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.get_mut() {
+                ServerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                ServerStream::Plain(s) => Pin::new(s).poll_flush(cx),
+                ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            }
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                ServerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            }
+        }
+    }
+}

@@ -47,7 +47,7 @@ fn file(path: &[u8], data: &[u8], objects: &mut HashMap<Digest, Vec<u8>>) -> Ent
 fn adversary(entries: Vec<Entry>, objects: HashMap<Digest, Vec<u8>>) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let bytes = Manifest { entries }.encode();
+    let (bytes, manifest_digest) = Manifest { entries }.encode_with_digest();
     std::thread::spawn(move || {
         for sock in l.incoming() {
             let Ok(sock) = sock else { return };
@@ -77,7 +77,7 @@ fn adversary(entries: Vec<Entry>, objects: HashMap<Digest, Vec<u8>>) -> String {
                                         entries: 0,
                                         bytes: 0,
                                     },
-                                    digest: Digest::of(&bytes),
+                                    digest: manifest_digest,
                                     bytes: bytes.len() as u64,
                                 },
                             )?;

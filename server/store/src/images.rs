@@ -41,18 +41,10 @@ pub struct VersionMeta {
     pub has_layout: bool,
 }
 
-/// Image names: letters, digits, `.`, `_`, `-`; not starting with `.`; at most 64 bytes.
+/// Image names: letters, digits, `.`, `_`, `-`; not starting with `.`; at most 64 bytes
+/// (`si_proto::path::image_name`, the rule the inventory applies too).
 pub fn valid_image_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 64
-        || name.starts_with('.')
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        bail!("invalid image name {name:?}: use letters, digits, '.', '_' and '-' (not first '.')");
-    }
-    Ok(())
+    Ok(si_proto::path::image_name(name)?)
 }
 
 /// Parses `NAME` or `NAME@VERSION`.

@@ -26,17 +26,74 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// si-prepareclient's configuration: the command line, and the same as a TOML file.
+#[derive(Clone, clap::Parser, serde::Serialize, serde::Deserialize)]
+#[command(
+    name = "si-prepareclient",
+    version,
+    about = "Prepare this node to be captured: record the disk layout, then serve the tree to \
+             the named master only, once, with a one-time token (printed), and exit"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServeConfig {
-    pub listen: SocketAddr,
-    /// The only peer address accepted.
+    /// The master allowed to capture (IP address): the only peer address accepted.
+    #[arg(long)]
     pub master: IpAddr,
-    pub token: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7810")]
+    pub listen: SocketAddr,
+    /// Root of the tree to serve.
+    #[arg(long, default_value = "/")]
     pub root: PathBuf,
-    /// The disk layout (TOML) to hand to the master.
-    pub layout: Option<String>,
-    /// Where the stat cache lives.
+    /// Use this token instead of a random one (required by the time a capture is served).
+    #[arg(long)]
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Use this disk layout file instead of detecting the layout.
+    #[arg(long, conflicts_with = "no_layout")]
+    #[serde(default)]
+    pub layout: Option<PathBuf>,
+    /// Record no disk layout.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_layout: bool,
+    /// State directory (the stat cache and the manifest last sent).
+    #[arg(long, default_value = "/var/lib/si")]
     pub state_dir: PathBuf,
-    pub timeout: Duration,
+    /// Give up when no capture arrives within this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+}
+
+impl ServeConfig {
+    /// The disk layout (TOML) to hand to the master: none with `no_layout`, the `layout` file
+    /// (checked), else the one detected beneath `root`.
+    pub fn layout_toml(&self) -> Result<Option<String>> {
+        if self.no_layout {
+            return Ok(None);
+        }
+        if let Some(p) = &self.layout {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            si_proto::layout::Layout::parse(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("parsing {}", p.display()))?;
+            return Ok(Some(text));
+        }
+        Ok(Some(
+            crate::layout::detect(&self.root)
+                .context("detecting the disk layout (or pass --layout FILE / --no-layout)")?
+                .to_toml(),
+        ))
+    }
+
+    fn token(&self) -> Result<&str> {
+        self.token.as_deref().context("no capture token configured")
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
+    }
 }
 
 /// Largest encoded size of one `Entries` batch.
@@ -104,25 +161,31 @@ fn send_entries<W: Write>(w: &mut W, entries: Vec<Entry>) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the master, serves one capture, returns its statistics.
-pub fn serve_once(cfg: &ServeConfig) -> Result<ScanStats> {
+/// Waits for the master, serves one capture (handing it `layout`, see
+/// [`ServeConfig::layout_toml`]), returns its statistics.
+pub fn serve_once(cfg: &ServeConfig, layout: Option<String>) -> Result<ScanStats> {
     let listener =
         TcpListener::bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
-    serve_on(listener, cfg)
+    serve_on(listener, cfg, layout)
 }
 
 /// [`serve_once`] on a listener the caller has bound (`cfg.listen` is not used).
-pub fn serve_on(listener: TcpListener, cfg: &ServeConfig) -> Result<ScanStats> {
+pub fn serve_on(
+    listener: TcpListener,
+    cfg: &ServeConfig,
+    layout: Option<String>,
+) -> Result<ScanStats> {
+    cfg.token()?;
     // Non-blocking so a connection gone between poll(2) and accept(2) cannot block past the
     // deadline; the wait itself is poll(2).
     listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + cfg.timeout;
+    let deadline = Instant::now() + cfg.timeout();
     loop {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
             bail!(
                 "no capture from {} within {:?}; exiting",
                 cfg.master,
-                cfg.timeout
+                cfg.timeout()
             );
         };
         if !wait_readable(&listener, left)? {
@@ -139,7 +202,7 @@ pub fn serve_on(listener: TcpListener, cfg: &ServeConfig) -> Result<ScanStats> {
         }
         stream.set_nonblocking(false)?;
         match handshake(&stream, cfg) {
-            Ok(()) => return capture(stream, cfg),
+            Ok(()) => return capture(stream, cfg, layout),
             Err(e) => tracing::warn!(%peer, error = format!("{e:#}"), "refused a connection"),
         }
     }
@@ -164,7 +227,7 @@ fn handshake(stream: &TcpStream, cfg: &ServeConfig) -> Result<()> {
     stream.set_read_timeout(Some(handshake::HELLO_TIMEOUT))?;
     let policy = Policy {
         roles: vec![Role::Capture],
-        token: Some(cfg.token.clone()),
+        token: Some(cfg.token()?.to_string()),
         server: si_tree::fsutil::hostname(),
     };
     handshake::accept(&mut &*stream, &policy)?;
@@ -258,17 +321,14 @@ fn offered<S: std::io::Read + Write>(conn: &mut S, files: &StateFiles) -> Result
     })
 }
 
-fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
+fn capture(stream: TcpStream, cfg: &ServeConfig, layout: Option<String>) -> Result<ScanStats> {
     stream.set_nodelay(true).ok();
     let mut conn = BufStream::with_capacities(64 << 10, 1 << 20, stream);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let files = StateFiles::new(cfg);
     let offer = offered(&mut conn, &files)?;
-    write_msg(
-        &mut conn,
-        &Msg::Layout(cfg.layout.clone().unwrap_or_default()),
-    )?;
+    write_msg(&mut conn, &Msg::Layout(layout.unwrap_or_default()))?;
     let mut scfg = ScanConfig::new(&cfg.root);
     scfg.excludes = Excludes::new(&offer.excludes)?;
     scfg.stat_cache = Some(files.stat_cache.clone());

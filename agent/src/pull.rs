@@ -311,3 +311,35 @@ impl ManifestAnswer {
         }
     }
 }
+
+/// si-report's configuration: the command line, and the same as a TOML file.
+#[derive(Clone, Debug, clap::Parser, serde::Serialize, serde::Deserialize)]
+#[command(
+    name = "si-report",
+    version,
+    about = "Report a node's install/update state to si-server"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReportConfig {
+    /// The si-server (HOST or HOST:PORT).
+    #[arg(long)]
+    pub server: String,
+    /// Node name as the inventory knows it.
+    #[arg(long)]
+    pub node: String,
+    /// State: installing, installed, failed, updated...
+    #[arg(long)]
+    pub state: String,
+    #[arg(long, default_value = "")]
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// Sends one report and waits for the server to say it is stored.
+pub fn report(cfg: &ReportConfig) -> Result<()> {
+    let mut c = Client::connect(&cfg.server, Duration::from_secs(10))?;
+    c.report(&cfg.node, &cfg.state, &cfg.detail)
+        .with_context(|| format!("reporting {} as {}", cfg.node, cfg.state))?;
+    c.bye();
+    Ok(())
+}

@@ -340,13 +340,15 @@ fn serve(
     let cfg = si_agent::golden::ServeConfig {
         listen: addr,
         master: master.parse().unwrap(),
-        token: token.into(),
+        token: Some(token.into()),
         root: root.to_path_buf(),
-        layout: Some("format = 1\nfirmware = \"bios\"\n".into()),
+        layout: None,
+        no_layout: false,
         state_dir: state.to_path_buf(),
-        timeout: Duration::from_secs(3),
+        timeout: 3,
     };
-    let h = std::thread::spawn(move || si_agent::golden::serve_on(l, &cfg));
+    let layout = Some("format = 1\nfirmware = \"bios\"\n".to_string());
+    let h = std::thread::spawn(move || si_agent::golden::serve_on(l, &cfg, layout));
     (addr, h)
 }
 

@@ -356,22 +356,37 @@ impl Delta {
         }
     }
 
-    /// Rebuilds the new manifest from the old one (validated).
+    /// Rebuilds the new manifest from the old one (validated). One merge over the old entries
+    /// (sorted, as every valid manifest is) and the upserts; of two upserts of one path the
+    /// later wins.
     pub fn apply(&self, old: &Manifest) -> Result<Manifest, ManifestError> {
         let removed: std::collections::HashSet<&[u8]> =
             self.removed.iter().map(|p| p.as_slice()).collect();
-        let mut map: std::collections::BTreeMap<Vec<u8>, Entry> = old
-            .entries
-            .iter()
-            .filter(|e| !removed.contains(e.path.as_slice()))
-            .map(|e| (e.path.clone(), e.clone()))
-            .collect();
-        for e in &self.upserts {
-            map.insert(e.path.clone(), e.clone());
-        }
-        let m = Manifest {
-            entries: map.into_values().collect(),
+        let mut ups: Vec<&Entry> = self.upserts.iter().collect();
+        // Stable: upserts of one path stay in their order, and the last of them is taken.
+        ups.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut entries = Vec::with_capacity(old.entries.len() + ups.len());
+        let mut ups = ups.into_iter().peekable();
+        let mut take_up = |entries: &mut Vec<Entry>, e: &Entry| match entries.last_mut() {
+            Some(last) if last.path == e.path => *last = e.clone(),
+            _ => entries.push(e.clone()),
         };
+        for e in old.entries.iter().filter(|e| !removed.contains(e.path.as_slice())) {
+            while let Some(u) = ups.next_if(|u| u.path < e.path) {
+                take_up(&mut entries, u);
+            }
+            if ups.peek().is_some_and(|u| u.path == e.path) {
+                while let Some(u) = ups.next_if(|u| u.path == e.path) {
+                    take_up(&mut entries, u);
+                }
+            } else {
+                entries.push(e.clone());
+            }
+        }
+        for u in ups {
+            take_up(&mut entries, u);
+        }
+        let m = Manifest { entries };
         m.validate()?;
         Ok(m)
     }
@@ -583,6 +598,28 @@ pub(crate) mod tests {
             "encoding is deterministic"
         );
         assert!(Delta::decode(b"SIMD\x01\0\0\0garbage").is_err());
+    }
+
+    /// Upserts in any order, and repeated ones (the last wins), rebuild as a map would.
+    #[test]
+    fn delta_apply_merges_unsorted_and_repeated_upserts() {
+        let a = sample();
+        let mut first = entry("c", Kind::Fifo);
+        first.mode = 0o600;
+        let d = Delta {
+            upserts: vec![
+                entry("z", Kind::Fifo),
+                first,
+                entry("a", Kind::Dir),
+                entry("c", Kind::Fifo),
+            ],
+            removed: vec![b"b".to_vec()],
+        };
+        let m = d.apply(&a).unwrap();
+        let paths: Vec<&[u8]> = m.entries.iter().map(|e| e.path.as_slice()).collect();
+        assert_eq!(paths, [&b""[..], b"a", b"c", b"d", b"d/l", b"z"]);
+        assert_eq!(m.get(b"c").unwrap().mode, 0o644, "the later upsert wins");
+        assert_eq!(m.get(b"a").unwrap().kind, Kind::Dir);
     }
 
     /// The digest covers the entries, not the compressed bytes: another compression of the

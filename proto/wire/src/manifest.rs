@@ -367,11 +367,15 @@ impl Delta {
         ups.sort_by(|a, b| a.path.cmp(&b.path));
         let mut entries = Vec::with_capacity(old.entries.len() + ups.len());
         let mut ups = ups.into_iter().peekable();
-        let mut take_up = |entries: &mut Vec<Entry>, e: &Entry| match entries.last_mut() {
+        let take_up = |entries: &mut Vec<Entry>, e: &Entry| match entries.last_mut() {
             Some(last) if last.path == e.path => *last = e.clone(),
             _ => entries.push(e.clone()),
         };
-        for e in old.entries.iter().filter(|e| !removed.contains(e.path.as_slice())) {
+        for e in old
+            .entries
+            .iter()
+            .filter(|e| !removed.contains(e.path.as_slice()))
+        {
             while let Some(u) = ups.next_if(|u| u.path < e.path) {
                 take_up(&mut entries, u);
             }

@@ -569,3 +569,86 @@ fn capture_refuses_wrong_token_and_other_hosts() {
     assert!(h.join().unwrap().is_err());
     assert_eq!(store.versions("net").unwrap(), vec![1]);
 }
+
+/// A golden client whose delta does not rebuild the manifest it names: the master asks for
+/// the whole tree (`SendEntries`) and records exactly that. The golden client here is the
+/// protocol written out by hand, to make the one mistake a real one never makes.
+#[test]
+fn a_delta_that_does_not_rebuild_its_digest_falls_back_to_entries() {
+    use si_proto::frame::{recv_msg, write_bytes, write_msg};
+    use si_proto::msg::{Msg, ScanStats};
+    use std::io::Write;
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    make_tree(&src);
+    let store = Store::open(&t.path().join("store")).unwrap();
+    getimage::commit(&store, &src, "net", &[], None).unwrap();
+    let base = store.manifest("net", 1).unwrap();
+    let base_digest = store.manifest_digest("net", 1).unwrap();
+
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let entries = base.entries.clone();
+    let golden = std::thread::spawn(move || -> Result<Vec<&'static str>> {
+        let (s, _) = l.accept()?;
+        let mut c = si_proto::stream::BufStream::new(s);
+        let policy = si_proto::handshake::Policy {
+            roles: vec![si_proto::msg::Role::Capture],
+            token: Some("tok".into()),
+            server: "liar".into(),
+        };
+        si_proto::handshake::accept(&mut c, &policy)?;
+        let mut seen = vec![];
+        assert!(matches!(recv_msg(&mut c)?, Msg::CaptureStart { .. }));
+        match recv_msg(&mut c)? {
+            Msg::CaptureBase { manifest } => assert_eq!(manifest, base_digest),
+            m => panic!("expected CaptureBase, got {}", m.name()),
+        }
+        write_msg(&mut c, &Msg::BaseKnown(true))?;
+        c.flush()?;
+        assert!(
+            matches!(recv_msg(&mut c)?, Msg::HaveEnd),
+            "a Have list after BaseKnown"
+        );
+        write_msg(&mut c, &Msg::Layout(String::new()))?;
+        // An empty delta, announced as rebuilding some other manifest.
+        let delta = si_proto::manifest::Delta::default().encode();
+        write_msg(
+            &mut c,
+            &Msg::CaptureDelta {
+                digest: Digest::of(b"not this manifest"),
+                bytes: delta.len() as u64,
+            },
+        )?;
+        write_bytes(&mut c, &delta)?;
+        write_msg(
+            &mut c,
+            &Msg::ScanEnd {
+                stats: ScanStats::default(),
+            },
+        )?;
+        c.flush()?;
+        match recv_msg(&mut c)? {
+            Msg::SendEntries => seen.push("SendEntries"),
+            m => panic!("expected SendEntries, got {}", m.name()),
+        }
+        write_msg(&mut c, &Msg::Entries(entries))?;
+        write_msg(
+            &mut c,
+            &Msg::ScanEnd {
+                stats: ScanStats::default(),
+            },
+        )?;
+        c.flush()?;
+        if let Msg::Bye = recv_msg(&mut c)? {
+            seen.push("Bye");
+        }
+        Ok(seen)
+    });
+    let s = get_as(&store, addr, "tok", "net").unwrap();
+    assert_eq!(golden.join().unwrap().unwrap(), vec!["SendEntries", "Bye"]);
+    assert!(!s.manifest_delta, "the summary says the delta was used");
+    assert_eq!(s.version, 2);
+    assert_eq!(store.manifest("net", 2).unwrap(), base);
+    assert_eq!(store.manifest_digest("net", 2).unwrap(), base_digest);
+}

@@ -2,13 +2,19 @@
 //!
 //! It listens on one address, accepts a connection from the named master only, requires the
 //! one-time token it printed, serves exactly one capture (protocol in `si_proto::msg`) and
-//! exits; with no capture before the timeout it exits with an error. The stat cache is saved
-//! only after the master confirms (`Bye`) that the image is durably recorded.
+//! exits; with no capture before the timeout it exits with an error. The stat cache, and the
+//! encoded manifest just sent, are saved only after the master confirms (`Bye`) that the image
+//! is durably recorded.
+//!
+//! The manifest kept is the base of the next capture: when the master offers the manifest
+//! digest of its newest version (`CaptureBase`) and it is the one kept, the master sends no
+//! list of the objects it has, and this side sends only a `manifest::Delta` from that base to
+//! the new tree; any doubt (no file, a corrupt one, another digest) takes the full path.
 
 use anyhow::{bail, Context, Result};
 use si_proto::frame::{self, recv_msg, write_data, write_msg};
 use si_proto::handshake::{self, Policy};
-use si_proto::manifest::{Entry, Kind};
+use si_proto::manifest::{Delta, Entry, Kind, Manifest};
 use si_proto::msg::{self, Msg, Role, ScanStats};
 use si_proto::stream::BufStream;
 use si_proto::Digest;
@@ -20,17 +26,74 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// si-prepareclient's configuration: the command line, and the same as a TOML file.
+#[derive(Clone, clap::Parser, serde::Serialize, serde::Deserialize)]
+#[command(
+    name = "si-prepareclient",
+    version,
+    about = "Prepare this node to be captured: record the disk layout, then serve the tree to \
+             the named master only, once, with a one-time token (printed), and exit"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServeConfig {
-    pub listen: SocketAddr,
-    /// The only peer address accepted.
+    /// The master allowed to capture (IP address): the only peer address accepted.
+    #[arg(long)]
     pub master: IpAddr,
-    pub token: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7810")]
+    pub listen: SocketAddr,
+    /// Root of the tree to serve.
+    #[arg(long, default_value = "/")]
     pub root: PathBuf,
-    /// The disk layout (TOML) to hand to the master.
-    pub layout: Option<String>,
-    /// Where the stat cache lives.
+    /// Use this token instead of a random one (required by the time a capture is served).
+    #[arg(long)]
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Use this disk layout file instead of detecting the layout.
+    #[arg(long, conflicts_with = "no_layout")]
+    #[serde(default)]
+    pub layout: Option<PathBuf>,
+    /// Record no disk layout.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_layout: bool,
+    /// State directory (the stat cache and the manifest last sent).
+    #[arg(long, default_value = "/var/lib/si")]
     pub state_dir: PathBuf,
-    pub timeout: Duration,
+    /// Give up when no capture arrives within this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+}
+
+impl ServeConfig {
+    /// The disk layout (TOML) to hand to the master: none with `no_layout`, the `layout` file
+    /// (checked), else the one detected beneath `root`.
+    pub fn layout_toml(&self) -> Result<Option<String>> {
+        if self.no_layout {
+            return Ok(None);
+        }
+        if let Some(p) = &self.layout {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            si_proto::layout::Layout::parse(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("parsing {}", p.display()))?;
+            return Ok(Some(text));
+        }
+        Ok(Some(
+            crate::layout::detect(&self.root)
+                .context("detecting the disk layout (or pass --layout FILE / --no-layout)")?
+                .to_toml(),
+        ))
+    }
+
+    fn token(&self) -> Result<&str> {
+        self.token.as_deref().context("no capture token configured")
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
+    }
 }
 
 /// Largest encoded size of one `Entries` batch.
@@ -98,31 +161,39 @@ fn send_entries<W: Write>(w: &mut W, entries: Vec<Entry>) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the master, serves one capture, returns its statistics.
-pub fn serve_once(cfg: &ServeConfig) -> Result<ScanStats> {
+/// Waits for the master, serves one capture (handing it `layout`, see
+/// [`ServeConfig::layout_toml`]), returns its statistics.
+pub fn serve_once(cfg: &ServeConfig, layout: Option<String>) -> Result<ScanStats> {
     let listener =
         TcpListener::bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
-    serve_on(listener, cfg)
+    serve_on(listener, cfg, layout)
 }
 
 /// [`serve_once`] on a listener the caller has bound (`cfg.listen` is not used).
-pub fn serve_on(listener: TcpListener, cfg: &ServeConfig) -> Result<ScanStats> {
+pub fn serve_on(
+    listener: TcpListener,
+    cfg: &ServeConfig,
+    layout: Option<String>,
+) -> Result<ScanStats> {
+    cfg.token()?;
+    // Non-blocking so a connection gone between poll(2) and accept(2) cannot block past the
+    // deadline; the wait itself is poll(2).
     listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + cfg.timeout;
+    let deadline = Instant::now() + cfg.timeout();
     loop {
-        if Instant::now() >= deadline {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
             bail!(
                 "no capture from {} within {:?}; exiting",
                 cfg.master,
-                cfg.timeout
+                cfg.timeout()
             );
+        };
+        if !wait_readable(&listener, left)? {
+            continue;
         }
         let (stream, peer) = match listener.accept() {
             Ok(x) => x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e).context("accepting a connection"),
         };
         if peer.ip() != cfg.master {
@@ -131,9 +202,24 @@ pub fn serve_on(listener: TcpListener, cfg: &ServeConfig) -> Result<ScanStats> {
         }
         stream.set_nonblocking(false)?;
         match handshake(&stream, cfg) {
-            Ok(()) => return capture(stream, cfg),
+            Ok(()) => return capture(stream, cfg, layout),
             Err(e) => tracing::warn!(%peer, error = format!("{e:#}"), "refused a connection"),
         }
+    }
+}
+
+/// Blocks until the listener has a connection to accept (true) or `timeout` passes (false).
+fn wait_readable(listener: &TcpListener, timeout: Duration) -> Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let ts = Timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: timeout.subsec_nanos().into(),
+    };
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    match poll(&mut fds, Some(&ts)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(std::io::Error::from(e)).context("waiting for the master to connect"),
     }
 }
 
@@ -141,7 +227,7 @@ fn handshake(stream: &TcpStream, cfg: &ServeConfig) -> Result<()> {
     stream.set_read_timeout(Some(handshake::HELLO_TIMEOUT))?;
     let policy = Policy {
         roles: vec![Role::Capture],
-        token: Some(cfg.token.clone()),
+        token: Some(cfg.token()?.to_string()),
         server: si_tree::fsutil::hostname(),
     };
     handshake::accept(&mut &*stream, &policy)?;
@@ -149,15 +235,71 @@ fn handshake(stream: &TcpStream, cfg: &ServeConfig) -> Result<()> {
     Ok(())
 }
 
-fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
-    stream.set_nodelay(true).ok();
-    let mut r = BufStream::with_capacities(64 << 10, 1 << 20, stream);
-    let Msg::CaptureStart { excludes } = recv_msg(&mut r)? else {
+/// Where the golden client keeps what it needs between captures of `root`: the stat cache,
+/// and the encoded manifest the master last recorded (the base of the next capture's delta).
+struct StateFiles {
+    stat_cache: PathBuf,
+    sent_manifest: PathBuf,
+}
+
+impl StateFiles {
+    fn new(cfg: &ServeConfig) -> StateFiles {
+        let key = &Digest::of(cfg.root.to_string_lossy().as_bytes()).to_hex()[..16];
+        StateFiles {
+            stat_cache: cfg.state_dir.join(format!("statcache-{key}")),
+            sent_manifest: cfg.state_dir.join(format!("manifest-{key}")),
+        }
+    }
+
+    /// The manifest last sent, if it is there, decodes, and has the manifest digest `want`
+    /// (anything else, a missing, corrupt or different manifest, is no base).
+    fn base(&self, want: &Digest) -> Option<Manifest> {
+        let data = match std::fs::read(&self.sent_manifest) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %self.sent_manifest.display(), error = %e, "cannot read the last manifest sent");
+                return None;
+            }
+        };
+        match Manifest::decode_with_digest(&data) {
+            Ok((m, d)) if d == *want => Some(m),
+            Ok(_) => {
+                tracing::info!(
+                    "the master's newest version is not the manifest last sent from here"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.sent_manifest.display(), error = %e, "the last manifest sent is corrupt");
+                None
+            }
+        }
+    }
+}
+
+/// What the master offered before the scan: a base it and this client both hold (if any),
+/// and the objects it has.
+struct Offered {
+    excludes: Vec<String>,
+    base: Option<Manifest>,
+    have: HashSet<Digest>,
+}
+
+/// Reads `CaptureStart`, answers a `CaptureBase`, reads the `Have` list.
+fn offered<S: std::io::Read + Write>(conn: &mut S, files: &StateFiles) -> Result<Offered> {
+    let Msg::CaptureStart { excludes } = recv_msg(conn)? else {
         bail!("expected CaptureStart")
     };
+    let mut base = None;
     let mut have = HashSet::new();
     loop {
-        match recv_msg(&mut r)? {
+        match recv_msg(conn)? {
+            Msg::CaptureBase { manifest } => {
+                base = files.base(&manifest);
+                write_msg(conn, &Msg::BaseKnown(base.is_some()))?;
+                conn.flush()?;
+            }
             Msg::Have(ds) => {
                 if ds.len() > msg::MAX_WANT {
                     bail!("Have batch too large");
@@ -165,46 +307,80 @@ fn capture(stream: TcpStream, cfg: &ServeConfig) -> Result<ScanStats> {
                 have.extend(ds)
             }
             Msg::HaveEnd => break,
-            m => bail!("unexpected {m:?} during the have list"),
+            m => bail!("unexpected {} during the have list", m.name()),
         }
     }
-    let mut w = r;
-    write_msg(&mut w, &Msg::Layout(cfg.layout.clone().unwrap_or_default()))?;
+    // The master holds every object of the base: none of them is sent again.
+    if let Some(b) = &base {
+        have.extend(b.digests().map(|c| c.digest));
+    }
+    Ok(Offered {
+        excludes,
+        base,
+        have,
+    })
+}
+
+fn capture(stream: TcpStream, cfg: &ServeConfig, layout: Option<String>) -> Result<ScanStats> {
+    stream.set_nodelay(true).ok();
+    let mut conn = BufStream::with_capacities(64 << 10, 1 << 20, stream);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-    let cache_path = cfg.state_dir.join(format!(
-        "statcache-{}",
-        &Digest::of(cfg.root.to_string_lossy().as_bytes()).to_hex()[..16]
-    ));
+    let files = StateFiles::new(cfg);
+    let offer = offered(&mut conn, &files)?;
+    write_msg(&mut conn, &Msg::Layout(layout.unwrap_or_default()))?;
     let mut scfg = ScanConfig::new(&cfg.root);
-    scfg.excludes = Excludes::new(&excludes)?;
-    scfg.stat_cache = Some(cache_path.clone());
-    let mut sink = NetSink { w };
+    scfg.excludes = Excludes::new(&offer.excludes)?;
+    scfg.stat_cache = Some(files.stat_cache.clone());
+    let mut sink = NetSink { w: conn };
     let t = std::time::Instant::now();
-    let res = scan::scan(&scfg, &have, &mut sink)?;
-    if std::env::var_os("SI_TIMING").is_some() {
-        eprintln!("si-prepareclient: scan {:.3}s", t.elapsed().as_secs_f64());
-    }
+    let res = scan::scan(&scfg, &offer.have, &mut sink)?;
+    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "scan done");
     let mut w = sink.w;
-    send_entries(&mut w, res.manifest.entries)?;
-    write_msg(
-        &mut w,
-        &Msg::ScanEnd {
-            stats: res.stats.clone(),
-        },
-    )?;
-    w.flush()?;
-    match frame::read_frame(&mut w) {
-        Ok(Some(frame::Frame::Msg(Msg::Bye))) => {
-            res.cache.save(&cache_path)?;
-            Ok(res.stats)
+    let manifest = res.manifest;
+    let plain = manifest.encode_plain();
+    match &offer.base {
+        Some(base) => {
+            let delta = Delta::between(base, &manifest).encode();
+            write_msg(
+                &mut w,
+                &Msg::CaptureDelta {
+                    digest: si_proto::manifest::digest(&plain),
+                    bytes: delta.len() as u64,
+                },
+            )?;
+            frame::write_bytes(&mut w, &delta)?;
         }
-        Ok(Some(frame::Frame::Msg(Msg::Error { message, .. }))) => {
-            bail!("the master failed: {message}")
-        }
-        Ok(other) => bail!("the master closed without confirming ({other:?})"),
-        Err(e) => Err(e).context("waiting for the master's confirmation"),
+        None => send_entries(&mut w, manifest.entries.clone())?,
     }
+    let end = Msg::ScanEnd {
+        stats: res.stats.clone(),
+    };
+    write_msg(&mut w, &end)?;
+    w.flush()?;
+    loop {
+        match frame::read_frame(&mut w) {
+            Ok(Some(frame::Frame::Msg(Msg::Bye))) => break,
+            Ok(Some(frame::Frame::Msg(Msg::SendEntries))) if offer.base.is_some() => {
+                tracing::warn!(
+                    "the master could not rebuild the manifest from the delta; sending it whole"
+                );
+                send_entries(&mut w, manifest.entries.clone())?;
+                write_msg(&mut w, &end)?;
+                w.flush()?;
+            }
+            Ok(Some(frame::Frame::Msg(Msg::Error { message, .. }))) => {
+                bail!("the master failed: {message}")
+            }
+            Ok(other) => bail!("the master closed without confirming ({other:?})"),
+            Err(e) => return Err(e).context("waiting for the master's confirmation"),
+        }
+    }
+    // Recorded: what the master now has is the base of the next capture.
+    res.cache.save(&files.stat_cache)?;
+    si_tree::fsutil::write_atomic(&files.sent_manifest, &manifest.encode())
+        .context("keeping the manifest sent")?;
+    Ok(res.stats)
 }
 
 #[cfg(test)]

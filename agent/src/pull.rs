@@ -25,7 +25,8 @@ pub use si_tree::codec::verify;
 
 /// How a node client trusts the master: the CA fingerprint it pins, or `--insecure`; and the
 /// node identity it presents once enrolled. Flattened into every node command line.
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrustArgs {
     /// The master's CA fingerprint (`sha256:HEX`, as `si-server ca show` prints it); default:
     /// the one in IDENTITY_DIR/ca.fingerprint.
@@ -211,35 +212,14 @@ impl Client {
             }
             m => bail!("unexpected answer: {m:?}"),
         };
-        if bytes > si_proto::manifest::MAX_MANIFEST_BYTES {
-            bail!("manifest of {bytes} bytes is too large");
-        }
-        let mut data = Vec::with_capacity(bytes.min(64 << 20) as usize);
-        while (data.len() as u64) < bytes {
-            let part = si_proto::frame::recv_data(&mut self.conn)?;
-            data.extend_from_slice(&part);
-        }
-        if data.len() as u64 != bytes || Digest::of(&data) != digest {
-            bail!("manifest of {image} arrived corrupt");
-        }
-        let m =
-            Manifest::decode(&data).with_context(|| format!("decoding the manifest of {image}"))?;
+        let data = self.recv_bytes(bytes)?;
+        let m = checked_manifest(image, &data, &digest)?;
         Ok((info, m, data))
     }
 
     fn recv_bytes(&mut self, n: u64) -> Result<Vec<u8>> {
-        if n > si_proto::manifest::MAX_MANIFEST_BYTES {
-            bail!("manifest of {n} bytes is too large");
-        }
-        let mut data = Vec::with_capacity(n.min(64 << 20) as usize);
-        while (data.len() as u64) < n {
-            let part = si_proto::frame::recv_data(&mut self.conn)?;
-            data.extend_from_slice(&part);
-        }
-        if data.len() as u64 != n {
-            bail!("manifest data has the wrong length");
-        }
-        Ok(data)
+        si_proto::frame::recv_bytes(&mut self.conn, n, si_proto::manifest::MAX_MANIFEST_BYTES)
+            .context("receiving a manifest")
     }
 
     /// Asks for a version's manifest as the difference from `base` (the image and version
@@ -291,10 +271,7 @@ impl Client {
             } => {
                 self.check_signed(image, version, &info, &digest, &signature)?;
                 let data = self.recv_bytes(bytes)?;
-                if Digest::of(&data) != digest {
-                    bail!("manifest of {image} arrived corrupt");
-                }
-                let m = Manifest::decode(&data)?;
+                let m = checked_manifest(image, &data, &digest)?;
                 Ok(ManifestAnswer::Full {
                     info,
                     m,
@@ -399,6 +376,16 @@ impl Client {
     }
 }
 
+/// Decodes a manifest that arrived whole and checks it has the manifest digest announced.
+fn checked_manifest(image: &str, data: &[u8], digest: &Digest) -> Result<Manifest> {
+    let (m, got) = Manifest::decode_with_digest(data)
+        .with_context(|| format!("decoding the manifest of {image}"))?;
+    if got != *digest {
+        bail!("manifest of {image} arrived corrupt (its digest is not the one announced)");
+    }
+    Ok(m)
+}
+
 /// A manifest as the server sent it: whole, or as a delta from the node's installed one.
 pub enum ManifestAnswer {
     Full {
@@ -409,7 +396,8 @@ pub enum ManifestAnswer {
     Delta {
         info: ImageVersionInfo,
         delta: si_proto::manifest::Delta,
-        /// Digest and length of the encoded manifest the delta must rebuild.
+        /// The manifest digest of the manifest the delta must rebuild, and the length of the
+        /// server's encoding of it (for information).
         digest: Digest,
         bytes: u64,
     },
@@ -427,16 +415,50 @@ impl ManifestAnswer {
     pub fn into_manifest(self, base: Option<&Manifest>) -> Option<(Manifest, Vec<u8>)> {
         match self {
             ManifestAnswer::Full { m, bytes, .. } => Some((m, bytes)),
-            ManifestAnswer::Delta {
-                delta,
-                digest,
-                bytes,
-                ..
-            } => {
+            ManifestAnswer::Delta { delta, digest, .. } => {
                 let m = delta.apply(base?).ok()?;
-                let enc = m.encode();
-                (enc.len() as u64 == bytes && Digest::of(&enc) == digest).then_some((m, enc))
+                let (enc, got) = m.encode_with_digest();
+                (got == digest).then_some((m, enc))
             }
         }
     }
+}
+
+/// si-report's configuration: the command line, and the same as a TOML file.
+#[derive(Clone, Debug, clap::Parser, serde::Serialize, serde::Deserialize)]
+#[command(
+    name = "si-report",
+    version,
+    about = "Report a node's install/update state to si-server"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReportConfig {
+    /// The si-server (HOST or HOST:PORT).
+    #[arg(long)]
+    pub server: String,
+    /// Node name as the inventory knows it.
+    #[arg(long)]
+    pub node: String,
+    /// State: installing, installed, failed, updated...
+    #[arg(long)]
+    pub state: String,
+    #[arg(long, default_value = "")]
+    #[serde(default)]
+    pub detail: String,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// Sends one report and waits for the server to say it is stored.
+pub fn report(cfg: &ReportConfig) -> Result<()> {
+    let mut c = Client::connect(
+        &cfg.server,
+        Duration::from_secs(10),
+        &cfg.trust.connector()?,
+    )?;
+    c.report(&cfg.node, &cfg.state, &cfg.detail)
+        .with_context(|| format!("reporting {} as {}", cfg.node, cfg.state))?;
+    c.bye();
+    Ok(())
 }

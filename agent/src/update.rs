@@ -77,9 +77,24 @@ pub struct UpdateOptions {
 pub struct Installed {
     pub image: String,
     pub version: u32,
+    /// The installed manifest's digest, which `installed.digests` must name to be used: the
+    /// manifest digest (`si_proto::manifest::digest`) when `digest-format` is
+    /// [`DIGEST_FORMAT`]. Nodes installed by older builds have no `digest-format` (read as 1)
+    /// and the BLAKE3 of `installed.manifest`'s compressed bytes here, with the same in their
+    /// `installed.digests`: the pair still matches, so such a node updates as before, and its
+    /// next update records the new form.
     pub manifest: String,
+    #[serde(default = "legacy_digest_format")]
+    pub digest_format: u32,
     pub server: String,
     pub when: String,
+}
+
+/// `installed.toml`'s `digest-format`: `manifest` is the manifest digest.
+pub const DIGEST_FORMAT: u32 = 2;
+
+fn legacy_digest_format() -> u32 {
+    1
 }
 
 #[derive(Debug, Default)]
@@ -1335,17 +1350,19 @@ fn swap_stage(
 fn record(o: &UpdateOptions, planned: &Planned) -> Result<()> {
     let (info, m, mbytes, sdir) = (&planned.info, &planned.m, &planned.mbytes, &planned.sdir);
     std::fs::remove_dir_all(&planned.staging.dir).ok();
+    let digest = m.digest();
     let inst = Installed {
         image: info.image.clone(),
         version: info.version,
-        manifest: Digest::of(mbytes).to_hex(),
+        manifest: digest.to_hex(),
+        digest_format: DIGEST_FORMAT,
         server: o.server.clone(),
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
     si_tree::fsutil::write_atomic(&sdir.join("installed.manifest"), mbytes)?;
     si_tree::fsutil::write_atomic(
         &sdir.join("installed.digests"),
-        &DigestSet::encode(m, &Digest::of(mbytes)),
+        &DigestSet::encode(m, &digest),
     )?;
     si_tree::fsutil::write_atomic(
         &sdir.join("installed.toml"),

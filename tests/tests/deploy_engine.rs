@@ -794,7 +794,7 @@ fn tampered_signatures_are_refused_and_the_node_keeps_its_version() {
     let sig1 = store.signature("img", 1).unwrap().expect("v1 signed");
     std::fs::write(src.join("f"), b"two").unwrap();
     capture::commit(&store, &src, "img", &[], None).unwrap();
-    let digest2 = si_imageserver::service::manifest_digest(&store.meta("img", 2).unwrap()).unwrap();
+    let digest2 = si_imageserver::service::manifest_digest(&store, "img", 2).unwrap();
     let other = si_trust::ca::Authority::open_or_create(&t.path().join("other-ca"), &[]).unwrap();
     let good2 = authority().sign_version("img", 2, &digest2).unwrap();
     let mut flipped = good2.clone();
@@ -821,4 +821,90 @@ fn tampered_signatures_are_refused_and_the_node_keeps_its_version() {
     store.write_signature("img", 2, &good2).unwrap();
     run(args(&server, "img", &node)).unwrap();
     assert_eq!(std::fs::read(node.join("f")).unwrap(), b"two");
+}
+
+/// Rewrites `image@v`'s record as builds before the manifest digest wrote it: only the BLAKE3
+/// of the compressed manifest file.
+fn downgrade_version(store: &Store, image: &str, v: u32) {
+    let mut meta = store.meta(image, v).unwrap();
+    meta.manifest_digest.clear();
+    meta.manifest = si_proto::Digest::of(&store.manifest_bytes(image, v).unwrap()).to_hex();
+    let p = store.root().join(format!("images/{image}/{v}/meta.toml"));
+    let text = toml::to_string_pretty(&meta).unwrap();
+    assert!(!text.contains("manifest-digest"), "{text}");
+    std::fs::write(p, text).unwrap();
+}
+
+/// A store and a node written before the manifest digest (digests of compressed bytes) keep
+/// working: the old versions deploy, the old installed state updates (by a delta), and the
+/// node then records the new form.
+#[test]
+fn old_format_store_and_installed_state_still_deploy_and_update() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..40 {
+        std::fs::write(src.join(format!("d/f{i}")), rand_bytes(3000, i)).unwrap();
+    }
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    downgrade_version(&store, "img", 1);
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!(s.version, 1);
+    same_tree(&src, &node, &["/var"]);
+
+    // The node's state as an older build wrote it: installed.toml without digest-format and
+    // with the compressed file's BLAKE3; installed.digests naming the same.
+    let state = node.join("var/lib/si");
+    let file_digest =
+        si_proto::Digest::of(&std::fs::read(state.join("installed.manifest")).unwrap());
+    let toml_path = state.join("installed.toml");
+    let mut inst: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&toml_path).unwrap()).unwrap();
+    assert_eq!(
+        inst.remove("digest-format").and_then(|v| v.as_integer()),
+        Some(2)
+    );
+    inst.insert("manifest".into(), file_digest.to_hex().into());
+    std::fs::write(&toml_path, toml::to_string(&inst).unwrap()).unwrap();
+    let list = state.join("installed.digests");
+    let mut digests = std::fs::read(&list).unwrap();
+    digests[8..40].copy_from_slice(&file_digest.0);
+    std::fs::write(&list, &digests).unwrap();
+    let old = update::read_installed(&state).unwrap();
+    assert_eq!((old.digest_format, old.manifest), (1, file_digest.to_hex()));
+
+    for i in 0..4 {
+        std::fs::write(src.join(format!("d/f{i}")), rand_bytes(3000, 500 + i)).unwrap();
+    }
+    let v2 = capture::commit(&store, &src, "img", &[], None)
+        .unwrap()
+        .version;
+    downgrade_version(&store, "img", v2);
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!((s.version, s.replaced, s.fetched_objects), (v2, 4, 4));
+    same_tree(&src, &node, &["/var"]);
+    let now = update::read_installed(&state).unwrap();
+    assert_eq!(now.digest_format, update::DIGEST_FORMAT);
+    assert_eq!(
+        now.manifest,
+        store.manifest_digest("img", v2).unwrap().to_hex()
+    );
+    assert_eq!(
+        store.manifest_digest("img", v2).unwrap(),
+        store.manifest("img", v2).unwrap().digest()
+    );
+
+    // A new version beside the old ones (a store upgraded in place) updates the same way.
+    std::fs::write(src.join("d/f0"), rand_bytes(3000, 900)).unwrap();
+    let v3 = capture::commit(&store, &src, "img", &[], None)
+        .unwrap()
+        .version;
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!((s.version, s.replaced, s.fetched_objects), (v3, 1, 1));
+    same_tree(&src, &node, &["/var"]);
+    assert!(store.fsck().unwrap().problems.is_empty());
 }

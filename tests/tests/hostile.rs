@@ -58,7 +58,7 @@ fn authority() -> &'static si_trust::ca::Authority {
 fn adversary(entries: Vec<Entry>, objects: HashMap<Digest, Vec<u8>>) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let bytes = Manifest { entries }.encode();
+    let (bytes, manifest_digest) = Manifest { entries }.encode_with_digest();
     let tls = authority().server_config().unwrap();
     std::thread::spawn(move || {
         for sock in l.incoming() {
@@ -89,10 +89,10 @@ fn adversary(entries: Vec<Entry>, objects: HashMap<Digest, Vec<u8>>) -> String {
                                         entries: 0,
                                         bytes: 0,
                                     },
-                                    digest: Digest::of(&bytes),
+                                    digest: manifest_digest,
                                     bytes: bytes.len() as u64,
                                     signature: authority()
-                                        .sign_version("evil", 1, &Digest::of(&bytes))
+                                        .sign_version("evil", 1, &manifest_digest)
                                         .unwrap(),
                                 },
                             )?;

@@ -334,35 +334,183 @@ fn serve(
     std::net::SocketAddr,
     std::thread::JoinHandle<Result<si_proto::msg::ScanStats>>,
 ) {
+    // Bound before the thread starts: the master's connection waits in the backlog.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    drop(l);
     let cfg = si_agent::golden::ServeConfig {
         listen: addr,
         master: master.parse().unwrap(),
-        token: token.into(),
+        token: Some(token.into()),
         root: root.to_path_buf(),
-        layout: Some("format = 1\nfirmware = \"bios\"\n".into()),
+        layout: None,
+        no_layout: false,
         state_dir: state.to_path_buf(),
-        timeout: Duration::from_secs(3),
+        timeout: 3,
     };
-    let h = std::thread::spawn(move || si_agent::golden::serve_once(&cfg));
-    std::thread::sleep(Duration::from_millis(200));
+    let layout = Some("format = 1\nfirmware = \"bios\"\n".to_string());
+    let h = std::thread::spawn(move || si_agent::golden::serve_on(l, &cfg, layout));
     (addr, h)
 }
 
 fn get(store: &Store, addr: std::net::SocketAddr, token: &str) -> Result<getimage::Summary> {
+    get_as(store, addr, token, "net")
+}
+
+fn get_as(
+    store: &Store,
+    addr: std::net::SocketAddr,
+    token: &str,
+    image: &str,
+) -> Result<getimage::Summary> {
     getimage::get_image(
         store,
         &GetImage {
             golden: addr.to_string(),
             token: token.into(),
-            image: "net".into(),
+            image: image.into(),
             excludes: vec!["/skipped/*".into()],
             progress: false,
             connect_timeout: Duration::from_secs(2),
         },
     )
+}
+
+/// One capture of `src` (stat cache and kept manifest in `state`) into `image`.
+fn capture_once(store: &Store, src: &Path, state: &Path, image: &str) -> getimage::Summary {
+    let (addr, h) = serve("127.0.0.1", "tok", src, state);
+    let s = get_as(store, addr, "tok", image).unwrap();
+    h.join().unwrap().unwrap();
+    s
+}
+
+/// The manifest the golden client keeps beside its stat cache.
+fn kept_manifest(state: &Path) -> std::path::PathBuf {
+    let kept: Vec<_> = std::fs::read_dir(state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("manifest-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    kept[0].clone()
+}
+
+/// `image@v` holds exactly the manifest a full capture of `src` makes (a fresh state
+/// directory: no stat cache, no base).
+fn assert_same_as_a_full_capture(store: &Store, src: &Path, image: &str, v: u32, scratch: &Path) {
+    let fresh = scratch.join(format!("fresh-{image}-{v}"));
+    let full = capture_once(store, src, &fresh, &format!("full-{image}-{v}"));
+    assert!(!full.manifest_delta);
+    let a = store.manifest(image, v).unwrap();
+    let b = store.manifest(&full.image, full.version).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(
+        store.manifest_digest(image, v).unwrap(),
+        store.manifest_digest(&full.image, full.version).unwrap()
+    );
+}
+
+/// A re-capture sends only the manifest's difference: nothing changed moves a few hundred
+/// bytes, a change moves about the new content, and the versions are those a full capture
+/// makes.
+#[test]
+fn recapture_sends_a_manifest_delta() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    make_tree(&src);
+    for i in 0..300 {
+        std::fs::write(src.join(format!("etc/f{i}")), format!("file {i}\n")).unwrap();
+    }
+    // Files changed in the 2 s before a scan are read again by the next one (racily clean).
+    std::thread::sleep(Duration::from_millis(2100));
+    let state = t.path().join("state");
+    let store = Store::open(&t.path().join("store")).unwrap();
+    let s1 = capture_once(&store, &src, &state, "net");
+    assert!(!s1.manifest_delta, "a first capture has no base");
+
+    let s2 = capture_once(&store, &src, &state, "net");
+    assert!(s2.manifest_delta, "unchanged re-capture took the full path");
+    assert_eq!((s2.version, s2.files_read, s2.new_objects), (2, 0, 0));
+    assert!(
+        s2.bytes_sent < 2048,
+        "{} bytes for no change",
+        s2.bytes_sent
+    );
+    assert_eq!(
+        store.manifest("net", 2).unwrap(),
+        store.manifest("net", 1).unwrap()
+    );
+
+    // Change: new random content in one file, a new file, one removed, a mode changed.
+    let new_content = 300 << 10;
+    std::fs::write(src.join("dup2"), rand_bytes(new_content - 1000, 9)).unwrap();
+    std::fs::write(src.join("etc/new"), rand_bytes(1000, 10)).unwrap();
+    std::fs::remove_file(src.join("etc/f7")).unwrap();
+    std::fs::set_permissions(src.join("etc/f8"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s3 = capture_once(&store, &src, &state, "net");
+    assert!(s3.manifest_delta, "changed re-capture took the full path");
+    assert_eq!(s3.version, 3);
+    assert!(
+        (s3.bytes_sent as f64) < new_content as f64 * 1.1,
+        "{} bytes on the wire for {new_content} bytes of new content",
+        s3.bytes_sent
+    );
+    let d = si_proto::manifest::diff(
+        &store.manifest("net", 2).unwrap(),
+        &store.manifest("net", 3).unwrap(),
+    );
+    assert_eq!(d.removed, vec![b"etc/f7".to_vec()]);
+    assert_eq!(d.added, vec![b"etc/new".to_vec()]);
+    assert_same_as_a_full_capture(&store, &src, "net", 3, t.path());
+    assert!(store.fsck().unwrap().problems.is_empty());
+}
+
+/// The full path is taken whenever the golden client's kept manifest is not the master's
+/// newest version: deleted, corrupted, or the newest version came from another golden client.
+#[test]
+fn recapture_falls_back_to_the_whole_manifest() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    make_tree(&src);
+    std::thread::sleep(Duration::from_millis(2100));
+    let state = t.path().join("state");
+    let store = Store::open(&t.path().join("store")).unwrap();
+    capture_once(&store, &src, &state, "net");
+
+    std::fs::remove_file(kept_manifest(&state)).unwrap();
+    std::fs::write(src.join("etc/passwd"), b"changed\n").unwrap();
+    let s = capture_once(&store, &src, &state, "net");
+    assert!(!s.manifest_delta, "no kept manifest, yet a delta");
+    assert_same_as_a_full_capture(&store, &src, "net", s.version, t.path());
+
+    let kept = kept_manifest(&state);
+    let mut data = std::fs::read(&kept).unwrap();
+    let n = data.len();
+    data[n / 2] ^= 0x55;
+    std::fs::write(&kept, &data).unwrap();
+    let s = capture_once(&store, &src, &state, "net");
+    assert!(!s.manifest_delta, "a corrupt kept manifest, yet a delta");
+    assert_same_as_a_full_capture(&store, &src, "net", s.version, t.path());
+
+    // Another golden client records the newest version; ours is no base any more.
+    let other = t.path().join("other");
+    std::fs::create_dir_all(other.join("etc")).unwrap();
+    std::fs::write(other.join("etc/passwd"), b"other\n").unwrap();
+    let s = capture_once(&store, &other, &t.path().join("other-state"), "net");
+    assert!(!s.manifest_delta);
+    let s = capture_once(&store, &src, &state, "net");
+    assert!(
+        !s.manifest_delta,
+        "the newest version is another tree's, yet a delta"
+    );
+    assert_same_as_a_full_capture(&store, &src, "net", s.version, t.path());
+    // And with its own version newest again, the delta path is back.
+    let s = capture_once(&store, &src, &state, "net");
+    assert!(s.manifest_delta);
 }
 
 #[test]
@@ -420,4 +568,87 @@ fn capture_refuses_wrong_token_and_other_hosts() {
     assert!(get(&store, addr, "right").is_err());
     assert!(h.join().unwrap().is_err());
     assert_eq!(store.versions("net").unwrap(), vec![1]);
+}
+
+/// A golden client whose delta does not rebuild the manifest it names: the master asks for
+/// the whole tree (`SendEntries`) and records exactly that. The golden client here is the
+/// protocol written out by hand, to make the one mistake a real one never makes.
+#[test]
+fn a_delta_that_does_not_rebuild_its_digest_falls_back_to_entries() {
+    use si_proto::frame::{recv_msg, write_bytes, write_msg};
+    use si_proto::msg::{Msg, ScanStats};
+    use std::io::Write;
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    make_tree(&src);
+    let store = Store::open(&t.path().join("store")).unwrap();
+    getimage::commit(&store, &src, "net", &[], None).unwrap();
+    let base = store.manifest("net", 1).unwrap();
+    let base_digest = store.manifest_digest("net", 1).unwrap();
+
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let entries = base.entries.clone();
+    let golden = std::thread::spawn(move || -> Result<Vec<&'static str>> {
+        let (s, _) = l.accept()?;
+        let mut c = si_proto::stream::BufStream::new(s);
+        let policy = si_proto::handshake::Policy {
+            roles: vec![si_proto::msg::Role::Capture],
+            token: Some("tok".into()),
+            server: "liar".into(),
+        };
+        si_proto::handshake::accept(&mut c, &policy)?;
+        let mut seen = vec![];
+        assert!(matches!(recv_msg(&mut c)?, Msg::CaptureStart { .. }));
+        match recv_msg(&mut c)? {
+            Msg::CaptureBase { manifest } => assert_eq!(manifest, base_digest),
+            m => panic!("expected CaptureBase, got {}", m.name()),
+        }
+        write_msg(&mut c, &Msg::BaseKnown(true))?;
+        c.flush()?;
+        assert!(
+            matches!(recv_msg(&mut c)?, Msg::HaveEnd),
+            "a Have list after BaseKnown"
+        );
+        write_msg(&mut c, &Msg::Layout(String::new()))?;
+        // An empty delta, announced as rebuilding some other manifest.
+        let delta = si_proto::manifest::Delta::default().encode();
+        write_msg(
+            &mut c,
+            &Msg::CaptureDelta {
+                digest: Digest::of(b"not this manifest"),
+                bytes: delta.len() as u64,
+            },
+        )?;
+        write_bytes(&mut c, &delta)?;
+        write_msg(
+            &mut c,
+            &Msg::ScanEnd {
+                stats: ScanStats::default(),
+            },
+        )?;
+        c.flush()?;
+        match recv_msg(&mut c)? {
+            Msg::SendEntries => seen.push("SendEntries"),
+            m => panic!("expected SendEntries, got {}", m.name()),
+        }
+        write_msg(&mut c, &Msg::Entries(entries))?;
+        write_msg(
+            &mut c,
+            &Msg::ScanEnd {
+                stats: ScanStats::default(),
+            },
+        )?;
+        c.flush()?;
+        if let Msg::Bye = recv_msg(&mut c)? {
+            seen.push("Bye");
+        }
+        Ok(seen)
+    });
+    let s = get_as(&store, addr, "tok", "net").unwrap();
+    assert_eq!(golden.join().unwrap().unwrap(), vec!["SendEntries", "Bye"]);
+    assert!(!s.manifest_delta, "the summary says the delta was used");
+    assert_eq!(s.version, 2);
+    assert_eq!(store.manifest("net", 2).unwrap(), base);
+    assert_eq!(store.manifest_digest("net", 2).unwrap(), base_digest);
 }

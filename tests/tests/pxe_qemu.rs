@@ -689,6 +689,56 @@ fn si_server_full_stack_uefi_http_boot() {
 /// console and the time from VM start to the marker. With `ra`, dnsmasq sends IPv6 router
 /// advertisements beside it (and nothing else: no DHCP, no TFTP), as in the [`lab`] setups, so
 /// that iPXE does not wait ~13 s for one.
+/// A fresh namespace with a bridge holding `server`/24 and the VM's tap on it.
+fn bridged_netns(server: &str) -> Result<Netns> {
+    let ns = Netns::new()?;
+    ns.sh(&format!(
+        "ip link add br0 type bridge
+         ip addr add {server}/24 dev br0
+         ip link set br0 up
+         ip tuntap add tap0 mode tap
+         ip link set tap0 master br0 up"
+    ))?;
+    Ok(ns)
+}
+
+/// Runs si-server (`cmd`, made in `ns`) with its log in `dir/server.log`, waits for the
+/// `ready` lines, sends router advertisements on `ra_subnet` if given, and boots the VM with
+/// `fw`. Returns the lab (which stops everything when dropped), the time to the marker and the
+/// serial console; a failed boot panics with si-server's log.
+fn server_lab(
+    mut cmd: std::process::Command,
+    ready: &[&str],
+    ns: Netns,
+    dir: tempfile::TempDir,
+    marker: String,
+    ra_subnet: Option<u8>,
+    fw: Firmware,
+) -> (Lab, Duration, String) {
+    let log = dir.path().join("server.log");
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_log(&log, ready, &mut child).unwrap();
+    let mut procs = vec![Guard(child)];
+    if let Some(subnet) = ra_subnet {
+        procs.push(ra_only(&ns, dir.path(), subnet).unwrap());
+    }
+    let lab = Lab {
+        _procs: procs,
+        ns,
+        dir,
+        marker,
+    };
+    match lab.boot(fw) {
+        Ok((took, console)) => (lab, took, console),
+        Err(e) => panic!("{fw:?}: {e:#}\n--- si-server:\n{}", lab.log("server.log")),
+    }
+}
+
 fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time::Duration) {
     let _vm = vm_lock();
     let dir = tempfile::tempdir().unwrap();
@@ -702,15 +752,7 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
 
     let server = format!("10.213.{subnet}.1");
     let http = format!("{server}:8080");
-    let ns = Netns::new().unwrap();
-    ns.sh(&format!(
-        "ip link add br0 type bridge
-         ip addr add {server}/24 dev br0
-         ip link set br0 up
-         ip tuntap add tap0 mode tap
-         ip link set tap0 master br0 up"
-    ))
-    .unwrap();
+    let ns = bridged_netns(&server).unwrap();
     let state = dir.path().join("state");
     let si = |tool: &str, args: &[&str]| {
         si_tests::run(
@@ -768,7 +810,6 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
         ],
     );
 
-    let log = dir.path().join("server.log");
     let store = dir.path().join("store");
     let mut cmd = ns.cmd(bin("si-server"));
     cmd.arg("--ca-dir")
@@ -790,42 +831,20 @@ fn full_stack(fw: Firmware, subnet: u8, ra: bool) -> (String, String, std::time:
             .arg(&root)
             .args(["--tftp-listen", &format!("{server}:69")]);
     }
-    let mut child = cmd
-        .arg("--http-root")
-        .arg(&root)
-        .args([
-            "--http-listen",
-            &http,
-            "--installer-kernel",
-            "vmlinuz",
-            "--installer-initrd",
-            "initrd.img",
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    cmd.arg("--http-root").arg(&root).args([
+        "--http-listen",
+        &http,
+        "--installer-kernel",
+        "vmlinuz",
+        "--installer-initrd",
+        "initrd.img",
+    ]);
     let ready: &[&str] = if tftp {
         &["TFTP server listening", "HTTP server listening"]
     } else {
         &["HTTP server listening"]
     };
-    wait_for_log(&log, ready, &mut child).unwrap();
-    let mut procs = vec![Guard(child)];
-    if ra {
-        procs.push(ra_only(&ns, dir.path(), subnet).unwrap());
-    }
-    let lab = Lab {
-        _procs: procs,
-        ns,
-        dir,
-        marker,
-    };
-    let (took, console) = match lab.boot(fw) {
-        Ok(x) => x,
-        Err(e) => panic!("{e:#}\n--- si-server:\n{}", lab.log("server.log")),
-    };
+    let (lab, took, console) = server_lab(cmd, ready, ns, dir, marker, ra.then_some(subnet), fw);
     eprintln!("full stack {fw:?} boot: marker after {took:?}");
     let script_url = format!("http://{http}/boot/52-54-00-d1-00-01.ipxe");
     let before = lab
@@ -969,15 +988,7 @@ fn site_boot(fw: Firmware, subnet: u8) -> (String, String, Duration) {
         grub_image(&root.join("grubx64.efi"), &mods).unwrap();
     }
 
-    let ns = Netns::new().unwrap();
-    ns.sh(&format!(
-        "ip link add br0 type bridge
-         ip addr add {server}/24 dev br0
-         ip link set br0 up
-         ip tuntap add tap0 mode tap
-         ip link set tap0 master br0 up"
-    ))
-    .unwrap();
+    let ns = bridged_netns(&server).unwrap();
     let state = dir.path().join("state");
     si_tests::run(
         std::process::Command::new(bin("si-node"))
@@ -997,10 +1008,8 @@ fn site_boot(fw: Firmware, subnet: u8) -> (String, String, Duration) {
         Firmware::UefiGrub => ("boot.ipxe", "grubx64.efi"),
         _ => ("boot.ipxe", "ipxe.efi"),
     };
-    let log = dir.path().join("server.log");
-    let mut child = ns
-        .cmd(bin("si-server"))
-        .arg("--state-dir")
+    let mut cmd = ns.cmd(bin("si-server"));
+    cmd.arg("--state-dir")
         .arg(&state)
         .arg("--store")
         .arg(dir.path().join("store"))
@@ -1014,34 +1023,13 @@ fn site_boot(fw: Firmware, subnet: u8) -> (String, String, Duration) {
             ipxe_file,
             "--boot-uefi",
             uefi_file,
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_for_log(
-        &log,
-        &[
-            "TFTP server listening",
-            "HTTP server listening",
-            "DHCP service started",
-        ],
-        &mut child,
-    )
-    .unwrap();
-    let mut procs = vec![Guard(child)];
-    procs.push(ra_only(&ns, dir.path(), subnet).unwrap());
-    let lab = Lab {
-        _procs: procs,
-        ns,
-        dir,
-        marker,
-    };
-    let (took, console) = match lab.boot(fw) {
-        Ok(x) => x,
-        Err(e) => panic!("{fw:?}: {e:#}\n--- si-server:\n{}", lab.log("server.log")),
-    };
+        ]);
+    let ready = [
+        "TFTP server listening",
+        "HTTP server listening",
+        "DHCP service started",
+    ];
+    let (lab, took, console) = server_lab(cmd, &ready, ns, dir, marker, Some(subnet), fw);
     eprintln!("site {fw:?} boot from si-server alone: marker after {took:.1?}");
     let log = lab.log("server.log");
     // URLs name the interface's address, never the wildcard the services listen on.

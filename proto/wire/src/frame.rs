@@ -228,6 +228,36 @@ pub fn write_data<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
     w.write_all(data)
 }
 
+/// Writes `data` as data frames of at most half a frame each (the receiver reads them back
+/// with [`recv_bytes`], knowing the length from the message before them).
+pub fn write_bytes<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
+    for part in data.chunks(MAX_FRAME / 2) {
+        write_data(w, part)?;
+    }
+    Ok(())
+}
+
+/// Reads data frames until exactly `n` bytes have arrived; `n` must be at most `limit` (checked
+/// before anything is allocated), and frames may not overshoot it.
+pub fn recv_bytes<R: Read>(r: &mut R, n: u64, limit: u64) -> Result<Vec<u8>, FrameError> {
+    if n > limit {
+        return Err(FrameError::Protocol(format!(
+            "{n} bytes announced, at most {limit} accepted"
+        )));
+    }
+    let mut data = Vec::with_capacity(n.min(64 << 20) as usize);
+    while (data.len() as u64) < n {
+        let part = recv_data(r)?;
+        if (data.len() + part.len()) as u64 > n {
+            return Err(FrameError::Protocol(format!(
+                "more than the {n} bytes announced arrived"
+            )));
+        }
+        data.extend_from_slice(&part);
+    }
+    Ok(data)
+}
+
 #[cfg(feature = "async")]
 pub async fn write_msg_async<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> io::Result<()> {
     w.write_all(&encode_msg(m)?).await

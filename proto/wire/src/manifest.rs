@@ -10,6 +10,22 @@
 //! "SIMF" magic (4 bytes) | format: u32 LE | zstd( bincode(Vec<Entry>) )
 //! ```
 //!
+//! # The manifest digest
+//!
+//! A version is named by its **manifest digest** ([`digest`]): the BLAKE3 of the manifest's
+//! *plain* encoding, the same bytes without compression,
+//!
+//! ```text
+//! "SIMF" magic (4 bytes) | format: u32 LE | bincode(Vec<Entry>)
+//! ```
+//!
+//! bincode's encoding of a given list of entries is deterministic, so the digest depends only
+//! on the entries: a manifest rebuilt from a [`Delta`], or compressed by another zstd build or
+//! level, has the same digest. The store's version records, a node's installed record and the
+//! wire (`ManifestIs`, `ManifestDeltaIs`, a capture's `CaptureDelta`) all carry this digest,
+//! and signatures are to cover it. Stores and nodes written before it recorded the BLAKE3 of the
+//! compressed file instead; the store and the agent read both (see their docs).
+//!
 //! Each entry records its path relative to the image root (the root is the empty path, a byte
 //! string that need not be UTF-8), its [`Kind`], permission bits (including setuid, setgid and
 //! sticky), numeric owner and group, mtime to the nanosecond, and every extended attribute
@@ -143,19 +159,52 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ MAX_MANIFEST_BYTES as usize }>()
 }
 
+/// The manifest digest of a manifest's plain encoding ([`Manifest::encode_plain`]; see the
+/// module documentation). The one definition: every other way to a manifest digest calls it.
+pub fn digest(plain: &[u8]) -> Digest {
+    Digest::of(plain)
+}
+
+/// The manifest digest of an encoded (compressed) manifest, without validating its entries.
+pub fn digest_of_encoded(data: &[u8]) -> Result<Digest, ManifestError> {
+    Ok(digest(&plain_of(MAGIC, data)?))
+}
+
 impl Manifest {
     /// Encodes as described in the module documentation.
     pub fn encode(&self) -> Vec<u8> {
-        encode_framed(MAGIC, &self.entries)
+        self.encode_with_digest().0
+    }
+
+    /// The plain (uncompressed) encoding the manifest digest covers.
+    pub fn encode_plain(&self) -> Vec<u8> {
+        plain_framed(MAGIC, &self.entries)
+    }
+
+    /// The manifest digest ([`digest`]).
+    pub fn digest(&self) -> Digest {
+        digest(&self.encode_plain())
+    }
+
+    /// The encoding and the manifest digest, serializing once.
+    pub fn encode_with_digest(&self) -> (Vec<u8>, Digest) {
+        let plain = self.encode_plain();
+        (compress_plain(&plain), digest(&plain))
     }
 
     /// Decodes and validates (see [`Manifest::validate`]).
     pub fn decode(data: &[u8]) -> Result<Manifest, ManifestError> {
+        Ok(Manifest::decode_with_digest(data)?.0)
+    }
+
+    /// [`Manifest::decode`], and the manifest digest of what was decoded.
+    pub fn decode_with_digest(data: &[u8]) -> Result<(Manifest, Digest), ManifestError> {
+        let plain = plain_of(MAGIC, data)?;
         let m = Manifest {
-            entries: decode_framed(MAGIC, data)?,
+            entries: decode_plain(&plain)?,
         };
         m.validate()?;
-        Ok(m)
+        Ok((m, digest(&plain)))
     }
 
     /// Checks the invariants every reader relies on: valid sorted unique paths, a root
@@ -307,22 +356,41 @@ impl Delta {
         }
     }
 
-    /// Rebuilds the new manifest from the old one (validated).
+    /// Rebuilds the new manifest from the old one (validated). One merge over the old entries
+    /// (sorted, as every valid manifest is) and the upserts; of two upserts of one path the
+    /// later wins.
     pub fn apply(&self, old: &Manifest) -> Result<Manifest, ManifestError> {
         let removed: std::collections::HashSet<&[u8]> =
             self.removed.iter().map(|p| p.as_slice()).collect();
-        let mut map: std::collections::BTreeMap<Vec<u8>, Entry> = old
+        let mut ups: Vec<&Entry> = self.upserts.iter().collect();
+        // Stable: upserts of one path stay in their order, and the last of them is taken.
+        ups.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut entries = Vec::with_capacity(old.entries.len() + ups.len());
+        let mut ups = ups.into_iter().peekable();
+        let take_up = |entries: &mut Vec<Entry>, e: &Entry| match entries.last_mut() {
+            Some(last) if last.path == e.path => *last = e.clone(),
+            _ => entries.push(e.clone()),
+        };
+        for e in old
             .entries
             .iter()
             .filter(|e| !removed.contains(e.path.as_slice()))
-            .map(|e| (e.path.clone(), e.clone()))
-            .collect();
-        for e in &self.upserts {
-            map.insert(e.path.clone(), e.clone());
+        {
+            while let Some(u) = ups.next_if(|u| u.path < e.path) {
+                take_up(&mut entries, u);
+            }
+            if ups.peek().is_some_and(|u| u.path == e.path) {
+                while let Some(u) = ups.next_if(|u| u.path == e.path) {
+                    take_up(&mut entries, u);
+                }
+            } else {
+                entries.push(e.clone());
+            }
         }
-        let m = Manifest {
-            entries: map.into_values().collect(),
-        };
+        for u in ups {
+            take_up(&mut entries, u);
+        }
+        let m = Manifest { entries };
         m.validate()?;
         Ok(m)
     }
@@ -336,22 +404,32 @@ impl Delta {
     }
 }
 
-/// `magic | format u32 LE | zstd(bincode(value))`.
-fn encode_framed<T: Serialize>(magic: &[u8; 4], value: &T) -> Vec<u8> {
-    let raw =
-        bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("serializes");
-    let mut out = Vec::with_capacity(raw.len() / 4 + 8);
+/// `magic | format u32 LE | bincode(value)`: the plain encoding.
+fn plain_framed<T: Serialize>(magic: &[u8; 4], value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 << 16);
     out.extend_from_slice(magic);
     out.extend_from_slice(&MANIFEST_FORMAT.to_le_bytes());
-    out.extend_from_slice(&zstd_compress(&raw));
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
+        .expect("serializes into memory");
     out
 }
 
-/// The inverse of [`encode_framed`], bounded by [`MAX_MANIFEST_BYTES`].
-fn decode_framed<T: serde::de::DeserializeOwned>(
-    magic: &[u8; 4],
-    data: &[u8],
-) -> Result<T, ManifestError> {
+/// A plain encoding with its body compressed: `magic | format u32 LE | zstd(bincode(value))`.
+fn compress_plain(plain: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(plain.len() / 4 + 8);
+    out.extend_from_slice(&plain[..8]);
+    out.extend_from_slice(&zstd_compress(&plain[8..]));
+    out
+}
+
+/// `magic | format u32 LE | zstd(bincode(value))`.
+fn encode_framed<T: Serialize>(magic: &[u8; 4], value: &T) -> Vec<u8> {
+    compress_plain(&plain_framed(magic, value))
+}
+
+/// The plain encoding of a compressed one (header checked, body bounded by
+/// [`MAX_MANIFEST_BYTES`]).
+fn plain_of(magic: &[u8; 4], data: &[u8]) -> Result<Vec<u8>, ManifestError> {
     if data.len() < 8 || &data[..4] != magic {
         return Err(ManifestError::Magic);
     }
@@ -361,12 +439,29 @@ fn decode_framed<T: serde::de::DeserializeOwned>(
     }
     let raw = zstd_decompress_bounded(&data[8..], MAX_MANIFEST_BYTES)
         .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-    let (v, used): (T, usize) = bincode::serde::decode_from_slice(&raw, config())
+    let mut plain = Vec::with_capacity(raw.len() + 8);
+    plain.extend_from_slice(&data[..8]);
+    plain.extend_from_slice(&raw);
+    Ok(plain)
+}
+
+/// The value of a plain encoding (the header already checked by [`plain_of`]).
+fn decode_plain<T: serde::de::DeserializeOwned>(plain: &[u8]) -> Result<T, ManifestError> {
+    let body = &plain[8..];
+    let (v, used): (T, usize) = bincode::serde::decode_from_slice(body, config())
         .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-    if used != raw.len() {
+    if used != body.len() {
         return Err(ManifestError::Corrupt("trailing bytes".into()));
     }
     Ok(v)
+}
+
+/// The inverse of [`encode_framed`], bounded by [`MAX_MANIFEST_BYTES`].
+fn decode_framed<T: serde::de::DeserializeOwned>(
+    magic: &[u8; 4],
+    data: &[u8],
+) -> Result<T, ManifestError> {
+    decode_plain(&plain_of(magic, data)?)
 }
 
 fn zstd_compress(raw: &[u8]) -> Vec<u8> {
@@ -507,6 +602,49 @@ pub(crate) mod tests {
             "encoding is deterministic"
         );
         assert!(Delta::decode(b"SIMD\x01\0\0\0garbage").is_err());
+    }
+
+    /// Upserts in any order, and repeated ones (the last wins), rebuild as a map would.
+    #[test]
+    fn delta_apply_merges_unsorted_and_repeated_upserts() {
+        let a = sample();
+        let mut first = entry("c", Kind::Fifo);
+        first.mode = 0o600;
+        let d = Delta {
+            upserts: vec![
+                entry("z", Kind::Fifo),
+                first,
+                entry("a", Kind::Dir),
+                entry("c", Kind::Fifo),
+            ],
+            removed: vec![b"b".to_vec()],
+        };
+        let m = d.apply(&a).unwrap();
+        let paths: Vec<&[u8]> = m.entries.iter().map(|e| e.path.as_slice()).collect();
+        assert_eq!(paths, [&b""[..], b"a", b"c", b"d", b"d/l", b"z"]);
+        assert_eq!(m.get(b"c").unwrap().mode, 0o644, "the later upsert wins");
+        assert_eq!(m.get(b"a").unwrap().kind, Kind::Dir);
+    }
+
+    /// The digest covers the entries, not the compressed bytes: another compression of the
+    /// same manifest has the same digest, and any change to an entry changes it.
+    #[test]
+    fn the_digest_does_not_depend_on_compression() {
+        let m = sample();
+        let (enc, d) = m.encode_with_digest();
+        assert_eq!(d, m.digest());
+        assert_eq!(digest_of_encoded(&enc).unwrap(), d);
+        let mut other = enc[..8].to_vec();
+        other.extend_from_slice(&zstd::bulk::compress(&m.encode_plain()[8..], 19).unwrap());
+        assert_ne!(
+            other, enc,
+            "a different compression level gives different bytes"
+        );
+        let (back, d2) = Manifest::decode_with_digest(&other).unwrap();
+        assert_eq!((back, d2), (m.clone(), d));
+        let mut changed = m;
+        changed.entries[1].mtime_nsec += 1;
+        assert_ne!(changed.digest(), d);
     }
 
     #[test]

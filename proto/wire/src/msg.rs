@@ -13,14 +13,28 @@
 //! Hello{role: Capture, token}        ->
 //!                                    <-    Welcome
 //! CaptureStart{excludes}             ->
-//! Have([digest..]) ... HaveEnd       ->    (objects the master already has; not sent again)
+//! CaptureBase{manifest}              ->    (only when the image has a version: the manifest
+//!                                          digest of its newest one)
+//!                                    <-    BaseKnown(yes)  (the golden client kept that
+//!                                          manifest from an earlier capture)
+//! Have([digest..]) ... HaveEnd       ->    (objects the master already has; not sent again.
+//!                                          Without a known base the newest version's objects,
+//!                                          with one no Have at all: the base's objects count)
 //!                                    <-    Layout(toml)
 //!                                    <-    Totals{files, bytes}
-//!                                    <-    Blob{..} + Data / Progress ... (objects not in Have)
+//!                                    <-    Blob{..} + Data / Progress ... (objects not had)
+//!   with a known base:
+//!                                    <-    CaptureDelta{digest, bytes} + Data ... (a
+//!                                          manifest::Delta from the base to the new tree,
+//!                                          `digest` the new manifest's digest)
+//!                                    <-    ScanEnd{stats}
+//!   and when the master's rebuilt manifest does not have that digest:
+//! SendEntries                        ->
+//!   without a known base, or after SendEntries:
 //!                                    <-    Entries([..]) ...  (the whole tree, any order;
 //!                                          MoreChunks([..]) continues a long chunk list)
 //!                                    <-    ScanEnd{stats}
-//! Bye                                ->
+//! Bye                                ->    (recorded: the golden client keeps the manifest)
 //! ```
 //!
 //! # Deploy (node connects to `si-server`)
@@ -61,9 +75,12 @@ use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"SI\x00P";
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Oldest protocol version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: manifest digests are [`crate::manifest::digest`] (of the plain encoding, not of the
+/// compressed bytes), and a capture can send a manifest delta (`CaptureBase`, `CaptureDelta`).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Oldest protocol version this build accepts (a version 1 peer reads digests differently).
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// Most digests in one `Want` or `Have` message.
 pub const MAX_WANT: usize = 16_384;
 /// Most chunks in one `MoreChunks` message (an encoded chunk takes at most 47 bytes, so this
@@ -164,6 +181,8 @@ pub enum Msg {
         image: String,
         version: Option<u32>,
     },
+    /// Followed by data frames holding the `bytes` bytes of the encoded manifest, whose
+    /// manifest digest ([`crate::manifest::digest`]) is `digest`.
     ManifestIs {
         info: ImageVersionInfo,
         digest: Digest,
@@ -179,8 +198,9 @@ pub enum Msg {
         base_image: String,
         base_version: u32,
     },
-    /// Followed by data frames holding an encoded `manifest::Delta`; `digest` and `bytes` are
-    /// those of the full target manifest the delta rebuilds.
+    /// Followed by data frames holding an encoded `manifest::Delta`; `digest` is the manifest
+    /// digest of the target manifest the delta rebuilds, `bytes` the length of its encoding on
+    /// the server (for information: the node's own encoding may differ in length).
     ManifestDeltaIs {
         info: ImageVersionInfo,
         digest: Digest,
@@ -227,6 +247,24 @@ pub enum Msg {
         ok: bool,
         detail: String,
     },
+
+    // capture, sending the manifest as a delta (protocol 2)
+    /// Master to golden client, after `CaptureStart`: the manifest digest of the image's newest
+    /// version, which a delta may be made against.
+    CaptureBase {
+        manifest: Digest,
+    },
+    /// Golden client to master: whether it holds the manifest `CaptureBase` named.
+    BaseKnown(bool),
+    /// Followed by data frames holding `bytes` bytes of an encoded `manifest::Delta` from the
+    /// base to the captured tree; `digest` is the captured tree's manifest digest.
+    CaptureDelta {
+        digest: Digest,
+        bytes: u64,
+    },
+    /// Master to golden client, after a `CaptureDelta` that did not rebuild the manifest it
+    /// named: send the whole tree as `Entries` after all.
+    SendEntries,
 }
 
 impl Msg {
@@ -260,6 +298,10 @@ impl Msg {
             Msg::Enrolled { .. } => "Enrolled",
             Msg::PushUpdate { .. } => "PushUpdate",
             Msg::PushDone { .. } => "PushDone",
+            Msg::CaptureBase { .. } => "CaptureBase",
+            Msg::BaseKnown(_) => "BaseKnown",
+            Msg::CaptureDelta { .. } => "CaptureDelta",
+            Msg::SendEntries => "SendEntries",
         }
     }
 }
@@ -293,8 +335,12 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        assert_eq!(negotiate(1, 1), Ok(1));
-        assert_eq!(negotiate(7, 1), Ok(1));
+        assert_eq!(negotiate(2, 2), Ok(2));
+        assert_eq!(negotiate(7, 1), Ok(2));
+        assert!(
+            negotiate(1, 1).is_err(),
+            "version 1 digests manifests differently"
+        );
         assert!(negotiate(9, 5).is_err());
         assert!(negotiate(0, 0).is_err());
     }

@@ -142,3 +142,50 @@ mod tests {
         assert_eq!(join(b"a", b"x"), b"a/x");
     }
 }
+
+/// An image name that is not one: see [`image_name`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "invalid image name {0:?}: use letters, digits, '.', '_' and '-' (not first '.'), at most 64"
+)]
+pub struct BadImageName(pub String);
+
+/// Image names: letters, digits, `.`, `_`, `-`; not starting with `.`; at most 64 bytes. The
+/// one rule the store (which makes directories of them) and the inventory (which names them
+/// for nodes) both apply.
+pub fn image_name(name: &str) -> Result<(), BadImageName> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(BadImageName(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod image_name_tests {
+    #[test]
+    fn image_names() {
+        for good in ["debian-12", "a", "web_v1.2", &"x".repeat(64)] {
+            assert_eq!(super::image_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../x",
+            "/etc",
+            "a b",
+            &"x".repeat(65),
+        ] {
+            assert!(super::image_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -150,7 +150,7 @@ fn migrate_signatures(
             let Some(sig) = store.signature(&image, v)? else {
                 continue;
             };
-            let digest = serve::manifest_digest(&store.meta(&image, v)?)?;
+            let digest = serve::manifest_digest(store, &image, v)?;
             if si_trust::sign::verify_version(ca.ca_der(), &image, v, &digest, &sig).is_err() {
                 tracing::warn!(%image, version = v, "the stored signature is not this CA's: signing again");
                 store.write_signature(&image, v, &ca.sign_version(&image, v, &digest)?)?;
@@ -448,14 +448,8 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     for root in a.tftp_root.iter().chain(&a.http_root) {
         log_shared(&generated, root);
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let mut tasks: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
+    let (stop_tx, stopped) = stop_signal();
+    let mut tasks = Services::new();
 
     // Image service; a finished install flips the node to local boot.
     let listener = tokio::net::TcpListener::bind(a.listen)
@@ -521,51 +515,48 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         si_boot::tftp::root::check_disjoint(root, &private)?;
     }
 
-    if let Some(root) = &a.tftp_root {
-        let udp = tokio::net::UdpSocket::bind(a.tftp_listen)
-            .await
-            .with_context(|| format!("binding TFTP to {}", a.tftp_listen))?;
-        let cfg = tftp::TftpConfig {
-            root: root.clone(),
-            ..Default::default()
-        };
-        tasks.spawn(tftp::serve(udp, cfg, generated.clone(), stopped()));
-    }
-    if let Some(root) = &a.http_root {
-        let tcp = tokio::net::TcpListener::bind(a.http_listen)
-            .await
-            .with_context(|| format!("binding HTTP to {}", a.http_listen))?;
-        // Answer files and install callbacks; a finished install flips the node to local.
-        let on_done: si_autoinstall::route::DoneHook = {
-            let (inv, generated, settings, auto) = (
-                inv.clone(),
-                generated.clone(),
-                settings.clone(),
-                auto.clone(),
-            );
-            Arc::new(move |node: &str| {
-                inv.mark_installed(node)
-                    .with_context(|| format!("marking {node} installed"))?;
-                match render(&inv, &settings, &auto) {
-                    Ok(files) => generated.replace(files),
-                    Err(e) => tracing::error!(error = format!("{e:#}"), "regenerating boot files"),
-                }
-                Ok(())
-            })
-        };
-        let route = si_autoinstall::AnswerRoute {
-            store: auto.store.clone(),
-            inv: inv.clone(),
-            urls: auto.urls.clone(),
-            on_done,
-        };
-        let cfg = http::HttpConfig {
-            root: root.clone(),
-            routes: http::Routes(vec![Arc::new(route)]),
-            ..Default::default()
-        };
-        tasks.spawn(http::serve(tcp, cfg, generated.clone(), stopped()));
-    }
+    // Answer files and install callbacks on HTTP; a finished install flips the node to local.
+    let on_done: si_autoinstall::route::DoneHook = {
+        let (inv, generated, settings, auto) = (
+            inv.clone(),
+            generated.clone(),
+            settings.clone(),
+            auto.clone(),
+        );
+        Arc::new(move |node: &str| {
+            inv.mark_installed(node)
+                .with_context(|| format!("marking {node} installed"))?;
+            match render(&inv, &settings, &auto) {
+                Ok(files) => generated.replace(files),
+                Err(e) => tracing::error!(error = format!("{e:#}"), "regenerating boot files"),
+            }
+            Ok(())
+        })
+    };
+    let route = si_autoinstall::AnswerRoute {
+        store: auto.store.clone(),
+        inv: inv.clone(),
+        urls: auto.urls.clone(),
+        on_done,
+    };
+    let files = FileServices {
+        tftp: a.tftp_root.as_ref().map(|root| {
+            let cfg = tftp::TftpConfig {
+                root: root.clone(),
+                ..Default::default()
+            };
+            (a.tftp_listen, cfg)
+        }),
+        http: a.http_root.as_ref().map(|root| {
+            let cfg = http::HttpConfig {
+                root: root.clone(),
+                routes: http::Routes(vec![Arc::new(route)]),
+                ..Default::default()
+            };
+            (a.http_listen, cfg)
+        }),
+    };
+    files.spawn(&mut tasks, &generated, &stopped).await?;
     if let Some(mut cfg) = dhcp_cfg {
         cfg.server_ip = cfg.server_ip.or(dhcp_ip);
         if cfg.http_base.is_none() {
@@ -601,6 +592,18 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             }
         });
     }
+    until_signal(tasks, stop_tx).await
+}
+
+/// Services as a daemon runs them: each a task; all are told to stop (`stop_tx`) on SIGINT or
+/// SIGTERM, or when one of them fails; the first failure is the result.
+pub type Services = tokio::task::JoinSet<Result<()>>;
+
+/// Runs `tasks` until a signal or a failure, then stops them all and waits for them.
+pub async fn until_signal(
+    mut tasks: Services,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;
     let res = tokio::select! {
@@ -615,6 +618,55 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     res
+}
+
+/// A stop signal for services: a function making futures that finish once `true` is sent.
+pub fn stop_signal() -> (
+    tokio::sync::watch::Sender<bool>,
+    impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Clone,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    };
+    (stop_tx, stopped)
+}
+
+/// The boot file services (TFTP, HTTP), either or both, serving `generated` over their roots:
+/// si-server's, and si-bootd's alone.
+pub struct FileServices {
+    pub tftp: Option<(SocketAddr, tftp::TftpConfig)>,
+    pub http: Option<(SocketAddr, http::HttpConfig)>,
+}
+
+impl FileServices {
+    /// Binds each service's address (an error names it) and spawns it on `tasks`.
+    pub async fn spawn<F>(
+        self,
+        tasks: &mut Services,
+        generated: &Generated,
+        stopped: &F,
+    ) -> Result<()>
+    where
+        F: Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    {
+        if let Some((listen, cfg)) = self.tftp {
+            let udp = tokio::net::UdpSocket::bind(listen)
+                .await
+                .with_context(|| format!("binding TFTP to {listen}"))?;
+            tasks.spawn(tftp::serve(udp, cfg, generated.clone(), stopped()));
+        }
+        if let Some((listen, cfg)) = self.http {
+            let tcp = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding HTTP to {listen}"))?;
+            tasks.spawn(http::serve(tcp, cfg, generated.clone(), stopped()));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -16,14 +16,15 @@ pub fn run(store: &Store, dir: &Path) -> Result<()> {
     let cfg = si_agent::golden::ServeConfig {
         listen: addr,
         master: "127.0.0.1".parse()?,
-        token: token.clone(),
+        token: Some(token.clone()),
         root: dir.to_path_buf(),
         layout: None,
+        no_layout: true,
         state_dir: state_dir(store.root())?,
-        timeout: Duration::from_secs(60),
+        timeout: 60,
     };
     eprintln!("golden client: serving {} on {addr}", dir.display());
-    let golden = std::thread::spawn(move || si_agent::golden::serve_on(listener, &cfg));
+    let golden = std::thread::spawn(move || si_agent::golden::serve_on(listener, &cfg, None));
     let summary = getimage::get_image(
         store,
         &GetImage {

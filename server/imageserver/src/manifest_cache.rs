@@ -98,20 +98,23 @@ impl Default for ManifestCache {
     }
 }
 
-/// A version's manifest file: where it is, its length and digest.
+/// A version's manifest file: where it is, its length and the version's manifest digest.
 #[derive(Clone)]
 pub struct Stored {
     pub path: PathBuf,
     pub len: u64,
+    /// The manifest digest the version record names (`si_proto::manifest::digest`).
     pub digest: Digest,
+    /// BLAKE3 of the file as it was read, to notice a file changed while being served.
+    file: Digest,
 }
 
 impl Stored {
-    /// The file's bytes, checked against the digest it was known by.
+    /// The file's bytes, checked against the bytes it was first read as.
     pub fn bytes(&self) -> Result<Vec<u8>> {
         let data = std::fs::read(&self.path)
             .with_context(|| format!("reading {}", self.path.display()))?;
-        if Digest::of(&data) != self.digest {
+        if Digest::of(&data) != self.file {
             bail!("{} changed while being served", self.path.display());
         }
         Ok(data)
@@ -119,7 +122,7 @@ impl Stored {
 }
 
 impl ManifestCache {
-    /// The manifest file of `image@v` and its digest (hashed once per file).
+    /// The manifest file of `image@v` and its manifest digest (read once per file).
     pub fn stored(&self, store: &Store, image: &str, v: u32) -> Result<Stored> {
         let path = store.manifest_path(image, v)?;
         let md = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -130,10 +133,12 @@ impl ManifestCache {
             }
         }
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let meta = store.meta(image, v)?;
         let s = Stored {
             path: path.clone(),
             len: data.len() as u64,
-            digest: Digest::of(&data),
+            digest: store.digest_of(image, v, &meta, Some(&data))?,
+            file: Digest::of(&data),
         };
         let mut memo = self.digests.lock().expect("cache lock");
         if memo.len() >= DIGESTS {

@@ -16,22 +16,93 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 
-#[derive(Clone, Debug)]
+/// si-pushupdate's configuration: the command line, and the same as a TOML file.
+#[derive(Clone, Debug, clap::Parser, serde::Serialize, serde::Deserialize)]
+#[command(
+    name = "si-pushupdate",
+    disable_version_flag = true,
+    about = "Push an image version to nodes (through their si-agentd, or over ssh), in parallel"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct PushConfig {
-    /// The si-server address the nodes pull from.
+    /// Nodes: names, addresses, ranges (node[01-16]) and comma lists.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Read more nodes from a file (one a line; a pushupdate.failed file works).
+    #[arg(long)]
+    #[serde(default)]
+    pub nodes_file: Option<PathBuf>,
+    /// The si-server address as the nodes reach it (the nodes pull from it).
+    #[arg(long)]
     pub server: String,
+    #[arg(long)]
+    #[serde(default)]
     pub image: Option<String>,
+    #[arg(long)]
+    #[serde(default)]
     pub version: Option<u32>,
+    #[arg(long)]
+    #[serde(default)]
     pub verify: bool,
+    #[arg(long)]
+    #[serde(default)]
     pub force: bool,
+    #[arg(long, short = 'n')]
+    #[serde(default)]
     pub dry_run: bool,
-    pub token: String,
-    pub port: u16,
+    /// Nodes updated at once.
+    #[arg(long, default_value_t = 32)]
     pub fanout: usize,
-    pub timeout: Duration,
-    pub results_dir: Option<PathBuf>,
+    /// Per-node timeout in seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout: u64,
+    /// si-agentd port on the nodes.
+    #[arg(long, default_value_t = 7812)]
+    pub port: u16,
+    /// File holding the shared push token (not read with --ssh).
+    #[arg(long, default_value = "/etc/si/agent.token")]
+    pub token_file: PathBuf,
+    /// Reach the nodes over ssh instead of their si-agentd: each runs si-updateclient.
+    #[arg(long)]
+    #[serde(default)]
+    pub ssh: bool,
+    /// The ssh command and its options (with --ssh), like rsync's -e.
+    #[arg(long, default_value = "ssh", requires = "ssh")]
+    pub ssh_command: String,
+    /// What runs on the node (with --ssh); `{node}` becomes the node's name.
+    #[arg(long, default_value = "si-updateclient", requires = "ssh")]
+    pub remote_command: String,
+    /// Where pushupdate.ok and pushupdate.failed are written.
+    #[arg(long, default_value = ".")]
+    pub results: PathBuf,
+}
+
+impl PushConfig {
     /// How the node side is reached.
-    pub via: Via,
+    pub fn via(&self) -> Via {
+        if self.ssh {
+            Via::Ssh {
+                ssh: self.ssh_command.clone(),
+                remote: self.remote_command.clone(),
+            }
+        } else {
+            Via::Agent
+        }
+    }
+
+    /// The push token (from `token_file`; none is needed over ssh).
+    pub fn read_token(&self) -> Result<String> {
+        if self.ssh {
+            return Ok(String::new());
+        }
+        let token = std::fs::read_to_string(&self.token_file)
+            .with_context(|| format!("reading {}", self.token_file.display()))?;
+        Ok(token.trim().to_string())
+    }
+
+    fn node_timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -91,10 +162,7 @@ async fn push_ssh(node: &str, ssh: &str, remote: &str, cfg: &PushConfig) -> Resu
         .args(words)
         .args(["-o", "BatchMode=yes"])
         .arg("-o")
-        .arg(format!(
-            "ConnectTimeout={}",
-            cfg.timeout.as_secs().clamp(1, 30)
-        ))
+        .arg(format!("ConnectTimeout={}", cfg.timeout.clamp(1, 30)))
         .arg("--")
         .arg(node)
         .arg(remote_command(node, remote, cfg))
@@ -127,8 +195,8 @@ pub struct NodeResult {
     pub seconds: f64,
 }
 
-async fn push_one(node: &str, cfg: &PushConfig) -> Result<String> {
-    if let Via::Ssh { ssh, remote } = &cfg.via {
+async fn push_one(node: &str, cfg: &PushConfig, token: &str) -> Result<String> {
+    if let Via::Ssh { ssh, remote } = &cfg.via() {
         return push_ssh(node, ssh, remote, cfg).await;
     }
     let addr = if node.contains(':') {
@@ -140,7 +208,7 @@ async fn push_one(node: &str, cfg: &PushConfig) -> Result<String> {
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
     let creds = Credentials {
-        token: cfg.token.clone(),
+        token: token.to_string(),
         client: si_tree::fsutil::hostname(),
     };
     handshake::connect_async(&mut s, Role::Push, &creds)
@@ -166,18 +234,22 @@ async fn push_one(node: &str, cfg: &PushConfig) -> Result<String> {
     }
 }
 
-/// Pushes to every node; returns one result per node, in the order given.
-pub async fn push(nodes: &[String], cfg: &PushConfig) -> Vec<NodeResult> {
+/// Pushes to every node (with `token`, see [`PushConfig::read_token`]); returns one result
+/// per node, in the order given.
+pub async fn push(nodes: &[String], cfg: &PushConfig, token: &str) -> Vec<NodeResult> {
+    let token: Arc<str> = token.into();
     let sem = Arc::new(Semaphore::new(cfg.fanout.max(1)));
     let total = nodes.len();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for node in nodes {
         let (sem, cfg, node, done) = (sem.clone(), cfg.clone(), node.clone(), done.clone());
+        let token = token.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let start = Instant::now();
-            let r = match tokio::time::timeout(cfg.timeout, push_one(&node, &cfg)).await {
+            let limit = cfg.node_timeout();
+            let r = match tokio::time::timeout(limit, push_one(&node, &cfg, &token)).await {
                 Ok(Ok(detail)) => NodeResult {
                     node,
                     ok: true,
@@ -193,7 +265,7 @@ pub async fn push(nodes: &[String], cfg: &PushConfig) -> Vec<NodeResult> {
                 Err(_) => NodeResult {
                     node,
                     ok: false,
-                    detail: format!("timed out after {:?}", cfg.timeout),
+                    detail: format!("timed out after {limit:?}"),
                     seconds: 0.0,
                 },
             };
@@ -254,26 +326,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        PushConfig::command().debug_assert();
+    }
+
+    /// The file form says what the command line says.
+    #[test]
+    fn a_config_file_reads_like_the_command_line() {
+        use clap::Parser;
+        let cli = PushConfig::parse_from(["si-pushupdate", "--server", "m:7811", "n[1-2]"]);
+        let file: PushConfig = toml::from_str(
+            "nodes = [\"n[1-2]\"]\nserver = \"m:7811\"\nfanout = 32\ntimeout = 1800\nport = 7812\n\
+             token-file = \"/etc/si/agent.token\"\nssh-command = \"ssh\"\n\
+             remote-command = \"si-updateclient\"\nresults = \".\"\n",
+        )
+        .unwrap();
+        assert_eq!(format!("{cli:?}"), format!("{file:?}"));
+        assert!(toml::from_str::<PushConfig>("server = \"m\"\nbogus = 1\n").is_err());
+    }
+
+    #[test]
     fn remote_commands_are_quoted() {
         assert_eq!(shell_quote("node-01.x"), "node-01.x");
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
         assert_eq!(shell_quote(""), "''");
         assert_eq!(shell_quote("$(reboot)"), "'$(reboot)'");
-        let cfg = PushConfig {
-            server: "10.213.0.1".into(),
-            image: Some("compute".into()),
-            version: Some(3),
-            verify: true,
-            force: false,
-            dry_run: false,
-            token: String::new(),
-            port: 0,
-            fanout: 1,
-            timeout: Duration::from_secs(1),
-            results_dir: None,
-            via: Via::Agent,
-        };
+        use clap::Parser;
+        let cfg = PushConfig::parse_from([
+            "si-pushupdate",
+            "--server",
+            "10.213.0.1",
+            "--image",
+            "compute",
+            "--version",
+            "3",
+            "--verify",
+        ]);
         assert_eq!(
             remote_command("n7", "si-updateclient --root /srv/{node}", &cfg),
             "si-updateclient --root /srv/n7 --server 10.213.0.1 --image compute --version 3 --verify"

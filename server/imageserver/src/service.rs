@@ -117,16 +117,13 @@ impl std::fmt::Debug for ServeConfig {
     }
 }
 
-/// The digest a version's signature covers: the manifest digest its record holds. Every
-/// signature is made and checked over this one field, so a change in what the digest covers
-/// flows through.
-pub fn manifest_digest(meta: &si_store::VersionMeta) -> Result<si_proto::Digest> {
-    si_proto::Digest::from_hex(&meta.manifest).with_context(|| {
-        format!(
-            "reading the manifest digest of {}@{}",
-            meta.image, meta.version
-        )
-    })
+/// The digest a version's signature covers: the version's manifest digest
+/// (`si_proto::manifest::digest`, over the plain encoding; the store reads old records too).
+/// Every signature is made and checked over this one value.
+pub fn manifest_digest(store: &Store, image: &str, v: u32) -> Result<si_proto::Digest> {
+    store
+        .manifest_digest(image, v)
+        .with_context(|| format!("reading the manifest digest of {image}@{v}"))
 }
 
 /// The signature on `image@v`: the stored one, else (where this server holds the key) made now
@@ -143,7 +140,7 @@ pub fn version_signature(
     let Some(sign) = signer else {
         bail!("{image}@{v} is not signed and this server holds no signing key");
     };
-    let digest = manifest_digest(&store.meta(image, v)?)?;
+    let digest = manifest_digest(store, image, v)?;
     let sig = sign(image, v, &digest)?;
     store.write_signature(image, v, &sig)?;
     tracing::info!(%image, version = v, "signed a version");

@@ -3,10 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use si_proto::frame::{read_frame, write_msg, Frame};
+use si_proto::frame::{read_frame, recv_bytes, recv_msg, write_msg, Frame};
 use si_proto::handshake::{self, Credentials};
-use si_proto::manifest::{Entry, Kind, Manifest};
-use si_proto::msg::{self, Msg, Role};
+use si_proto::manifest::{Delta, Entry, Kind, Manifest, MAX_MANIFEST_BYTES};
+use si_proto::msg::{self, Msg, Role, ScanStats};
 use si_proto::stream::{BufStream, Counted};
 use si_proto::Digest;
 use si_store::{verify_object, Store, VersionMeta};
@@ -33,6 +33,8 @@ pub struct Summary {
     pub bytes_read: u64,
     /// Bytes received on the wire.
     pub bytes_sent: u64,
+    /// The tree came as a manifest delta against the previous version (not whole).
+    pub manifest_delta: bool,
     pub new_objects: u64,
     pub new_bytes: u64,
     pub seconds: f64,
@@ -114,11 +116,84 @@ fn progress_bar(show: bool) -> indicatif::ProgressBar {
     pb
 }
 
-/// Pulls a golden client's tree into the store as a new version of `cfg.image`.
+/// Pulls a golden client's tree into the store as a new version of `cfg.image`, in stages:
+/// prepare (the base: the newest version, if any) → connect → offer (the base's manifest
+/// digest, else the objects the master has) → receive (objects into packs; the tree as a
+/// manifest delta or whole) → rebuild (the delta applied and checked against the digest the
+/// golden client named; on a mismatch the whole tree is asked for) → commit (the version
+/// recorded, the golden client told).
 pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
-    si_store::valid_image_name(&cfg.image)?;
-    let _lock = store.writer_lock()?;
     let start = Instant::now();
+    let prepared = prepare(store, cfg)?;
+    let mut session = connect(cfg)?;
+    let staged = (|| -> Result<(Rebuilt, Received)> {
+        let offer = offer(&mut session, store, cfg, prepared.base.as_ref())?;
+        let received = receive(&mut session, store, cfg.progress)?;
+        let rebuilt = rebuild(&mut session, &offer, &received)?;
+        Ok((rebuilt, received))
+    })();
+    let (rebuilt, received) = match staged {
+        Ok(x) => x,
+        Err(e) => {
+            // Tell the golden client, so it does not keep a stat cache for a failed capture.
+            let _ = write_msg(
+                &mut session.conn,
+                &Msg::Error {
+                    kind: msg::ErrorKind::Internal,
+                    message: format!("{e:#}"),
+                },
+            );
+            let _ = session.conn.flush();
+            return Err(e);
+        }
+    };
+    let mut summary = record(store, cfg, &mut session, &rebuilt, &received)?;
+    summary.seconds = start.elapsed().as_secs_f64();
+    drop(prepared);
+    Ok(summary)
+}
+
+/// What a capture starts from: the store locked for writing, and the newest version.
+struct Prepared {
+    _lock: si_store::StoreLock,
+    base: Option<Base>,
+}
+
+/// The image's newest version, which the golden client may send a delta against.
+struct Base {
+    manifest: Manifest,
+    digest: Digest,
+}
+
+/// Checks the name, takes the writer lock and reads the newest version (if any). A version
+/// whose manifest does not decode to the digest its record names is no base (a full capture
+/// needs none).
+fn prepare(store: &Store, cfg: &GetImage) -> Result<Prepared> {
+    si_store::valid_image_name(&cfg.image)?;
+    let lock = store.writer_lock()?;
+    let base = match store.resolve(&cfg.image, None) {
+        Err(_) => None,
+        Ok(v) => {
+            let data = store.manifest_bytes(&cfg.image, v)?;
+            let (manifest, digest) = Manifest::decode_with_digest(&data)
+                .with_context(|| format!("decoding the manifest of {}@{v}", cfg.image))?;
+            let recorded = store.manifest_digest(&cfg.image, v)?;
+            if recorded != digest {
+                tracing::warn!(image = %cfg.image, version = v, "the manifest does not have its recorded digest; capturing without a base");
+            }
+            (recorded == digest).then_some(Base { manifest, digest })
+        }
+    };
+    Ok(Prepared { _lock: lock, base })
+}
+
+/// A connection to the golden client, past the handshake, counting what it receives.
+struct Session {
+    conn: BufStream<Counted<TcpStream>>,
+    traffic: si_proto::stream::Traffic,
+}
+
+fn connect(cfg: &GetImage) -> Result<Session> {
     let addr = cfg
         .golden
         .to_socket_addrs()
@@ -137,38 +212,94 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
     };
     handshake::connect(&mut conn, Role::Capture, &creds)
         .context("handshake with the golden client")?;
-    // What the previous version holds need not be sent again.
-    let mut have: Vec<Digest> = Vec::new();
-    if let Ok(v) = store.resolve(&cfg.image, None) {
-        let m = store.manifest(&cfg.image, v)?;
-        let set: HashSet<Digest> = m.digests().map(|c| c.digest).collect();
-        have = set.into_iter().filter(|d| store.contains(d)).collect();
-    }
+    Ok(Session { conn, traffic })
+}
+
+/// What was agreed before the scan: the base both sides hold, if any.
+struct Offer<'a> {
+    base: Option<&'a Base>,
+}
+
+/// Starts the capture: offers the base's manifest digest; when the golden client does not
+/// hold that manifest (or there is no base), sends the objects the store has of the newest
+/// version instead.
+fn offer<'a>(
+    s: &mut Session,
+    store: &Store,
+    cfg: &GetImage,
+    base: Option<&'a Base>,
+) -> Result<Offer<'a>> {
+    let conn = &mut s.conn;
     write_msg(
-        &mut conn,
+        conn,
         &Msg::CaptureStart {
             excludes: cfg.excludes.clone(),
         },
     )?;
-    for batch in have.chunks(msg::MAX_WANT) {
-        write_msg(&mut conn, &Msg::Have(batch.to_vec()))?;
+    // A base whose objects are not all here cannot be relied on (the golden client would
+    // send none of them).
+    let base = base.filter(|b| b.manifest.digests().all(|c| store.contains(&c.digest)));
+    let mut known = false;
+    if let Some(b) = base {
+        write_msg(conn, &Msg::CaptureBase { manifest: b.digest })?;
+        conn.flush()?;
+        known = match recv_msg(conn).context("asking the golden client for its base")? {
+            Msg::BaseKnown(k) => k,
+            m => bail!("unexpected {} from the golden client", m.name()),
+        };
     }
-    write_msg(&mut conn, &Msg::HaveEnd)?;
+    if !known {
+        // What the previous version holds need not be sent again.
+        let have: Vec<Digest> = match base {
+            Some(b) => {
+                let set: HashSet<Digest> = b.manifest.digests().map(|c| c.digest).collect();
+                set.into_iter().collect()
+            }
+            None => Vec::new(),
+        };
+        for batch in have.chunks(msg::MAX_WANT) {
+            write_msg(conn, &Msg::Have(batch.to_vec()))?;
+        }
+    }
+    write_msg(conn, &Msg::HaveEnd)?;
     conn.flush()?;
+    Ok(Offer {
+        base: base.filter(|_| known),
+    })
+}
 
-    let pb = progress_bar(cfg.progress);
+/// How the tree arrived.
+enum Tree {
+    /// Every entry (sorted here).
+    Entries(Vec<Entry>),
+    /// A delta from the base, and the manifest digest it must rebuild.
+    Delta { delta: Delta, digest: Digest },
+}
+
+/// What the scan sent: its objects are in the store's packs by now.
+struct Received {
+    layout: Option<String>,
+    tree: Tree,
+    stats: ScanStats,
+    new_objects: u64,
+    new_bytes: u64,
+}
+
+/// Receives the scan: objects (verified on worker threads and written to packs), the layout,
+/// and the tree, up to `ScanEnd`. Every pack is durable when it returns.
+fn receive(s: &mut Session, store: &Store, progress: bool) -> Result<Received> {
+    let pb = progress_bar(progress);
     let writer = Mutex::new(store.pack_writer()?);
-    let mut entries: Vec<Entry> = Vec::new();
     let mut layout = None;
-    let mut stats = None;
     let verifiers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (tx, rx) = crossbeam_channel::bounded::<(Digest, u32, Vec<u8>)>(64);
-    let recv_result: Result<()> = std::thread::scope(|s| {
+    let conn = &mut s.conn;
+    let scanned: Result<(Tree, ScanStats)> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..verifiers)
             .map(|_| {
                 let rx = rx.clone();
                 let writer = &writer;
-                s.spawn(move || -> Result<()> {
+                sc.spawn(move || -> Result<()> {
                     for (d, raw, z) in rx {
                         verify_object(&d, raw, &z)?;
                         writer.lock().expect("pack writer").add(d, raw, &z)?;
@@ -177,101 +308,176 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
                 })
             })
             .collect();
-        let res = (|| -> Result<()> {
-            loop {
-                let f = read_frame(&mut conn).context("receiving from the golden client")?;
-                match f {
-                    Some(Frame::Msg(Msg::Layout(l))) => layout = (!l.is_empty()).then_some(l),
-                    Some(Frame::Msg(Msg::Totals { bytes, .. })) => pb.set_length(bytes),
-                    Some(Frame::Msg(Msg::Progress { files, bytes })) => {
-                        pb.set_position(bytes);
-                        pb.set_message(format!("{files} files"));
-                    }
-                    Some(Frame::Msg(Msg::Blob { digest, raw_len })) => {
-                        let Some(Frame::Data(z)) = read_frame(&mut conn)? else {
-                            bail!("object {digest} announced but no data followed");
-                        };
-                        if tx.send((digest, raw_len, z)).is_err() {
-                            bail!("object verification stopped");
-                        }
-                    }
-                    Some(Frame::Msg(Msg::Entries(es))) => entries.extend(es),
-                    Some(Frame::Msg(Msg::MoreChunks(more))) => {
-                        if more.len() > msg::MAX_CHUNKS_PER_MSG {
-                            bail!("MoreChunks of {} chunks is too large", more.len());
-                        }
-                        match entries.last_mut().map(|e| &mut e.kind) {
-                            Some(Kind::File { chunks, .. }) => chunks.extend(more),
-                            _ => bail!("MoreChunks does not follow a file entry"),
-                        }
-                    }
-                    Some(Frame::Msg(Msg::ScanEnd { stats: st })) => {
-                        stats = Some(st);
-                        return Ok(());
-                    }
-                    Some(Frame::Msg(Msg::Error { message, .. })) => {
-                        bail!("golden client failed: {message}")
-                    }
-                    Some(Frame::Msg(other)) => {
-                        bail!("unexpected {} from the golden client", other.name())
-                    }
-                    Some(Frame::Data(_)) => bail!("unexpected data frame from the golden client"),
-                    None => {
-                        bail!("the golden client closed the connection before the end of the scan")
+        let res = read_scan(conn, |m, conn| {
+            match m {
+                Msg::Layout(l) => layout = (!l.is_empty()).then_some(l),
+                Msg::Totals { bytes, .. } => pb.set_length(bytes),
+                Msg::Progress { files, bytes } => {
+                    pb.set_position(bytes);
+                    pb.set_message(format!("{files} files"));
+                }
+                Msg::Blob { digest, raw_len } => {
+                    let Some(Frame::Data(z)) = read_frame(conn)? else {
+                        bail!("object {digest} announced but no data followed");
+                    };
+                    if tx.send((digest, raw_len, z)).is_err() {
+                        bail!("object verification stopped");
                     }
                 }
+                other => bail!("unexpected {} from the golden client", other.name()),
             }
-        })();
+            Ok(())
+        });
         drop(tx);
         let mut out = res;
         for h in handles {
             let r = h
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("verifier panicked")));
-            if out.is_ok() {
-                out = r;
+            if let (Ok(_), Err(e)) = (&out, r) {
+                out = Err(e);
             }
         }
         out
     });
-    if let Err(e) = recv_result {
-        let _ = write_msg(
-            &mut conn,
-            &Msg::Error {
-                kind: msg::ErrorKind::Internal,
-                message: format!("{e:#}"),
-            },
-        );
-        let _ = conn.flush();
-        return Err(e);
-    }
+    let (tree, stats) = scanned?;
     pb.finish_and_clear();
     let (new_objects, new_bytes) = writer.into_inner().expect("pack writer").finish()?;
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    let manifest = Manifest { entries };
-    let stats = stats.expect("set at ScanEnd");
+    Ok(Received {
+        layout,
+        tree,
+        stats,
+        new_objects,
+        new_bytes,
+    })
+}
+
+/// Reads the golden client's messages up to `ScanEnd`: the tree (entries, or a delta) is
+/// gathered here, anything else goes to `other`.
+fn read_scan<C: std::io::Read>(
+    conn: &mut C,
+    mut other: impl FnMut(Msg, &mut C) -> Result<()>,
+) -> Result<(Tree, ScanStats)> {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut delta = None;
+    loop {
+        let f = read_frame(conn).context("receiving from the golden client")?;
+        match f {
+            Some(Frame::Msg(Msg::Entries(es))) => entries.extend(es),
+            Some(Frame::Msg(Msg::MoreChunks(more))) => {
+                if more.len() > msg::MAX_CHUNKS_PER_MSG {
+                    bail!("MoreChunks of {} chunks is too large", more.len());
+                }
+                match entries.last_mut().map(|e| &mut e.kind) {
+                    Some(Kind::File { chunks, .. }) => chunks.extend(more),
+                    _ => bail!("MoreChunks does not follow a file entry"),
+                }
+            }
+            Some(Frame::Msg(Msg::CaptureDelta { digest, bytes })) => {
+                let data = recv_bytes(conn, bytes, MAX_MANIFEST_BYTES)
+                    .context("receiving the manifest delta")?;
+                let d = Delta::decode(&data).context("decoding the manifest delta")?;
+                delta = Some(Tree::Delta { delta: d, digest });
+            }
+            Some(Frame::Msg(Msg::ScanEnd { stats })) => {
+                let tree = match delta {
+                    Some(d) if entries.is_empty() => d,
+                    Some(_) => bail!("the golden client sent both a delta and entries"),
+                    None => {
+                        entries.sort_by(|a, b| a.path.cmp(&b.path));
+                        Tree::Entries(entries)
+                    }
+                };
+                return Ok((tree, stats));
+            }
+            Some(Frame::Msg(Msg::Error { message, .. })) => {
+                bail!("golden client failed: {message}")
+            }
+            Some(Frame::Msg(m)) => other(m, conn)?,
+            Some(Frame::Data(_)) => bail!("unexpected data frame from the golden client"),
+            None => bail!("the golden client closed the connection before the end of the scan"),
+        }
+    }
+}
+
+/// The captured manifest: the entries as sent, or the delta applied to the base and checked
+/// against the digest the golden client named. When the delta does not rebuild that manifest,
+/// the golden client is asked for the whole tree (`SendEntries`).
+fn rebuild(s: &mut Session, offer: &Offer, received: &Received) -> Result<Rebuilt> {
+    let whole = |entries| Rebuilt {
+        manifest: Manifest { entries },
+        via_delta: false,
+    };
+    let (delta, digest) = match &received.tree {
+        Tree::Entries(entries) => return Ok(whole(entries.clone())),
+        Tree::Delta { delta, digest } => (delta, digest),
+    };
+    let Some(base) = offer.base else {
+        bail!("the golden client sent a delta though no base was agreed");
+    };
+    match delta.apply(&base.manifest) {
+        Ok(m) if m.digest() == *digest => {
+            return Ok(Rebuilt {
+                manifest: m,
+                via_delta: true,
+            })
+        }
+        Ok(_) => tracing::warn!("the manifest delta does not rebuild the digest the golden client named; asking for the whole tree"),
+        Err(e) => tracing::warn!(error = %e, "the manifest delta does not apply; asking for the whole tree"),
+    }
+    write_msg(&mut s.conn, &Msg::SendEntries)?;
+    s.conn.flush()?;
+    match read_scan(&mut s.conn, |m, _| {
+        bail!("unexpected {} from the golden client", m.name())
+    })? {
+        (Tree::Entries(entries), _) => Ok(whole(entries)),
+        (Tree::Delta { .. }, _) => bail!("the golden client sent a delta where entries were due"),
+    }
+}
+
+/// The captured manifest, and whether the delta built it.
+struct Rebuilt {
+    manifest: Manifest,
+    via_delta: bool,
+}
+
+/// Records the version and tells the golden client (which then keeps its stat cache and the
+/// manifest, the base of the next capture).
+fn record(
+    store: &Store,
+    cfg: &GetImage,
+    s: &mut Session,
+    rebuilt: &Rebuilt,
+    received: &Received,
+) -> Result<Summary> {
     let meta = VersionMeta {
         source: format!("golden:{}", cfg.golden),
         excludes: cfg.excludes.clone(),
         ..Default::default()
     };
     let meta = store
-        .record_version(&cfg.image, &manifest, meta, layout.as_deref())
+        .record_version(
+            &cfg.image,
+            &rebuilt.manifest,
+            meta,
+            received.layout.as_deref(),
+        )
         .context("recording the captured version")?;
-    write_msg(&mut conn, &Msg::Bye)?;
-    conn.flush()?;
+    write_msg(&mut s.conn, &Msg::Bye)?;
+    s.conn.flush()?;
     Ok(Summary {
         image: cfg.image.clone(),
         version: meta.version,
         entries: meta.entries,
         files: meta.files,
         bytes: meta.bytes,
-        files_read: stats.files_read,
-        bytes_read: stats.bytes_read,
-        bytes_sent: traffic.read(),
-        new_objects,
-        new_bytes,
-        seconds: start.elapsed().as_secs_f64(),
+        files_read: received.stats.files_read,
+        bytes_read: received.stats.bytes_read,
+        bytes_sent: s.traffic.read(),
+        manifest_delta: rebuilt.via_delta,
+        new_objects: received.new_objects,
+        new_bytes: received.new_bytes,
+        seconds: 0.0,
     })
 }
 
@@ -329,6 +535,7 @@ pub fn commit(
         files_read: res.stats.files_read,
         bytes_read: res.stats.bytes_read,
         bytes_sent: 0,
+        manifest_delta: false,
         new_objects,
         new_bytes,
         seconds: start.elapsed().as_secs_f64(),

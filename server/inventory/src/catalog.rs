@@ -32,7 +32,7 @@ pub struct StoreCatalog(pub PathBuf);
 
 impl ImageCatalog for StoreCatalog {
     fn has_image(&self, name: &str) -> Result<Option<bool>> {
-        crate::ranges::check_name(name).context("checking the image name")?;
+        si_proto::path::image_name(name)?;
         let p = self.0.join("images").join(name);
         match std::fs::metadata(&p) {
             Ok(m) => Ok(Some(m.is_dir())),

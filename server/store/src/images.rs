@@ -21,7 +21,14 @@ pub struct VersionMeta {
     pub source: String,
     #[serde(default)]
     pub excludes: Vec<String>,
-    /// BLAKE3 of the encoded manifest file.
+    /// The manifest digest ([`manifest::digest`], hex): what the version is verified and, later,
+    /// signed by. Empty in versions recorded by older builds (store format 1 before it), which
+    /// have only [`VersionMeta::manifest`]; [`Store::manifest_digest`] reads both.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub manifest_digest: String,
+    /// Older builds only: BLAKE3 of the compressed manifest file. Never written now; read to
+    /// check an old version's file before its manifest digest is computed from it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub manifest: String,
     pub entries: u64,
     pub files: u64,
@@ -34,18 +41,10 @@ pub struct VersionMeta {
     pub has_layout: bool,
 }
 
-/// Image names: letters, digits, `.`, `_`, `-`; not starting with `.`; at most 64 bytes.
+/// Image names: letters, digits, `.`, `_`, `-`; not starting with `.`; at most 64 bytes
+/// (`si_proto::path::image_name`, the rule the inventory applies too).
 pub fn valid_image_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 64
-        || name.starts_with('.')
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        bail!("invalid image name {name:?}: use letters, digits, '.', '_' and '-' (not first '.')");
-    }
-    Ok(())
+    Ok(si_proto::path::image_name(name)?)
 }
 
 /// Parses `NAME` or `NAME@VERSION`.
@@ -167,6 +166,45 @@ impl Store {
         Manifest::decode(&data).with_context(|| format!("decoding the manifest of {name}@{v}"))
     }
 
+    /// The manifest digest of `name@v`, from its version record. A version recorded before
+    /// the record held one (it has only the BLAKE3 of the compressed file) has its file checked
+    /// against that, and the digest computed from it: old stores serve and update unchanged.
+    pub fn manifest_digest(&self, name: &str, v: u32) -> Result<Digest> {
+        let meta = self.meta(name, v)?;
+        self.digest_of(name, v, &meta, None)
+    }
+
+    /// [`Store::manifest_digest`] with the record (and, if the caller has read it, the
+    /// manifest file) in hand.
+    pub fn digest_of(
+        &self,
+        name: &str,
+        v: u32,
+        meta: &VersionMeta,
+        file: Option<&[u8]>,
+    ) -> Result<Digest> {
+        if !meta.manifest_digest.is_empty() {
+            return Digest::from_hex(&meta.manifest_digest)
+                .with_context(|| format!("{name}@{v}: bad manifest digest in meta.toml"));
+        }
+        if meta.manifest.is_empty() {
+            bail!("{name}@{v}: meta.toml records no manifest digest");
+        }
+        let read;
+        let data = match file {
+            Some(d) => d,
+            None => {
+                read = self.manifest_bytes(name, v)?;
+                &read
+            }
+        };
+        if Digest::of(data).to_hex() != meta.manifest {
+            bail!("{name}@{v}: manifest does not match its recorded digest");
+        }
+        manifest::digest_of_encoded(data)
+            .with_context(|| format!("decoding the manifest of {name}@{v}"))
+    }
+
     pub fn layout(&self, name: &str, v: u32) -> Result<Option<String>> {
         let p = self.version_dir(name, v)?.join("layout.toml");
         match std::fs::read_to_string(&p) {
@@ -195,9 +233,10 @@ impl Store {
                 );
             }
         }
-        let enc = m.encode();
+        let (enc, digest) = m.encode_with_digest();
         meta.image = name.to_string();
-        meta.manifest = Digest::of(&enc).to_hex();
+        meta.manifest_digest = digest.to_hex();
+        meta.manifest = String::new();
         meta.entries = m.entries.len() as u64;
         meta.files = m
             .entries
@@ -356,13 +395,20 @@ impl Store {
                         continue;
                     }
                 };
-                if Digest::of(&data).to_hex() != meta.manifest {
-                    rep.problems.push(format!(
-                        "{name}@{v}: manifest does not match its recorded digest"
-                    ));
-                }
-                match Manifest::decode(&data) {
-                    Ok(m) => {
+                let want = match self.digest_of(&name, v, &meta, Some(&data)) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        rep.problems.push(format!("{e:#}"));
+                        None
+                    }
+                };
+                match Manifest::decode_with_digest(&data) {
+                    Ok((m, got)) => {
+                        if want.is_some_and(|w| w != got) {
+                            rep.problems.push(format!(
+                                "{name}@{v}: manifest does not match its recorded digest"
+                            ));
+                        }
                         let missing = m.digests().filter(|c| !present.contains(&c.digest)).count();
                         if missing > 0 {
                             rep.problems.push(format!(
@@ -525,5 +571,47 @@ mod tests {
         );
         assert_eq!(store.images().unwrap(), vec!["good".to_string()]);
         assert_eq!(store.versions("good").unwrap(), vec![1]);
+    }
+
+    /// A version recorded by an older build (meta.toml holds only the BLAKE3 of the compressed
+    /// file) has the same manifest digest as a new one, passes fsck, and a corrupted file is
+    /// caught through the old field.
+    #[test]
+    fn an_old_format_version_has_the_same_manifest_digest() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path()).unwrap();
+        let meta = store
+            .record_version("img", &root_only(), VersionMeta::default(), None)
+            .unwrap();
+        assert!(meta.manifest.is_empty());
+        let want = root_only().digest();
+        assert_eq!(meta.manifest_digest, want.to_hex());
+        assert_eq!(store.manifest_digest("img", 1).unwrap(), want);
+        let text = std::fs::read_to_string(store.root().join("images/img/1/meta.toml")).unwrap();
+        assert!(text.contains("manifest-digest = "), "{text}");
+
+        downgrade(&store, "img", 1);
+        let old = store.meta("img", 1).unwrap();
+        assert!(old.manifest_digest.is_empty() && !old.manifest.is_empty());
+        assert_eq!(store.manifest_digest("img", 1).unwrap(), want);
+        assert!(store.fsck().unwrap().problems.is_empty());
+
+        let p = store.manifest_path("img", 1).unwrap();
+        let mut data = std::fs::read(&p).unwrap();
+        let n = data.len();
+        data[n - 1] ^= 1;
+        std::fs::write(&p, &data).unwrap();
+        let err = store.manifest_digest("img", 1).unwrap_err();
+        assert!(format!("{err:#}").contains("does not match"), "{err:#}");
+        assert!(!store.fsck().unwrap().problems.is_empty());
+    }
+
+    /// Rewrites `name@v`'s record as a build before the manifest digest wrote it.
+    pub(crate) fn downgrade(store: &Store, name: &str, v: u32) {
+        let mut meta = store.meta(name, v).unwrap();
+        meta.manifest_digest.clear();
+        meta.manifest = Digest::of(&store.manifest_bytes(name, v).unwrap()).to_hex();
+        let p = store.root().join(format!("images/{name}/{v}/meta.toml"));
+        std::fs::write(p, toml::to_string_pretty(&meta).unwrap()).unwrap();
     }
 }

@@ -26,6 +26,13 @@
 //! checked or re-indexed on its own. Its index is `"SIIX" | version u32 | count u32 |
 //! count × (digest[32] | offset u64 | comp_len u32 | raw_len u32) | BLAKE3 of all before [32]`.
 //!
+//! A version's `meta.toml` records its **manifest digest** (`manifest-digest`, see
+//! `si_proto::manifest::digest`): the BLAKE3 of the manifest's plain encoding, so it never
+//! depends on the zstd bytes of the `manifest` file. Versions recorded by older builds carry
+//! `manifest` instead, the BLAKE3 of the compressed file; they are read as they are (no
+//! rewrite): [`Store::manifest_digest`] checks the file against the old field and computes the
+//! manifest digest from it, and `fsck` checks either form.
+//!
 //! # Durability and concurrency
 //!
 //! Every file is written under `tmp/`, fsynced, and renamed into place; nothing is ever

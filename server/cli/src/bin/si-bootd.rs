@@ -1,9 +1,11 @@
-//! si-bootd: the TFTP and HTTP boot services alone (for tests; si-server runs them too).
+//! si-bootd: the TFTP and HTTP boot services alone (for tests; si-server runs them too, with
+//! the same wiring: `si_server::daemon::FileServices` and `until_signal`).
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use si_boot::bootcfg::{self, BootAction, BootSettings, Generated};
 use si_boot::{http, tftp};
+use si_server::daemon::{self, FileServices};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -68,35 +70,30 @@ async fn run(a: Args) -> Result<()> {
         None => Vec::new(),
     };
     let generated = Generated::with_config(a.generate, bootcfg::render(&settings, &nodes)?);
-    si_server::daemon::log_shared(&generated, &a.tftp_root);
+    daemon::log_shared(&generated, &a.tftp_root);
 
-    let udp = tokio::net::UdpSocket::bind(a.tftp_listen)
-        .await
-        .with_context(|| format!("binding TFTP to {}", a.tftp_listen))?;
-    let tcp = tokio::net::TcpListener::bind(a.http_listen)
-        .await
-        .with_context(|| format!("binding HTTP to {}", a.http_listen))?;
-    let tcfg = tftp::TftpConfig {
-        root: a.tftp_root.clone(),
-        max_transfers: a.max_transfers,
-        max_windowsize: a.max_windowsize,
-        ..Default::default()
+    let files = FileServices {
+        tftp: Some((
+            a.tftp_listen,
+            tftp::TftpConfig {
+                root: a.tftp_root.clone(),
+                max_transfers: a.max_transfers,
+                max_windowsize: a.max_windowsize,
+                ..Default::default()
+            },
+        )),
+        http: Some((
+            a.http_listen,
+            http::HttpConfig {
+                root: a.http_root.unwrap_or(a.tftp_root),
+                ..Default::default()
+            },
+        )),
     };
-    let hcfg = http::HttpConfig {
-        root: a.http_root.unwrap_or(a.tftp_root),
-        ..Default::default()
-    };
-    let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let stop2 = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    tokio::try_join!(
-        tftp::serve(udp, tcfg, generated.clone(), stop),
-        http::serve(tcp, hcfg, generated, stop2)
-    )?;
-    Ok(())
+    let (stop_tx, stopped) = daemon::stop_signal();
+    let mut tasks = daemon::Services::new();
+    files.spawn(&mut tasks, &generated, &stopped).await?;
+    daemon::until_signal(tasks, stop_tx).await
 }
 
 #[tokio::main]

@@ -274,7 +274,13 @@ impl Concrete {
             }
         }
         for r in &self.raids {
-            let _ = writeln!(s, "md RAID {} /dev/md/{} <- {}", r.level, r.name, r.members.join(" + "));
+            let _ = writeln!(
+                s,
+                "md RAID {} {} <- {}",
+                r.level,
+                crate::steps::md_path(&r.name).display(),
+                r.members.join(" + ")
+            );
         }
         for g in &self.vgs {
             let _ = writeln!(s, "LVM volume group {} <- {}", g.name, g.pvs.join(" + "));

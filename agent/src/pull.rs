@@ -288,7 +288,9 @@ impl Client {
         self.conn.flush()?;
         match recv_msg(&mut self.conn)? {
             Msg::Plan(t) => Ok(t),
-            Msg::Error { message, .. } => bail!("the master has no install plan for {node}: {message}"),
+            Msg::Error { message, .. } => {
+                bail!("the master has no install plan for {node}: {message}")
+            }
             m => bail!("unexpected answer: {}", m.name()),
         }
     }

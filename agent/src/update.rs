@@ -786,8 +786,10 @@ pub fn deploy_fresh(
             Kind::File { chunks, .. } if !chunks.is_empty() => with_content.push(i),
             // A mount point the installer made (its metadata is set with the others below).
             Kind::Dir
-                if rustix::fs::statat(&pd, name, AtFlags::SYMLINK_NOFOLLOW)
-                    .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory) => {}
+                if rustix::fs::statat(&pd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+                    rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory
+                }) => {}
             _ => {
                 apply::create_at(pd.as_fd(), name, e, &NoObjects)?;
             }

@@ -218,7 +218,11 @@ impl Config {
                 }
                 "disks" => {
                     if self.disks.is_empty() {
-                        self.disks = v.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
+                        self.disks = v
+                            .split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(String::from)
+                            .collect();
                     }
                 }
                 "dryrun" => self.dry_run = true,
@@ -270,7 +274,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.server.as_deref(), Some("10.213.0.1:7811"));
         assert_eq!(c.node.as_deref(), Some("n01"));
-        assert_eq!(c.image.as_deref(), Some("cli-image"), "the command line wins");
+        assert_eq!(
+            c.image.as_deref(),
+            Some("cli-image"),
+            "the command line wins"
+        );
         assert_eq!(c.version, Some(3));
         assert_eq!(c.break_at.as_deref(), Some("partition"));
         assert_eq!(c.reinstall, Some(Reinstall::Sync));

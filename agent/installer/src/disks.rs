@@ -67,7 +67,11 @@ fn dev(v: &Value, count: &mut usize, depth: usize) -> Result<Dev> {
     let size = num("size")
         .ok_or_else(|| anyhow!("lsblk device {name}: size missing or not in bytes (use -b)"))?;
     let mut mountpoints: Vec<String> = match v.get("mountpoints") {
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(String::from).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect(),
         _ => Vec::new(),
     };
     if let Some(m) = s("mountpoint") {
@@ -172,10 +176,7 @@ pub fn candidates(
     only: &[String],
     by_path: &dyn Fn(&str) -> Vec<String>,
 ) -> Vec<PhysDisk> {
-    let named = |n: &str| {
-        only.iter()
-            .any(|o| o.trim_start_matches("/dev/") == n)
-    };
+    let named = |n: &str| only.iter().any(|o| o.trim_start_matches("/dev/") == n);
     let mut out = Vec::new();
     for d in devs {
         let listed = named(&d.name);
@@ -234,7 +235,10 @@ pub fn lsblk() -> Result<Vec<Dev>> {
         .output()
         .context("running lsblk")?;
     if !out.status.success() {
-        bail!("lsblk failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "lsblk failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     parse_lsblk(&String::from_utf8_lossy(&out.stdout))
 }
@@ -261,9 +265,9 @@ fn natural_key(n: &str) -> (String, Vec<u64>) {
     for fam in ["sd", "vd", "hd", "xvd"] {
         if let Some(letters) = n.strip_prefix(fam) {
             if !letters.is_empty() && letters.bytes().all(|b| b.is_ascii_lowercase()) {
-                let idx = letters
-                    .bytes()
-                    .fold(0u64, |a, b| a.saturating_mul(26).saturating_add(u64::from(b - b'a' + 1)));
+                let idx = letters.bytes().fold(0u64, |a, b| {
+                    a.saturating_mul(26).saturating_add(u64::from(b - b'a' + 1))
+                });
                 return (fam.into(), vec![idx]);
             }
         }
@@ -303,15 +307,13 @@ fn matches(s: &Selector, p: &PhysDisk) -> bool {
     };
     eq(&s.serial, &p.serial)
         && eq(&s.wwn, &p.wwn)
-        && s
-            .by_path
+        && s.by_path
             .as_ref()
             .is_none_or(|w| p.by_path.iter().any(|b| b == w))
         && s.min_size.is_none_or(|m| p.size >= m)
         && s.max_size.is_none_or(|m| p.size <= m)
         && s.rotational.is_none_or(|r| p.rotational == r)
-        && s
-            .transport
+        && s.transport
             .as_ref()
             .is_none_or(|t| p.transport.eq_ignore_ascii_case(t))
 }
@@ -362,7 +364,11 @@ pub fn assign(layout: &Layout, disks: &[PhysDisk]) -> Result<Vec<PhysDisk>> {
                 "no disk for layout disk {} (select {}): {}",
                 ld.name,
                 describe_selector(&sel),
-                if seen.is_empty() { "the node has no disks".into() } else { seen }
+                if seen.is_empty() {
+                    "the node has no disks".into()
+                } else {
+                    seen
+                }
             );
         }
         // Identity selectors and plain filters without `pick` must name one disk among those
@@ -381,7 +387,11 @@ pub fn assign(layout: &Layout, disks: &[PhysDisk]) -> Result<Vec<PhysDisk>> {
                 describe(&matching)
             );
         }
-        let fitting: Vec<&PhysDisk> = matching.iter().copied().filter(|p| p.size >= need).collect();
+        let fitting: Vec<&PhysDisk> = matching
+            .iter()
+            .copied()
+            .filter(|p| p.size >= need)
+            .collect();
         let chosen = match sel.pick {
             Some(Pick::Smallest) => fitting.iter().min_by_key(|p| p.size).copied(),
             Some(Pick::Largest) => fitting.iter().max_by_key(|p| p.size).copied(),
@@ -397,7 +407,11 @@ pub fn assign(layout: &Layout, disks: &[PhysDisk]) -> Result<Vec<PhysDisk>> {
             );
         };
         if let Some(b) = &p.busy {
-            bail!("disk {} (for layout disk {}) is in use: {b}", p.name, ld.name);
+            bail!(
+                "disk {} (for layout disk {}) is in use: {b}",
+                p.name,
+                ld.name
+            );
         }
         taken.push(p.name.clone());
         out.push(p.clone());
@@ -487,16 +501,25 @@ mod tests {
         assert_eq!(pick("select = { pick = \"smallest\" }").unwrap(), "vda");
         assert_eq!(pick("select = { pick = \"largest\" }").unwrap(), "nvme0n1");
         assert_eq!(pick("select = { serial = \"ser-vda\" }").unwrap(), "vda");
-        assert_eq!(pick("select = { by-path = \"pci-nvme0n1\" }").unwrap(), "nvme0n1");
-        assert_eq!(pick("select = { serial = \"SER-sda\" }").unwrap(), "sda", "named: allowed");
         assert_eq!(
-            pick("select = { max-size = 100000000000 }").unwrap(),
-            "vda"
+            pick("select = { by-path = \"pci-nvme0n1\" }").unwrap(),
+            "nvme0n1"
         );
-        let e = pick("select = { transport = \"usb\" }").unwrap_err().to_string();
+        assert_eq!(
+            pick("select = { serial = \"SER-sda\" }").unwrap(),
+            "sda",
+            "named: allowed"
+        );
+        assert_eq!(pick("select = { max-size = 100000000000 }").unwrap(), "vda");
+        let e = pick("select = { transport = \"usb\" }")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sda: removable, left alone"), "{e}");
         let e = pick("select = { min-size = 1 }").unwrap_err().to_string();
-        assert!(e.contains("ambiguous") && e.contains("nvme0n1") && e.contains("vda"), "{e}");
+        assert!(
+            e.contains("ambiguous") && e.contains("nvme0n1") && e.contains("vda"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -508,7 +531,10 @@ mod tests {
         )
         .unwrap();
         let e = assign(&l, &d).unwrap_err().to_string();
-        assert!(e.contains("vda") && e.contains("in use: vda2 is mounted on /"), "{e}");
+        assert!(
+            e.contains("vda") && e.contains("in use: vda2 is mounted on /"),
+            "{e}"
+        );
         let small = vec![disk("vda", 2 << 30, "virtio")];
         let e = assign(&l, &small).unwrap_err().to_string();
         assert!(e.contains("disk vda is too small for layout disk a"), "{e}");

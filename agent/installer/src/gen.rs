@@ -29,7 +29,11 @@ fn fstab_line(f: &FsPlan, spec: &str) -> String {
         (_, "xfs" | "btrfs") => 0,
         _ => 2,
     };
-    let opts = f.options.as_deref().filter(|o| !o.is_empty()).unwrap_or("defaults");
+    let opts = f
+        .options
+        .as_deref()
+        .filter(|o| !o.is_empty())
+        .unwrap_or("defaults");
     format!("{spec} {m} {} {opts} 0 {pass}", f.fstype)
 }
 
@@ -88,7 +92,11 @@ pub fn network_files(n: &Network, ifname_hint: Option<&str>) -> Vec<(String, Str
 /// The scripts of `stage` that apply to this node, in run order: SystemImager's
 /// `NN.CLASS[.rest]` names, CLASS one of `all`, the image, the group, the hostname; by NN,
 /// then name.
-pub fn scripts_for<'a>(plan: &'a InstallPlan, stage: ScriptStage, hostname: &str) -> Vec<&'a Script> {
+pub fn scripts_for<'a>(
+    plan: &'a InstallPlan,
+    stage: ScriptStage,
+    hostname: &str,
+) -> Vec<&'a Script> {
     let classes: Vec<&str> = ["all", plan.image.as_str(), hostname]
         .into_iter()
         .chain(plan.group.as_deref())
@@ -131,7 +139,10 @@ mod tests {
                 s("10deb.image"),
                 s("30other.nope"),
                 s("noprefix.all"),
-                Script { stage: ScriptStage::Pre, ..s("1all.pre") },
+                Script {
+                    stage: ScriptStage::Pre,
+                    ..s("1all.pre")
+                },
             ],
             ..Default::default()
         };
@@ -155,7 +166,9 @@ mod tests {
         };
         let f = network_files(&n, None);
         assert!(f[0].1.contains("MACAddress=52:54:00:12:34:56"));
-        assert!(f[0].1.contains("Address=10.213.1.5/16\nGateway=10.213.0.1\nDNS=10.213.0.1\nDomains=cluster"));
+        assert!(f[0].1.contains(
+            "Address=10.213.1.5/16\nGateway=10.213.0.1\nDNS=10.213.0.1\nDomains=cluster"
+        ));
         let d = network_files(&Network::default(), Some("ens3"));
         assert!(d[0].1.contains("Name=ens3") && d[0].1.contains("DHCP=yes"));
     }

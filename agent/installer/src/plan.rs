@@ -68,7 +68,11 @@ impl Concrete {
     /// `firmware`.
     pub fn new(layout: &Layout, chosen: &[PhysDisk], firmware: Firmware) -> Result<Concrete> {
         if chosen.len() != layout.disks.len() {
-            bail!("{} layout disks, {} disks chosen", layout.disks.len(), chosen.len());
+            bail!(
+                "{} layout disks, {} disks chosen",
+                layout.disks.len(),
+                chosen.len()
+            );
         }
         let mut disks = Vec::new();
         for (ld, pd) in layout.disks.iter().zip(chosen) {
@@ -100,12 +104,22 @@ impl Concrete {
             }
             let needs_bios_boot = firmware == Firmware::Bios
                 && ld.table == Table::Gpt
-                && !ld.partitions.iter().any(|p| p.flags.iter().any(|f| f == "bios_grub"))
+                && !ld
+                    .partitions
+                    .iter()
+                    .any(|p| p.flags.iter().any(|f| f == "bios_grub"))
                 && holds_boot(layout, &ld.name);
             if needs_bios_boot {
                 used += MIB;
             }
-            if used + if ld.partitions.iter().any(|p| p.grow) { MIB } else { 0 } > usable {
+            if used
+                + if ld.partitions.iter().any(|p| p.grow) {
+                    MIB
+                } else {
+                    0
+                }
+                > usable
+            {
                 bail!(
                     "disk {} is too small for layout disk {}: its partitions need {} bytes, {} are usable",
                     pd.name, ld.name, used, usable
@@ -172,7 +186,10 @@ impl Concrete {
             })
             .collect();
         filesystems.sort_by_key(mount_key);
-        if !filesystems.iter().any(|f| f.mountpoint.as_deref() == Some("/")) {
+        if !filesystems
+            .iter()
+            .any(|f| f.mountpoint.as_deref() == Some("/"))
+        {
             bail!("the layout mounts nothing on /");
         }
         Ok(Concrete {
@@ -228,8 +245,13 @@ impl Concrete {
             .filesystems
             .iter()
             .find(|f| f.mountpoint.as_deref() == Some("/boot"))
-            .or_else(|| self.filesystems.iter().find(|f| f.mountpoint.as_deref() == Some("/")));
-        boot.map(|f| self.disks_under(&f.device)).unwrap_or_default()
+            .or_else(|| {
+                self.filesystems
+                    .iter()
+                    .find(|f| f.mountpoint.as_deref() == Some("/"))
+            });
+        boot.map(|f| self.disks_under(&f.device))
+            .unwrap_or_default()
     }
 
     /// The EFI system partitions (layout devices) on a UEFI node: one per disk of a mirror.
@@ -268,8 +290,16 @@ impl Concrete {
                     p.start / MIB,
                     p.size / MIB,
                     p.ptype,
-                    if p.flags.is_empty() { String::new() } else { format!(", flags {}", p.flags.join(",")) },
-                    if p.added { " (added: BIOS boot on GPT)" } else { "" }
+                    if p.flags.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", flags {}", p.flags.join(","))
+                    },
+                    if p.added {
+                        " (added: BIOS boot on GPT)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
@@ -301,18 +331,37 @@ impl Concrete {
                 "mkfs {} on {}{}",
                 f.fstype,
                 f.device,
-                f.mountpoint.as_deref().map(|m| format!(", mounted on {m}")).unwrap_or_default()
+                f.mountpoint
+                    .as_deref()
+                    .map(|m| format!(", mounted on {m}"))
+                    .unwrap_or_default()
             );
         }
-        let order: Vec<&str> = self.filesystems.iter().filter_map(|f| f.mountpoint.as_deref()).collect();
+        let order: Vec<&str> = self
+            .filesystems
+            .iter()
+            .filter_map(|f| f.mountpoint.as_deref())
+            .collect();
         let _ = writeln!(s, "mount order: {}", order.join(" "));
         match self.firmware {
             Firmware::Bios => {
-                let _ = writeln!(s, "boot loader: grub-install --target=i386-pc on {}", self.boot_disks().join(", "));
+                let _ = writeln!(
+                    s,
+                    "boot loader: grub-install --target=i386-pc on {}",
+                    self.boot_disks().join(", ")
+                );
             }
             Firmware::Uefi => {
-                let e: Vec<String> = self.esps().iter().map(|(d, n)| format!("{d} partition {n}")).collect();
-                let _ = writeln!(s, "boot loader: EFI loader on every ESP ({}), and \\EFI\\BOOT\\BOOTX64.EFI", e.join(", "));
+                let e: Vec<String> = self
+                    .esps()
+                    .iter()
+                    .map(|(d, n)| format!("{d} partition {n}"))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "boot loader: EFI loader on every ESP ({}), and \\EFI\\BOOT\\BOOTX64.EFI",
+                    e.join(", ")
+                );
             }
         }
         s
@@ -331,7 +380,12 @@ fn holds_boot(layout: &Layout, disk: &str) -> bool {
         .filesystems
         .iter()
         .find(|f| f.mountpoint.as_deref() == Some("/boot"))
-        .or_else(|| layout.filesystems.iter().find(|f| f.mountpoint.as_deref() == Some("/")));
+        .or_else(|| {
+            layout
+                .filesystems
+                .iter()
+                .find(|f| f.mountpoint.as_deref() == Some("/"))
+        });
     let Some(f) = boot else { return false };
     let mut stack = vec![f.device.clone()];
     let mut seen = 0;
@@ -341,7 +395,10 @@ fn holds_boot(layout: &Layout, disk: &str) -> bool {
             break;
         }
         if layout.disks.iter().any(|d| {
-            d.name == disk && d.partitions.iter().any(|p| partition_device(&d.name, p.number) == dev)
+            d.name == disk
+                && d.partitions
+                    .iter()
+                    .any(|p| partition_device(&d.name, p.number) == dev)
         }) {
             return true;
         }

@@ -94,6 +94,8 @@ pub struct Installer {
     uuids: BTreeMap<String, String>,
     md_uuids: BTreeMap<String, String>,
     synced: bool,
+    /// Directories of the image the installer writes into, and their mtimes in the image.
+    dir_times: Vec<(PathBuf, rustix::fs::Timespec)>,
 }
 
 /// Runs a command, failing with its stderr.
@@ -123,7 +125,10 @@ fn lvm(args: &[&str]) -> Result<String> {
 
 /// The /dev path of an md array of the layout.
 pub fn md_path(name: &str) -> PathBuf {
-    if name.strip_prefix("md").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+    if name
+        .strip_prefix("md")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    {
         Path::new("/dev").join(name)
     } else {
         Path::new("/dev/md").join(name)
@@ -150,6 +155,7 @@ impl Installer {
             uuids: BTreeMap::new(),
             md_uuids: BTreeMap::new(),
             synced: false,
+            dir_times: Vec::new(),
         }
     }
 
@@ -176,7 +182,10 @@ impl Installer {
         match res {
             Ok(()) => {
                 let secs = t0.elapsed().as_secs_f64();
-                self.say(format!("si-install: {} installed in {secs:.1} s", self.node));
+                self.say(format!(
+                    "si-install: {} installed in {secs:.1} s",
+                    self.node
+                ));
                 Ok(())
             }
             Err(e) => {
@@ -194,7 +203,9 @@ impl Installer {
     fn step(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
         debug_assert!(STEPS.contains(&name));
         if self.cfg.break_at.as_deref() == Some(name) {
-            self.say(format!("si.break={name}: stopping before {name}; exit the shell to go on"));
+            self.say(format!(
+                "si.break={name}: stopping before {name}; exit the shell to go on"
+            ));
             shell();
         }
         let pct = percent(name);
@@ -221,9 +232,15 @@ impl Installer {
             return Ok(());
         }
         self.step("pre-scripts", |s| s.scripts(ScriptStage::Pre))?;
+        let mut synced = false;
         if self.try_sync()? {
             self.step("mount", |s| s.mount())?;
-        } else {
+            synced = self.check_record()?;
+            if !synced {
+                self.unmount_all();
+            }
+        }
+        if !synced {
             self.step("wipe", |s| s.wipe())?;
             self.step("partition", |s| s.partition())?;
             self.step("raid", |s| s.raid())?;
@@ -265,7 +282,11 @@ impl Installer {
                 toml::from_str(&t).with_context(|| format!("parsing {}", f.display()))?
             }
             None => {
-                let node = self.cfg.node.clone().ok_or_else(|| anyhow!("no si.node= given"))?;
+                let node = self
+                    .cfg
+                    .node
+                    .clone()
+                    .ok_or_else(|| anyhow!("no si.node= given"))?;
                 let c = self
                     .report
                     .as_mut()
@@ -340,13 +361,37 @@ impl Installer {
             return Ok(false);
         }
         let c = self.c().clone();
+        for d in &c.disks {
+            let known = d.partitions.iter().all(|p| {
+                crate::disks::partition_node(Path::new("/sys/class/block"), &d.disk, p.number)
+                    .is_ok()
+            });
+            if !known {
+                run(Command::new("partx")
+                    .arg("-a")
+                    .arg(Path::new("/dev").join(&d.disk)))
+                .ok();
+            }
+        }
+        // Arrays and volume groups of an earlier install come up first (no udev here).
+        if !c.raids.is_empty() {
+            run(Command::new("mdadm").args(["--assemble", "--scan"])).ok();
+        }
+        for g in &c.vgs {
+            lvm(&["vgchange", "-ay", g.name.as_str()]).ok();
+        }
         // Each filesystem must be there with the type the layout says.
         let mut uuids = BTreeMap::new();
         for f in &c.filesystems {
             let dev = self.device(&f.device)?;
-            let got = run(Command::new("blkid").args(["-p", "-s", "TYPE", "-s", "UUID", "-o", "export"]).arg(&dev));
+            let got = run(Command::new("blkid")
+                .args(["-p", "-s", "TYPE", "-s", "UUID", "-o", "export"])
+                .arg(&dev));
             let Ok(got) = got else {
-                self.say(format!("fast reinstall: {} holds no filesystem; wiping", dev.display()));
+                self.say(format!(
+                    "fast reinstall: {} holds no filesystem; wiping",
+                    dev.display()
+                ));
                 return Ok(false);
             };
             let kv: BTreeMap<&str, &str> = got.lines().filter_map(|l| l.split_once('=')).collect();
@@ -363,30 +408,34 @@ impl Installer {
                 uuids.insert(f.device.clone(), u.to_string());
             }
         }
-        // The record of the earlier install must name this layout and these disks.
-        let root = c.filesystems.iter().find(|f| f.mountpoint.as_deref() == Some("/")).expect("checked");
-        let dev = self.device(&root.device)?;
-        let probe = tempfile_dir()?;
-        rustix::mount::mount(&dev, &probe, root.fstype.as_str(), rustix::mount::MountFlags::RDONLY, None)
-            .with_context(|| format!("mounting {} to look for an earlier install", dev.display()))?;
-        let rec = std::fs::read_to_string(probe.join("var/lib/si/install.toml"));
-        rustix::mount::unmount(&probe, rustix::mount::UnmountFlags::empty()).ok();
-        std::fs::remove_dir(&probe).ok();
+        self.uuids = uuids;
+        Ok(true)
+    }
+
+    /// With the layout mounted: whether the record of the earlier install names this layout
+    /// and these disks.
+    fn check_record(&mut self) -> Result<bool> {
+        let rec = std::fs::read_to_string(self.target.join("var/lib/si/install.toml"));
         let rec: Option<InstallRecord> = rec.ok().and_then(|t| toml::from_str(&t).ok());
         let want = self.disk_record();
+        let layout = si_proto::Digest::of(self.layout_text.as_bytes()).to_hex();
         match rec {
-            Some(r) if r.layout == si_proto::Digest::of(self.layout_text.as_bytes()).to_hex() && r.disks == want => {
-                self.say(format!("fast reinstall: the disks hold {}'s earlier install of {}; updating in place", r.node, r.image));
-                self.uuids = uuids;
+            Some(r) if r.layout == layout && r.disks == want => {
+                self.say(format!(
+                    "fast reinstall: the disks hold {}'s earlier install of {}; updating in place",
+                    r.node, r.image
+                ));
                 self.synced = true;
                 Ok(true)
             }
             Some(_) => {
                 self.say("fast reinstall: the earlier install used another layout or other disks; wiping");
+                self.uuids.clear();
                 Ok(false)
             }
             None => {
                 self.say("fast reinstall: no earlier si install found; wiping");
+                self.uuids.clear();
                 Ok(false)
             }
         }
@@ -430,7 +479,11 @@ impl Installer {
             if stage == ScriptStage::Post {
                 std::fs::remove_file(self.target.join(format!("tmp/si-{}", s.name))).ok();
             }
-            self.say(format!("script {} ran in {:.2} s", s.name, t.elapsed().as_secs_f64()));
+            self.say(format!(
+                "script {} ran in {:.2} s",
+                s.name,
+                t.elapsed().as_secs_f64()
+            ));
         }
         Ok(())
     }
@@ -438,7 +491,11 @@ impl Installer {
     /// Stops md arrays and LVM on the chosen disks, then wipes every signature.
     fn wipe(&mut self) -> Result<()> {
         let c = self.c().clone();
-        let disks: Vec<PathBuf> = c.disks.iter().map(|d| Path::new("/dev").join(&d.disk)).collect();
+        let disks: Vec<PathBuf> = c
+            .disks
+            .iter()
+            .map(|d| Path::new("/dev").join(&d.disk))
+            .collect();
         // Volume groups with a PV on these disks (or on arrays on them).
         let mut parts: Vec<PathBuf> = Vec::new();
         for d in &c.disks {
@@ -452,21 +509,28 @@ impl Installer {
         let mut vgs: Vec<String> = Vec::new();
         for l in pvs.lines() {
             let mut w = l.split_whitespace();
-            let (Some(pv), Some(vg)) = (w.next(), w.next()) else { continue };
+            let (Some(pv), Some(vg)) = (w.next(), w.next()) else {
+                continue;
+            };
             let pvname = pv.trim_start_matches("/dev/");
             let ours = disks.iter().chain(parts.iter()).any(|p| p == Path::new(pv))
-                || holders.iter().any(|h| h == pvname || sys_name(pv).is_some_and(|n| &n == h));
+                || holders
+                    .iter()
+                    .any(|h| h == pvname || sys_name(pv).is_some_and(|n| &n == h));
             if ours && !vgs.contains(&vg.to_string()) {
                 vgs.push(vg.to_string());
             }
         }
         for vg in &vgs {
             self.say(format!("deactivating volume group {vg}"));
-            lvm(&["vgchange", "-an", vg]).with_context(|| format!("deactivating volume group {vg}"))?;
+            lvm(&["vgchange", "-an", vg])
+                .with_context(|| format!("deactivating volume group {vg}"))?;
         }
         for h in holders.iter().filter(|h| h.starts_with("md")) {
             self.say(format!("stopping md array {h}"));
-            run(Command::new("mdadm").arg("--stop").arg(Path::new("/dev").join(h)))?;
+            run(Command::new("mdadm")
+                .arg("--stop")
+                .arg(Path::new("/dev").join(h)))?;
         }
         for p in parts.iter().chain(disks.iter()) {
             run(Command::new("wipefs").args(["-a", "-q"]).arg(p))
@@ -489,8 +553,14 @@ impl Installer {
                     Table::Gpt => p.ptype.clone(),
                     Table::Msdos => p.ptype.trim_start_matches("0x").to_string(),
                 };
-                if ptype.is_empty() || !ptype.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                    bail!("disk {} partition {}: bad type {:?}", d.disk, p.number, p.ptype);
+                if ptype.is_empty() || !ptype.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                {
+                    bail!(
+                        "disk {} partition {}: bad type {:?}",
+                        d.disk,
+                        p.number,
+                        p.ptype
+                    );
                 }
                 let mut f = vec![
                     format!("start={}", p.start / ss),
@@ -509,19 +579,35 @@ impl Installer {
                     });
                 }
                 let dev = Path::new("/dev").join(&d.disk);
-                script.push_str(&format!("{}{} : {}\n", dev.display(), part_suffix(&d.disk, p.number), f.join(", ")));
+                script.push_str(&format!(
+                    "{}{} : {}\n",
+                    dev.display(),
+                    part_suffix(&d.disk, p.number),
+                    f.join(", ")
+                ));
             }
             self.touched.push(d.disk.clone());
             let dev = Path::new("/dev").join(&d.disk);
             let mut child = Command::new("sfdisk")
-                .args(["--quiet", "--wipe", "always", "--wipe-partitions", "always", "--no-reread"])
+                .args([
+                    "--quiet",
+                    "--wipe",
+                    "always",
+                    "--wipe-partitions",
+                    "always",
+                    "--no-reread",
+                ])
                 .arg(&dev)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .context("running sfdisk")?;
-            child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(script.as_bytes())?;
             let out = child.wait_with_output()?;
             if !out.status.success() {
                 bail!(
@@ -533,12 +619,32 @@ impl Installer {
             // The kernel learns the new table (loop devices need partscan, which losetup -P sets).
             run(Command::new("blockdev").arg("--rereadpt").arg(&dev))
                 .or_else(|_| run(Command::new("partx").arg("-u").arg(&dev)))
-                .with_context(|| format!("telling the kernel about the partitions of {}", dev.display()))?;
+                .with_context(|| {
+                    format!(
+                        "telling the kernel about the partitions of {}",
+                        dev.display()
+                    )
+                })?;
+            // A kernel without this table's parser (or a loop device without partscan) learns
+            // the partitions from partx.
+            let missing = d.partitions.iter().any(|p| {
+                crate::disks::partition_node(Path::new("/sys/class/block"), &d.disk, p.number)
+                    .is_err()
+            });
+            if missing {
+                run(Command::new("partx").arg("-a").arg(&dev)).with_context(|| {
+                    format!("adding the partitions of {} with partx", dev.display())
+                })?;
+            }
             for p in &d.partitions {
                 let node = wait_partition(&d.disk, p.number)?;
                 run(Command::new("wipefs").args(["-a", "-q"]).arg(&node))?;
             }
-            self.say(format!("partitioned /dev/{} ({} partitions)", d.disk, d.partitions.len()));
+            self.say(format!(
+                "partitioned /dev/{} ({} partitions)",
+                d.disk,
+                d.partitions.len()
+            ));
         }
         Ok(())
     }
@@ -561,7 +667,11 @@ impl Installer {
     fn raid(&mut self) -> Result<()> {
         let c = self.c().clone();
         for r in &c.raids {
-            let members: Vec<PathBuf> = r.members.iter().map(|m| self.device(m)).collect::<Result<_>>()?;
+            let members: Vec<PathBuf> = r
+                .members
+                .iter()
+                .map(|m| self.device(m))
+                .collect::<Result<_>>()?;
             let md = md_path(&r.name);
             if let Some(p) = md.parent() {
                 std::fs::create_dir_all(p).ok();
@@ -582,11 +692,21 @@ impl Installer {
             }
             run(&mut cmd).with_context(|| format!("creating md array {}", r.name))?;
             self.raids_made.push(md.clone());
-            let detail = run(Command::new("mdadm").args(["--detail", "--export"]).arg(&md))?;
+            let detail = run(Command::new("mdadm")
+                .args(["--detail", "--export"])
+                .arg(&md))?;
             if let Some(u) = detail.lines().find_map(|l| l.strip_prefix("MD_UUID=")) {
                 self.md_uuids.insert(r.name.clone(), u.to_string());
             }
-            self.say(format!("md array {} <- {}", md.display(), members.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(" + ")));
+            self.say(format!(
+                "md array {} <- {}",
+                md.display(),
+                members
+                    .iter()
+                    .map(|m| m.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            ));
         }
         Ok(())
     }
@@ -614,15 +734,33 @@ impl Installer {
                 } else if let Some(p) = lv.percent {
                     vec!["-l".to_string(), format!("{p}%VG")]
                 } else {
-                    vec!["-L".to_string(), format!("{}b", lv.size.div_ceil(MIB) * MIB)]
+                    vec![
+                        "-L".to_string(),
+                        format!("{}b", lv.size.div_ceil(MIB) * MIB),
+                    ]
                 };
-                let mut a = vec!["lvcreate", "-q", "-y", "-W", "y", "-Z", "y", "-n", lv.name.as_str()];
+                let mut a = vec![
+                    "lvcreate",
+                    "-q",
+                    "-y",
+                    "-W",
+                    "y",
+                    "-Z",
+                    "y",
+                    "-n",
+                    lv.name.as_str(),
+                ];
                 a.extend(size.iter().map(String::as_str));
                 a.push(g.name.as_str());
                 lvm(&a).with_context(|| format!("creating volume {}/{}", g.name, lv.name))?;
             }
             lvm(&["vgmknodes", g.name.as_str()]).ok();
-            self.say(format!("volume group {} <- {} ({} volumes)", g.name, pvs.join(" + "), g.lvs.len()));
+            self.say(format!(
+                "volume group {} <- {} ({} volumes)",
+                g.name,
+                pvs.join(" + "),
+                g.lvs.len()
+            ));
         }
         Ok(())
     }
@@ -664,10 +802,18 @@ impl Installer {
                 }
                 t => bail!("cannot make a {t} filesystem"),
             };
-            run(cmd.arg(&dev)).with_context(|| format!("making {} on {}", f.fstype, dev.display()))?;
-            let u = run(Command::new("blkid").args(["-p", "-s", "UUID", "-o", "value"]).arg(&dev))?;
+            run(cmd.arg(&dev))
+                .with_context(|| format!("making {} on {}", f.fstype, dev.display()))?;
+            let u = run(Command::new("blkid")
+                .args(["-p", "-s", "UUID", "-o", "value"])
+                .arg(&dev))?;
             self.uuids.insert(f.device.clone(), u.trim().to_string());
-            self.say(format!("mkfs {} on {} (UUID {})", f.fstype, dev.display(), u.trim()));
+            self.say(format!(
+                "mkfs {} on {} (UUID {})",
+                f.fstype,
+                dev.display(),
+                u.trim()
+            ));
         }
         Ok(())
     }
@@ -682,8 +828,14 @@ impl Installer {
             let dir = self.target.join(m.trim_start_matches('/'));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let dev = self.device(&f.device)?;
-            rustix::mount::mount(&dev, &dir, f.fstype.as_str(), rustix::mount::MountFlags::empty(), None)
-                .with_context(|| format!("mounting {} on {}", dev.display(), dir.display()))?;
+            rustix::mount::mount(
+                &dev,
+                &dir,
+                f.fstype.as_str(),
+                rustix::mount::MountFlags::empty(),
+                None,
+            )
+            .with_context(|| format!("mounting {} on {}", dev.display(), dir.display()))?;
             self.mounted.push(dir.clone());
             self.say(format!("mounted {} on {}", dev.display(), dir.display()));
         }
@@ -692,7 +844,11 @@ impl Installer {
 
     fn pull(&mut self) -> Result<()> {
         let plan = self.plan.clone().expect("planned");
-        let server = self.cfg.server.clone().ok_or_else(|| anyhow!("no si.server= given"))?;
+        let server = self
+            .cfg
+            .server
+            .clone()
+            .ok_or_else(|| anyhow!("no si.server= given"))?;
         // The filesystems' own lost+found are not the image's.
         let mut ex: Vec<String> = self
             .c()
@@ -737,19 +893,28 @@ impl Installer {
         if plan.overrides.is_empty() {
             return Ok(());
         }
-        let server = self.cfg.server.clone().ok_or_else(|| anyhow!("no si.server= given"))?;
+        let server = self
+            .cfg
+            .server
+            .clone()
+            .ok_or_else(|| anyhow!("no si.server= given"))?;
         for o in &plan.overrides {
             let tmp = self.target.join("var/lib/si/override.tmp");
             std::fs::remove_dir_all(&tmp).ok();
             std::fs::create_dir_all(&tmp)?;
             let mut c = Client::connect(&server, Duration::from_secs(10))?;
-            let (info, m, _) = c.manifest(o, None).with_context(|| format!("fetching override {o}"))?;
+            let (info, m, _) = c
+                .manifest(o, None)
+                .with_context(|| format!("fetching override {o}"))?;
             si_agent::update::deploy_fresh(&mut c, &m, &tmp, 2)
                 .with_context(|| format!("fetching override {o}"))?;
             c.bye();
             let n = merge_tree(&tmp, &self.target)?;
             std::fs::remove_dir_all(&tmp).ok();
-            self.say(format!("override {o}@{}: {n} entries written", info.version));
+            self.say(format!(
+                "override {o}@{}: {n} entries written",
+                info.version
+            ));
         }
         Ok(())
     }
@@ -763,25 +928,33 @@ impl Installer {
         }
         let etc = t.join("etc");
         std::fs::create_dir_all(&etc)?;
-        std::fs::write(etc.join("fstab"), gen::fstab(&c, &self.uuids)).context("writing /etc/fstab")?;
+        std::fs::write(etc.join("fstab"), gen::fstab(&c, &self.uuids))
+            .context("writing /etc/fstab")?;
         if !c.raids.is_empty() {
             if self.md_uuids.is_empty() {
                 for r in &c.raids {
-                    let d = run(Command::new("mdadm").args(["--detail", "--export"]).arg(md_path(&r.name)))?;
+                    let d = run(Command::new("mdadm")
+                        .args(["--detail", "--export"])
+                        .arg(md_path(&r.name)))?;
                     if let Some(u) = d.lines().find_map(|l| l.strip_prefix("MD_UUID=")) {
                         self.md_uuids.insert(r.name.clone(), u.to_string());
                     }
                 }
             }
             std::fs::create_dir_all(etc.join("mdadm"))?;
-            std::fs::write(etc.join("mdadm/mdadm.conf"), gen::mdadm_conf(&self.md_uuids))
-                .context("writing /etc/mdadm/mdadm.conf")?;
+            std::fs::write(
+                etc.join("mdadm/mdadm.conf"),
+                gen::mdadm_conf(&self.md_uuids),
+            )
+            .context("writing /etc/mdadm/mdadm.conf")?;
         }
         let host = plan.hostname.clone().unwrap_or_else(|| plan.node.clone());
         if !host.is_empty() {
-            std::fs::write(etc.join("hostname"), format!("{host}\n")).context("writing /etc/hostname")?;
+            std::fs::write(etc.join("hostname"), format!("{host}\n"))
+                .context("writing /etc/hostname")?;
             let hosts = etc.join("hosts");
-            let old = std::fs::read_to_string(&hosts).unwrap_or_else(|_| "127.0.0.1\tlocalhost\n".into());
+            let old =
+                std::fs::read_to_string(&hosts).unwrap_or_else(|_| "127.0.0.1\tlocalhost\n".into());
             let mut new: String = old
                 .lines()
                 .filter(|l| !l.starts_with("127.0.1.1"))
@@ -799,8 +972,12 @@ impl Installer {
         }
         // Its own machine-id and ssh host keys: never the golden node's.
         let mut id = [0u8; 16];
-        rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty()).context("random machine-id")?;
-        let id = format!("{}\n", id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty())
+            .context("random machine-id")?;
+        let id = format!(
+            "{}\n",
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
         std::fs::write(etc.join("machine-id"), &id).context("writing /etc/machine-id")?;
         let dbus = t.join("var/lib/dbus/machine-id");
         if dbus.is_file() && !dbus.is_symlink() {
@@ -813,11 +990,14 @@ impl Installer {
                 }
             }
             if t.join("usr/bin/ssh-keygen").exists() {
-                run(Command::new("chroot").arg(&t).args(["ssh-keygen", "-A"])).context("making ssh host keys")?;
+                run(Command::new("chroot").arg(&t).args(["ssh-keygen", "-A"]))
+                    .context("making ssh host keys")?;
                 self.say("ssh host keys made");
             }
         }
-        self.say(format!("configured: fstab, hostname {host}, network, machine-id"));
+        self.say(format!(
+            "configured: fstab, hostname {host}, network, machine-id"
+        ));
         Ok(())
     }
 
@@ -831,7 +1011,12 @@ impl Installer {
             return Ok(());
         }
         let _b = Binds::new(&self.target)?;
-        run(Command::new("chroot").arg(&self.target).args(["update-initramfs", "-u", "-k", "all"]))?;
+        run(Command::new("chroot").arg(&self.target).args([
+            "update-initramfs",
+            "-u",
+            "-k",
+            "all",
+        ]))?;
         self.say("initramfs rebuilt for md/LVM");
         Ok(())
     }
@@ -839,7 +1024,9 @@ impl Installer {
     fn bootloader(&mut self) -> Result<()> {
         let c = self.c().clone();
         let t = self.target.clone();
-        let grub_install = ["usr/sbin/grub-install", "usr/bin/grub-install"].iter().any(|p| t.join(p).exists());
+        let grub_install = ["usr/sbin/grub-install", "usr/bin/grub-install"]
+            .iter()
+            .any(|p| t.join(p).exists());
         if !grub_install {
             self.say("boot loader: the image has no grub-install; none installed");
             return Ok(());
@@ -848,8 +1035,11 @@ impl Installer {
         match c.firmware {
             Firmware::Bios => {
                 for d in c.boot_disks() {
-                    run(Command::new("chroot").arg(&t).args(["grub-install", "--target=i386-pc"]).arg(format!("/dev/{d}")))
-                        .with_context(|| format!("grub-install on /dev/{d}"))?;
+                    run(Command::new("chroot")
+                        .arg(&t)
+                        .args(["grub-install", "--target=i386-pc"])
+                        .arg(format!("/dev/{d}")))
+                    .with_context(|| format!("grub-install on /dev/{d}"))?;
                     self.say(format!("grub-install --target=i386-pc /dev/{d}"));
                 }
             }
@@ -873,10 +1063,17 @@ impl Installer {
                     std::fs::copy(efi.join("si/grubx64.efi"), efi.join("BOOT/grubx64.efi")).ok();
                 }
                 // The other ESPs of a mirror get the same files.
-                let first = c.filesystems.iter().find(|f| f.mountpoint.as_deref() == Some("/boot/efi")).map(|f| f.device.clone());
+                let first = c
+                    .filesystems
+                    .iter()
+                    .find(|f| f.mountpoint.as_deref() == Some("/boot/efi"))
+                    .map(|f| f.device.clone());
                 for (disk, n) in c.esps() {
-                    let dev = crate::disks::partition_node(Path::new("/sys/class/block"), &disk, n)?;
-                    let is_first = first.as_ref().is_some_and(|f| self.device(f).ok().as_ref() == Some(&dev));
+                    let dev =
+                        crate::disks::partition_node(Path::new("/sys/class/block"), &disk, n)?;
+                    let is_first = first
+                        .as_ref()
+                        .is_some_and(|f| self.device(f).ok().as_ref() == Some(&dev));
                     if !is_first {
                         let m = tempfile_dir()?;
                         if run(Command::new("mount").arg(&dev).arg(&m)).is_err() {
@@ -897,7 +1094,11 @@ impl Installer {
         if t.join("usr/sbin/update-grub").exists() {
             run(Command::new("chroot").arg(&t).arg("update-grub"))?;
         } else {
-            run(Command::new("chroot").arg(&t).args(["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]))?;
+            run(Command::new("chroot").arg(&t).args([
+                "grub-mkconfig",
+                "-o",
+                "/boot/grub/grub.cfg",
+            ]))?;
         }
         self.say("boot loader installed");
         Ok(())
@@ -914,11 +1115,21 @@ impl Installer {
                 }
             }
         }
-        let rel = loader.file_name().and_then(|f| f.to_str()).unwrap_or("grubx64.efi");
+        let rel = loader
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("grubx64.efi");
         run(Command::new("efibootmgr")
             .args(["-q", "-c", "-d"])
             .arg(format!("/dev/{disk}"))
-            .args(["-p", &n.to_string(), "-L", &format!("si {disk}"), "-l", &format!("\\EFI\\si\\{rel}")]))?;
+            .args([
+                "-p",
+                &n.to_string(),
+                "-L",
+                &format!("si {disk}"),
+                "-l",
+                &format!("\\EFI\\si\\{rel}"),
+            ]))?;
         // Network boot first: the master decides the next boots.
         let list = run(&mut Command::new("efibootmgr"))?;
         let mut net = Vec::new();
@@ -930,9 +1141,17 @@ impl Installer {
             .unwrap_or_default();
         for num in order {
             let is_net = list.lines().any(|l| {
-                l.starts_with(&format!("Boot{num}")) && (l.contains("PXE") || l.contains("Network") || l.contains("HTTP") || l.contains("MAC("))
+                l.starts_with(&format!("Boot{num}"))
+                    && (l.contains("PXE")
+                        || l.contains("Network")
+                        || l.contains("HTTP")
+                        || l.contains("MAC("))
             });
-            if is_net { net.push(num) } else { rest.push(num) }
+            if is_net {
+                net.push(num)
+            } else {
+                rest.push(num)
+            }
         }
         net.extend(rest);
         if !net.is_empty() {
@@ -944,7 +1163,11 @@ impl Installer {
     fn finish(&mut self) -> Result<()> {
         let rec = InstallRecord {
             node: self.node.clone(),
-            image: self.plan.as_ref().map(|p| p.image.clone()).unwrap_or_default(),
+            image: self
+                .plan
+                .as_ref()
+                .map(|p| p.image.clone())
+                .unwrap_or_default(),
             layout: si_proto::Digest::of(self.layout_text.as_bytes()).to_hex(),
             disks: self.disk_record(),
             when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -954,6 +1177,42 @@ impl Installer {
         std::fs::write(dir.join("install.toml"), toml::to_string_pretty(&rec)?)?;
         std::fs::write(dir.join("install-plan.txt"), self.c().render())?;
         self.write_log()?;
+        // What the installer writes is the node's; the directories it wrote into get the
+        // image's times back, so the tree is as exact as the image everywhere else.
+        let m = std::fs::read(dir.join("installed.manifest"))
+            .context("reading the installed manifest")
+            .and_then(|b| {
+                si_proto::Manifest::decode(&b)
+                    .map_err(|e| anyhow!("decoding the installed manifest: {e}"))
+            })?;
+        for e in m.entries.iter().filter(|e| e.kind == si_proto::Kind::Dir) {
+            if WRITTEN_DIRS.contains(&String::from_utf8_lossy(&e.path).as_ref()) {
+                let t = rustix::fs::Timespec {
+                    tv_sec: e.mtime,
+                    tv_nsec: e.mtime_nsec as _,
+                };
+                self.dir_times.push((
+                    self.target.join(String::from_utf8_lossy(&e.path).as_ref()),
+                    t,
+                ));
+            }
+        }
+        for (p, t) in std::mem::take(&mut self.dir_times) {
+            let ts = rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_OMIT,
+                },
+                last_modification: t,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &p,
+                &ts,
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .with_context(|| format!("restoring the time of {}", p.display()))?;
+        }
         self.unmount_all();
         rustix::fs::sync();
         Ok(())
@@ -1009,10 +1268,14 @@ impl Installer {
                     }
                     let dev = Path::new("/dev").join(&d);
                     match run(Command::new("wipefs").args(["-a", "-q"]).arg(&dev)) {
-                        Ok(_) => eprintln!("si-install: cleared the partition table of {}", dev.display()),
+                        Ok(_) => eprintln!(
+                            "si-install: cleared the partition table of {}",
+                            dev.display()
+                        ),
                         Err(e) => eprintln!("si-install: could not clear {}: {e:#}", dev.display()),
                     }
                     run(Command::new("blockdev").arg("--rereadpt").arg(&dev)).ok();
+                    run(Command::new("partx").arg("-d").arg(&dev)).ok();
                 }
             }
         }
@@ -1022,15 +1285,22 @@ impl Installer {
     /// /proc/cmdline and / is the initramfs): a test run never reboots its host.
     pub fn post_action(&mut self) -> Result<()> {
         let post = self.plan.as_ref().map(|p| p.post).unwrap_or_default();
-        let booted = self.cfg.cmdline.is_none() && self.cfg.config.is_none() && self.cfg.target.is_none() && in_initramfs();
+        let booted = self.cfg.cmdline.is_none()
+            && self.cfg.config.is_none()
+            && self.cfg.target.is_none()
+            && in_initramfs();
         if !booted {
-            self.say(format!("post-action {post:?} skipped: not running from a netboot"));
+            self.say(format!(
+                "post-action {post:?} skipped: not running from a netboot"
+            ));
             return Ok(());
         }
         rustix::fs::sync();
         match post {
             PostAction::Reboot => rustix::system::reboot(rustix::system::RebootCommand::Restart)?,
-            PostAction::Poweroff => rustix::system::reboot(rustix::system::RebootCommand::PowerOff)?,
+            PostAction::Poweroff => {
+                rustix::system::reboot(rustix::system::RebootCommand::PowerOff)?
+            }
             PostAction::Kexec => {
                 run(Command::new("kexec").arg("-e"))?;
             }
@@ -1040,9 +1310,26 @@ impl Installer {
     }
 }
 
+/// Directories of the image that receive the installer's files.
+const WRITTEN_DIRS: &[&str] = &[
+    "",
+    "etc",
+    "etc/ssh",
+    "etc/mdadm",
+    "etc/systemd",
+    "etc/systemd/network",
+    "tmp",
+    "var",
+    "var/lib",
+    "var/lib/dbus",
+    "var/log",
+    "var/lib/si",
+];
+
 fn in_initramfs() -> bool {
     rustix::fs::statfs("/").is_ok_and(|s| {
-        s.f_type as i64 == 0x858458f6 /* RAMFS */ || s.f_type as i64 == 0x01021994 /* TMPFS */
+        s.f_type as i64 == 0x858458f6 /* RAMFS */ || s.f_type as i64 == 0x01021994
+        /* TMPFS */
     })
 }
 
@@ -1063,7 +1350,10 @@ fn write_exec(p: &Path, body: &str) -> Result<()> {
 fn tempfile_dir() -> Result<PathBuf> {
     let mut n = [0u8; 8];
     rustix::rand::getrandom(&mut n, rustix::rand::GetRandomFlags::empty())?;
-    let p = std::env::temp_dir().join(format!("si-install.{}", n.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    let p = std::env::temp_dir().join(format!(
+        "si-install.{}",
+        n.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
     std::fs::create_dir(&p)?;
     Ok(p)
 }
@@ -1129,7 +1419,9 @@ fn wait_partition(disk: &str, n: u32) -> Result<PathBuf> {
             Ok(p) if p.exists() => return Ok(p),
             r => {
                 if Instant::now() > deadline {
-                    return Err(r.err().unwrap_or_else(|| anyhow!("/dev node of {disk} partition {n} never appeared")));
+                    return Err(r.err().unwrap_or_else(|| {
+                        anyhow!("/dev node of {disk} partition {n} never appeared")
+                    }));
                 }
                 // Polling a kernel state change: there is no event to wait on without udev.
                 std::thread::sleep(Duration::from_millis(50));
@@ -1181,7 +1473,8 @@ pub fn merge_tree(src: &Path, dst: &Path) -> Result<u64> {
         if to_md.as_ref().is_some_and(|m| m.is_dir()) {
             std::fs::remove_dir_all(&to)?;
         }
-        std::fs::rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        std::fs::rename(&from, &to)
+            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
         n += 1;
     }
     Ok(n)

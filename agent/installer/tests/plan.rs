@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 const GIB: u64 = 1 << 30;
 
 fn fixture(name: &str) -> String {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/installer/");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/installer/"
+    );
     std::fs::read_to_string(format!("{p}{name}")).unwrap()
 }
 
@@ -104,15 +107,23 @@ fn a_100g_capture_on_60g_and_2t_disks() {
     }
     // Fixed sizes that do not fit are refused before anything is written.
     let e = assign(&l, &[one("vda", 4 * GIB)]).unwrap_err().to_string();
-    assert!(e.contains("disk vda is too small for layout disk vda"), "{e}");
+    assert!(
+        e.contains("disk vda is too small for layout disk vda"),
+        "{e}"
+    );
 }
 
 #[test]
 fn selection_on_recorded_lsblk_outputs() {
     // virtio (old lsblk: no TRAN): kernel name says virtio; the CD-ROM is not a disk.
     let v = disks("virtio.lsblk.json");
-    assert_eq!(v.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["vda", "vdb"]);
-    assert!(v.iter().all(|d| d.transport == "virtio" && d.busy.is_none()));
+    assert_eq!(
+        v.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+        ["vda", "vdb"]
+    );
+    assert!(v
+        .iter()
+        .all(|d| d.transport == "virtio" && d.busy.is_none()));
 
     let m = disks("mixed.lsblk.json");
     let by = |n: &str| m.iter().find(|d| d.name == n).unwrap();
@@ -120,8 +131,15 @@ fn selection_on_recorded_lsblk_outputs() {
     assert!(by("sda").rotational);
     assert_eq!(by("nvme0n1").transport, "nvme");
     assert!(by("sdb").removable, "the USB stick");
-    assert!(by("sdb").busy.as_deref().unwrap().contains("mounted on /media/stick"));
-    assert!(!m.iter().any(|d| d.name == "zram0"), "zram is never a candidate");
+    assert!(by("sdb")
+        .busy
+        .as_deref()
+        .unwrap()
+        .contains("mounted on /media/stick"));
+    assert!(
+        !m.iter().any(|d| d.name == "zram0"),
+        "zram is never a candidate"
+    );
 
     let layout = |sel: &str| {
         Layout::parse(&format!(
@@ -132,31 +150,65 @@ fn selection_on_recorded_lsblk_outputs() {
         .unwrap()
     };
     let pick = |sel: &str| assign(&layout(sel), &m).map(|v| v[0].name.clone());
-    assert_eq!(pick("").unwrap(), "nvme0n1", "order: the USB stick left alone");
-    assert_eq!(pick("select = { transport = \"nvme\" }").unwrap(), "nvme0n1");
+    assert_eq!(
+        pick("").unwrap(),
+        "nvme0n1",
+        "order: the USB stick left alone"
+    );
+    assert_eq!(
+        pick("select = { transport = \"nvme\" }").unwrap(),
+        "nvme0n1"
+    );
     assert_eq!(pick("select = { rotational = true }").unwrap(), "sda");
     assert_eq!(pick("select = { pick = \"largest\" }").unwrap(), "sda");
     assert_eq!(pick("select = { pick = \"smallest\" }").unwrap(), "nvme0n1");
-    assert_eq!(pick("select = { wwn = \"0x50014ee2b1234567\" }").unwrap(), "sda");
-    assert_eq!(pick("select = { serial = \"S4EWNX0R123456\" }").unwrap(), "nvme0n1");
-    assert_eq!(pick("select = { by-path = \"pci-0000:00:sda\" }").unwrap(), "sda");
+    assert_eq!(
+        pick("select = { wwn = \"0x50014ee2b1234567\" }").unwrap(),
+        "sda"
+    );
+    assert_eq!(
+        pick("select = { serial = \"S4EWNX0R123456\" }").unwrap(),
+        "nvme0n1"
+    );
+    assert_eq!(
+        pick("select = { by-path = \"pci-0000:00:sda\" }").unwrap(),
+        "sda"
+    );
     assert_eq!(
         pick("select = { min-size = 1000000000000 }").unwrap(),
         "sda",
         "size range"
     );
-    let e = pick("select = { min-size = 100000000000 }").unwrap_err().to_string();
-    assert!(e.contains("2 disks match") && e.contains("ambiguous"), "{e}");
+    let e = pick("select = { min-size = 100000000000 }")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("2 disks match") && e.contains("ambiguous"),
+        "{e}"
+    );
     // Even asked for by transport, the USB stick is left alone; by serial it is allowed but
     // it is mounted.
-    let e = pick("select = { transport = \"usb\" }").unwrap_err().to_string();
+    let e = pick("select = { transport = \"usb\" }")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("sdb: removable, left alone"), "{e}");
-    let e = pick("select = { serial = \"0401abcd\" }").unwrap_err().to_string();
-    assert!(e.contains("disk sdb (for layout disk sys) is in use: sdb1 is mounted on /media/stick"), "{e}");
-    let e = pick("select = { transport = \"virtio\" }").unwrap_err().to_string();
+    let e = pick("select = { serial = \"0401abcd\" }")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("disk sdb (for layout disk sys) is in use: sdb1 is mounted on /media/stick"),
+        "{e}"
+    );
+    let e = pick("select = { transport = \"virtio\" }")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no disk for layout disk sys"), "{e}");
     // Named with --disks / si.disks, a removable disk is a candidate like any other.
-    let only = candidates(&parse_lsblk(&fixture("mixed.lsblk.json")).unwrap(), &["/dev/sdb".into()], &no_paths);
+    let only = candidates(
+        &parse_lsblk(&fixture("mixed.lsblk.json")).unwrap(),
+        &["/dev/sdb".into()],
+        &no_paths,
+    );
     assert_eq!(only.len(), 1);
     assert!(!only[0].removable);
 }
@@ -166,9 +218,16 @@ fn disks_in_use_are_refused_and_old_stacks_are_wiped() {
     let b = disks("busy.lsblk.json");
     let by = |n: &str| b.iter().find(|d| d.name == n).unwrap();
     assert_eq!(by("vda").busy.as_deref(), Some("vda2 is mounted on /"));
-    assert_eq!(by("vdb").busy, None, "an md+LVM stack not in use is wiped, not refused");
+    assert_eq!(
+        by("vdb").busy,
+        None,
+        "an md+LVM stack not in use is wiped, not refused"
+    );
     assert_eq!(by("vdb").holders, ["md127", "old-root"]);
-    assert_eq!(by("vdc").busy.as_deref(), Some("luks-data is held by a crypt device"));
+    assert_eq!(
+        by("vdc").busy.as_deref(),
+        Some("luks-data is held by a crypt device")
+    );
     assert_eq!(by("vdd").busy.as_deref(), Some("vdd1 is active swap"));
     let l = Layout::parse(
         "format = 2\nfirmware = \"bios\"\n[[disk]]\nname = \"a\"\ntable = \"msdos\"\n\
@@ -178,7 +237,10 @@ fn disks_in_use_are_refused_and_old_stacks_are_wiped() {
     .unwrap();
     // By order the first disk is vda, which is in use: refused with the reason.
     let e = assign(&l, &b).unwrap_err().to_string();
-    assert!(e.contains("disk vda (for layout disk a) is in use: vda2 is mounted on /"), "{e}");
+    assert!(
+        e.contains("disk vda (for layout disk a) is in use: vda2 is mounted on /"),
+        "{e}"
+    );
     let free: Vec<PhysDisk> = b.iter().filter(|d| d.name == "vdb").cloned().collect();
     let c = Concrete::new(&l, &assign(&l, &free).unwrap(), Firmware::Bios).unwrap();
     assert_eq!(c.disks[0].wipe, ["vdb", "md127", "old-root"]);
@@ -226,14 +288,25 @@ fn mirrored(table: &str, firmware: &str) -> Layout {
 #[test]
 fn mirrored_layout_plan_fstab_and_boot_loader_targets() {
     let l = mirrored("gpt", "bios");
-    let two = [one("vdb", 20 * GIB), one("vda", 20 * GIB), one("vdc", 100 * GIB)];
+    let two = [
+        one("vdb", 20 * GIB),
+        one("vda", 20 * GIB),
+        one("vdc", 100 * GIB),
+    ];
     let chosen = assign(&l, &two).unwrap();
-    assert_eq!(chosen.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["vda", "vdb"]);
+    assert_eq!(
+        chosen.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+        ["vda", "vdb"]
+    );
     let c = Concrete::new(&l, &chosen, Firmware::Bios).unwrap();
     // BIOS: grub on both disks of the /boot mirror.
     assert_eq!(c.boot_disks(), ["vda", "vdb"]);
     assert_eq!(c.disks_under("sys/var"), ["vda", "vdb"]);
-    let order: Vec<_> = c.filesystems.iter().filter_map(|f| f.mountpoint.as_deref()).collect();
+    let order: Vec<_> = c
+        .filesystems
+        .iter()
+        .filter_map(|f| f.mountpoint.as_deref())
+        .collect();
     assert_eq!(order, ["/", "/boot", "/var"]);
     let uuids: BTreeMap<String, String> = [
         ("sys/root", "11111111-1111-1111-1111-111111111111"),
@@ -256,7 +329,10 @@ fn mirrored_layout_plan_fstab_and_boot_loader_targets() {
     let text = c.render();
     assert!(text.contains("md RAID 1 /dev/md0 <- a2 + b2"), "{text}");
     assert!(text.contains("volume sys/swap: 10% of the group"), "{text}");
-    assert!(text.contains("grub-install --target=i386-pc on vda, vdb"), "{text}");
+    assert!(
+        text.contains("grub-install --target=i386-pc on vda, vdb"),
+        "{text}"
+    );
 
     // UEFI: an ESP on each disk of the mirror.
     let l = mirrored("gpt", "uefi");
@@ -271,7 +347,10 @@ fn mirrored_layout_plan_fstab_and_boot_loader_targets() {
     let c = Concrete::new(&bios, &[one("vda", 60 * GIB)], Firmware::Bios).unwrap();
     let added: Vec<_> = c.disks[0].partitions.iter().filter(|p| p.added).collect();
     assert_eq!(added.len(), 1);
-    assert_eq!((added[0].number, added[0].start, added[0].size), (4, MIB, MIB));
+    assert_eq!(
+        (added[0].number, added[0].start, added[0].size),
+        (4, MIB, MIB)
+    );
     // A UEFI node needs an ESP.
     let mut no_esp = bios.clone();
     no_esp.disks[0].partitions[0].flags.clear();

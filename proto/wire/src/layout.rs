@@ -293,11 +293,17 @@ impl Layout {
         for d in &self.disks {
             check_name("disk", &d.name)?;
             if d.partitions.len() > MAX_PARTITIONS {
-                return Err(format!("disk {}: more than {MAX_PARTITIONS} partitions", d.name));
+                return Err(format!(
+                    "disk {}: more than {MAX_PARTITIONS} partitions",
+                    d.name
+                ));
             }
             let pct: u32 = d.partitions.iter().filter_map(|p| p.percent).sum();
             if pct > 100 {
-                return Err(format!("disk {}: partition percentages add up to {pct}", d.name));
+                return Err(format!(
+                    "disk {}: partition percentages add up to {pct}",
+                    d.name
+                ));
             }
             for p in &d.partitions {
                 if p.percent == Some(0) || (p.percent.is_some() && p.grow) {
@@ -336,7 +342,10 @@ impl Layout {
             }
             for m in &r.members {
                 if !is_part(m) {
-                    return Err(format!("array {}: member {m} is not a layout partition", r.name));
+                    return Err(format!(
+                        "array {}: member {m} is not a layout partition",
+                        r.name
+                    ));
                 }
                 used.push(m);
             }
@@ -414,8 +423,7 @@ fn check_name(what: &str, n: &str) -> Result<(), String> {
     let ok = !n.is_empty()
         && n.len() <= 64
         && !n.starts_with(['-', '.'])
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if ok {
         Ok(())

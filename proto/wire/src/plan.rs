@@ -103,13 +103,15 @@ impl InstallPlan {
             !n.is_empty()
                 && n.len() <= 253
                 && !n.starts_with(['-', '.'])
-                && n
-                    .chars()
+                && n.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
         for (what, n) in [("node", Some(&self.node)), ("image", Some(&self.image))]
             .into_iter()
-            .chain([("hostname", self.hostname.as_ref()), ("group", self.group.as_ref())])
+            .chain([
+                ("hostname", self.hostname.as_ref()),
+                ("group", self.group.as_ref()),
+            ])
         {
             if let Some(n) = n {
                 if !name_ok(n) {

@@ -1323,8 +1323,8 @@ const WRITTEN_DIRS: &[&str] = &[
 
 fn in_initramfs() -> bool {
     rustix::fs::statfs("/").is_ok_and(|s| {
-        s.f_type as i64 == 0x858458f6 /* RAMFS */ || s.f_type as i64 == 0x01021994
-        /* TMPFS */
+        // ramfs, tmpfs
+        matches!(s.f_type, 0x858458f6 | 0x01021994)
     })
 }
 

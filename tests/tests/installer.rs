@@ -438,6 +438,11 @@ fn install_on_loop_disks_then_fast_reinstall_then_failure_clears() {
     {
         let r = reports.lock().unwrap();
         let states: Vec<&str> = r.iter().map(|x| x.1.as_str()).collect();
+        assert!(
+            r.iter()
+                .any(|x| x.1 == "log" && x.2.contains("step mkfs: done")),
+            "the log reached the master"
+        );
         for s in ["installing", "imaged", "finalizing", "updated", "installed"] {
             assert!(states.contains(&s), "{s} not reported: {states:?}");
         }

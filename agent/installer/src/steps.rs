@@ -175,6 +175,18 @@ impl Installer {
         }
     }
 
+    /// The install log to the master (state `log`; its last 48 KiB, within a frame).
+    fn send_log(&mut self) {
+        const MAX: usize = 48 << 10;
+        let text = self.log.join("\n");
+        let mut start = text.len().saturating_sub(MAX);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        let tail = text[start..].to_string();
+        self.send("log", &tail);
+    }
+
     /// The whole install: the steps, then the post-action; on failure the error path.
     pub fn install(&mut self) -> Result<()> {
         let t0 = Instant::now();
@@ -194,6 +206,7 @@ impl Installer {
                 eprintln!("si-install: FAILED: {msg}");
                 self.log.push(format!("FAILED: {msg}"));
                 self.send("failed", &format!("status=-1 {msg}"));
+                self.send_log();
                 self.on_error();
                 Err(e)
             }
@@ -261,6 +274,7 @@ impl Installer {
             let p = self.plan.as_ref().expect("planned");
             format!("status=101 image={} version={:?}", p.image, p.version)
         };
+        self.send_log();
         self.send("installed", &detail);
         Ok(())
     }
@@ -282,11 +296,13 @@ impl Installer {
                 toml::from_str(&t).with_context(|| format!("parsing {}", f.display()))?
             }
             None => {
-                let node = self
-                    .cfg
-                    .node
-                    .clone()
-                    .ok_or_else(|| anyhow!("no si.node= given"))?;
+                let node = match self.cfg.node.clone() {
+                    Some(n) => n,
+                    // The master knows the node by its MAC.
+                    None => boot_mac().ok_or_else(|| {
+                        anyhow!("no si.node= given and no network interface with a MAC to identify this node")
+                    })?,
+                };
                 let c = self
                     .report
                     .as_mut()
@@ -533,8 +549,7 @@ impl Installer {
                 .arg(Path::new("/dev").join(h)))?;
         }
         for p in parts.iter().chain(disks.iter()) {
-            run(Command::new("wipefs").args(["-a", "-q"]).arg(p))
-                .with_context(|| format!("wiping {}", p.display()))?;
+            wipefs(p).with_context(|| format!("wiping {}", p.display()))?;
         }
         Ok(())
     }
@@ -638,7 +653,7 @@ impl Installer {
             }
             for p in &d.partitions {
                 let node = wait_partition(&d.disk, p.number)?;
-                run(Command::new("wipefs").args(["-a", "-q"]).arg(&node))?;
+                wipefs(&node)?;
             }
             self.say(format!(
                 "partitioned /dev/{} ({} partitions)",
@@ -1259,10 +1274,10 @@ impl Installer {
                 }
                 for d in std::mem::take(&mut self.touched) {
                     for p in sys_partitions(&d) {
-                        run(Command::new("wipefs").args(["-a", "-q"]).arg(&p)).ok();
+                        wipefs(&p).ok();
                     }
                     let dev = Path::new("/dev").join(&d);
-                    match run(Command::new("wipefs").args(["-a", "-q"]).arg(&dev)) {
+                    match wipefs(&dev) {
                         Ok(_) => eprintln!(
                             "si-install: cleared the partition table of {}",
                             dev.display()
@@ -1320,6 +1335,40 @@ const WRITTEN_DIRS: &[&str] = &[
     "var/log",
     "var/lib/si",
 ];
+
+/// The MAC of the first network interface that is up (not loopback), as the master's
+/// inventory writes it.
+fn boot_mac() -> Option<String> {
+    let mut names: Vec<_> = std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    names.into_iter().find_map(|p| {
+        let up = std::fs::read_to_string(p.join("operstate")).is_ok_and(|s| s.trim() == "up");
+        let mac = std::fs::read_to_string(p.join("address"))
+            .ok()?
+            .trim()
+            .to_ascii_lowercase();
+        (up && mac.len() == 17 && mac != "00:00:00:00:00:00").then_some(mac)
+    })
+}
+
+/// `wipefs -a`, retried for up to 3 s while the device is busy (a just-unmounted filesystem
+/// or a prober can hold it for a moment; there is no event to wait for without udev).
+fn wipefs(dev: &Path) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match run(Command::new("wipefs").args(["-a", "-q"]).arg(dev)) {
+            Err(e) if format!("{e:#}").contains("busy") && Instant::now() < deadline => {
+                tracing::warn!(dev = %dev.display(), "device busy; retrying wipefs");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
 
 fn in_initramfs() -> bool {
     rustix::fs::statfs("/").is_ok_and(|s| {

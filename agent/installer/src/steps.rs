@@ -611,6 +611,7 @@ impl Installer {
                     "--wipe-partitions",
                     "always",
                     "--no-reread",
+                    "--no-tell-kernel",
                 ])
                 .arg(&dev)
                 .stdin(Stdio::piped())

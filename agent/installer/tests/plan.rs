@@ -375,3 +375,35 @@ fn percent_partitions() {
     assert_eq!(p[1].start, MIB + 25 * GIB);
     assert_eq!(p[1].start + p[1].size, 100 * GIB - MIB);
 }
+
+#[test]
+fn the_sample_mirror_layout_picks_the_pair_and_leaves_the_rest() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../images/layouts/mirror-lvm.toml"
+    ))
+    .unwrap();
+    let l = Layout::parse(&text).unwrap();
+    let mut stick = one("sda", 32 * GIB);
+    stick.removable = true;
+    stick.transport = "usb".into();
+    let node = [
+        stick,
+        one("nvme0n1", 2048 * GIB),
+        one("vda", 40 * GIB),
+        one("vdb", 40 * GIB),
+        one("vdc", 8 * GIB),
+    ];
+    let chosen = assign(&l, &node).unwrap();
+    let names: Vec<_> = chosen.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["vda", "vdb"], "the smallest pair of at least 16 GB");
+    let c = Concrete::new(&l, &chosen, Firmware::Uefi).unwrap();
+    assert_eq!(c.esps().len(), 2);
+    assert_eq!(c.disks_under("sys/root"), ["vda", "vdb"]);
+    let mounts: Vec<_> = c
+        .filesystems
+        .iter()
+        .filter_map(|f| f.mountpoint.as_deref())
+        .collect();
+    assert_eq!(mounts, ["/", "/boot", "/var", "/boot/efi"]);
+}

@@ -7,6 +7,7 @@
 //! - [`msg`]: the protocol messages and the version handshake.
 //! - [`layout`]: the declarative disk layout recorded by `si-prepareclient`.
 //! - [`persource`]: the per-source-address cap every listener of the master applies.
+//! - [`plan`]: the install plan the master gives a netbooted installer.
 //! - [`limits`]: sizes both ends agree on (the chunking parameters, the largest object).
 
 pub mod digest;
@@ -18,6 +19,7 @@ pub mod manifest;
 pub mod msg;
 pub mod path;
 pub mod persource;
+pub mod plan;
 pub mod stream;
 
 pub use digest::Digest;

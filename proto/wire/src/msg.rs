@@ -55,6 +55,9 @@
 //! Bye                                ->
 //! ```
 //!
+//! The installer asks for its plan on a Deploy session before it fetches the image:
+//! `GetPlan{node}` → `Plan(toml)` or `Error{NotFound}`.
+//!
 //! # Push (master connects to a node's `si-agentd`)
 //!
 //! ```text
@@ -231,6 +234,12 @@ pub enum Msg {
     Enrolled {
         chain: Vec<Vec<u8>>,
     },
+    /// The installer asks for its install plan (`node`: its name, or a MAC `aa:bb:..`).
+    GetPlan {
+        node: String,
+    },
+    /// The answer to `GetPlan`: an [`crate::plan::InstallPlan`] as TOML.
+    Plan(String),
 
     // push (master connects to a node's si-agentd)
     /// Move the node to a version, pulling from `server` (an si-server address).
@@ -296,6 +305,8 @@ impl Msg {
             Msg::Ok => "Ok",
             Msg::Enroll { .. } => "Enroll",
             Msg::Enrolled { .. } => "Enrolled",
+            Msg::GetPlan { .. } => "GetPlan",
+            Msg::Plan(_) => "Plan",
             Msg::PushUpdate { .. } => "PushUpdate",
             Msg::PushDone { .. } => "PushDone",
             Msg::CaptureBase { .. } => "CaptureBase",

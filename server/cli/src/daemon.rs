@@ -476,6 +476,10 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             Ok(())
         })
     };
+    let plans: serve::PlanHook = {
+        let (inv, store, layouts) = (inv.clone(), store.clone(), a.state_dir.join("layouts"));
+        Arc::new(move |node: &str| crate::plans::install_plan(&inv, &store, &layouts, node))
+    };
     // The CA signs versions whether or not TLS is on, so nodes that pin it can check them.
     let ca = Arc::new(a.authority()?);
     let transport = if a.insecure {
@@ -502,6 +506,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     let scfg = serve::ServeConfig {
         max_connections: a.max_connections,
         signer: Some(signer),
+        plans: Some(plans),
         gate,
         ..serve::ServeConfig::new(transport)
     };

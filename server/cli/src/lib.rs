@@ -4,3 +4,4 @@
 pub mod daemon;
 pub mod demo;
 pub mod gate;
+pub mod plans;

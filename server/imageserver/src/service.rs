@@ -45,7 +45,14 @@ pub struct ServeConfig {
     pub signer: Option<Signer>,
     /// Who may do what, asked at every request.
     pub gate: Arc<dyn Gate>,
+    /// Answers an installer's `GetPlan{node}` (a name or a MAC): the install plan as TOML, or
+    /// None for a node the master does not know. Asked of the gate first (a node's plan goes
+    /// only to that node); without a hook the service answers NotFound.
+    pub plans: Option<PlanHook>,
 }
+
+/// See [`ServeConfig::plans`].
+pub type PlanHook = Arc<dyn Fn(&str) -> Result<Option<String>> + Send + Sync>;
 
 /// Who is asking, as the session established it.
 #[derive(Clone, Debug)]
@@ -66,6 +73,11 @@ pub trait Gate: Send + Sync + 'static {
     fn may_fetch_objects(&self, c: &Caller) -> Result<()>;
     /// A report about `node`.
     fn may_report(&self, c: &Caller, node: &str) -> Result<()>;
+    /// The install plan of `node` (its overrides, settings and network): only the node itself
+    /// (or the master), as for its reports.
+    fn may_read_plan(&self, c: &Caller, node: &str) -> Result<()> {
+        self.may_report(c, node)
+    }
     /// Enrollment: the node certificate chain for the key, or the refusal.
     fn enroll(&self, c: &Caller, req: &EnrollRequest) -> Result<Vec<Vec<u8>>>;
 }
@@ -112,6 +124,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("write_stall", &self.write_stall)
             .field("transport", &self.transport)
             .field("signer", &self.signer.is_some())
+            .field("plans", &self.plans.is_some())
             .field("gate", &"..")
             .finish()
     }
@@ -174,6 +187,7 @@ impl ServeConfig {
             transport,
             signer: None,
             gate: Arc::new(Open),
+            plans: None,
         }
     }
 }
@@ -242,6 +256,7 @@ pub async fn run(
     let transport = cfg.transport.clone();
     let signer = cfg.signer.clone();
     let gate = cfg.gate.clone();
+    let plans = cfg.plans.clone();
     let cache = Arc::new(ManifestCache::default());
     let objects: Arc<dyn ObjectFinder> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
@@ -274,6 +289,7 @@ pub async fn run(
         let transport = transport.clone();
         let signer = signer.clone();
         let gate = gate.clone();
+        let plans = plans.clone();
         let limits = Limits::of(&cfg);
         let slot = sources.try_take(peer.ip());
         if slot.is_none() {
@@ -299,6 +315,7 @@ pub async fn run(
                                 gate,
                                 caller,
                                 limits,
+                                plans,
                             };
                             handle(sock, ctx).await
                         }
@@ -490,6 +507,7 @@ struct Session {
     gate: Arc<dyn Gate>,
     caller: Caller,
     limits: Limits,
+    plans: Option<PlanHook>,
 }
 
 /// The per-connection deadlines a session runs under (from [`ServeConfig`]).
@@ -548,6 +566,7 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
         gate,
         caller,
         limits,
+        plans,
     } = ctx;
     let peer = caller.addr;
     let mut sock = Stalling::new(sock, limits.write_stall);
@@ -731,6 +750,38 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                     }
                 }
                 write_msg_async(&mut w, &Msg::Ok).await.map_err(Into::into)
+            }
+            Msg::GetPlan { node } => {
+                let n = node.clone();
+                if let Err(e) =
+                    allowed(&gate, &caller, "plan", move |g, c| g.may_read_plan(c, &n)).await
+                {
+                    return refuse(&mut w, e).await;
+                }
+                let answer = match &plans {
+                    Some(h) => {
+                        let h = h.clone();
+                        let n = node.clone();
+                        tokio::task::spawn_blocking(move || h(&n)).await?
+                    }
+                    None => Ok(None),
+                };
+                let m = match answer {
+                    Ok(Some(plan)) => Msg::Plan(plan),
+                    Ok(None) => Msg::Error {
+                        kind: ErrorKind::NotFound,
+                        message: format!("no install plan for {node}"),
+                    },
+                    Err(e) => {
+                        tracing::error!(%node, error = format!("{e:#}"), "assembling an install plan");
+                        Msg::Error {
+                            kind: ErrorKind::Internal,
+                            message: format!("assembling the install plan of {node}: {e:#}"),
+                        }
+                    }
+                };
+                tracing::info!(%peer, %node, found = matches!(m, Msg::Plan(_)), "install plan asked");
+                write_msg_async(&mut w, &m).await.map_err(Into::into)
             }
             Msg::Enroll {
                 node,

@@ -497,6 +497,8 @@ pub fn build_layout(
         },
         bootloader: probe.grub.then(|| "grub".to_string()),
         disks,
+        raids: Vec::new(),
+        vgs: Vec::new(),
         filesystems,
     };
     layout
@@ -613,6 +615,7 @@ pub fn disk_from_table(name: &str, disk_size: u64, pt: &PartTable) -> Result<Dis
         partitions.push(Partition {
             number: *number,
             size: p.size * ss,
+            percent: None,
             grow: false,
             ptype,
             name: p.name.clone().filter(|n| !n.is_empty()),
@@ -632,6 +635,7 @@ pub fn disk_from_table(name: &str, disk_size: u64, pt: &PartTable) -> Result<Dis
         name: name.to_string(),
         table: pt.table,
         size: disk_size,
+        select: None,
         partitions,
     })
 }

@@ -282,6 +282,19 @@ impl Client {
         }
     }
 
+    /// Asks the master for a node's install plan (TOML, `si_proto::plan::InstallPlan`).
+    pub fn plan(&mut self, node: &str) -> Result<String> {
+        write_msg(&mut self.conn, &Msg::GetPlan { node: node.into() })?;
+        self.conn.flush()?;
+        match recv_msg(&mut self.conn)? {
+            Msg::Plan(t) => Ok(t),
+            Msg::Error { message, .. } => {
+                bail!("the master has no install plan for {node}: {message}")
+            }
+            m => bail!("unexpected answer: {}", m.name()),
+        }
+    }
+
     pub fn bye(mut self) {
         let _ = write_msg(&mut self.conn, &Msg::Bye);
         let _ = self.conn.flush();

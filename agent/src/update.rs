@@ -421,7 +421,22 @@ fn plan_with(
         version,
         ..Default::default()
     };
-    p.fresh = disk.len() <= 1 || (disk.len() == 2 && disk.contains_key(&b"lost+found"[..]));
+    // Fresh: nothing but empty directories the version has (the installer's mount points of a
+    // whole layout) and filesystems' lost+found.
+    p.fresh = disk.len() <= 1 || {
+        let dirs: HashSet<&[u8]> = m
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Dir)
+            .map(|e| e.path.as_slice())
+            .collect();
+        disk.iter().all(|(path, d)| {
+            d.md.is_dir()
+                && (path.is_empty()
+                    || mpath::file_name(path) == b"lost+found"
+                    || dirs.contains(path.as_slice()))
+        })
+    };
     p.disk_files = disk.values().filter(|d| d.md.is_file()).count() as u64;
     let before: HashMap<&[u8], &Entry> = installed
         .map(|im| im.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
@@ -769,6 +784,12 @@ pub fn deploy_fresh(
         match &e.kind {
             Kind::Hardlink { .. } => {}
             Kind::File { chunks, .. } if !chunks.is_empty() => with_content.push(i),
+            // A mount point the installer made (its metadata is set with the others below).
+            Kind::Dir
+                if rustix::fs::statat(&pd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+                    rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory
+                }) => {}
             _ => {
                 apply::create_at(pd.as_fd(), name, e, &NoObjects)?;
             }

@@ -6,6 +6,7 @@
 //! - [`frame`]: the length-prefixed, size-bounded framing of the si protocol.
 //! - [`msg`]: the protocol messages and the version handshake.
 //! - [`layout`]: the declarative disk layout recorded by `si-prepareclient`.
+//! - [`plan`]: the install plan the master gives a netbooted installer.
 //! - [`limits`]: sizes both ends agree on (the chunking parameters, the largest object).
 
 pub mod digest;
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod manifest;
 pub mod msg;
 pub mod path;
+pub mod plan;
 pub mod stream;
 
 pub use digest::Digest;

@@ -41,6 +41,9 @@
 //! Bye                                ->
 //! ```
 //!
+//! The installer asks for its plan on a Deploy session before it fetches the image:
+//! `GetPlan{node}` → `Plan(toml)` or `Error{NotFound}`.
+//!
 //! # Push (master connects to a node's `si-agentd`)
 //!
 //! ```text
@@ -193,6 +196,12 @@ pub enum Msg {
         detail: String,
     },
     Ok,
+    /// The installer asks for its install plan (`node`: its name, or a MAC `aa:bb:..`).
+    GetPlan {
+        node: String,
+    },
+    /// The answer to `GetPlan`: an [`crate::plan::InstallPlan`] as TOML.
+    Plan(String),
 
     // push (master connects to a node's si-agentd)
     /// Move the node to a version, pulling from `server` (an si-server address).
@@ -238,6 +247,8 @@ impl Msg {
             Msg::Want { .. } => "Want",
             Msg::Report { .. } => "Report",
             Msg::Ok => "Ok",
+            Msg::GetPlan { .. } => "GetPlan",
+            Msg::Plan(_) => "Plan",
             Msg::PushUpdate { .. } => "PushUpdate",
             Msg::PushDone { .. } => "PushDone",
         }

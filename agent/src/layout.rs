@@ -18,17 +18,18 @@
 //!  └─ sfdisk -J /dev/<disk> ── parse_sfdisk ───┘   (called back per disk)
 //! ```
 //!
-//! What format 1 of the layout cannot describe is an error that says to pass `--layout FILE`:
-//! a root that is not on a disk (tmpfs, overlay, NFS, a plain directory), filesystems on LVM,
-//! RAID, dm-crypt or on a whole disk without a partition table. Swap on anything other than a
-//! disk partition is not recorded. A btrfs filesystem mounted several times (subvolumes) is
+//! Filesystems on md RAID 1 and on LVM (over partitions or arrays) are recorded (layout
+//! format 2). What the format cannot describe is an error that says to pass `--layout FILE`:
+//! a root that is not on a disk (tmpfs, overlay, NFS, a plain directory), filesystems on
+//! dm-crypt, other RAID levels, or a whole disk without a partition table. A btrfs filesystem mounted several times (subvolumes) is
 //! recorded once, at its first mount point.
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 use si_proto::layout::{
-    partition_device, Disk, Filesystem, Firmware, Layout, Partition, Table, LAYOUT_FORMAT,
+    partition_device, Disk, Filesystem, Firmware, Layout, LogicalVolume, Partition, Raid, Table,
+    VolumeGroup, LAYOUT_FORMAT,
 };
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -68,6 +69,8 @@ pub struct BlockDev {
     pub mountpoints: Vec<String>,
     /// Parent kernel name (`PKNAME`, or the parent in lsblk's tree).
     pub parent: Option<String>,
+    /// Every parent lsblk lists it under (the members of an md array, the PVs of a volume).
+    pub parents: Vec<String>,
 }
 
 /// Parses `lsblk -J -b -o LSBLK_COLUMNS` output. Devices listed under several parents (RAID
@@ -122,11 +125,19 @@ fn flatten_lsblk(v: &Value, parent: Option<&str>, out: &mut Vec<BlockDev>) -> Re
         partflags: s("partflags"),
         mountpoints,
         parent: s("pkname").or_else(|| parent.map(str::to_string)),
+        parents: parent.map(str::to_string).into_iter().collect(),
         name,
     };
     let name = dev.name.clone();
-    if !out.iter().any(|d: &BlockDev| d.name == name) {
-        out.push(dev);
+    match out.iter_mut().find(|d: &&mut BlockDev| d.name == name) {
+        None => out.push(dev),
+        Some(seen) => {
+            if let Some(p) = parent {
+                if !seen.parents.iter().any(|x| x == p) {
+                    seen.parents.push(p.to_string());
+                }
+            }
+        }
     }
     if let Some(children) = v.get("children").and_then(Value::as_array) {
         for c in children {
@@ -403,7 +414,7 @@ pub fn build_layout(
         if found.iter().any(|(d, _, _)| d.name == dev.name) {
             continue; // bind mount or another subvolume of a filesystem already recorded
         }
-        partition_disk(probe, dev)
+        stack_partitions(probe, dev, 0)
             .with_context(|| format!("the {} filesystem mounted at {}", m.fstype, m.mountpoint))?;
         found.push((dev, relative_mountpoint(&m.mountpoint, &root), m));
     }
@@ -411,7 +422,7 @@ pub fn build_layout(
     for s in &probe.swaps {
         let base = s.rsplit('/').next().unwrap_or(s);
         if let Some(d) = probe.devices.iter().find(|d| d.name == base) {
-            if partition_disk(probe, d).is_ok() && !swaps.iter().any(|x| x.name == d.name) {
+            if stack_partitions(probe, d, 0).is_ok() && !swaps.iter().any(|x| x.name == d.name) {
                 swaps.push(d);
             }
         }
@@ -425,9 +436,11 @@ pub fn build_layout(
         .map(|(d, _, _)| *d)
         .chain(swaps.iter().copied())
     {
-        let disk = partition_disk(probe, d)?.name.clone();
-        if !disk_names.contains(&disk) {
-            disk_names.push(disk);
+        for part in stack_partitions(probe, d, 0)? {
+            let disk = partition_disk(probe, part)?.name.clone();
+            if !disk_names.contains(&disk) {
+                disk_names.push(disk);
+            }
         }
     }
     let mut disks = Vec::new();
@@ -446,7 +459,7 @@ pub fn build_layout(
         disks.push(disk_from_table(name, dev.size, &pt)?);
     }
 
-    let device_of = |d: &BlockDev| -> Result<String> {
+    let part_of = |d: &BlockDev| -> Result<String> {
         let (disk, n) = parts_of.get(&d.name).ok_or_else(|| {
             anyhow!(
                 "partition {} is not in the partition table of its disk",
@@ -454,6 +467,12 @@ pub fn build_layout(
             )
         })?;
         Ok(partition_device(disk, *n))
+    };
+    // md arrays and volume groups under the filesystems, recorded once each.
+    let mut raids: Vec<Raid> = Vec::new();
+    let mut vgs: Vec<VolumeGroup> = Vec::new();
+    let mut device_of = |d: &BlockDev| -> Result<String> {
+        describe_stack(probe, d, &part_of, &mut raids, &mut vgs, 0)
     };
     let mut filesystems = Vec::new();
     for (dev, mountpoint, m) in &found {
@@ -497,14 +516,170 @@ pub fn build_layout(
         },
         bootloader: probe.grub.then(|| "grub".to_string()),
         disks,
-        raids: Vec::new(),
-        vgs: Vec::new(),
+        raids,
+        vgs,
         filesystems,
     };
     layout
         .check()
         .map_err(|e| anyhow!("the detected layout is inconsistent: {e}"))?;
     Ok(layout)
+}
+
+/// The partitions under `dev`: itself, or the members of the md array / the PVs of the
+/// logical volume it is (format 2 records md RAID 1 and LVM); an error for anything else.
+fn stack_partitions<'a>(
+    probe: &'a Probe,
+    dev: &'a BlockDev,
+    depth: usize,
+) -> Result<Vec<&'a BlockDev>> {
+    if depth > 4 {
+        bail!(
+            "{} sits on too deep a stack of devices; {PASS_LAYOUT}",
+            dev.name
+        );
+    }
+    let kind = dev.kind.as_str();
+    if kind == "part" || kind == "disk" || kind == "loop" {
+        partition_disk(probe, dev)?;
+        return Ok(vec![dev]);
+    }
+    if kind.starts_with("raid") && kind != "raid1" {
+        bail!(
+            "{} is a {kind} array; layout format {LAYOUT_FORMAT} records md RAID 1 only; {PASS_LAYOUT}",
+            dev.name
+        );
+    }
+    if kind != "raid1" && kind != "lvm" {
+        bail!(
+            "{} is a {kind} device (encryption, multipath...), which layout format {LAYOUT_FORMAT} \
+             cannot describe; {PASS_LAYOUT}",
+            dev.name
+        );
+    }
+    let mut out = Vec::new();
+    for p in &dev.parents {
+        let pd = probe
+            .devices
+            .iter()
+            .find(|d| d.name == *p)
+            .ok_or_else(|| anyhow!("{p}, under {}, is not in lsblk's output", dev.name))?;
+        out.extend(stack_partitions(probe, pd, depth + 1)?);
+    }
+    if out.is_empty() {
+        bail!("{} has no parent device in lsblk's output", dev.name);
+    }
+    Ok(out)
+}
+
+/// Splits a device-mapper name `VG-LV` (dashes inside names doubled) into its parts.
+pub fn split_dm_name(n: &str) -> Option<(String, String)> {
+    let b = n.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'-' {
+            if b.get(i + 1) == Some(&b'-') {
+                i += 2;
+                continue;
+            }
+            let (vg, lv) = (&n[..i], &n[i + 1..]);
+            if vg.is_empty() || lv.is_empty() {
+                return None;
+            }
+            return Some((vg.replace("--", "-"), lv.replace("--", "-")));
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The layout device name of `d` (a partition `sda2`, an array `md0`, a volume `vg/lv`),
+/// recording the arrays and volume groups it sits on.
+fn describe_stack(
+    probe: &Probe,
+    d: &BlockDev,
+    part_of: &dyn Fn(&BlockDev) -> Result<String>,
+    raids: &mut Vec<Raid>,
+    vgs: &mut Vec<VolumeGroup>,
+    depth: usize,
+) -> Result<String> {
+    if depth > 4 {
+        bail!("{} sits on too deep a stack of devices", d.name);
+    }
+    let parents = || -> Result<Vec<&BlockDev>> {
+        d.parents
+            .iter()
+            .map(|p| {
+                probe
+                    .devices
+                    .iter()
+                    .find(|x| x.name == *p)
+                    .ok_or_else(|| anyhow!("{p} is not in lsblk's output"))
+            })
+            .collect()
+    };
+    match d.kind.as_str() {
+        "raid1" => {
+            if !raids.iter().any(|r| r.name == d.name) {
+                let mut members = Vec::new();
+                for p in parents()? {
+                    members.push(describe_stack(probe, p, part_of, raids, vgs, depth + 1)?);
+                }
+                raids.push(Raid {
+                    name: d.name.clone(),
+                    level: 1,
+                    members,
+                    metadata: None,
+                });
+            }
+            Ok(d.name.clone())
+        }
+        "lvm" => {
+            let (vg, lv) = split_dm_name(&d.name).ok_or_else(|| {
+                anyhow!(
+                    "{} is not a VG-LV device-mapper name; {PASS_LAYOUT}",
+                    d.name
+                )
+            })?;
+            let mut pvs = Vec::new();
+            let mut pv_bytes = 0;
+            for p in parents()? {
+                pvs.push(describe_stack(probe, p, part_of, raids, vgs, depth + 1)?);
+                pv_bytes += p.size;
+            }
+            // Every volume of the group lsblk shows on these PVs, in its order; the last one
+            // grows when the volumes fill the group (within 1%).
+            if !vgs.iter().any(|g| g.name == vg) {
+                let mut lvs: Vec<LogicalVolume> = Vec::new();
+                for x in probe.devices.iter().filter(|x| x.kind == "lvm") {
+                    if let Some((xv, xl)) = split_dm_name(&x.name) {
+                        if xv == vg && !lvs.iter().any(|l| l.name == xl) {
+                            lvs.push(LogicalVolume {
+                                name: xl,
+                                size: x.size,
+                                percent: None,
+                                grow: false,
+                            });
+                        }
+                    }
+                }
+                let used: u64 = lvs.iter().map(|l| l.size).sum();
+                if used + pv_bytes / 100 >= pv_bytes {
+                    if let Some(last) = lvs.last_mut() {
+                        last.grow = true;
+                        last.size = 0;
+                    }
+                }
+                vgs.push(VolumeGroup {
+                    name: vg.clone(),
+                    pvs,
+                    lvs,
+                });
+            }
+            Ok(format!("{vg}/{lv}"))
+        }
+        _ => part_of(d),
+    }
 }
 
 /// The disk that `dev` is a partition of; an error for anything a layout cannot describe.
@@ -1223,20 +1398,26 @@ mod tests {
             "{msg}"
         );
 
-        // Whole-disk and LVM filesystems cannot be described.
-        let lsblk_lvm = r#"{"blockdevices": [
+        // Whole-disk, encrypted and RAID 5 filesystems cannot be described.
+        let lsblk_crypt = r#"{"blockdevices": [
           {"name": "sda", "type": "disk", "size": 1000000000, "mountpoints": [null], "children": [
-            {"name": "sda1", "type": "part", "size": 999000000, "pkname": "sda", "fstype": "LVM2_member", "mountpoints": [null], "children": [
-              {"name": "vg-root", "type": "lvm", "size": 900000000, "pkname": "sda1", "fstype": "ext4", "mountpoints": ["/"]}]}]}]}"#;
-        let mi = "21 1 253:0 / / rw,relatime - ext4 /dev/mapper/vg-root rw\n";
+            {"name": "sda1", "type": "part", "size": 999000000, "pkname": "sda", "fstype": "crypto_LUKS", "mountpoints": [null], "children": [
+              {"name": "root", "type": "crypt", "size": 900000000, "pkname": "sda1", "fstype": "ext4", "mountpoints": ["/"]}]}]}]}"#;
+        let mi = "21 1 253:0 / / rw,relatime - ext4 /dev/mapper/root rw\n";
         let msg = format!(
             "{:#}",
-            build_layout(&probe("/", lsblk_lvm, mi, "", false), |_| unreachable!()).unwrap_err()
+            build_layout(&probe("/", lsblk_crypt, mi, "", false), |_| unreachable!()).unwrap_err()
         );
         assert!(
-            msg.contains("lvm device") && msg.contains("--layout FILE"),
+            msg.contains("crypt device") && msg.contains("--layout FILE"),
             "{msg}"
         );
+        let lsblk_r5 = lsblk_crypt.replace("\"crypt\"", "\"raid5\"");
+        let msg = format!(
+            "{:#}",
+            build_layout(&probe("/", &lsblk_r5, mi, "", false), |_| unreachable!()).unwrap_err()
+        );
+        assert!(msg.contains("md RAID 1 only"), "{msg}");
         let lsblk_whole = r#"{"blockdevices": [{"name": "vda", "type": "disk", "size": 1000, "fstype": null, "mountpoints": ["/"]}]}"#;
         let mi = "21 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n";
         let msg = format!(
@@ -1247,6 +1428,88 @@ mod tests {
             msg.contains("without a partition table") && msg.contains("--layout FILE"),
             "{msg}"
         );
+    }
+
+    /// A golden node on two disks: /boot on md RAID 1, an LVM volume group on a second
+    /// mirror holding /, swap and /home.
+    #[test]
+    fn raid1_and_lvm_are_recorded() {
+        let mut p = probe(
+            "/",
+            fixture!("raid-lvm.lsblk.json"),
+            fixture!("raid-lvm.mountinfo"),
+            fixture!("raid-lvm.fstab"),
+            false,
+        );
+        p.swaps = vec!["/dev/mapper/vg0-swap".into()];
+        let l = build_layout(&p, |d| match d {
+            "sda" => parse_sfdisk(fixture!("raid-lvm.sfdisk-sda.json")),
+            "sdb" => parse_sfdisk(fixture!("raid-lvm.sfdisk-sdb.json")),
+            other => panic!("{other}"),
+        })
+        .unwrap();
+        assert_eq!(l.format, 2);
+        let names: Vec<_> = l.disks.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["sda", "sdb"]);
+        assert!(l.disks[0].partitions[1].flags.contains(&"raid".to_string()));
+        let raids: Vec<_> = l
+            .raids
+            .iter()
+            .map(|r| (r.name.as_str(), r.level, r.members.clone()))
+            .collect();
+        assert_eq!(
+            raids,
+            [
+                ("md1", 1, vec!["sda3".to_string(), "sdb3".to_string()]),
+                ("md0", 1, vec!["sda2".to_string(), "sdb2".to_string()]),
+            ]
+        );
+        assert_eq!(l.vgs.len(), 1);
+        let vg = &l.vgs[0];
+        assert_eq!(
+            (vg.name.as_str(), vg.pvs.clone()),
+            ("vg0", vec!["md1".to_string()])
+        );
+        let lvs: Vec<_> = vg
+            .lvs
+            .iter()
+            .map(|v| (v.name.as_str(), v.size, v.grow))
+            .collect();
+        assert_eq!(
+            lvs,
+            [
+                ("root", 8 << 30, false),
+                ("swap", 1 << 30, false),
+                ("home", 0, true)
+            ]
+        );
+        let fs: Vec<_> = l
+            .filesystems
+            .iter()
+            .map(|f| {
+                (
+                    f.device.as_str(),
+                    f.fstype.as_str(),
+                    f.mountpoint.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            fs,
+            [
+                ("vg0/root", "ext4", Some("/")),
+                ("md0", "ext4", Some("/boot")),
+                ("vg0/home", "ext4", Some("/home")),
+                ("vg0/swap", "swap", None),
+            ]
+        );
+        // What is recorded parses back.
+        assert_eq!(Layout::parse(&l.to_toml()).unwrap(), l);
+        assert_eq!(
+            split_dm_name("my--vg-lv--x"),
+            Some(("my-vg".into(), "lv-x".into()))
+        );
+        assert_eq!(split_dm_name("nodash"), None);
     }
 
     #[test]

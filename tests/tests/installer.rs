@@ -144,6 +144,8 @@ fn make_image(src: &Path) {
 
 /// What the installer writes on purpose, left out of the comparison with the image.
 const CONFIGURED: &[&str] = &[
+    "etc/motd",
+    "etc/site.conf",
     "etc/fstab",
     "etc/hostname",
     "etc/hosts",
@@ -158,12 +160,13 @@ const CONFIGURED: &[&str] = &[
     "var/lost+found",
 ];
 
-fn plan_toml(layout: &str, node: &str) -> String {
+fn plan_toml(layout: &str, node: &str, overrides: &[&str]) -> String {
     let plan = si_proto::plan::InstallPlan {
         node: node.into(),
         image: "img".into(),
         layout: Some(layout.into()),
         hostname: Some(node.into()),
+        overrides: overrides.iter().map(|o| o.to_string()).collect(),
         ..Default::default()
     };
     toml::to_string(&plan).unwrap()
@@ -299,6 +302,21 @@ fn install_on_loop_disks_then_fast_reinstall_then_failure_clears() {
     let store_dir = t.path().join("store");
     let store = Store::open(&store_dir).unwrap();
     capture::commit(&store, &src, "img", &[], None).unwrap();
+    // Overrides: global then host; the later one wins where both write.
+    for (name, files) in [
+        (
+            "override-all",
+            &[("etc/motd", "global\n"), ("etc/site.conf", "site\n")][..],
+        ),
+        ("override-n01", &[("etc/motd", "host n01\n")][..]),
+    ] {
+        let o = t.path().join(name);
+        std::fs::create_dir_all(o.join("etc")).unwrap();
+        for (p, body) in files {
+            std::fs::write(o.join(p), body).unwrap();
+        }
+        capture::commit(&store, &o, name, &[], None).unwrap();
+    }
     let reports: Reports = Arc::default();
     let server = start_server(&store_dir, reports.clone());
 
@@ -306,7 +324,11 @@ fn install_on_loop_disks_then_fast_reinstall_then_failure_clears() {
     let mut loops = Loops::new(t.path(), &[1200, 600]);
     let (big, small) = (loops.devs[0].clone(), loops.devs[1].clone());
     let plan = t.path().join("plan.toml");
-    std::fs::write(&plan, plan_toml(LAYOUT_TWO_DISKS, "n01")).unwrap();
+    std::fs::write(
+        &plan,
+        plan_toml(LAYOUT_TWO_DISKS, "n01", &["override-all", "override-n01"]),
+    )
+    .unwrap();
     let target = t.path().join("target");
 
     let out = install(&server, &plan, &target, &loops.devs, &[]);
@@ -639,7 +661,7 @@ fn raid1_lvm_esp_on_loop_disks() {
     let plan = t.path().join("plan.toml");
     std::fs::write(
         &plan,
-        plan_toml(&LAYOUT_RAID_LVM.replace("VGNAME", &vg), "n02"),
+        plan_toml(&LAYOUT_RAID_LVM.replace("VGNAME", &vg), "n02", &[]),
     )
     .unwrap();
     let target = t.path().join("target");
@@ -687,4 +709,124 @@ fn raid1_lvm_esp_on_loop_disks() {
         conf.contains("ARRAY /dev/md/md201") && conf.contains("ARRAY /dev/md/md202"),
         "{conf}"
     );
+}
+
+/// The master assembles a node's plan from its inventory (`GetPlan` on the image service);
+/// `si-install` fetches it and, in a dry run, prints what it would do and writes nothing.
+#[test]
+fn the_master_serves_install_plans_from_the_inventory() {
+    use si_inventory::{Group, Inventory, NoCatalog, Node, Subnet};
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    let inv = Arc::new(Inventory::open_state_dir(&state).unwrap());
+    inv.put_subnet(&Subnet {
+        name: "lab".into(),
+        network: "10.213.0.0".parse().unwrap(),
+        prefix: 16,
+        router: Some("10.213.0.1".parse().unwrap()),
+        dns: vec!["10.213.0.2".parse().unwrap()],
+        domain: Some("cluster".into()),
+        pool_start: None,
+        pool_end: None,
+        lease_time: 3600,
+        permanent: false,
+    })
+    .unwrap();
+    inv.add_group(
+        &Group {
+            name: "compute".into(),
+            image: Some("img".into()),
+            disk_layout: Some("mirror".into()),
+            ..Default::default()
+        },
+        &NoCatalog,
+    )
+    .unwrap();
+    inv.add_node(
+        &Node {
+            name: "n07".into(),
+            macs: vec!["52:54:00:00:00:07".into()],
+            ip: Some("10.213.1.7".parse().unwrap()),
+            group: Some("compute".into()),
+            state: "new".into(),
+            ..Default::default()
+        },
+        &NoCatalog,
+    )
+    .unwrap();
+    std::fs::create_dir_all(state.join("layouts")).unwrap();
+    std::fs::write(state.join("layouts/mirror.toml"), LAYOUT_TWO_DISKS).unwrap();
+    let store_dir = t.path().join("store");
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    capture::commit(&store, &src, "override-compute", &[], None).unwrap();
+
+    let plans: si_imageserver::service::PlanHook = {
+        let (inv, store, layouts) = (inv.clone(), store.clone(), state.join("layouts"));
+        Arc::new(move |n: &str| si_server::plans::install_plan(&inv, &store, &layouts, n))
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let st = store.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap().to_string()).unwrap();
+            let cfg = si_imageserver::service::ServeConfig {
+                plans: Some(plans),
+                ..Default::default()
+            };
+            si_imageserver::service::run(l, st, cfg, None, std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    let server = rx.recv().unwrap();
+
+    let mut c =
+        si_agent::pull::Client::connect(&server, std::time::Duration::from_secs(5)).unwrap();
+    for who in ["n07", "52:54:00:00:00:07"] {
+        let p: si_proto::plan::InstallPlan = toml::from_str(&c.plan(who).unwrap()).unwrap();
+        assert_eq!(p.node, "n07");
+        assert_eq!(p.image, "img");
+        assert_eq!(p.group.as_deref(), Some("compute"));
+        assert_eq!(p.layout.as_deref(), Some(LAYOUT_TWO_DISKS));
+        assert_eq!(p.overrides, ["override-compute"]);
+        assert_eq!(p.network.address, Some("10.213.1.7".parse().unwrap()));
+        assert_eq!(p.network.prefix, Some(16));
+        assert_eq!(p.network.gateway, Some("10.213.0.1".parse().unwrap()));
+        assert_eq!(p.network.mac.as_deref(), Some("52:54:00:00:00:07"));
+    }
+    let e = format!("{:#}", c.plan("nobody").unwrap_err());
+    assert!(e.contains("no install plan for nobody"), "{e}");
+    c.bye();
+
+    // si-install from a kernel command line: the plan comes from the master; with the only
+    // candidate disk a name that does not exist, the disks step refuses, naming the layout
+    // disk, and nothing is written.
+    let out = Command::new(bin("si-install"))
+        .arg("--cmdline")
+        .arg(format!(
+            "quiet si.server={server} si.node=n07 si.dryrun si.disks=nosuchdisk9"
+        ))
+        .arg("--target")
+        .arg(t.path().join("target"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("install plan: node n07 image img"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("FAILED: step disks: no disk for layout disk a"),
+        "{stderr}"
+    );
+    assert!(!t.path().join("target").exists());
 }

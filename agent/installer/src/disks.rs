@@ -150,7 +150,7 @@ fn transport(d: &Dev) -> String {
 /// Why a device tree is in use, if it is: a mount, active swap, or a holder that is neither an
 /// md array nor an LVM volume (those the wipe stops). Collects md/LVM holders on the way.
 fn busy(d: &Dev, holders: &mut Vec<String>) -> Option<String> {
-    for m in &d.mountpoints {
+    if let Some(m) = d.mountpoints.first() {
         if m == "[SWAP]" {
             return Some(format!("{} is active swap", d.name));
         }

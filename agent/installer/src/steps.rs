@@ -899,18 +899,13 @@ impl Installer {
             .clone()
             .ok_or_else(|| anyhow!("no si.server= given"))?;
         for o in &plan.overrides {
-            let tmp = self.target.join("var/lib/si/override.tmp");
-            std::fs::remove_dir_all(&tmp).ok();
-            std::fs::create_dir_all(&tmp)?;
             let mut c = Client::connect(&server, Duration::from_secs(10))?;
             let (info, m, _) = c
                 .manifest(o, None)
                 .with_context(|| format!("fetching override {o}"))?;
-            si_agent::update::deploy_fresh(&mut c, &m, &tmp, 2)
-                .with_context(|| format!("fetching override {o}"))?;
+            let n = apply_override(&mut c, &m, &self.target)
+                .with_context(|| format!("applying override {o}"))?;
             c.bye();
-            let n = merge_tree(&tmp, &self.target)?;
-            std::fs::remove_dir_all(&tmp).ok();
             self.say(format!(
                 "override {o}@{}: {n} entries written",
                 info.version
@@ -1328,8 +1323,8 @@ const WRITTEN_DIRS: &[&str] = &[
 
 fn in_initramfs() -> bool {
     rustix::fs::statfs("/").is_ok_and(|s| {
-        s.f_type as i64 == 0x858458f6 /* RAMFS */ || s.f_type as i64 == 0x01021994
-        /* TMPFS */
+        // ramfs, tmpfs
+        matches!(s.f_type, 0x858458f6 | 0x01021994)
     })
 }
 
@@ -1457,25 +1452,83 @@ impl Drop for Binds {
     }
 }
 
-/// Moves every entry of `src` over `dst` (later wins); returns the entries written.
-pub fn merge_tree(src: &Path, dst: &Path) -> Result<u64> {
+/// Most bytes of content an override image may hold (it is held in memory while applied).
+const MAX_OVERRIDE_BYTES: u64 = 256 << 20;
+
+/// Writes the entries of an override manifest over the tree at `root` (later wins): existing
+/// directories are kept as they are, anything else is replaced.
+/// Every object is verified as it arrives.
+pub fn apply_override(c: &mut Client, m: &si_proto::Manifest, root: &Path) -> Result<u64> {
+    use si_proto::path as mpath;
+    use si_proto::Kind;
+    use si_tree::apply;
+    use std::ffi::OsStr;
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+    m.validate()?;
+    let mut wants: Vec<(si_proto::Digest, u32)> = m.digests().map(|c| (c.digest, c.len)).collect();
+    wants.sort();
+    wants.dedup();
+    let total: u64 = wants.iter().map(|w| u64::from(w.1)).sum();
+    if total > MAX_OVERRIDE_BYTES {
+        bail!("override of {total} bytes is larger than {MAX_OVERRIDE_BYTES}");
+    }
+    let objects = std::sync::Mutex::new(std::collections::HashMap::new());
+    c.fetch(&wants, 2, &|d, data| {
+        objects.lock().expect("not poisoned").insert(d, data);
+        Ok(())
+    })?;
+    struct Objects(std::collections::HashMap<si_proto::Digest, Vec<u8>>);
+    impl apply::ObjectSource for Objects {
+        fn get(&self, d: &si_proto::Digest, _: u32) -> Result<Vec<u8>> {
+            self.0
+                .get(d)
+                .cloned()
+                .ok_or_else(|| anyhow!("object {d} missing"))
+        }
+    }
+    let objects = Objects(objects.into_inner().expect("not poisoned"));
+    let rootfd = apply::open_root(root)?;
+    let rfd = rootfd.as_fd();
     let mut n = 0;
-    for e in std::fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
-        let e = e?;
-        let from = e.path();
-        let to = dst.join(e.file_name());
-        let ft = e.file_type()?;
-        let to_md = std::fs::symlink_metadata(&to).ok();
-        if ft.is_dir() && to_md.as_ref().is_some_and(|m| m.is_dir()) {
-            n += merge_tree(&from, &to)?;
+    let mut links = Vec::new();
+    let mut made_dirs = Vec::new();
+    for e in m.entries.iter().skip(1) {
+        let pd = apply::open_dir_beneath(rfd, mpath::parent(&e.path).expect("non-root"))?;
+        let name = OsStr::from_bytes(mpath::file_name(&e.path));
+        let old = rustix::fs::statat(&pd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok();
+        let old_dir = old.as_ref().is_some_and(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+        });
+        if e.kind == Kind::Dir && old_dir {
             continue;
         }
-        if to_md.as_ref().is_some_and(|m| m.is_dir()) {
-            std::fs::remove_dir_all(&to)?;
+        if e.kind == Kind::Dir {
+            made_dirs.push(e);
         }
-        std::fs::rename(&from, &to)
-            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        if old.is_some() {
+            si_agent::update::remove_tree(rfd, &e.path)?;
+        }
+        if matches!(e.kind, Kind::Hardlink { .. }) {
+            links.push(e);
+            continue;
+        }
+        apply::create_at(pd.as_fd(), name, e, &objects)?;
         n += 1;
+    }
+    for e in links {
+        let pd = apply::open_dir_beneath(rfd, mpath::parent(&e.path).expect("non-root"))?;
+        apply::link_at(
+            rfd,
+            pd.as_fd(),
+            OsStr::from_bytes(mpath::file_name(&e.path)),
+            e,
+        )?;
+        n += 1;
+    }
+    for e in made_dirs.into_iter().rev() {
+        let d = apply::open_dir_beneath(rfd, &e.path)?;
+        apply::set_meta_fd(d.as_fd(), e)?;
     }
     Ok(n)
 }

@@ -310,8 +310,13 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             Ok(())
         })
     };
+    let plans: serve::PlanHook = {
+        let (inv, store, layouts) = (inv.clone(), store.clone(), a.state_dir.join("layouts"));
+        Arc::new(move |node: &str| crate::plans::install_plan(&inv, &store, &layouts, node))
+    };
     let scfg = serve::ServeConfig {
         max_connections: a.max_connections,
+        plans: Some(plans),
     };
     tasks.spawn(serve::run(listener, store, scfg, Some(hook), stopped()));
 

@@ -19,15 +19,32 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeConfig {
     pub max_connections: usize,
+    /// Answers an installer's `GetPlan{node}` (a name or a MAC): the install plan as TOML, or
+    /// None for a node the master does not know. Any Deploy session may ask (the plan holds
+    /// no secret); without a hook the service answers NotFound.
+    pub plans: Option<PlanHook>,
+}
+
+/// See [`ServeConfig::plans`].
+pub type PlanHook = Arc<dyn Fn(&str) -> Result<Option<String>> + Send + Sync>;
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("max_connections", &self.max_connections)
+            .field("plans", &self.plans.is_some())
+            .finish()
+    }
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             max_connections: 512,
+            plans: None,
         }
     }
 }
@@ -84,10 +101,11 @@ pub async fn run(
         let objects = objects.clone();
         let cache = cache.clone();
         let report = report.clone();
+        let plans = cfg.plans.clone();
         match sem.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
-                    if let Err(e) = handle(sock, peer, store, objects, cache, report).await {
+                    if let Err(e) = handle(sock, peer, store, objects, cache, report, plans).await {
                         tracing::warn!(%peer, error = format!("{e:#}"), "session failed");
                     }
                     drop(permit);
@@ -188,6 +206,7 @@ async fn handle(
     objects: Arc<dyn ObjectFinder>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
+    plans: Option<PlanHook>,
 ) -> Result<()> {
     sock.set_nodelay(true).ok();
     let mut sock = sock;
@@ -322,6 +341,32 @@ async fn handle(
                     }
                 }
                 write_msg_async(&mut w, &Msg::Ok).await.map_err(Into::into)
+            }
+            Msg::GetPlan { node } => {
+                let answer = match &plans {
+                    Some(h) => {
+                        let h = h.clone();
+                        let n = node.clone();
+                        tokio::task::spawn_blocking(move || h(&n)).await?
+                    }
+                    None => Ok(None),
+                };
+                let m = match answer {
+                    Ok(Some(plan)) => Msg::Plan(plan),
+                    Ok(None) => Msg::Error {
+                        kind: ErrorKind::NotFound,
+                        message: format!("no install plan for {node}"),
+                    },
+                    Err(e) => {
+                        tracing::error!(%node, error = format!("{e:#}"), "assembling an install plan");
+                        Msg::Error {
+                            kind: ErrorKind::Internal,
+                            message: format!("assembling the install plan of {node}: {e:#}"),
+                        }
+                    }
+                };
+                tracing::info!(%peer, %node, found = matches!(m, Msg::Plan(_)), "install plan asked");
+                write_msg_async(&mut w, &m).await.map_err(Into::into)
             }
             other => {
                 write_msg_async(

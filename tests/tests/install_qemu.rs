@@ -80,10 +80,9 @@ fn image_store(dir: &Path, layout: &str) -> Result<PathBuf> {
     si_tests::rootfs(&tree, "vm").context("building the vm tree (tests/fixtures/rootfs.sh)")?;
     let store_dir = dir.join("store");
     let store = si_store::Store::open(&store_dir)?;
+    // Relative to the repository's root.
     let layout_text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../images/layouts")
-            .join(layout),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(layout),
     )
     .with_context(|| format!("reading layout {layout}"))?;
     si_imaging::getimage::commit_with_layout(
@@ -601,12 +600,12 @@ fn uefi_netboot_reaches_the_installer_and_the_master() {
 #[ignore = "needs the master to serve install plans (the installer branch's server side): run with --ignored"]
 fn install_bios_virtio_disk_boots_to_login() {
     require_root!();
-    installed_vm(Firmware::Bios, 80, "bios-msdos.toml");
+    installed_vm(Firmware::Bios, 80, "tests/fixtures/install/bios-mbr.toml");
 }
 
 #[test]
 #[ignore = "needs the master to serve install plans (the installer branch's server side): run with --ignored"]
 fn install_uefi_virtio_disk_boots_to_login() {
     require_root!();
-    installed_vm(Firmware::Uefi, 81, "uefi-gpt.toml");
+    installed_vm(Firmware::Uefi, 81, "images/layouts/uefi-gpt.toml");
 }

@@ -510,8 +510,16 @@ fn installed_vm(fw: Firmware, subnet: u8, layout: &str) {
     // The master shows it installed, booting locally.
     let shown = si(&lab.state, "si-node", &["show", name]).unwrap();
     eprintln!("{shown}");
-    assert!(shown.contains("installed"), "{shown}");
-    assert!(shown.contains("local"), "{shown}");
+    assert!(shown.contains("state: installed"), "{shown}");
+    assert!(shown.contains("boot: local"), "{shown}");
+    // ... with the image version it installed, in its history.
+    let history = si(&lab.state, "si-node", &["history"]).unwrap();
+    assert!(
+        history
+            .lines()
+            .any(|l| l.contains(&format!("node/{name}")) && l.contains(&format!("image {IMAGE}@1"))),
+        "{history}"
+    );
     let _ = (&lab.server, &vm.disks);
 }
 

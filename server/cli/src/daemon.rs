@@ -231,6 +231,22 @@ pub fn reachable(a: &DaemonArgs, server_ip: Option<Ipv4Addr>) -> Result<Reachabl
     })
 }
 
+/// `IMAGE@VERSION` from a node's `installed` report (`status=101 image=NAME version=Some(N)`,
+/// as si-install sends it), when both are well formed; the rest of the detail is not recorded.
+pub fn installed_image(detail: &str) -> Option<String> {
+    let mut image = None;
+    let mut version = None;
+    for w in detail.split_whitespace() {
+        if let Some(i) = w.strip_prefix("image=") {
+            image = si_store::valid_image_name(i).is_ok().then(|| i.to_string());
+        } else if let Some(v) = w.strip_prefix("version=") {
+            let v = v.trim_start_matches("Some(").trim_end_matches(')');
+            version = v.parse::<u32>().ok();
+        }
+    }
+    Some(format!("{}@{}", image?, version?))
+}
+
 /// Says, for each generated path that a file in `root` shares, which one is served.
 pub fn log_shared(generated: &Generated, root: &std::path::Path) {
     let served = match generated.config().boot_files {
@@ -297,9 +313,9 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     tracing::info!(store = %a.store.store.display(), listen = %listener.local_addr()?, "image service listening");
     let hook: serve::ReportHook = {
         let (inv, generated, settings) = (inv.clone(), generated.clone(), settings.clone());
-        Arc::new(move |node: &str, state: &str, _detail: &str| {
+        Arc::new(move |node: &str, state: &str, detail: &str| {
             if state == "installed" {
-                inv.mark_installed(node)
+                inv.mark_installed_with(node, installed_image(detail).as_deref())
                     .with_context(|| format!("marking {node} installed"))?;
                 match render(&inv, &settings) {
                     Ok(files) => generated.replace(files),
@@ -389,6 +405,17 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn installed_image_from_a_report() {
+        assert_eq!(
+            installed_image("status=101 image=deb12 version=Some(3)").as_deref(),
+            Some("deb12@3")
+        );
+        assert_eq!(installed_image("status=101 image=deb12 version=None"), None);
+        assert_eq!(installed_image("image=../x version=1"), None);
+        assert_eq!(installed_image(""), None);
+    }
 
     fn args(a: &[&str]) -> DaemonArgs {
         DaemonArgs::parse_from(std::iter::once("si-server").chain(a.iter().copied()))

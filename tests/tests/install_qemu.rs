@@ -82,7 +82,9 @@ fn image_store(dir: &Path, layout: &str) -> Result<PathBuf> {
     let store = si_store::Store::open(&store_dir)?;
     // Relative to the repository's root.
     let layout_text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(layout),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(layout),
     )
     .with_context(|| format!("reading layout {layout}"))?;
     si_imaging::getimage::commit_with_layout(

@@ -274,6 +274,8 @@ fn package_holds_tools_libraries_modules_and_a_valid_init() {
         "vfat",
         "nls_cp437",
         "nls_iso8859_1",
+        "nls_ascii",
+        "nls_utf8",
     ] {
         assert!(
             loaded.iter().any(|l| l == want) || report.modules_builtin.iter().any(|b| b == want),

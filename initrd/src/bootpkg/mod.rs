@@ -69,6 +69,9 @@ pub const FS_MODULES: &[&str] = &[
     "btrfs",
     "nls_cp437",
     "nls_iso8859_1",
+    // Debian's FAT_DEFAULT_IOCHARSET is "ascii": vfat refuses to mount without it.
+    "nls_ascii",
+    "nls_utf8",
     "efivarfs",
 ];
 

@@ -607,7 +607,6 @@ fn uefi_netboot_reaches_the_installer_and_the_master() {
 }
 
 #[test]
-#[ignore = "needs the master to serve install plans (the installer branch's server side): run with --ignored"]
 fn install_bios_virtio_disk_boots_to_login() {
     require_root!();
     installed_vm(Firmware::Bios, 80, "tests/fixtures/install/bios-mbr.toml");

@@ -78,6 +78,10 @@ fn image_store(dir: &Path, layout: &str) -> Result<PathBuf> {
     let tree = dir.join("tree");
     let t = Instant::now();
     si_tests::rootfs(&tree, "vm").context("building the vm tree (tests/fixtures/rootfs.sh)")?;
+    // A Debian installed for UEFI has the ESP's mount point; the cached tree (grub-efi-amd64-bin,
+    // not grub-efi-amd64) lacks it. Without it in the image, the pull removes the mounted
+    // ESP's directory (EBUSY): reported to the installer.
+    std::fs::create_dir_all(tree.join("boot/efi")).context("making boot/efi")?;
     let store_dir = dir.join("store");
     let store = si_store::Store::open(&store_dir)?;
     // Relative to the repository's root.

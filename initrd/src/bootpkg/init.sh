@@ -20,7 +20,6 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=0620 devpts /dev/pts
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
-[ -d /sys/firmware/efi/efivars ] && mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
 mkdir -p /run/si /run/lock /var/log
 ln -sf /proc/self/mounts /etc/mtab
 
@@ -63,6 +62,10 @@ else
     log "no modules for kernel $rel in this package (built for another kernel?)"
 fi
 log "loaded $n modules${failed:+; failed:$failed}"
+# UEFI variables (efibootmgr): efivarfs is a module in Debian's kernel, so after the modules.
+if [ -d /sys/firmware/efi/efivars ] && ! grep -q " /sys/firmware/efi/efivars " /proc/mounts; then
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars || log "could not mount efivarfs"
+fi
 case "$brk" in *,modules,*) shell "si.break=modules: stopped before the network" "go on" ;; esac
 
 # Network. BOOTIF=01-aa-bb-cc-dd-ee-ff (pxelinux IPAPPEND 2, si's iPXE scripts) names the NIC

@@ -308,3 +308,19 @@ pub fn test_ca() -> &'static TestCa {
         TestCa { dir, pin }
     })
 }
+
+/// A workspace binary built static for the boot package (`RUSTFLAGS='-C
+/// target-feature=+crt-static' cargo build -p si-installer --target x86_64-unknown-linux-gnu`,
+/// as .ci/run does): `target/x86_64-unknown-linux-gnu/<profile>/<name>`, if it was built.
+pub fn static_bin(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/<test>
+    let profile_dir = exe.parent()?.parent()?;
+    let profile = profile_dir.file_name()?;
+    let p = profile_dir
+        .parent()?
+        .join("x86_64-unknown-linux-gnu")
+        .join(profile)
+        .join(name);
+    p.exists().then_some(p)
+}

@@ -200,12 +200,48 @@ fn mac_bytes(s: &str) -> Option<[u8; 6]> {
     v.try_into().ok()
 }
 
-/// What the boot files of `autoinstall` nodes need: the distros and profiles, and where nodes
-/// reach the answer files.
+/// What nodes' boot files need beyond the inventory: for `autoinstall` nodes the distros and
+/// profiles and where nodes reach the answer files; for `install` nodes how si's installer
+/// reaches the master.
 #[derive(Debug, Clone)]
 pub struct Autoinstall {
     pub store: si_autoinstall::Store,
     pub urls: si_autoinstall::ServerUrls,
+    pub trust: InstallTrust,
+}
+
+/// What an installer's kernel command line carries to reach the master: `si.ca=` (the CA
+/// fingerprint it pins) and `si.token=` (its node's one-time enrollment token, while the
+/// node is armed), or `si.insecure` when the master runs `--insecure`.
+#[derive(Clone)]
+pub enum InstallTrust {
+    Tls(Arc<si_trust::ca::Authority>),
+    Insecure,
+}
+
+impl std::fmt::Debug for InstallTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InstallTrust::Tls(ca) => write!(f, "Tls({})", ca.fingerprint()),
+            InstallTrust::Insecure => f.write_str("Insecure"),
+        }
+    }
+}
+
+impl InstallTrust {
+    /// The kernel arguments for `node`'s installer.
+    fn args(&self, inv: &Inventory, node: &str) -> Result<String> {
+        Ok(match self {
+            InstallTrust::Insecure => "si.insecure".into(),
+            InstallTrust::Tls(ca) => {
+                let mut a = format!("si.ca={}", ca.fingerprint());
+                if let Some(t) = crate::gate::enrollment_token(inv, ca, node)? {
+                    a.push_str(&format!(" si.token={t}"));
+                }
+                a
+            }
+        })
+    }
 }
 
 /// The boot description of every node in the inventory.
@@ -240,6 +276,14 @@ pub fn boot_nodes(inv: &Inventory, auto: &Autoinstall) -> Result<Vec<BootNode>> 
             });
             continue;
         }
+        // The installer's way to the master (si.ca=, si.token= or si.insecure) comes first.
+        let kernel_args = match b.action {
+            si_inventory::BootAction::Install => {
+                let t = auto.trust.args(inv, &b.name)?;
+                format!("{t} {}", b.kernel_args).trim().to_string()
+            }
+            _ => b.kernel_args.clone(),
+        };
         out.push(BootNode {
             name: b.name,
             macs: b.macs.iter().filter_map(|m| mac_bytes(m)).collect(),
@@ -262,7 +306,7 @@ pub fn boot_nodes(inv: &Inventory, auto: &Autoinstall) -> Result<Vec<BootNode>> 
                 // Handled above.
                 si_inventory::BootAction::Autoinstall => bootcfg::BootAction::Local,
             },
-            kernel_args: b.kernel_args,
+            kernel_args,
             firmware: firmware(b.firmware),
         });
     }
@@ -387,6 +431,22 @@ pub fn reachable(a: &DaemonArgs, server_ip: Option<Ipv4Addr>) -> Result<Reachabl
     })
 }
 
+/// `IMAGE@VERSION` from a node's `installed` report (`status=101 image=NAME version=Some(N)`,
+/// as si-install sends it), when both are well formed; the rest of the detail is not recorded.
+pub fn installed_image(detail: &str) -> Option<String> {
+    let mut image = None;
+    let mut version = None;
+    for w in detail.split_whitespace() {
+        if let Some(i) = w.strip_prefix("image=") {
+            image = si_store::valid_image_name(i).is_ok().then(|| i.to_string());
+        } else if let Some(v) = w.strip_prefix("version=") {
+            let v = v.trim_start_matches("Some(").trim_end_matches(')');
+            version = v.parse::<u32>().ok();
+        }
+    }
+    Some(format!("{}@{}", image?, version?))
+}
+
 /// Says, for each generated path that a file in `root` shares, which one is served.
 pub fn log_shared(generated: &Generated, root: &std::path::Path) {
     let served = match generated.config().boot_files {
@@ -433,10 +493,17 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     if boot_services {
         tracing::info!(%http_base, si_server = %reach.si_server, "nodes are pointed at");
     }
+    // The CA signs versions whether or not TLS is on, so nodes that pin it can check them.
+    let ca = Arc::new(a.authority()?);
     let auto = Autoinstall {
         store: si_autoinstall::Store::open(&a.state_dir)?,
         urls: si_autoinstall::ServerUrls {
             http_base: http_base.clone(),
+        },
+        trust: if a.insecure {
+            InstallTrust::Insecure
+        } else {
+            InstallTrust::Tls(ca.clone())
         },
     };
     if boot_services {
@@ -463,9 +530,9 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             settings.clone(),
             auto.clone(),
         );
-        Arc::new(move |node: &str, state: &str, _detail: &str| {
+        Arc::new(move |node: &str, state: &str, detail: &str| {
             if state == "installed" {
-                inv.mark_installed(node)
+                inv.mark_installed_with(node, installed_image(detail).as_deref())
                     .with_context(|| format!("marking {node} installed"))?;
                 match render(&inv, &settings, &auto) {
                     Ok(files) => generated.replace(files),
@@ -480,8 +547,6 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         let (inv, store, layouts) = (inv.clone(), store.clone(), a.state_dir.join("layouts"));
         Arc::new(move |node: &str| crate::plans::install_plan(&inv, &store, &layouts, node))
     };
-    // The CA signs versions whether or not TLS is on, so nodes that pin it can check them.
-    let ca = Arc::new(a.authority()?);
     let transport = if a.insecure {
         tracing::warn!("--insecure: the image service runs without TLS; any host that reaches it reads every image and can report for any node");
         si_trust::Acceptor::Insecure
@@ -677,6 +742,17 @@ impl FileServices {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn installed_image_from_a_report() {
+        assert_eq!(
+            installed_image("status=101 image=deb12 version=Some(3)").as_deref(),
+            Some("deb12@3")
+        );
+        assert_eq!(installed_image("status=101 image=deb12 version=None"), None);
+        assert_eq!(installed_image("image=../x version=1"), None);
+        assert_eq!(installed_image(""), None);
+    }
 
     fn args(a: &[&str]) -> DaemonArgs {
         DaemonArgs::parse_from(std::iter::once("si-server").chain(a.iter().copied()))

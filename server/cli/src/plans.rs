@@ -35,6 +35,9 @@ pub fn install_plan(
             b.name
         );
     };
+    // The plan names the version it was made for (the newest now): the node pulls that one
+    // and reports it, whatever is committed meanwhile.
+    let version = store.resolve(&image, None)?;
     let layout = match &b.disk_layout {
         Some(l) if l.starts_with('/') => Some(
             std::fs::read_to_string(l).with_context(|| format!("reading the disk layout {l}"))?,
@@ -54,10 +57,7 @@ pub fn install_plan(
                     .with_context(|| format!("reading the disk layout {}", p.display()))?,
             )
         }
-        None => {
-            let v = store.resolve(&image, None)?;
-            store.layout(&image, v)?
-        }
+        None => store.layout(&image, version)?,
     };
     if let Some(l) = &layout {
         si_proto::layout::Layout::parse(l)
@@ -90,7 +90,7 @@ pub fn install_plan(
     let plan = InstallPlan {
         node: b.name.clone(),
         image,
-        version: None,
+        version: Some(version),
         layout,
         hostname: Some(b.hostname.clone()),
         group: b.group.clone(),

@@ -64,6 +64,9 @@ pub enum ImageCmd {
         /// Exclude patterns (none by default: the tree is the image).
         #[arg(long)]
         exclude: Vec<String>,
+        /// The version's disk layout (docs/layout.md; default: the previous version's).
+        #[arg(long)]
+        layout: Option<PathBuf>,
     },
     /// Import a tar stream (file or - for stdin; PAX xattrs) as a new version.
     Import { tar: PathBuf, image: String },
@@ -159,8 +162,23 @@ pub fn run(cli: ImageCli) -> Result<()> {
             image,
             message,
             exclude,
+            layout,
         } => {
-            let s = getimage::commit(&store, &dir, &image, &exclude, message)?;
+            let layout = match &layout {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading the layout {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let s = getimage::commit_with_layout(
+                &store,
+                &dir,
+                &image,
+                &exclude,
+                message,
+                layout.as_deref(),
+            )?;
             s.print();
             Ok(())
         }

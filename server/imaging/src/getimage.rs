@@ -492,7 +492,8 @@ impl BlobSink for StoreSink<'_, '_> {
     }
 }
 
-/// Records the tree at `dir` as a new version of `image`, storing only new objects.
+/// Records the tree at `dir` as a new version of `image`, storing only new objects. The disk
+/// layout of the previous version, if any, carries over.
 pub fn commit(
     store: &Store,
     dir: &Path,
@@ -500,7 +501,24 @@ pub fn commit(
     excludes: &[String],
     message: Option<String>,
 ) -> Result<Summary> {
+    commit_with_layout(store, dir, image, excludes, message, None)
+}
+
+/// [`commit`], with the new version's disk layout (TOML, checked by
+/// `si_proto::layout::Layout::parse`) instead of the previous version's.
+pub fn commit_with_layout(
+    store: &Store,
+    dir: &Path,
+    image: &str,
+    excludes: &[String],
+    message: Option<String>,
+    layout: Option<&str>,
+) -> Result<Summary> {
     si_store::valid_image_name(image)?;
+    if let Some(l) = layout {
+        si_proto::layout::Layout::parse(l)
+            .map_err(|e| anyhow::anyhow!("the disk layout is not valid: {e}"))?;
+    }
     let _lock = store.writer_lock()?;
     let start = Instant::now();
     let mut cfg = ScanConfig::new(dir);
@@ -515,9 +533,10 @@ pub fn commit(
         },
     )?;
     let (new_objects, new_bytes) = writer.finish()?;
-    let layout = match store.resolve(image, None) {
-        Ok(v) => store.layout(image, v)?,
-        Err(_) => None,
+    let layout = match (layout, store.resolve(image, None)) {
+        (Some(l), _) => Some(l.to_string()),
+        (None, Ok(v)) => store.layout(image, v)?,
+        (None, Err(_)) => None,
     };
     let meta = VersionMeta {
         source: format!("commit:{}", dir.display()),

@@ -404,6 +404,13 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                 list.push(n);
             }
             inv.add_nodes(&list, c.catalog().as_ref())?;
+            // A node added to be installed is armed: its one-time enrollment opens.
+            for n in list
+                .iter()
+                .filter(|n| matches!(n.boot, BootAction::Install))
+            {
+                inv.arm_enrollment(&n.name, DEFAULT_WINDOW_SECS)?;
+            }
             eprintln!("added {} node(s)", list.len());
         }
         NodeCmd::List { nodes } => {

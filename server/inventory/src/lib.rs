@@ -395,6 +395,12 @@ impl Inventory {
     /// Sets the boot action of a node whose installation finished to `local`, and its state
     /// to `installed`.
     pub fn mark_installed(&self, name: &str) -> Result<()> {
+        self.mark_installed_with(name, None)
+    }
+
+    /// [`Inventory::mark_installed`], recording in the history what was installed
+    /// (`IMAGE@VERSION`, as the node reported it).
+    pub fn mark_installed_with(&self, name: &str, image: Option<&str>) -> Result<()> {
         self.write(|tx, actor| {
             let old = node(tx, name)?.with_context(|| format!("unknown node {name:?}"))?;
             let n = tx
@@ -409,7 +415,12 @@ impl Inventory {
                 actor,
                 &format!("node/{name}"),
                 "installed",
-                &format!("boot: {} -> local; state: {} -> installed", old.boot, old.state),
+                &format!(
+                    "boot: {} -> local; state: {} -> installed{}",
+                    old.boot,
+                    old.state,
+                    image.map(|i| format!("; image {i}")).unwrap_or_default()
+                ),
             )
         })
     }

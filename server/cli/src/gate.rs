@@ -71,6 +71,13 @@ impl Gate for InventoryGate {
         if self.inv.node(node)?.is_none() {
             bail!("no node {node:?} in the inventory");
         }
+        // What the peer says about itself is checked before it is logged or stored.
+        if !is_mac(&req.mac) {
+            bail!("not a MAC address: {:?}", req.mac);
+        }
+        if req.uuid.len() > 36 || !req.uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            bail!("not an SMBIOS UUID: {:?}", req.uuid);
+        }
         let cert = self
             .ca
             .issue_node(node, &req.public_key, si_trust::ca::NODE_CERT_LIFETIME)?;
@@ -102,9 +109,41 @@ impl Gate for InventoryGate {
 
 /// The token the master hands node `node`'s installer (on its boot script), if an
 /// enrollment is open for it. For the boot configuration and the installer's tests.
+/// `aa:bb:cc:dd:ee:ff` (or with dashes), as an installer reads it from sysfs.
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    s.len() == 17
+        && parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 pub fn enrollment_token(inv: &Inventory, ca: &Authority, node: &str) -> Result<Option<String>> {
     Ok(inv
         .enrollment(node)?
         .filter(|e| e.spent.is_none() && e.expires > si_inventory::now() && !e.nonce.is_empty())
         .map(|e| ca.enrollment_token(node, &e.nonce, e.expires)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_mac;
+
+    /// An enrollment's MAC is checked before it is logged or stored: a newline or any other
+    /// text is refused.
+    #[test]
+    fn only_macs_pass() {
+        assert!(is_mac("52:54:00:12:34:56"));
+        assert!(is_mac("52-54-00-AB-cd-EF"));
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:5g",
+            "52:54:00:12:34:56\nERROR forged",
+            "525400123456aaaaa",
+        ] {
+            assert!(!is_mac(bad), "{bad:?}");
+        }
+    }
 }

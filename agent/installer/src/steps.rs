@@ -175,10 +175,29 @@ impl Installer {
     }
 
     fn send(&mut self, state: &str, detail: &str) {
-        if let Some(c) = self.report.as_mut() {
-            if let Err(e) = c.report(&self.node, state, detail) {
-                tracing::warn!(error = format!("{e:#}"), "the master did not take a report");
-                self.report = None;
+        let Some(c) = self.report.as_mut() else {
+            return;
+        };
+        let Err(e) = c.report(&self.node, state, detail) else {
+            return;
+        };
+        // The master closes a session that was quiet for its idle timeout (a long pull says
+        // nothing on the report session): one new session, then the report again.
+        tracing::debug!(
+            error = format!("{e:#}"),
+            "report session lost; reconnecting"
+        );
+        self.report = None;
+        let (Some(server), Some(conn)) = (self.cfg.server.clone(), self.connector.clone()) else {
+            return;
+        };
+        match Client::connect(&server, Duration::from_secs(10), &conn).and_then(|mut c| {
+            c.report(&self.node, state, detail)?;
+            Ok(c)
+        }) {
+            Ok(c) => self.report = Some(c),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "the master did not take a report")
             }
         }
     }

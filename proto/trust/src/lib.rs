@@ -41,6 +41,34 @@ pub const MASTER_NAME: &str = "master.si";
 pub const NODE_SUFFIX: &str = ".node.si";
 
 /// The crypto provider every si TLS config uses (ring: no C toolchain beyond cc).
+///
+/// A host without AES instructions (an emulated CPU, a small board) asks for ChaCha20-Poly1305
+/// first: software AES-GCM is several times slower there. The server follows the client's
+/// order, so each side of a session gets the cipher that is fast for the client.
 pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    if !has_aes() {
+        p.cipher_suites.sort_by_key(|s| {
+            !matches!(
+                s.suite(),
+                rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+            )
+        });
+    }
+    std::sync::Arc::new(p)
+}
+
+/// Whether this CPU has AES and carry-less multiply instructions (AES-GCM in hardware).
+fn has_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
 }

@@ -75,7 +75,14 @@ impl Gate for InventoryGate {
         if !is_mac(&req.mac) {
             bail!("not a MAC address: {:?}", req.mac);
         }
-        if req.uuid.len() > 36 || !req.uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        // An SMBIOS UUID as sysfs prints it; firmware that fills it badly still gives a plain
+        // word, never control characters or spaces.
+        if req.uuid.len() > 64
+            || !req
+                .uuid
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
             bail!("not an SMBIOS UUID: {:?}", req.uuid);
         }
         let cert = self

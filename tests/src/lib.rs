@@ -324,3 +324,19 @@ pub fn static_bin(name: &str) -> Option<PathBuf> {
         .join(name);
     p.exists().then_some(p)
 }
+
+/// `text` without ANSI escape sequences (colours in logs, cursor moves on a serial console), for
+/// matching and for readable failures.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut esc = false;
+    for c in text.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, c) if c.is_ascii_alphabetic() => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}

@@ -25,19 +25,10 @@ const DI: &str = "/usr/lib/debian-installer/images/12/amd64/text";
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
 
 fn text(p: &Path) -> String {
-    let raw = String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
     // ANSI sequences out, for matching and readable failures.
-    let mut out = String::new();
-    let mut esc = false;
-    for c in raw.chars() {
-        match (esc, c) {
-            (false, '\x1b') => esc = true,
-            (true, c) if c.is_ascii_alphabetic() => esc = false,
-            (true, _) => {}
-            (false, c) => out.push(c),
-        }
-    }
-    out
+    si_tests::strip_ansi(&String::from_utf8_lossy(
+        &std::fs::read(p).unwrap_or_default(),
+    ))
 }
 
 fn tail(s: &str, n: usize) -> String {

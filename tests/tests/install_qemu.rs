@@ -367,22 +367,8 @@ impl Lab {
 
     fn log(&self, name: &str) -> String {
         let text = std::fs::read(self.dir.path().join(name)).unwrap_or_default();
-        strip_ansi(&String::from_utf8_lossy(&text))
+        si_tests::strip_ansi(&String::from_utf8_lossy(&text))
     }
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::new();
-    let mut esc = false;
-    for c in text.chars() {
-        match (esc, c) {
-            (false, '\x1b') => esc = true,
-            (true, c) if c.is_ascii_alphabetic() => esc = false,
-            (true, _) => {}
-            (false, c) => out.push(c),
-        }
-    }
-    out
 }
 
 fn tail(text: &str, n: usize) -> String {
@@ -393,7 +379,7 @@ fn tail(text: &str, n: usize) -> String {
 impl Running {
     /// Reads the console, records new milestones; returns the console text.
     fn poll(&mut self, vm: &Vm) -> String {
-        let text = strip_ansi(&String::from_utf8_lossy(
+        let text = si_tests::strip_ansi(&String::from_utf8_lossy(
             &std::fs::read(&vm.serial).unwrap_or_default(),
         ));
         for (needle, _) in MILESTONES {

@@ -384,17 +384,7 @@ impl Lab {
     fn log(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
         // ANSI colours out, for readable failures.
-        let mut out = String::new();
-        let mut esc = false;
-        for c in text.chars() {
-            match (esc, c) {
-                (false, '\x1b') => esc = true,
-                (true, 'm') => esc = false,
-                (true, _) => {}
-                (false, c) => out.push(c),
-            }
-        }
-        out
+        si_tests::strip_ansi(&text)
     }
 
     /// Boots the VM until the marker shows on its serial console; returns the time it took

@@ -293,3 +293,34 @@ fn export_import_round_trip() {
     std::fs::write(&f2, "[[node]]\nname = \"n\"\nbogus = 1\n").unwrap();
     fails(&b, "si-node", &["import", f2.to_str().unwrap()], "bogus");
 }
+
+/// A process that holds the inventory open twice (si-server does: its own handle and the DHCP
+/// reader's) keeps its writes visible to other processes. Regression: opening the second handle
+/// used to open and close a plain descriptor of the database, which dropped the process's
+/// SQLite locks; the next CLI then believed it was the last reader, checkpointed and deleted
+/// the WAL, and the server's enrollments and reports from then on went to an unlinked file.
+#[test]
+fn a_second_handle_keeps_the_first_handles_writes_visible() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path();
+    ok(
+        state,
+        "si-node",
+        &["add", "n1", "--mac", "52:54:00:00:00:01"],
+    );
+    let first = si_inventory::Inventory::open_state_dir(state).unwrap();
+    let _second = si_inventory::Inventory::open_state_dir(state).unwrap();
+    // Another process reads and closes the inventory while both handles are open.
+    ok(state, "si-node", &["list"]);
+    ok(state, "si-node", &["set", "n1", "--boot", "local"]);
+    // It knew it was not the last reader: the WAL this process writes to is still the file's.
+    assert!(
+        state.join("inventory.db-wal").exists(),
+        "another process deleted the WAL of an inventory this process holds open"
+    );
+    first.arm_enrollment("n1", 3600).unwrap();
+    let shown = ok(state, "si-node", &["show", "n1"]);
+    assert!(shown.contains("enrollment: open until"), "{shown}");
+    let history = ok(state, "si-node", &["history", "n1"]);
+    assert!(history.contains("enroll-armed"), "{history}");
+}

@@ -626,7 +626,6 @@ fn bench_pxe() {
 /// over TFTP and the per-node script, kernel and initrd over HTTP, and when the node reports a
 /// finished install (`si-report`) flips it to local boot in the inventory and in its boot files.
 #[test]
-#[ignore = "since the trust merge si-node no longer sees the enrollment and report this lab sends to si-server (the server logs both; the real installer's flow passes in install_qemu): issue 13, run with --ignored"]
 fn si_server_full_stack_bios_boot_then_local() {
     require_root!();
     full_stack(Firmware::BiosIpxe, 60, false);
@@ -634,7 +633,6 @@ fn si_server_full_stack_bios_boot_then_local() {
 
 /// The same with UEFI firmware (OVMF's own PXE client fetches ipxe.efi from si's TFTP).
 #[test]
-#[ignore = "since the trust merge si-node no longer sees the enrollment and report this lab sends to si-server (the server logs both; the real installer's flow passes in install_qemu): issue 13, run with --ignored"]
 fn si_server_full_stack_uefi_boot_then_local() {
     require_root!();
     full_stack(Firmware::UefiOvmf, 61, false);
@@ -645,7 +643,6 @@ fn si_server_full_stack_uefi_boot_then_local() {
 /// and starts it; iPXE asks DHCP again (user class iPXE) and gets the node's script URL, then
 /// kernel and initrd over HTTP. si-server runs without a TFTP server.
 #[test]
-#[ignore = "since the trust merge si-node no longer sees the enrollment and report this lab sends to si-server (the server logs both; the real installer's flow passes in install_qemu): issue 13, run with --ignored"]
 fn si_server_full_stack_uefi_http_boot() {
     require_root!();
     let (log, console, _) = full_stack(Firmware::UefiHttp, 62, false);

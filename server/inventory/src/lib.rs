@@ -80,13 +80,24 @@ impl Inventory {
     /// Opens (creating if needed) the database at `path`, makes it mode 0600 and applies
     /// pending migrations.
     pub fn open(path: &Path) -> Result<Inventory> {
-        // Create the file ourselves so it is never world-readable, even for an instant.
-        std::fs::OpenOptions::new()
-            .create(true)
+        // Create the file ourselves so it is never world-readable, even for an instant; but
+        // only when it does not exist. Closing a descriptor of a file drops every POSIX lock
+        // this process holds on it, SQLite's included: a handle opened while another one of
+        // this process is open would let another process believe it is the last reader,
+        // checkpoint and delete the WAL, and every later write of the first handle would go
+        // to a file nobody else reads.
+        match std::fs::OpenOptions::new()
+            .create_new(true)
             .append(true)
             .mode(0o600)
             .open(path)
-            .with_context(|| format!("creating inventory {}", path.display()))?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating inventory {}", path.display()))
+            }
+        }
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("making {} mode 0600", path.display()))?;
         let mut conn = Connection::open(path)

@@ -280,3 +280,114 @@ fn revoked_replaced_expired_foreign_and_borrowed_certificates_are_refused() {
         .is_err());
     let _ = Path::new("");
 }
+
+/// si-agentd accepts pushes from the master's certificate only: the master's push updates the
+/// node; a node's certificate, no certificate, plain TCP with the old shared token, and a
+/// master that expects another node are all refused, and the node's tree is left alone.
+#[test]
+fn the_push_agent_accepts_only_the_master() {
+    let m = master();
+    let token = m.arm("n1");
+    let id = m.enroll("n1", &token, MAC1).unwrap();
+    let iddir = m._t.path().join("n1-etc-si");
+    id.save(&iddir).unwrap();
+    let root = m._t.path().join("n1-root");
+    std::fs::create_dir(&root).unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = l.local_addr().unwrap().to_string();
+    let cfg = si_agent::agentd::AgentConfig {
+        listen: l.local_addr().unwrap(),
+        master: vec![],
+        token_file: m._t.path().join("no-token"),
+        root: root.clone(),
+        state_dir: Some(m._t.path().join("n1-state")),
+        ca_fingerprint: None,
+        insecure: false,
+        identity_dir: Some(iddir.clone()),
+    };
+    std::thread::spawn(move || si_agent::agentd::serve_on(l, cfg));
+
+    let push_cfg = |insecure: bool| {
+        use clap::Parser;
+        let mut args = vec!["si-pushupdate", "--server", &m.addr, "--image", "web"];
+        args.extend(["--timeout", "20"]);
+        if insecure {
+            args.push("--insecure");
+        }
+        si_imageserver::push::PushConfig::parse_from(args)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let push = |trust: si_imageserver::push::Trust, insecure: bool| {
+        rt.block_on(si_imageserver::push::push(
+            std::slice::from_ref(&agent),
+            &push_cfg(insecure),
+            &trust,
+        ))
+        .remove(0)
+    };
+
+    // Plain TCP with a token: the agent speaks TLS only.
+    let r = push(si_imageserver::push::Trust::Token("s3cret".into()), true);
+    assert!(!r.ok, "{r:?}");
+    assert!(!root.join("secret").exists());
+
+    // TLS, but without a certificate, or with a node's: refused before the si handshake.
+    let node_verifier = || {
+        Arc::new(si_trust::tls::NodeVerifier::new(m.ca.ca_der(), None).unwrap())
+            as Arc<dyn rustls::client::danger::ServerCertVerifier>
+    };
+    let base = || {
+        rustls::ClientConfig::builder_with_provider(si_trust::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(node_verifier())
+    };
+    let (chain, key) = id.rustls();
+    for (what, config) in [
+        ("no certificate", base().with_no_client_auth()),
+        (
+            "a node's certificate",
+            base().with_client_auth_cert(chain, key).unwrap(),
+        ),
+    ] {
+        let e = si_hello(Arc::new(config), &agent).expect_err(what);
+        assert!(
+            e.contains("closed") || e.contains("alert") || e.contains("reset") || e.contains("EOF"),
+            "{what}: {e}"
+        );
+    }
+    assert!(!root.join("secret").exists());
+
+    // The master, expecting another node: the agent's certificate names n1.
+    let e =
+        si_hello(m.ca.agent_client_config(Some("n2")).unwrap(), &agent).expect_err("wrong node");
+    assert!(e.contains("the peer is node n1, not n2"), "{e}");
+
+    // The master: the push runs, and the node updates from the master as n1.
+    let r = push(si_imageserver::push::Trust::Tls(m.ca.clone()), false);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(
+        std::fs::read(root.join("secret")).unwrap(),
+        b"web shadow".to_vec()
+    );
+}
+
+/// Opens TLS to `addr` with `config` and says Hello as a pusher (no token): the error, if any.
+fn si_hello(config: Arc<rustls::ClientConfig>, addr: &str) -> Result<(), String> {
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("n1.node.si").unwrap();
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    let mut s = si_proto::stream::BufStream::new(rustls::StreamOwned::new(conn, tcp));
+    let creds = si_proto::handshake::Credentials {
+        token: String::new(),
+        client: "test".into(),
+    };
+    si_proto::handshake::connect(&mut s, si_proto::msg::Role::Push, &creds)
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+}

@@ -123,10 +123,26 @@ impl Authority {
     /// Opens the CA in `dir`, creating it on first start; `names` are the DNS names and
     /// addresses the master's certificate carries besides `master.si`.
     pub fn open_or_create(dir: &Path, names: &[String]) -> Result<Authority> {
+        Authority::open_in(dir, names, true)
+    }
+
+    /// Opens the CA in `dir`, which must exist (si-server makes it at first start): a tool
+    /// such as si-pushupdate never makes a CA nodes would not trust.
+    pub fn open(dir: &Path) -> Result<Authority> {
+        if !dir.join(CA_KEY).exists() {
+            anyhow::bail!(
+                "no CA in {}: si-server makes it at first start (or pass --ca-dir)",
+                dir.display()
+            );
+        }
+        Authority::open_in(dir, &[], false)
+    }
+
+    fn open_in(dir: &Path, names: &[String], create: bool) -> Result<Authority> {
         files::private_dir(dir)?;
         let key_path = dir.join(CA_KEY);
         let cert_path = dir.join(CA_CERT);
-        if !key_path.exists() {
+        if create && !key_path.exists() {
             let key = new_key()?;
             let cert = ca_params()
                 .self_signed(&key)
@@ -284,14 +300,17 @@ impl Authority {
         Ok(Arc::new(cfg))
     }
 
-    /// The master's client config toward a node agent: the agent must present node `node`'s
-    /// certificate from this CA; the master presents its own.
-    pub fn node_client_config(&self) -> Result<Arc<rustls::ClientConfig>> {
+    /// The master's client config toward a node agent (si-pushupdate): the agent must present
+    /// a node certificate from this CA (node `expect`'s when given, see
+    /// [`crate::tls::NodeVerifier`]); the master presents its own.
+    pub fn agent_client_config(&self, expect: Option<&str>) -> Result<Arc<rustls::ClientConfig>> {
         let (chain, key) = self.master_chain();
+        let verifier = crate::tls::NodeVerifier::new(&self.ca_der, expect)?;
         let cfg = rustls::ClientConfig::builder_with_provider(crate::provider())
             .with_safe_default_protocol_versions()
             .context("choosing TLS versions")?
-            .with_root_certificates(self.roots()?)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(chain, key)
             .context("loading the master's certificate")?;
         Ok(Arc::new(cfg))

@@ -18,6 +18,9 @@
 //!   ([`sign::version_message`], domain-separated from certificate signatures), so a node that
 //!   pinned the CA verifies a version without a second pin.
 
+/// The rustls this crate builds its configurations with, for callers that hold one.
+pub use rustls;
+
 pub mod enroll;
 pub mod files;
 mod fingerprint;

@@ -2,7 +2,7 @@
 //! optional client certificates, and a blocking stream that is TLS or (with `--insecure`) TCP.
 
 use crate::{Fingerprint, NodeIdentity};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -393,5 +393,171 @@ mod server_io {
                 ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             }
         }
+    }
+}
+
+/// Verifies a node agent's certificate for the master: issued by the CA, naming a node, and
+/// the node `expect` when the master dialled a node by name (by address, any node of the CA
+/// is accepted and the caller learns which from the certificate). The name the master dialled
+/// is not what is checked: a node's certificate carries only `NODE.node.si`.
+#[derive(Debug)]
+pub struct NodeVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expect: Option<String>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl NodeVerifier {
+    pub fn new(ca_der: &[u8], expect: Option<&str>) -> Result<NodeVerifier> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca_der.to_vec()))
+            .context("loading the CA certificate")?;
+        let provider = crate::provider();
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .context("building the node verifier")?;
+        Ok(NodeVerifier {
+            inner,
+            expect: expect.map(str::to_string),
+            provider,
+        })
+    }
+}
+
+impl ServerCertVerifier for NodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialled: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let node = match crate::Peer::from_cert(end_entity.as_ref()) {
+            Ok(crate::Peer::Node(n)) => n,
+            Ok(crate::Peer::Master) => {
+                return Err(rustls::Error::General(
+                    "the peer presented the master's certificate, not a node's".into(),
+                ))
+            }
+            Err(e) => return Err(rustls::Error::General(format!("{e:#}"))),
+        };
+        if let Some(want) = &self.expect {
+            if *want != node {
+                return Err(rustls::Error::General(format!(
+                    "the peer is node {node}, not {want}"
+                )));
+            }
+        }
+        let name = ServerName::try_from(crate::Peer::Node(node).san())
+            .map_err(|e| rustls::Error::General(format!("not a node name: {e}")))?;
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A node agent's server config (si-agentd): it presents the node's certificate and requires
+/// a client certificate from the same CA; the caller then accepts only the master's
+/// ([`accept_master`]).
+pub fn agent_server_config(id: &NodeIdentity) -> Result<Arc<rustls::ServerConfig>> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(id.ca().to_vec()))
+        .context("loading the CA certificate")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        crate::provider(),
+    )
+    .build()
+    .context("building the client verifier")?;
+    let (chain, key) = id.rustls();
+    let cfg = rustls::ServerConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("loading the node certificate")?;
+    Ok(Arc::new(cfg))
+}
+
+/// A blocking server-side TLS session (si-agentd's).
+pub struct TlsServerStream(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>);
+
+impl TlsServerStream {
+    pub fn tcp(&self) -> &TcpStream {
+        self.0.get_ref()
+    }
+}
+
+impl Read for TlsServerStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for TlsServerStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Runs the TLS handshake on `tcp` (bounded by the socket's read timeout, which the caller
+/// sets) and accepts the peer only if its certificate, verified against the CA, is the
+/// master's: a node's certificate, a certificate from another CA or none at all is refused.
+pub fn accept_master(
+    config: &Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> Result<TlsServerStream> {
+    let conn = rustls::ServerConnection::new(config.clone()).context("starting a TLS session")?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).context("TLS handshake")?;
+    }
+    let cert = s
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("the peer presented no certificate")?;
+    match crate::Peer::from_cert(cert.as_ref())? {
+        crate::Peer::Master => Ok(TlsServerStream(Box::new(s))),
+        p => bail!("refused: {p} is not the master"),
     }
 }

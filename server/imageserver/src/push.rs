@@ -59,9 +59,18 @@ pub struct PushConfig {
     /// si-agentd port on the nodes.
     #[arg(long, default_value_t = 7812)]
     pub port: u16,
-    /// File holding the shared push token (not read with --ssh).
+    /// File holding the shared push token (read only with --insecure).
     #[arg(long, default_value = "/etc/si/agent.token")]
     pub token_file: PathBuf,
+    /// The master's CA: pushes present the master's certificate, agents must present a node
+    /// certificate from it (the node named, when nodes are given by name).
+    #[arg(long, default_value = "/var/lib/si/ca")]
+    pub ca_dir: PathBuf,
+    /// Plain TCP and the shared token instead of TLS (lab use only; the agents must run with
+    /// --insecure too).
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure: bool,
     /// Reach the nodes over ssh instead of their si-agentd: each runs si-updateclient.
     #[arg(long)]
     #[serde(default)]
@@ -90,9 +99,9 @@ impl PushConfig {
         }
     }
 
-    /// The push token (from `token_file`; none is needed over ssh).
+    /// The push token (from `token_file`; only --insecure pushes to agents need one).
     pub fn read_token(&self) -> Result<String> {
-        if self.ssh {
+        if self.ssh || !self.insecure {
             return Ok(String::new());
         }
         let token = std::fs::read_to_string(&self.token_file)
@@ -107,7 +116,8 @@ impl PushConfig {
 
 #[derive(Clone, Debug)]
 pub enum Via {
-    /// The node's `si-agentd` (token-authenticated si protocol).
+    /// The node's `si-agentd` (TLS with the master's certificate; the shared token under
+    /// --insecure).
     Agent,
     /// `ssh` (the command and its options, split on spaces like rsync's `-e`) running
     /// `remote` on the node: `si-updateclient` and any arguments; `{node}` in it becomes the
@@ -195,7 +205,7 @@ pub struct NodeResult {
     pub seconds: f64,
 }
 
-async fn push_one(node: &str, cfg: &PushConfig, token: &str) -> Result<String> {
+async fn push_one(node: &str, cfg: &PushConfig, trust: &Trust) -> Result<String> {
     if let Via::Ssh { ssh, remote } = &cfg.via() {
         return push_ssh(node, ssh, remote, cfg).await;
     }
@@ -204,18 +214,80 @@ async fn push_one(node: &str, cfg: &PushConfig, token: &str) -> Result<String> {
     } else {
         format!("{node}:{}", cfg.port)
     };
-    let mut s = tokio::net::TcpStream::connect(&addr)
+    let tcp = tokio::net::TcpStream::connect(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
+    match trust {
+        Trust::Tls(a) => {
+            // A node given by name must answer with that node's certificate; by address, with
+            // any node certificate of the CA (which node it was is logged).
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let by_address = host.parse::<std::net::IpAddr>().is_ok();
+            let expect = (!by_address).then_some(host);
+            let config = a.agent_client_config(expect)?;
+            let name = match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => rustls_pki_types::ServerName::IpAddress(ip.into()),
+                Err(_) => si_trust::ca::node_server_name(host)?,
+            };
+            let mut s = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS with the agent at {addr}"))?;
+            if let Some(c) = s.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                if let Ok(p) = si_trust::Peer::from_cert(c.as_ref()) {
+                    tracing::debug!(%addr, agent = %p, "agent authenticated");
+                }
+            }
+            push_session(&mut s, &addr, cfg, "").await
+        }
+        Trust::Token(token) => {
+            let mut s = tcp;
+            push_session(&mut s, &addr, cfg, token).await
+        }
+    }
+}
+
+/// How si-pushupdate authenticates to agents.
+#[derive(Clone)]
+pub enum Trust {
+    /// TLS with the master's certificate from this CA.
+    Tls(Arc<si_trust::ca::Authority>),
+    /// `--insecure`: plain TCP and the shared token.
+    Token(Arc<str>),
+}
+
+impl PushConfig {
+    /// The agents' trust: the CA in `ca_dir` (which must exist), or the token under
+    /// --insecure. Over ssh neither is used.
+    pub fn trust(&self) -> Result<Trust> {
+        if self.insecure || self.ssh {
+            if self.insecure && !self.ssh {
+                tracing::warn!("--insecure: pushing over plain TCP with the shared token; whoever sees one push can replay it");
+            }
+            return Ok(Trust::Token(self.read_token()?.into()));
+        }
+        let ca = si_trust::ca::Authority::open(&self.ca_dir)
+            .with_context(|| format!("opening the CA in {}", self.ca_dir.display()))?;
+        Ok(Trust::Tls(Arc::new(ca)))
+    }
+}
+
+async fn push_session<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    addr: &str,
+    cfg: &PushConfig,
+    token: &str,
+) -> Result<String> {
     let creds = Credentials {
         token: token.to_string(),
         client: si_tree::fsutil::hostname(),
     };
-    handshake::connect_async(&mut s, Role::Push, &creds)
+    handshake::connect_async(s, Role::Push, &creds)
         .await
         .with_context(|| format!("handshake with the agent at {addr}"))?;
     write_msg_async(
-        &mut s,
+        s,
         &Msg::PushUpdate {
             server: cfg.server.clone(),
             image: cfg.image.clone(),
@@ -227,29 +299,28 @@ async fn push_one(node: &str, cfg: &PushConfig, token: &str) -> Result<String> {
     )
     .await?;
     s.flush().await?;
-    match recv_msg_async(&mut s).await? {
+    match recv_msg_async(s).await? {
         Msg::PushDone { ok: true, detail } => Ok(detail),
         Msg::PushDone { ok: false, detail } => bail!("{detail}"),
         m => bail!("unexpected answer {m:?}"),
     }
 }
 
-/// Pushes to every node (with `token`, see [`PushConfig::read_token`]); returns one result
-/// per node, in the order given.
-pub async fn push(nodes: &[String], cfg: &PushConfig, token: &str) -> Vec<NodeResult> {
-    let token: Arc<str> = token.into();
+/// Pushes to every node (authenticated by `trust`, see [`PushConfig::trust`]); returns one
+/// result per node, in the order given.
+pub async fn push(nodes: &[String], cfg: &PushConfig, trust: &Trust) -> Vec<NodeResult> {
     let sem = Arc::new(Semaphore::new(cfg.fanout.max(1)));
     let total = nodes.len();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for node in nodes {
         let (sem, cfg, node, done) = (sem.clone(), cfg.clone(), node.clone(), done.clone());
-        let token = token.clone();
+        let trust = trust.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let start = Instant::now();
             let limit = cfg.node_timeout();
-            let r = match tokio::time::timeout(limit, push_one(&node, &cfg, &token)).await {
+            let r = match tokio::time::timeout(limit, push_one(&node, &cfg, &trust)).await {
                 Ok(Ok(detail)) => NodeResult {
                     node,
                     ok: true,
@@ -338,7 +409,7 @@ mod tests {
         let cli = PushConfig::parse_from(["si-pushupdate", "--server", "m:7811", "n[1-2]"]);
         let file: PushConfig = toml::from_str(
             "nodes = [\"n[1-2]\"]\nserver = \"m:7811\"\nfanout = 32\ntimeout = 1800\nport = 7812\n\
-             token-file = \"/etc/si/agent.token\"\nssh-command = \"ssh\"\n\
+             token-file = \"/etc/si/agent.token\"\nca-dir = \"/var/lib/si/ca\"\nssh-command = \"ssh\"\n\
              remote-command = \"si-updateclient\"\nresults = \".\"\n",
         )
         .unwrap();

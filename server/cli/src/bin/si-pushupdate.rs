@@ -21,8 +21,8 @@ async fn main() -> Result<()> {
     if nodes.is_empty() {
         bail!("no nodes given");
     }
-    let token = a.read_token()?;
-    let results = si_imageserver::push::push(&nodes, &a, &token).await;
+    let trust = a.trust()?;
+    let results = si_imageserver::push::push(&nodes, &a, &trust).await;
     si_imageserver::push::report(&results, Some(&a.results))?;
     if results.iter().any(|r| !r.ok) {
         std::process::exit(1);

@@ -1,7 +1,9 @@
 //! `si-prepareclient`: the golden client's side of a capture.
 //!
-//! It listens on one address, accepts a connection from the named master only, requires the
-//! one-time token it printed, serves exactly one capture (protocol in `si_proto::msg`) and
+//! It listens on one address, accepts a connection from the named master only, runs TLS with
+//! a throwaway certificate, requires proof bound to that session that the master knows the
+//! one-time token it printed and proves it knows it too (`si_trust::capture`: the token never
+//! crosses the network; `--insecure` sends it in the clear over TCP), serves exactly one capture (protocol in `si_proto::msg`) and
 //! exits; with no capture before the timeout it exits with an error. The stat cache, and the
 //! encoded manifest just sent, are saved only after the master confirms (`Bye`) that the image
 //! is durably recorded.
@@ -63,6 +65,10 @@ pub struct ServeConfig {
     /// Give up when no capture arrives within this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
+    /// Plain TCP, the token sent in the clear (lab use only; si-getimage --insecure too).
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 impl ServeConfig {
@@ -176,6 +182,12 @@ pub fn serve_on(
     layout: Option<String>,
 ) -> Result<ScanStats> {
     cfg.token()?;
+    let tls = if cfg.insecure {
+        tracing::warn!("--insecure: the capture runs over plain TCP; the tree and the token cross the network in the clear");
+        None
+    } else {
+        Some(si_trust::capture::golden_server_config()?)
+    };
     // Non-blocking so a connection gone between poll(2) and accept(2) cannot block past the
     // deadline; the wait itself is poll(2).
     listener.set_nonblocking(true)?;
@@ -201,11 +213,19 @@ pub fn serve_on(
             continue;
         }
         stream.set_nonblocking(false)?;
-        match handshake(&stream, cfg) {
-            Ok(()) => return capture(stream, cfg, layout),
+        stream.set_nodelay(true).ok();
+        match open_session(stream, cfg, tls.as_ref()) {
+            Ok(Golden::Tls(s)) => return capture(s, cfg, layout),
+            Ok(Golden::Plain(s)) => return capture(s, cfg, layout),
             Err(e) => tracing::warn!(%peer, error = format!("{e:#}"), "refused a connection"),
         }
     }
+}
+
+/// The golden client's side of a session past the handshake.
+enum Golden {
+    Tls(si_trust::tls::TlsServerStream),
+    Plain(TcpStream),
 }
 
 /// Blocks until the listener has a connection to accept (true) or `timeout` passes (false).
@@ -223,16 +243,46 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) -> Result<bool> {
     }
 }
 
-fn handshake(stream: &TcpStream, cfg: &ServeConfig) -> Result<()> {
+/// The TLS handshake (unless `--insecure`) and the si handshake, all within the Hello
+/// timeout: over TLS the master's Hello carries its token proof for this session, and the
+/// golden client answers with its own before anything else.
+fn open_session(
+    stream: TcpStream,
+    cfg: &ServeConfig,
+    tls: Option<&std::sync::Arc<si_trust::rustls::ServerConfig>>,
+) -> Result<Golden> {
+    use si_trust::capture::{proof, Side};
     stream.set_read_timeout(Some(handshake::HELLO_TIMEOUT))?;
+    stream.set_write_timeout(Some(handshake::HELLO_TIMEOUT))?;
+    let token = cfg.token()?;
+    let server = si_tree::fsutil::hostname();
+    let Some(tls) = tls else {
+        let policy = Policy {
+            roles: vec![Role::Capture],
+            token: Some(token.to_string()),
+            server,
+        };
+        handshake::accept(&mut &stream, &policy)?;
+        stream.set_read_timeout(None)?;
+        stream.set_write_timeout(None)?;
+        return Ok(Golden::Plain(stream));
+    };
+    let mut s = si_trust::tls::accept_any(tls, stream)?;
+    let binding = s.binding()?;
     let policy = Policy {
         roles: vec![Role::Capture],
-        token: Some(cfg.token()?.to_string()),
-        server: si_tree::fsutil::hostname(),
+        token: Some(proof(token, &binding, Side::Master)),
+        server,
     };
-    handshake::accept(&mut &*stream, &policy)?;
-    stream.set_read_timeout(None)?;
-    Ok(())
+    handshake::accept(&mut s, &policy)?;
+    write_msg(
+        &mut s,
+        &Msg::CaptureProof(proof(token, &binding, Side::Golden)),
+    )?;
+    s.flush()?;
+    s.tcp().set_read_timeout(None)?;
+    s.tcp().set_write_timeout(None)?;
+    Ok(Golden::Tls(s))
 }
 
 /// Where the golden client keeps what it needs between captures of `root`: the stat cache,
@@ -321,8 +371,11 @@ fn offered<S: std::io::Read + Write>(conn: &mut S, files: &StateFiles) -> Result
     })
 }
 
-fn capture(stream: TcpStream, cfg: &ServeConfig, layout: Option<String>) -> Result<ScanStats> {
-    stream.set_nodelay(true).ok();
+fn capture<S: std::io::Read + Write>(
+    stream: S,
+    cfg: &ServeConfig,
+    layout: Option<String>,
+) -> Result<ScanStats> {
     let mut conn = BufStream::with_capacities(64 << 10, 1 << 20, stream);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;

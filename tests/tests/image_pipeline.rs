@@ -325,15 +325,16 @@ fn apply_never_leaves_the_target() {
     assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
 }
 
-fn serve(
-    master: &str,
-    token: &str,
-    root: &Path,
-    state: &Path,
-) -> (
+type Served = (
     std::net::SocketAddr,
     std::thread::JoinHandle<Result<si_proto::msg::ScanStats>>,
-) {
+);
+
+fn serve(master: &str, token: &str, root: &Path, state: &Path) -> Served {
+    serve_with(master, token, root, state, false)
+}
+
+fn serve_with(master: &str, token: &str, root: &Path, state: &Path, insecure: bool) -> Served {
     // Bound before the thread starts: the master's connection waits in the backlog.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -346,6 +347,7 @@ fn serve(
         no_layout: false,
         state_dir: state.to_path_buf(),
         timeout: 3,
+        insecure,
     };
     let layout = Some("format = 1\nfirmware = \"bios\"\n".to_string());
     let h = std::thread::spawn(move || si_agent::golden::serve_on(l, &cfg, layout));
@@ -362,6 +364,16 @@ fn get_as(
     token: &str,
     image: &str,
 ) -> Result<getimage::Summary> {
+    get_with(store, addr, token, image, false)
+}
+
+fn get_with(
+    store: &Store,
+    addr: std::net::SocketAddr,
+    token: &str,
+    image: &str,
+    insecure: bool,
+) -> Result<getimage::Summary> {
     getimage::get_image(
         store,
         &GetImage {
@@ -371,6 +383,7 @@ fn get_as(
             excludes: vec!["/skipped/*".into()],
             progress: false,
             connect_timeout: Duration::from_secs(2),
+            insecure,
         },
     )
 }
@@ -570,6 +583,80 @@ fn capture_refuses_wrong_token_and_other_hosts() {
     assert_eq!(store.versions("net").unwrap(), vec![1]);
 }
 
+/// The capture runs over TLS and the token never crosses the network: each side proves it
+/// knows it for this session. A master that speaks plain TCP to a TLS golden client is refused
+/// (and the reverse); a host posing as the golden client, which cannot prove it knows the
+/// token, is refused by the master before it can send a tree; `--insecure` on both sides still
+/// captures.
+#[test]
+fn capture_runs_over_tls_bound_to_the_token() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("shadow"), b"root:$6$secret").unwrap();
+    let store = Store::open(&t.path().join("store")).unwrap();
+    let state = t.path().join("s");
+    // Plain TCP against TLS, both ways: refused, nothing recorded.
+    let (addr, h) = serve("127.0.0.1", "right", &src, &state);
+    assert!(get_with(&store, addr, "right", "net", true).is_err());
+    assert!(h.join().unwrap().is_err(), "the golden client gave up");
+    let (addr, h) = serve_with("127.0.0.1", "right", &src, &state, true);
+    assert!(get(&store, addr, "right").is_err());
+    assert!(h.join().unwrap().is_err());
+    assert!(store.versions("net").is_err() || store.versions("net").unwrap().is_empty());
+    // Insecure on both sides: the lab's capture still works.
+    let (addr, h) = serve_with("127.0.0.1", "right", &src, &state, true);
+    assert_eq!(
+        get_with(&store, addr, "right", "net", true)
+            .unwrap()
+            .version,
+        1
+    );
+    h.join().unwrap().unwrap();
+
+    // A host posing as the golden client: TLS with a certificate of its own, any Hello
+    // welcomed, a made-up proof. What it received is the master's proof, never the token.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let impostor = std::thread::spawn(move || {
+        let (tcp, _) = l.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let cfg = si_trust::capture::golden_server_config().unwrap();
+        let mut s = si_trust::tls::accept_any(&cfg, tcp).unwrap();
+        let hello = si_proto::frame::recv_msg(&mut s).unwrap();
+        let policy = si_proto::handshake::Policy {
+            roles: vec![si_proto::msg::Role::Capture],
+            token: None,
+            server: "impostor".into(),
+        };
+        let seen = format!("{hello:?}");
+        let reply = si_proto::msg::Msg::Welcome {
+            version: si_proto::msg::PROTOCOL_VERSION,
+            server: policy.server.clone(),
+        };
+        si_proto::frame::write_msg(&mut s, &reply).unwrap();
+        let fake = si_proto::msg::Msg::CaptureProof("00".repeat(32));
+        si_proto::frame::write_msg(&mut s, &fake).unwrap();
+        use std::io::Write;
+        s.flush().unwrap();
+        // The master closes instead of starting the capture.
+        let next = si_proto::frame::recv_msg(&mut s);
+        (seen, next.is_err())
+    });
+    let err = get(&store, addr, "right").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("did not prove it knows the token"),
+        "{err:#}"
+    );
+    let (seen, closed) = impostor.join().unwrap();
+    assert!(
+        !seen.contains("right"),
+        "the token crossed the network: {seen}"
+    );
+    assert!(closed, "the master went on with an unproven golden client");
+    assert_eq!(store.versions("net").unwrap(), vec![1]);
+}
+
 /// A golden client whose delta does not rebuild the manifest it names: the master asks for
 /// the whole tree (`SendEntries`) and records exactly that. The golden client here is the
 /// protocol written out by hand, to make the one mistake a real one never makes.
@@ -645,7 +732,9 @@ fn a_delta_that_does_not_rebuild_its_digest_falls_back_to_entries() {
         }
         Ok(seen)
     });
-    let s = get_as(&store, addr, "tok", "net").unwrap();
+    // The hand-written golden client speaks the protocol over plain TCP (what is under test
+    // here is the fallback, not the session's trust).
+    let s = get_with(&store, addr, "tok", "net", true).unwrap();
     assert_eq!(golden.join().unwrap().unwrap(), vec!["SendEntries", "Bye"]);
     assert!(!s.manifest_delta, "the summary says the delta was used");
     assert_eq!(s.version, 2);

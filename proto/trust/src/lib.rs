@@ -21,6 +21,7 @@
 /// The rustls this crate builds its configurations with, for callers that hold one.
 pub use rustls;
 
+pub mod capture;
 pub mod enroll;
 pub mod files;
 mod fingerprint;

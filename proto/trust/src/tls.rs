@@ -238,6 +238,26 @@ impl ClientStream {
         Ok(())
     }
 
+    /// This session's binding ([`crate::capture::binding`]); `None` under `--insecure`.
+    pub fn binding(&self) -> Result<Option<[u8; 32]>> {
+        match self {
+            ClientStream::Plain(_) => Ok(None),
+            ClientStream::Tls(s) => crate::capture::binding(&s.conn).map(Some),
+        }
+    }
+
+    /// TLS to a golden client ([`crate::capture::master_client_config`]) on `tcp`, handshake
+    /// done.
+    pub fn capture(tcp: TcpStream) -> Result<ClientStream> {
+        let name = ServerName::try_from(crate::capture::GOLDEN_NAME).expect("a valid name");
+        let conn = rustls::ClientConnection::new(crate::capture::master_client_config()?, name)
+            .context("starting a TLS session")?;
+        let mut s = ClientStream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)));
+        s.handshake()
+            .context("TLS handshake with the golden client")?;
+        Ok(s)
+    }
+
     /// The CA certificate the server sent whose fingerprint is `pin` (the key that signs
     /// versions), once the handshake is done.
     pub fn pinned_ca(&self, pin: &Fingerprint) -> Option<Vec<u8>> {
@@ -536,6 +556,25 @@ impl Write for TlsServerStream {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
+    }
+}
+
+/// Runs the TLS handshake on `tcp` (bounded by the socket's read timeout, which the caller
+/// sets), whoever the peer is: the caller authenticates it otherwise (the capture's token
+/// proofs, [`crate::capture`]).
+pub fn accept_any(config: &Arc<rustls::ServerConfig>, tcp: TcpStream) -> Result<TlsServerStream> {
+    let conn = rustls::ServerConnection::new(config.clone()).context("starting a TLS session")?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).context("TLS handshake")?;
+    }
+    Ok(TlsServerStream(Box::new(s)))
+}
+
+impl TlsServerStream {
+    /// This session's binding ([`crate::capture::binding`]).
+    pub fn binding(&self) -> Result<[u8; 32]> {
+        crate::capture::binding(&self.0.conn)
     }
 }
 

@@ -274,6 +274,9 @@ pub enum Msg {
     /// Master to golden client, after a `CaptureDelta` that did not rebuild the manifest it
     /// named: send the whole tree as `Entries` after all.
     SendEntries,
+    /// Capture over TLS, golden → master right after the welcome: proof that the golden
+    /// client knows the one-time token, bound to this TLS session (`si_trust::capture`).
+    CaptureProof(String),
 }
 
 impl Msg {
@@ -313,6 +316,7 @@ impl Msg {
             Msg::BaseKnown(_) => "BaseKnown",
             Msg::CaptureDelta { .. } => "CaptureDelta",
             Msg::SendEntries => "SendEntries",
+            Msg::CaptureProof(_) => "CaptureProof",
         }
     }
 }

@@ -22,6 +22,7 @@ pub fn run(store: &Store, dir: &Path) -> Result<()> {
         no_layout: true,
         state_dir: state_dir(store.root())?,
         timeout: 60,
+        insecure: false,
     };
     eprintln!("golden client: serving {} on {addr}", dir.display());
     let golden = std::thread::spawn(move || si_agent::golden::serve_on(listener, &cfg, None));
@@ -34,6 +35,7 @@ pub fn run(store: &Store, dir: &Path) -> Result<()> {
             excludes: si_tree::exclude::default_capture(),
             progress: console_is_tty(),
             connect_timeout: Duration::from_secs(5),
+            insecure: false,
         },
     );
     let served = golden

@@ -310,6 +310,9 @@ pub struct GetImageCli {
     /// Write the summary as JSON to this file.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
+    /// Plain TCP with the token in the clear (lab use only; si-prepareclient --insecure too).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 pub fn getimage(cli: GetImageCli) -> Result<()> {
@@ -330,6 +333,7 @@ pub fn getimage(cli: GetImageCli) -> Result<()> {
             excludes,
             progress: console_is_tty(),
             connect_timeout: Duration::from_secs(10),
+            insecure: cli.insecure,
         },
     )?;
     s.print();

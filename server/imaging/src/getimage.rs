@@ -12,6 +12,8 @@ use si_proto::Digest;
 use si_store::{verify_object, Store, VersionMeta};
 use si_tree::exclude::Excludes;
 use si_tree::scan::{self, BlobSink, ScanConfig};
+use si_trust::capture::{proof, Side};
+use si_trust::ClientStream;
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -100,6 +102,8 @@ pub struct GetImage {
     pub excludes: Vec<String>,
     pub progress: bool,
     pub connect_timeout: Duration,
+    /// Plain TCP with the token in the clear (the golden client must run `--insecure` too).
+    pub insecure: bool,
 }
 
 fn progress_bar(show: bool) -> indicatif::ProgressBar {
@@ -189,7 +193,7 @@ fn prepare(store: &Store, cfg: &GetImage) -> Result<Prepared> {
 
 /// A connection to the golden client, past the handshake, counting what it receives.
 struct Session {
-    conn: BufStream<Counted<TcpStream>>,
+    conn: BufStream<Counted<ClientStream>>,
     traffic: si_proto::stream::Traffic,
 }
 
@@ -203,15 +207,44 @@ fn connect(cfg: &GetImage) -> Result<Session> {
     let stream = TcpStream::connect_timeout(&addr, cfg.connect_timeout)
         .with_context(|| format!("connecting to the golden client {addr}"))?;
     stream.set_nodelay(true).ok();
+    // TLS, and each side proves it knows the token for this session (si_trust::capture);
+    // under --insecure the token itself goes over plain TCP.
+    let stream = if cfg.insecure {
+        tracing::warn!(golden = %addr, "--insecure: capturing over plain TCP; the tree and the token cross the network in the clear");
+        ClientStream::Plain(stream)
+    } else {
+        stream.set_read_timeout(Some(handshake::HELLO_TIMEOUT))?;
+        let s = ClientStream::capture(stream)?;
+        s.tcp().set_read_timeout(None)?;
+        s
+    };
+    let binding = stream.binding()?;
     let counted = Counted::new(stream);
     let traffic = counted.traffic();
     let mut conn = BufStream::with_capacities(1 << 20, 64 << 10, counted);
+    let token = match &binding {
+        Some(b) => proof(&cfg.token, b, Side::Master),
+        None => cfg.token.clone(),
+    };
     let creds = Credentials {
-        token: cfg.token.clone(),
+        token,
         client: si_tree::fsutil::hostname(),
     };
     handshake::connect(&mut conn, Role::Capture, &creds)
         .context("handshake with the golden client")?;
+    if let Some(b) = &binding {
+        match recv_msg(&mut conn).context("reading the golden client's proof")? {
+            Msg::CaptureProof(p)
+                if handshake::ct_eq(
+                    p.as_bytes(),
+                    proof(&cfg.token, b, Side::Golden).as_bytes(),
+                ) => {}
+            Msg::CaptureProof(_) => {
+                bail!("the golden client did not prove it knows the token: not the host the token came from")
+            }
+            m => bail!("expected the golden client's proof, got {}", m.name()),
+        }
+    }
     Ok(Session { conn, traffic })
 }
 

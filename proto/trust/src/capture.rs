@@ -1,0 +1,149 @@
+//! The capture session's trust (golden client ↔ master): TLS keyed by a one-time token.
+//!
+//! The golden client is not enrolled (it is any machine an admin wants to capture), so neither
+//! side is known by a certificate. They share one secret, the one-time token si-prepareclient
+//! prints and the admin hands to si-getimage. The session runs TLS with a throwaway
+//! self-signed certificate on the golden side, and each side proves it knows the token with an
+//! HMAC over the session's exported keying material (RFC 5705): the proof is bound to this
+//! TLS session, so a host in the middle (which necessarily runs two sessions) can neither
+//! forward a proof nor learn the token from one. The token itself never crosses the network.
+//! The master proves first (in the Hello's token field); the golden client answers with its
+//! own proof (`Msg::CaptureProof`) before it sends anything of the tree.
+
+use anyhow::{Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use std::sync::Arc;
+
+/// The name in the golden client's throwaway certificate.
+pub const GOLDEN_NAME: &str = "golden.si";
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-si-capture-token";
+
+/// Which side a proof is from (the two proofs differ, so one cannot be reflected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Master,
+    Golden,
+}
+
+/// The proof that `side` knows `token` in the session whose exported keying material is
+/// `binding`: hex of HMAC-SHA256(token, side || binding).
+pub fn proof(token: &str, binding: &[u8; 32], side: Side) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(match side {
+        Side::Master => b"si capture: master\0",
+        Side::Golden => b"si capture: golden\0",
+    });
+    ctx.update(binding);
+    hex::encode(ctx.sign().as_ref())
+}
+
+/// The session's binding: 32 bytes of keying material exported from a finished handshake.
+pub fn binding<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; 32]> {
+    conn.export_keying_material([0u8; 32], EXPORTER_LABEL, None)
+        .context("exporting the TLS session's keying material")
+}
+
+/// The golden client's server config: a fresh self-signed ed25519 certificate, no client
+/// certificate asked for (the master proves itself with the token).
+#[cfg(feature = "selfsigned")]
+pub fn golden_server_config() -> Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).context("making a key")?;
+    let cert = rcgen::CertificateParams::new(vec![GOLDEN_NAME.to_string()])
+        .context("making the certificate's name")?
+        .self_signed(&key)
+        .context("making a self-signed certificate")?;
+    let cfg = rustls::ServerConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .context("loading the certificate")?;
+    Ok(Arc::new(cfg))
+}
+
+/// The master's client config toward a golden client: any certificate is taken (its
+/// signatures over the handshake still checked); who the peer is comes from the token proofs.
+pub fn master_client_config() -> Result<Arc<rustls::ClientConfig>> {
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TokenBound(crate::provider())))
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// Takes the golden client's self-signed certificate: the session is authenticated by the
+/// token proofs bound to it, never by the certificate.
+#[derive(Debug)]
+struct TokenBound(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for TokenBound {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The proofs differ by side, token and session: none stands in for another.
+    #[test]
+    fn proofs_are_bound_to_side_token_and_session() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let p = proof("t0ken", &a, Side::Master);
+        assert_eq!(p.len(), 64);
+        assert_eq!(p, proof("t0ken", &a, Side::Master));
+        assert_ne!(p, proof("t0ken", &a, Side::Golden));
+        assert_ne!(p, proof("t0ken", &b, Side::Master));
+        assert_ne!(p, proof("t0ken2", &a, Side::Master));
+        assert!(!p.contains("t0ken"));
+    }
+}

@@ -196,3 +196,113 @@ fn debootstrap_root_round_trip_and_recapture() {
     checkout(&store, "imported", &out4);
     treecmp(&src.join("usr"), &out4.join("usr"), &[]).unwrap();
 }
+
+/// The master killed (SIGKILL) in the middle of a capture: the versions recorded before are
+/// intact, fsck finds nothing wrong (a half-written pack is never part of the store), the
+/// golden client gives up without keeping a stat cache for the lost capture, and the next
+/// capture succeeds and checks out exactly. Unprivileged.
+#[test]
+fn master_killed_during_a_capture_loses_nothing() {
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = t.path().join("golden");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/hostname"), b"golden\n").unwrap();
+    let store = t.path().join("store");
+    let state = t.path().join("state");
+    let s1 = capture(&src, &store, "img", &state, &[]);
+    assert_eq!(s1["version"], 1);
+    // 128 MiB that does not compress: the capture takes long enough to be cut.
+    let mut f = std::fs::File::create(src.join("big")).unwrap();
+    for i in 0..128u64 {
+        use std::io::Write;
+        f.write_all(&si_tests::rand_bytes(1 << 20, 1000 + i))
+            .unwrap();
+    }
+    drop(f);
+
+    let port = free_port();
+    let mut g = start_golden(&src, port, &state);
+    let mut master = Command::new(bin("si-getimage"))
+        .args(["--golden-client", &format!("127.0.0.1:{port}")])
+        .args(["--token", "t0ken", "--image", "img"])
+        .arg("--store")
+        .arg(&store)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once the new pack holds some of the big file (it is written as it arrives).
+    let grown =
+        || -> u64 { walk_sizes(&store).saturating_sub(s1["bytes_sent"].as_u64().unwrap_or(0)) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while grown() < 8 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the capture never wrote 8 MiB"
+        );
+        assert!(
+            master.try_wait().unwrap().is_none(),
+            "the capture ended before it could be cut"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    master.kill().unwrap();
+    master.wait().unwrap();
+    let st = g.0.wait().unwrap();
+    assert!(!st.success(), "the golden client saw the capture fail");
+
+    let si_image = |args: &[&str]| {
+        Command::new(bin("si-image"))
+            .arg("--store")
+            .arg(&store)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let v = si_image(&["versions", "img"]);
+    let listed = String::from_utf8_lossy(&v.stdout);
+    let versions: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    assert_eq!(versions, ["img@1"], "only version 1: {listed}");
+    let fsck = si_image(&["fsck"]);
+    assert!(
+        fsck.status.success(),
+        "fsck after the kill: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let out = t.path().join("v1");
+    checkout(&store, "img@1", &out);
+    assert_eq!(
+        std::fs::read(out.join("etc/hostname")).unwrap(),
+        b"golden\n"
+    );
+    assert!(!out.join("big").exists());
+
+    // The next capture succeeds and is exact.
+    let s2 = capture(&src, &store, "img", &state, &[]);
+    assert_eq!(s2["version"], 2);
+    assert!(
+        s2["files_read"].as_u64().unwrap() >= 1,
+        "the lost capture left no stat cache claiming big was sent: {s2}"
+    );
+    let out = t.path().join("v2");
+    checkout(&store, "img@2", &out);
+    treecmp(&src, &out, &[]).unwrap();
+}
+
+/// Bytes of the regular files under `dir`.
+fn walk_sizes(dir: &Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => n += walk_sizes(&e.path()),
+                Ok(t) if t.is_file() => n += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    n
+}

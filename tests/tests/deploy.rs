@@ -538,3 +538,100 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
     assert!(!err.contains("panicked"), "{err}");
     eprintln!("fresh deploy on a full disk: {err}");
 }
+
+/// Lossy, slow links: 1 % and 10 % packet loss in both directions of a node's link (an
+/// iptables `statistic` match in the node's namespace: this kernel has no netem), with 50 ms of
+/// delay added by tc netem where the kernel has it. Enrollment, a fresh deploy and an update
+/// all complete, and each node ends exactly equal to the image.
+#[test]
+fn deploy_and_update_complete_under_loss_and_delay() {
+    require_root!();
+    if !Path::new("/usr/sbin/iptables-legacy").exists() {
+        eprintln!("SKIP deploy_and_update_complete_under_loss_and_delay: needs iptables (apt-get install iptables)");
+        return;
+    }
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = t.path().join("golden");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::create_dir_all(src.join("var")).unwrap();
+    std::fs::write(src.join("etc/role"), b"compute\n").unwrap();
+    rand_file(&src.join("var/a"), 1, 21);
+    rand_file(&src.join("var/b"), 1, 22);
+    let store = t.path().join("store");
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    let net = 12;
+    let (master, nodes) = bridged(net, 2);
+    let _server = start_server(&master, &store);
+    let pid = std::process::id() % 10000;
+    for (i, loss) in [(0usize, 1u32), (1, 10)] {
+        let p = f64::from(loss) / 100.0;
+        for (chain, lo) in [("INPUT", "-i lo"), ("OUTPUT", "-o lo")] {
+            nodes[i]
+                .sh(&format!(
+                    "iptables-legacy -A {chain} {lo} -j ACCEPT
+                     iptables-legacy -A {chain} -m statistic --mode random --probability {p} -j DROP"
+                ))
+                .unwrap();
+        }
+        let delay = "netem delay 50ms";
+        let ok = master
+            .sh(&format!("tc qdisc add dev sp{pid}m{net}x{i} root {delay}"))
+            .is_ok()
+            && nodes[i]
+                .sh(&format!("tc qdisc add dev sp{pid}n{net}x{i} root {delay}"))
+                .is_ok();
+        if !ok {
+            eprintln!(
+                "note: this kernel has no netem; node {i} gets {loss} % loss without added delay"
+            );
+        }
+    }
+    let server = format!("10.213.{net}.1");
+    let roots: Vec<_> = (0..2)
+        .map(|i| {
+            let root = t.path().join(format!("lossy{i}"));
+            enroll(
+                &nodes[i],
+                &server,
+                &store,
+                &format!("lossy{i}"),
+                &root.with_extension("id"),
+            );
+            root
+        })
+        .collect();
+    for (i, root) in roots.iter().enumerate() {
+        let out = update(&nodes[i], &server, root, &[]);
+        assert!(
+            out.status.success(),
+            "deploy over a lossy link ({i}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        treecmp(&src, root, &[]).unwrap();
+    }
+    // An update: one file changed, one added.
+    rand_file(&src.join("var/a"), 1, 23);
+    std::fs::write(src.join("etc/new"), b"v2\n").unwrap();
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    for (i, root) in roots.iter().enumerate() {
+        let out = update(&nodes[i], &server, root, &[]);
+        assert!(
+            out.status.success(),
+            "update over a lossy link ({i}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        treecmp(&src, root, &[]).unwrap();
+        assert_eq!(summary(root)["version"], 2);
+    }
+    // The links really lost packets.
+    for (i, n) in nodes.iter().enumerate() {
+        let out = n.sh("iptables-legacy -L -v -x -n").unwrap();
+        let dropped: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("DROP") && l.contains("statistic"))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        assert!(dropped > 0, "node {i} lost no packet");
+        eprintln!("node {i}: {dropped} packets dropped");
+    }
+}

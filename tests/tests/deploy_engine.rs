@@ -908,3 +908,76 @@ fn old_format_store_and_installed_state_still_deploy_and_update() {
     same_tree(&src, &node, &["/var"]);
     assert!(store.fsck().unwrap().problems.is_empty());
 }
+
+/// An object corrupted on the master's disk: fsck names it; a node updating to the version
+/// that holds it refuses the object, says which one, and keeps its old version whole.
+#[test]
+fn an_object_corrupted_on_the_master_is_refused_and_the_node_keeps_its_version() {
+    let t = tempfile::tempdir().unwrap();
+    let store_dir = t.path().join("store");
+    let store = Store::open(&store_dir).unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"one").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let packs_v1 = store.list_packs().unwrap();
+    // Version 2 adds 1 MiB of content of its own: its objects are in a pack of their own.
+    let data = rand_bytes(1 << 20, 7);
+    std::fs::write(src.join("big"), &data).unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let new_pack = store
+        .list_packs()
+        .unwrap()
+        .into_iter()
+        .find(|p| !packs_v1.contains(p))
+        .expect("version 2 wrote a pack");
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    std::fs::create_dir_all(&node).unwrap();
+    run(OptionArgs {
+        version: Some(1),
+        ..args(&server, "img", &node)
+    })
+    .unwrap();
+
+    // One byte flipped in the middle of version 2's pack.
+    let p = store.pack_path(&new_pack, "pack");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&p, &bytes).unwrap();
+    let rep = Store::open(&store_dir).unwrap().fsck().unwrap();
+    // fsck names the pack and the object.
+    let corrupt = rep
+        .problems
+        .iter()
+        .find_map(|m| {
+            let rest = m.strip_prefix(&format!("pack {}: object ", new_pack.to_hex()))?;
+            rest.split_once(" is corrupt").map(|(d, _)| d.to_string())
+        })
+        .unwrap_or_else(|| panic!("fsck names no corrupt object: {:?}", rep.problems));
+    let big_chunks: Vec<String> = match &store.manifest("img", 2).unwrap().get(b"big").unwrap().kind
+    {
+        si_proto::manifest::Kind::File { chunks, .. } => {
+            chunks.iter().map(|c| c.digest.to_hex()).collect()
+        }
+        k => panic!("big is a {}", k.name()),
+    };
+    assert!(big_chunks.contains(&corrupt), "{corrupt} is not big's");
+    assert!(
+        rep.problems.iter().any(|m| m.contains("img@2")),
+        "fsck names the version: {:?}",
+        rep.problems
+    );
+    // The node refuses that object, by name.
+    let e = format!("{:#}", run(args(&server, "img", &node)).unwrap_err());
+    assert!(
+        e.contains(&format!("object {corrupt} is corrupt")),
+        "the error names the object: {e}"
+    );
+    // The node still has version 1, whole.
+    assert!(!node.join("big").exists());
+    assert_eq!(std::fs::read(node.join("f")).unwrap(), b"one");
+    let inst = std::fs::read_to_string(node.join("var/lib/si/installed.toml")).unwrap();
+    assert!(inst.contains("version = 1"), "{inst}");
+}

@@ -771,6 +771,25 @@ fn insecure_still_works_and_warns() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // And a client given --insecure against a TLS master is told to use TLS, at once, not
+    // retried as if the master were down.
+    let tls = start_server(&store);
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(si_tests::bin("si-updateclient"))
+        .args(["--server", &tls, "--image", "img", "--no-default-excludes"])
+        .arg("--insecure")
+        .arg("--root")
+        .arg(&node)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("speaks TLS only"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "refused at once, not retried: {:?}",
+        started.elapsed()
+    );
 }
 
 /// Versions are signed by the master's CA; a node checks the signature before it uses a

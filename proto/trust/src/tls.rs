@@ -334,6 +334,18 @@ impl Acceptor {
                 Ok((ServerStream::Plain(tcp), None))
             }
             Acceptor::Tls(a) => {
+                // A client that speaks plain si (it was given --insecure) is told so at once,
+                // as a permanent refusal it can read, instead of seeing a broken connection
+                // it would retry as if the master were down.
+                let mut first = [0u8; 1];
+                let n = tokio::time::timeout(deadline, tcp.peek(&mut first))
+                    .await
+                    .map_err(|_| anyhow!("TLS handshake timed out"))?
+                    .context("reading the first byte")?;
+                if n == 1 && first[0] != TLS_HANDSHAKE_RECORD {
+                    refuse_plain(tcp).await;
+                    bail!("a plain TCP client (--insecure?) on the TLS service: refused");
+                }
                 let s = tokio::time::timeout(deadline, a.accept(tcp))
                     .await
                     .map_err(|_| anyhow!("TLS handshake timed out"))?
@@ -346,6 +358,39 @@ impl Acceptor {
             }
         }
     }
+}
+
+/// The first byte of every TLS connection (a handshake record carrying the ClientHello).
+#[cfg(feature = "async")]
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Answers a plain si client on a TLS port with an si refusal it can read, then drains what
+/// it sent (closing with unread bytes would reset the connection and lose the answer).
+#[cfg(feature = "async")]
+async fn refuse_plain(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let msg = si_proto::msg::Msg::Error {
+        kind: si_proto::msg::ErrorKind::Refused,
+        message: "this si server speaks TLS only: pin its CA (--ca-fingerprint; si-server ca show prints it) instead of --insecure".into(),
+    };
+    let mut out = Vec::new();
+    if si_proto::frame::write_msg(&mut out, &msg).is_err() {
+        return;
+    }
+    tracing::warn!(peer = ?tcp.peer_addr().ok(), "a plain TCP client on the TLS service: told to use TLS");
+    let _ = tcp.write_all(&out).await;
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut left = 64usize << 10;
+        while left > 0 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
 /// The fingerprint of the certificate a server-side peer presented (the inventory keeps each

@@ -335,6 +335,17 @@ fn serve(master: &str, token: &str, root: &Path, state: &Path) -> Served {
 }
 
 fn serve_with(master: &str, token: &str, root: &Path, state: &Path, insecure: bool) -> Served {
+    serve_pinned(master, token, root, state, insecure, None)
+}
+
+fn serve_pinned(
+    master: &str,
+    token: &str,
+    root: &Path,
+    state: &Path,
+    insecure: bool,
+    pin: Option<String>,
+) -> Served {
     // Bound before the thread starts: the master's connection waits in the backlog.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -348,6 +359,7 @@ fn serve_with(master: &str, token: &str, root: &Path, state: &Path, insecure: bo
         state_dir: state.to_path_buf(),
         timeout: 3,
         insecure,
+        ca_fingerprint: pin,
     };
     let layout = Some("format = 1\nfirmware = \"bios\"\n".to_string());
     let h = std::thread::spawn(move || si_agent::golden::serve_on(l, &cfg, layout));
@@ -374,6 +386,17 @@ fn get_with(
     image: &str,
     insecure: bool,
 ) -> Result<getimage::Summary> {
+    get_presenting(store, addr, token, image, insecure, None)
+}
+
+fn get_presenting(
+    store: &Store,
+    addr: std::net::SocketAddr,
+    token: &str,
+    image: &str,
+    insecure: bool,
+    master_cert: Option<si_trust::capture::Chain>,
+) -> Result<getimage::Summary> {
     getimage::get_image(
         store,
         &GetImage {
@@ -384,6 +407,7 @@ fn get_with(
             progress: false,
             connect_timeout: Duration::from_secs(2),
             insecure,
+            master_cert,
         },
     )
 }
@@ -621,7 +645,7 @@ fn capture_runs_over_tls_bound_to_the_token() {
     let impostor = std::thread::spawn(move || {
         let (tcp, _) = l.accept().unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let cfg = si_trust::capture::golden_server_config().unwrap();
+        let cfg = si_trust::capture::golden_server_config(None).unwrap();
         let mut s = si_trust::tls::accept_any(&cfg, tcp).unwrap();
         let hello = si_proto::frame::recv_msg(&mut s).unwrap();
         let policy = si_proto::handshake::Policy {
@@ -655,6 +679,41 @@ fn capture_runs_over_tls_bound_to_the_token() {
     );
     assert!(closed, "the master went on with an unproven golden client");
     assert_eq!(store.versions("net").unwrap(), vec![1]);
+}
+
+/// A golden client that pins the master's CA also wants the master's certificate from it:
+/// the token alone, or a certificate from another CA, is refused; the master's own is taken.
+#[test]
+fn a_golden_client_that_pins_the_ca_wants_the_masters_certificate() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let store = Store::open(&t.path().join("store")).unwrap();
+    let state = t.path().join("s");
+    let ca = si_trust::ca::Authority::open_or_create(&t.path().join("ca"), &[]).unwrap();
+    let other = si_trust::ca::Authority::open_or_create(&t.path().join("other"), &[]).unwrap();
+    let pin = Some(ca.fingerprint().to_string());
+    for (what, cert) in [
+        ("no certificate", None),
+        ("another CA's master", Some(other.master_chain())),
+    ] {
+        let (addr, h) = serve_pinned("127.0.0.1", "tok", &src, &state, false, pin.clone());
+        let e = get_presenting(&store, addr, "tok", "net", false, cert).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("TLS") || format!("{e:#}").contains("handshake"),
+            "{what}: {e:#}"
+        );
+        assert!(
+            h.join().unwrap().is_err(),
+            "{what}: the golden client gave up"
+        );
+    }
+    assert!(store.versions("net").is_err() || store.versions("net").unwrap().is_empty());
+    let (addr, h) = serve_pinned("127.0.0.1", "tok", &src, &state, false, pin);
+    let s = get_presenting(&store, addr, "tok", "net", false, Some(ca.master_chain())).unwrap();
+    assert_eq!(s.version, 1);
+    h.join().unwrap().unwrap();
 }
 
 /// A golden client whose delta does not rebuild the manifest it names: the master asks for

@@ -271,7 +271,9 @@ impl Authority {
         Ok(Arc::new(roots))
     }
 
-    fn master_chain(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    /// The master's certificate chain (its certificate, then the CA's) and key, for a
+    /// client config that presents it (a capture to a golden client that pins the CA).
+    pub fn master_chain(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         (
             vec![
                 CertificateDer::from(self.server_der.clone()),

@@ -46,20 +46,25 @@ pub fn binding<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; 32]> {
         .context("exporting the TLS session's keying material")
 }
 
-/// The golden client's server config: a fresh self-signed ed25519 certificate, no client
-/// certificate asked for (the master proves itself with the token).
+/// The golden client's server config: a fresh self-signed ed25519 certificate. The master
+/// proves itself with the token; with `pin` (the master's CA, when the golden node has it) it
+/// must also present the master's certificate from that CA.
 #[cfg(feature = "selfsigned")]
-pub fn golden_server_config() -> Result<Arc<rustls::ServerConfig>> {
+pub fn golden_server_config(pin: Option<crate::Fingerprint>) -> Result<Arc<rustls::ServerConfig>> {
     use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).context("making a key")?;
     let cert = rcgen::CertificateParams::new(vec![GOLDEN_NAME.to_string()])
         .context("making the certificate's name")?
         .self_signed(&key)
         .context("making a self-signed certificate")?;
-    let cfg = rustls::ServerConfig::builder_with_provider(crate::provider())
+    let b = rustls::ServerConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
-        .context("choosing TLS versions")?
-        .with_no_client_auth()
+        .context("choosing TLS versions")?;
+    let b = match pin {
+        Some(pin) => b.with_client_cert_verifier(Arc::new(PinnedClientVerifier::new(pin))),
+        None => b.with_no_client_auth(),
+    };
+    let cfg = b
         .with_single_cert(
             vec![cert.der().clone()],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -68,16 +73,117 @@ pub fn golden_server_config() -> Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(cfg))
 }
 
+/// A certificate chain and its key, as a client presents them.
+pub type Chain = (
+    Vec<CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+);
+
 /// The master's client config toward a golden client: any certificate is taken (its
 /// signatures over the handshake still checked); who the peer is comes from the token proofs.
-pub fn master_client_config() -> Result<Arc<rustls::ClientConfig>> {
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::provider())
+/// `master` (the master's chain, when the CA is at hand) is presented to a golden client that
+/// pins the CA.
+pub fn master_client_config(master: Option<Chain>) -> Result<Arc<rustls::ClientConfig>> {
+    let b = rustls::ClientConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .context("choosing TLS versions")?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(TokenBound(crate::provider())))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(TokenBound(crate::provider())));
+    let cfg = match master {
+        Some((chain, key)) => b
+            .with_client_auth_cert(chain, key)
+            .context("loading the master's certificate")?,
+        None => b.with_no_client_auth(),
+    };
     Ok(Arc::new(cfg))
+}
+
+/// A golden client's check of the master, when it pins the CA: the client certificate must
+/// chain to the CA whose fingerprint is the pin (the master sends that CA certificate in its
+/// chain) and name the master.
+#[derive(Debug)]
+struct PinnedClientVerifier {
+    pin: crate::Fingerprint,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinnedClientVerifier {
+    fn new(pin: crate::Fingerprint) -> PinnedClientVerifier {
+        PinnedClientVerifier {
+            pin,
+            provider: crate::provider(),
+        }
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for PinnedClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| crate::Fingerprint::of(c.as_ref()) == self.pin)
+        else {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ));
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(format!("building the verifier: {e}")))?;
+        let ok = inner.verify_client_cert(end_entity, &[], now)?;
+        match crate::Peer::from_cert(end_entity.as_ref()) {
+            Ok(crate::Peer::Master) => Ok(ok),
+            Ok(p) => Err(rustls::Error::General(format!("{p} is not the master"))),
+            Err(e) => Err(rustls::Error::General(format!("{e:#}"))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Takes the golden client's self-signed certificate: the session is authenticated by the

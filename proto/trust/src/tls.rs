@@ -248,10 +248,11 @@ impl ClientStream {
 
     /// TLS to a golden client ([`crate::capture::master_client_config`]) on `tcp`, handshake
     /// done.
-    pub fn capture(tcp: TcpStream) -> Result<ClientStream> {
+    pub fn capture(tcp: TcpStream, master: Option<crate::capture::Chain>) -> Result<ClientStream> {
         let name = ServerName::try_from(crate::capture::GOLDEN_NAME).expect("a valid name");
-        let conn = rustls::ClientConnection::new(crate::capture::master_client_config()?, name)
-            .context("starting a TLS session")?;
+        let conn =
+            rustls::ClientConnection::new(crate::capture::master_client_config(master)?, name)
+                .context("starting a TLS session")?;
         let mut s = ClientStream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)));
         s.handshake()
             .context("TLS handshake with the golden client")?;

@@ -23,6 +23,7 @@ pub fn run(store: &Store, dir: &Path) -> Result<()> {
         state_dir: state_dir(store.root())?,
         timeout: 60,
         insecure: false,
+        ca_fingerprint: None,
     };
     eprintln!("golden client: serving {} on {addr}", dir.display());
     let golden = std::thread::spawn(move || si_agent::golden::serve_on(listener, &cfg, None));
@@ -36,6 +37,7 @@ pub fn run(store: &Store, dir: &Path) -> Result<()> {
             progress: console_is_tty(),
             connect_timeout: Duration::from_secs(5),
             insecure: false,
+            master_cert: None,
         },
     );
     let served = golden

@@ -313,6 +313,22 @@ pub struct GetImageCli {
     /// Plain TCP with the token in the clear (lab use only; si-prepareclient --insecure too).
     #[arg(long)]
     pub insecure: bool,
+    /// The master's CA (default /var/lib/si/ca when it exists): its certificate is presented
+    /// to a golden client that pins the CA (si-prepareclient --ca-fingerprint).
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+}
+
+/// The master's certificate from the CA in `dir` (or in /var/lib/si/ca when that exists).
+fn master_cert(dir: Option<&Path>) -> Result<Option<si_trust::capture::Chain>> {
+    let default = Path::new("/var/lib/si/ca");
+    let dir = match dir {
+        Some(d) => d,
+        None if default.join("ca.key").exists() => default,
+        None => return Ok(None),
+    };
+    let ca = si_trust::ca::Authority::open(dir)?;
+    Ok(Some(ca.master_chain()))
 }
 
 pub fn getimage(cli: GetImageCli) -> Result<()> {
@@ -334,6 +350,7 @@ pub fn getimage(cli: GetImageCli) -> Result<()> {
             progress: console_is_tty(),
             connect_timeout: Duration::from_secs(10),
             insecure: cli.insecure,
+            master_cert: master_cert(cli.ca_dir.as_deref())?,
         },
     )?;
     s.print();

@@ -104,6 +104,8 @@ pub struct GetImage {
     pub connect_timeout: Duration,
     /// Plain TCP with the token in the clear (the golden client must run `--insecure` too).
     pub insecure: bool,
+    /// The master's certificate chain, presented to a golden client that pins the CA.
+    pub master_cert: Option<si_trust::capture::Chain>,
 }
 
 fn progress_bar(show: bool) -> indicatif::ProgressBar {
@@ -214,7 +216,11 @@ fn connect(cfg: &GetImage) -> Result<Session> {
         ClientStream::Plain(stream)
     } else {
         stream.set_read_timeout(Some(handshake::HELLO_TIMEOUT))?;
-        let s = ClientStream::capture(stream)?;
+        let master = cfg
+            .master_cert
+            .as_ref()
+            .map(|(chain, key)| (chain.clone(), key.clone_key()));
+        let s = ClientStream::capture(stream, master)?;
         s.tcp().set_read_timeout(None)?;
         s
     };

@@ -74,7 +74,9 @@ pub struct Config {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
-    /// si.break=STEP: stop before STEP with a shell (debugging).
+    /// si.break=STEP[,STEP...]: stop before each STEP with a shell (debugging). The boot
+    /// package's own break points (`init`, `modules`, `net`, handled by its /init) may be in
+    /// the same list.
     #[arg(long = "break")]
     #[serde(default, rename = "break", skip_serializing_if = "Option::is_none")]
     pub break_at: Option<String>,
@@ -237,14 +239,29 @@ impl Config {
             }
         }
         if let Some(s) = &self.break_at {
-            if !crate::steps::STEPS.contains(&s.as_str()) {
-                bail!(
-                    "si.break={s}: no such step (steps: {})",
-                    crate::steps::STEPS.join(", ")
-                );
+            for step in s.split(',') {
+                if !crate::steps::STEPS.contains(&step) && !BOOT_BREAKS.contains(&step) {
+                    bail!(
+                        "si.break={s}: no such step {step:?} (steps: {}; the boot package's: {})",
+                        crate::steps::STEPS.join(", "),
+                        BOOT_BREAKS.join(", ")
+                    );
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// The break points the boot package's /init handles before the installer runs.
+pub const BOOT_BREAKS: &[&str] = &["init", "modules", "net"];
+
+impl Config {
+    /// Whether `si.break` asks for a stop before installer step `step`.
+    pub fn breaks_before(&self, step: &str) -> bool {
+        self.break_at
+            .as_deref()
+            .is_some_and(|b| b.split(',').any(|s| s == step))
     }
 }
 
@@ -300,12 +317,24 @@ mod tests {
     }
 
     #[test]
+    fn boot_package_break_points_pass_through() {
+        let mut c = Config::default();
+        c.merge_cmdline("si.break=net,partition").unwrap();
+        assert!(c.breaks_before("partition"));
+        assert!(!c.breaks_before("pull"));
+        let mut c = Config::default();
+        c.merge_cmdline("si.break=init").unwrap();
+        assert!(crate::steps::STEPS.iter().all(|s| !c.breaks_before(s)));
+    }
+
+    #[test]
     fn bad_values_are_clear_errors() {
         for (line, want) in [
             ("si.version=x", "si.version=x: not a version number"),
             ("si.reinstall=maybe", "expected sync or wipe"),
             ("si.post=halt", "expected reboot"),
             ("si.break=nosuchstep", "no such step"),
+            ("si.break=net,nosuchstep", "no such step \"nosuchstep\""),
         ] {
             let mut c = Config::default();
             let e = format!("{:#}", c.merge_cmdline(line).unwrap_err());

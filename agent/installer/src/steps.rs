@@ -242,7 +242,7 @@ impl Installer {
 
     fn step(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
         debug_assert!(STEPS.contains(&name));
-        if self.cfg.break_at.as_deref() == Some(name) {
+        if self.cfg.breaks_before(name) {
             self.say(format!(
                 "si.break={name}: stopping before {name}; exit the shell to go on"
             ));

@@ -603,7 +603,6 @@ fn install_bios_virtio_disk_boots_to_login() {
 }
 
 #[test]
-#[ignore = "the install completes, but OVMF does not boot the installed disk after the reboot (issue 12): run with --ignored"]
 fn install_uefi_virtio_disk_boots_to_login() {
     require_root!();
     installed_vm(Firmware::Uefi, 81, "images/layouts/uefi-gpt.toml");

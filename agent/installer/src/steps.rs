@@ -1217,32 +1217,14 @@ impl Installer {
                 "-l",
                 &format!("\\EFI\\si\\{rel}"),
             ]))?;
-        // Network boot first: the master decides the next boots.
+        // Network boot first, so the master decides the next boots; then this install's
+        // disks; then every other entry. Only the network entry that booted the installer (or
+        // else the first one) goes before the disks: a firmware tries its entries in order,
+        // and HTTP or IPv6 boot entries that get no answer cost minutes before the disk.
         let list = run(&mut Command::new("efibootmgr"))?;
-        let mut net = Vec::new();
-        let mut rest = Vec::new();
-        let order: Vec<String> = list
-            .lines()
-            .find_map(|l| l.strip_prefix("BootOrder: "))
-            .map(|o| o.split(',').map(str::to_string).collect())
-            .unwrap_or_default();
-        for num in order {
-            let is_net = list.lines().any(|l| {
-                l.starts_with(&format!("Boot{num}"))
-                    && (l.contains("PXE")
-                        || l.contains("Network")
-                        || l.contains("HTTP")
-                        || l.contains("MAC("))
-            });
-            if is_net {
-                net.push(num)
-            } else {
-                rest.push(num)
-            }
-        }
-        net.extend(rest);
-        if !net.is_empty() {
-            run(Command::new("efibootmgr").args(["-q", "-o", &net.join(",")]))?;
+        let order = boot_order(&list);
+        if !order.is_empty() {
+            run(Command::new("efibootmgr").args(["-q", "-o", &order.join(",")]))?;
         }
         Ok(())
     }
@@ -1657,4 +1639,82 @@ pub fn apply_override(c: &mut Client, m: &si_proto::Manifest, root: &Path) -> Re
         apply::set_meta_fd(d.as_fd(), e)?;
     }
     Ok(n)
+}
+
+/// The boot order for `efibootmgr` output: the network entry the machine booted from
+/// (`BootCurrent`, when it is a network one; else the first network entry of the order), then
+/// si's disk entries (`si DISK`), then the rest of the order as it was.
+pub fn boot_order(list: &str) -> Vec<String> {
+    let label = |num: &str| {
+        list.lines()
+            .find_map(|l| l.strip_prefix(&format!("Boot{num}")))
+            .map(|rest| rest.trim_start_matches('*').trim().to_string())
+            .unwrap_or_default()
+    };
+    let is_net = |num: &str| {
+        let l = label(num);
+        l.contains("PXE") || l.contains("Network") || l.contains("HTTP") || l.contains("MAC(")
+    };
+    let order: Vec<String> = list
+        .lines()
+        .find_map(|l| l.strip_prefix("BootOrder: "))
+        .map(|o| o.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default();
+    let current = list
+        .lines()
+        .find_map(|l| l.strip_prefix("BootCurrent: "))
+        .map(|s| s.trim().to_string())
+        .filter(|c| is_net(c))
+        .or_else(|| order.iter().find(|n| is_net(n)).cloned());
+    let mut out: Vec<String> = current.into_iter().collect();
+    let mut si: Vec<String> = order
+        .iter()
+        .filter(|n| label(n).starts_with("si "))
+        .cloned()
+        .collect();
+    // Entries made now but not yet in the order.
+    for l in list.lines() {
+        if let Some(rest) = l.strip_prefix("Boot") {
+            let num: String = rest.chars().take(4).collect();
+            if num.len() == 4
+                && num.chars().all(|c| c.is_ascii_hexdigit())
+                && label(&num).starts_with("si ")
+                && !si.contains(&num)
+            {
+                si.push(num);
+            }
+        }
+    }
+    for n in si {
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    for n in order {
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    /// The network entry that booted, then si's disks, then the rest: HTTP and IPv6 entries
+    /// that get no answer no longer stand between the firmware and the disk.
+    #[test]
+    fn boot_order_puts_the_disks_right_after_the_netboot() {
+        let list = "BootCurrent: 0003\nBootOrder: 0001,0002,0003,0004,0005,0006\n\
+            Boot0001* UEFI QEMU DVD-ROM QM00005\nBoot0002* UEFI Misc Device\n\
+            Boot0003* UEFI PXEv4 (MAC:525400D25101)\nBoot0004* UEFI HTTPv4 (MAC:525400D25101)\n\
+            Boot0005* UEFI PXEv6 (MAC:525400D25101)\nBoot0006* UEFI HTTPv6 (MAC:525400D25101)\n\
+            Boot0007* si vda\n";
+        assert_eq!(
+            super::boot_order(list),
+            ["0003", "0007", "0001", "0002", "0004", "0005", "0006"]
+        );
+        // Booted from the disk (a reinstall from a running system): the first network entry.
+        let list = list.replace("BootCurrent: 0003", "BootCurrent: 0002");
+        assert_eq!(super::boot_order(&list)[..2], ["0003", "0007"]);
+    }
 }

@@ -467,12 +467,16 @@ pub fn ipxe_script(
     let mut o = String::from("#!ipxe\n");
     let _ = writeln!(o, "echo si: booting {name}");
     match kernel_for(s, name, args, action) {
+        // Local boot. UEFI: `exit 1`, a failure, so the firmware's boot manager goes on to
+        // the next boot option (the disk); a plain `exit` is EFI_SUCCESS, which ends the boot
+        // loop in the firmware's menu (OVMF, and most machines, as Warewulf and Tinkerbell
+        // found). BIOS: boot the first disk.
         None => match fw {
-            Firmware::Bios => o.push_str("sanboot --no-describe --drive 0x80 || exit\n"),
-            Firmware::Uefi => o.push_str("exit\n"),
+            Firmware::Bios => o.push_str("sanboot --no-describe --drive 0x80 || exit 1\n"),
+            Firmware::Uefi => o.push_str("exit 1\n"),
             Firmware::Any => o.push_str(
                 "iseq ${platform} efi && goto si_exit || goto si_sanboot\n\
-                 :si_sanboot\nsanboot --no-describe --drive 0x80 || goto si_exit\n:si_exit\nexit\n",
+                 :si_sanboot\nsanboot --no-describe --drive 0x80 || goto si_exit\n:si_exit\nexit 1\n",
             ),
         },
         Some(k) => {

@@ -82,7 +82,7 @@ fn renders_local_and_custom() {
     assert!(pxelinux_config(&s, "a", "", &local).contains("LOCALBOOT 0"));
     assert!(ipxe_script(&s, "a", "", &local, Firmware::Bios)
         .contains("sanboot --no-describe --drive 0x80"));
-    assert!(ipxe_script(&s, "a", "", &local, Firmware::Uefi).contains("\nexit\n"));
+    assert!(ipxe_script(&s, "a", "", &local, Firmware::Uefi).contains("\nexit 1\n"));
     assert!(grub_config(&s, "a", "", &local).contains("  exit\n"));
     let custom = BootAction::Custom {
         kernel: "k/vmlinuz".into(),

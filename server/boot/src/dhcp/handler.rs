@@ -698,6 +698,19 @@ impl Handler {
         if !c.pxe && !c.http {
             return false;
         }
+        // A UEFI node that boots its disk gets no boot file from its firmware's PXE or HTTP
+        // client: the firmware's boot manager moves on to its next boot option, the disk. (An
+        // iPXE chained only to `exit` does not come back to every firmware: Debian 12's iPXE
+        // hangs in OVMF.) The node keeps its address, and the next change of its boot action
+        // takes effect at its next network boot, which stays first in its boot order.
+        let uefi = matches!(
+            c.firmware(),
+            Firmware::UefiX64 | Firmware::UefiArm64 | Firmware::UefiHttp
+        );
+        if uefi && !c.ipxe && node.is_some_and(|n| n.boot == si_inventory::BootAction::Local) {
+            info!(%mac, node = node.map(|n| n.name.as_str()).unwrap_or("-"), "local boot: no boot file for the UEFI firmware");
+            return false;
+        }
         let b = &self.cfg.boot;
         let template = if c.ipxe {
             if node.is_some() {

@@ -237,6 +237,44 @@ fn pxe_firmwares() {
     assert!(opt(&m, OptionCode::TFTPServerName).is_none());
 }
 
+/// A UEFI node that boots its disk gets an address but no boot file from its firmware's PXE
+/// or HTTP client, so the firmware goes on to the disk; BIOS nodes and iPXE still get theirs
+/// (the BIOS script boots the first disk itself).
+#[test]
+fn uefi_local_boot_gets_no_boot_file() {
+    let (d, h) = setup(cfg());
+    let inv = Inventory::open(&d.path().join("inv.db")).unwrap();
+    inv.mark_installed("n1").unwrap();
+    let pxe = |arch: u16, ipxe: bool| {
+        let mut o = vec![
+            DhcpOption::ClassIdentifier(
+                format!("PXEClient:Arch:{arch:05}:UNDI:003016").into_bytes(),
+            ),
+            DhcpOption::ClientSystemArchitecture(arch.into()),
+        ];
+        if ipxe {
+            o.push(DhcpOption::UserClass(b"iPXE".to_vec()));
+        }
+        discover(&h, mac(1), &o).unwrap().msg
+    };
+    for arch in [7, 9] {
+        let m = pxe(arch, false);
+        assert!(opt(&m, OptionCode::BootfileName).is_none(), "arch {arch}");
+        assert!(
+            opt(&m, OptionCode::ClassIdentifier).is_none(),
+            "arch {arch}"
+        );
+        assert_eq!(m.yiaddr(), "10.213.0.11".parse::<Ipv4Addr>().unwrap());
+    }
+    let http = discover(&h, mac(1), &http_client()).unwrap().msg;
+    assert!(opt(&http, OptionCode::BootfileName).is_none());
+    assert!(opt(&pxe(0, false), OptionCode::BootfileName).is_some());
+    assert!(opt(&pxe(7, true), OptionCode::BootfileName).is_some());
+    // Armed for an install again: the firmware gets its boot file.
+    inv.set_boot_install("n1").unwrap();
+    assert!(opt(&pxe(7, false), OptionCode::BootfileName).is_some());
+}
+
 /// A site's iPXE script kept in the TFTP root: iPXE (BIOS and UEFI, known or discovered) is told
 /// which server has it (siaddr and option 66), as it is for every other TFTP boot file.
 #[test]

@@ -248,6 +248,30 @@ pub async fn run(
     report: Option<ReportHook>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    let objects: Arc<dyn ObjectFinder> = store.clone();
+    serve(listener, Some(store), objects, cfg, report, shutdown).await
+}
+
+/// The object path alone, as a relaying node runs it: the same sessions, limits, transport and
+/// gate as the master's service, objects from `objects`, and no store behind it (manifests,
+/// listings and plans are answered NotFound: they always come from the master, signed).
+pub async fn run_objects(
+    listener: TcpListener,
+    objects: Arc<dyn ObjectFinder>,
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    serve(listener, None, objects, cfg, None, shutdown).await
+}
+
+async fn serve(
+    listener: TcpListener,
+    store: Option<Arc<Store>>,
+    objects: Arc<dyn ObjectFinder>,
+    cfg: ServeConfig,
+    report: Option<ReportHook>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
     let sources = PerSource::new(cfg.per_source);
     if matches!(cfg.transport, si_trust::Acceptor::Insecure) {
@@ -258,11 +282,10 @@ pub async fn run(
     let gate = cfg.gate.clone();
     let plans = cfg.plans.clone();
     let cache = Arc::new(ManifestCache::default());
-    let objects: Arc<dyn ObjectFinder> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
     // Dropping the set (when this returns) stops the warmer.
     let mut background = tokio::task::JoinSet::new();
-    {
+    if let Some(store) = &store {
         let (store, cache) = (store.clone(), cache.clone());
         background.spawn(async move {
             loop {
@@ -499,7 +522,8 @@ fn read_group(
 
 /// What one session works with.
 struct Session {
-    store: Arc<Store>,
+    /// None on a relay: it serves objects only.
+    store: Option<Arc<Store>>,
     objects: Arc<dyn ObjectFinder>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
@@ -612,8 +636,20 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
         };
         let res: Result<()> = match m {
             Msg::Bye => return Ok(()),
+            Msg::ListImages | Msg::GetManifest { .. } | Msg::GetManifestDelta { .. }
+                if store.is_none() =>
+            {
+                let m = Msg::Error {
+                    kind: ErrorKind::NotFound,
+                    message: "this relay serves objects only; manifests come from the master"
+                        .into(),
+                };
+                write_msg_async(&mut w, &m).await.map_err(Into::into)
+            }
             Msg::ListImages => {
-                let st = store.clone();
+                let Some(st) = store.clone() else {
+                    bail!("no store behind this service")
+                };
                 let (g, c) = (gate.clone(), caller.clone());
                 let list = tokio::task::spawn_blocking(move || -> Result<Vec<ImageVersionInfo>> {
                     let mut out = Vec::new();
@@ -652,7 +688,10 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                 {
                     return refuse(&mut w, e).await;
                 }
-                let (st, c, sg) = (store.clone(), cache.clone(), signer.clone());
+                let Some(st) = store.clone() else {
+                    bail!("no store behind this service")
+                };
+                let (c, sg) = (cache.clone(), signer.clone());
                 let got = tokio::task::spawn_blocking(move || {
                     manifest_reply(&st, &c, sg.as_ref(), &image, version, base)
                 })

@@ -791,6 +791,17 @@ pub fn deploy_fresh(
     root: &Path,
     threads: usize,
 ) -> Result<(u64, u64)> {
+    deploy_fresh_with(m, root, &mut |wants, f| client.fetch(wants, threads, f))
+}
+
+/// What [`deploy_fresh_with`] gets its objects with: called once with every object the version
+/// needs (digest, length) and the function that writes one into the tree; it returns once each
+/// was handed to that function (a relay fetches them from its upstreams).
+pub type Fetch<'a> =
+    dyn FnMut(&[(Digest, u32)], &(dyn Fn(Digest, Vec<u8>) -> Result<()> + Sync)) -> Result<()> + 'a;
+
+/// [`deploy_fresh`] with the objects from `fetch`.
+pub fn deploy_fresh_with(m: &Manifest, root: &Path, fetch: &mut Fetch<'_>) -> Result<(u64, u64)> {
     m.validate()?;
     let rootfd = apply::open_root(root)?;
     let rfd = rootfd.as_fd();
@@ -860,7 +871,7 @@ pub fn deploy_fresh(
         }
         Ok(())
     };
-    client.fetch(&wants, threads, &f)?;
+    fetch(&wants, &f)?;
     for e in m
         .entries
         .iter()

@@ -1380,15 +1380,33 @@ fn swap_stage(
 
 /// Records the installed version: its manifest, its digest list and `installed.toml`.
 fn record(o: &UpdateOptions, planned: &Planned) -> Result<()> {
-    let (info, m, mbytes, sdir) = (&planned.info, &planned.m, &planned.mbytes, &planned.sdir);
     std::fs::remove_dir_all(&planned.staging.dir).ok();
+    record_installed(
+        &planned.sdir,
+        &o.server,
+        &planned.info,
+        &planned.m,
+        &planned.mbytes,
+    )
+}
+
+/// Records the version now on the node in `sdir` (`installed.manifest`, `installed.digests`,
+/// `installed.toml`): what the next update plans against. `server` is the master it came from.
+pub fn record_installed(
+    sdir: &Path,
+    server: &str,
+    info: &ImageVersionInfo,
+    m: &Manifest,
+    mbytes: &[u8],
+) -> Result<()> {
+    std::fs::create_dir_all(sdir).with_context(|| format!("creating {}", sdir.display()))?;
     let digest = m.digest();
     let inst = Installed {
         image: info.image.clone(),
         version: info.version,
         manifest: digest.to_hex(),
         digest_format: DIGEST_FORMAT,
-        server: o.server.clone(),
+        server: server.to_string(),
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
     si_tree::fsutil::write_atomic(&sdir.join("installed.manifest"), mbytes)?;

@@ -15,6 +15,7 @@ const PORT: u16 = 7813;
 struct Lab {
     t: tempfile::TempDir,
     src: PathBuf,
+    store: PathBuf,
     subnet: u8,
     master: Netns,
     nodes: Vec<Netns>,
@@ -98,6 +99,7 @@ impl Lab {
         wait_port(&master, "127.0.0.1:7811").unwrap();
         let lab = Lab {
             src,
+            store: store.clone(),
             subnet,
             master,
             nodes,
@@ -179,6 +181,7 @@ impl Lab {
     fn start(&self, i: usize, chain: bool) -> Child {
         let root = self.root(i);
         let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(root.with_extension("state"));
         std::fs::create_dir(&root).unwrap();
         let mut c = self.nodes[i].cmd(bin("si-relay"));
         c.env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
@@ -190,6 +193,8 @@ impl Lab {
             .arg(root.with_extension("id"))
             .arg("--summary-json")
             .arg(root.with_extension("json"))
+            .arg("--state-dir")
+            .arg(root.with_extension("state"))
             .args(["--stall-secs", "3", "--linger-secs", "8"])
             .stdout(std::fs::File::create(root.with_extension("out")).unwrap())
             .stderr(std::fs::File::create(root.with_extension("log")).unwrap());
@@ -357,6 +362,41 @@ fn eight_nodes_in_a_chain_cost_the_master_one_payload() {
         direct_tx as f64 > 7.0 * payload as f64,
         "8 direct pulls cost the master {direct_tx} bytes, payload {payload}"
     );
+    // A node deployed this way recorded its version: its next update is differential.
+    std::fs::write(lab.src.join("etc/motd"), b"version 2\n").unwrap();
+    run(si_image(&lab.store)
+        .arg("commit")
+        .arg(&lab.src)
+        .arg("debian"))
+    .unwrap();
+    let root = lab.root(3);
+    let out = lab.nodes[3]
+        .cmd(bin("si-updateclient"))
+        .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+        .args(["--server", &lab.server(), "--image", "debian"])
+        .arg("--no-default-excludes")
+        .arg("--root")
+        .arg(&root)
+        .arg("--state-dir")
+        .arg(root.with_extension("state"))
+        .arg("--identity-dir")
+        .arg(root.with_extension("id"))
+        .arg("--summary-json")
+        .arg(root.with_extension("update.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    treecmp(&lab.src, &root, &[]).unwrap();
+    let u: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.with_extension("update.json")).unwrap())
+            .unwrap();
+    assert_eq!(u["version"], 2, "{u}");
+    assert!(u["wire_bytes"].as_u64().unwrap() < 1 << 20, "{u}");
+
     eprintln!(
         "RELAY FIGURES: payload {payload} bytes; chain of 8: last node done after {last_done:.1}s (all exited after {chain_secs:.1}s, the relays' 8 s linger included), master sent {chain_tx} bytes ({:.2}x); 8 direct: {direct_secs:.1}s, master sent {direct_tx} bytes ({:.2}x)",
         chain_tx as f64 / payload as f64,

@@ -73,6 +73,11 @@ pub struct RelayConfig {
     /// The empty root to deploy onto.
     #[arg(long)]
     pub root: PathBuf,
+    /// Where the installed record goes, as si-updateclient keeps it (default ROOT/var/lib/si):
+    /// a later update of this node is differential.
+    #[arg(long)]
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// Upstream relays, nearest first, as NAME@HOST:PORT (NAME: the node its certificate
     /// names; HOST:PORT alone under --insecure). The master is tried after them.
     #[arg(long, value_delimiter = ',')]
@@ -284,6 +289,9 @@ impl RelayObjects {
         )
         .with_context(|| format!("opening the file that holds {d}"))?;
         let f = std::fs::File::from(fd);
+        if *len > si_proto::limits::MAX_OBJECT {
+            bail!("object {d}: {len} bytes is past the largest object");
+        }
         let mut data = vec![0u8; *len as usize];
         f.read_exact_at(&mut data, *offset)
             .with_context(|| format!("reading {d} back from the tree"))?;
@@ -501,7 +509,7 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
     };
     let deployed = (|| -> Result<RelaySummary> {
         let mut master = Client::connect(&cfg.server, Duration::from_secs(10), &master_trust)?;
-        let (info, m, _) = master
+        let (info, m, mbytes) = master
             .manifest(&cfg.image, cfg.version)
             .with_context(|| format!("fetching the manifest of {}", cfg.image))?;
         objects.set_manifest(&m);
@@ -525,6 +533,11 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
                 reattaches = r;
                 Ok(())
             })?;
+        let sdir = cfg
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| cfg.root.join("var/lib/si"));
+        si_agent::update::record_installed(&sdir, &cfg.server, &info, &m, &mbytes)?;
         master.bye();
         Ok(RelaySummary {
             image: info.image,
@@ -554,6 +567,9 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
     sum.served_objects = objects.served_objects.load(Ordering::Relaxed);
     sum.served_bytes = objects.served_bytes.load(Ordering::Relaxed);
     sum.seconds = start.elapsed().as_secs_f64();
+    for f in &sum.from {
+        tracing::info!(upstream = %f.upstream, objects = f.objects, bytes = f.bytes, "objects from an upstream");
+    }
     tracing::info!(
         image = %sum.image,
         version = sum.version,

@@ -320,6 +320,10 @@ impl ObjectFinder for RelayObjects {
         }
         r
     }
+
+    fn may_wait(&self) -> bool {
+        true
+    }
 }
 
 /// The relay listener's limits: few peers (a successor, and one healing past a dead relay).

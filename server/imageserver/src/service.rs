@@ -232,6 +232,13 @@ pub type ReportHook = Arc<dyn Fn(&str, &str, &str) -> Result<()> + Send + Sync>;
 pub trait ObjectFinder: Send + Sync + 'static {
     /// The object's uncompressed length and its zstd-compressed bytes.
     fn object(&self, d: &si_proto::Digest) -> Result<(u32, Vec<u8>)>;
+
+    /// Whether `object` may wait for an object that has not arrived yet (a relay forwarding
+    /// as it fetches). Then the service sends each object as soon as it has it: one object per
+    /// read, flushed before the next read, so nothing it has waits behind one it has not.
+    fn may_wait(&self) -> bool {
+        false
+    }
 }
 
 impl ObjectFinder for Store {
@@ -723,11 +730,14 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                     return refuse(&mut w, e).await;
                 }
                 let mut rest = &ds[..];
+                let streaming = objects.may_wait();
+                let budget = if streaming { 1 } else { GROUP_BYTES };
                 while !rest.is_empty() {
                     let src = objects.clone();
-                    let todo = rest.to_vec();
+                    let todo =
+                        rest[..rest.len().min(if streaming { 1 } else { rest.len() })].to_vec();
                     let (objs, taken) =
-                        tokio::task::spawn_blocking(move || read_group(&*src, &todo, GROUP_BYTES))
+                        tokio::task::spawn_blocking(move || read_group(&*src, &todo, budget))
                             .await?;
                     rest = &rest[taken..];
                     match objs {
@@ -742,6 +752,9 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                                 )
                                 .await?;
                                 write_data_async(&mut w, &z).await?;
+                            }
+                            if streaming {
+                                w.flush().await?;
                             }
                         }
                         Err(e) => {

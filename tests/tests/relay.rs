@@ -42,7 +42,9 @@ fn rand_file(p: &Path, mb: usize, seed: u64) {
 impl Lab {
     /// An image of the small rootfs plus `mb` MiB of noise, a master, and `n` enrolled nodes.
     fn new(n: usize, subnet: u8, mb: usize) -> Lab {
-        let t = tempfile::tempdir_in("/var/tmp").unwrap();
+        // On disk by default; SI_RELAY_TEST_DIR=/dev/shm measures on tmpfs.
+        let base = std::env::var("SI_RELAY_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+        let t = tempfile::tempdir_in(base).unwrap();
         let src = t.path().join("golden");
         rootfs(&src, "small").unwrap();
         rand_file(&src.join("var/big.img"), mb, 7);

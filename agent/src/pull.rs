@@ -81,6 +81,10 @@ pub fn read_pin(dir: &Path) -> Result<Option<Fingerprint>> {
     }
 }
 
+/// What [`Client::fetch_with`] hands each verified object to: its digest, its compressed bytes
+/// as they arrived, and its content.
+pub type Arrived<'a> = dyn Fn(Digest, &[u8], Vec<u8>) -> Result<()> + Sync + 'a;
+
 pub struct Client {
     conn: BufStream<Counted<ClientStream>>,
     traffic: Traffic,
@@ -120,11 +124,36 @@ impl Client {
         creds: &Credentials,
         trust: &Connector,
     ) -> Result<Client, PeerError> {
+        Client::open_with(addr, timeout, Duration::from_secs(120), creds, trust)
+    }
+
+    /// One attempt at a session with `addr` (no retry), whose reads fail after `stall` without
+    /// a byte: what a relaying node uses to notice an upstream that stopped making progress.
+    /// The error says whether another attempt may succeed ([`PeerError::retryable`]).
+    pub fn connect_once(
+        addr: &std::net::SocketAddr,
+        timeout: Duration,
+        stall: Duration,
+        trust: &Connector,
+    ) -> Result<Client, PeerError> {
+        let creds = Credentials {
+            token: String::new(),
+            client: si_tree::fsutil::hostname(),
+        };
+        Client::open_with(addr, timeout, stall, &creds, trust)
+    }
+
+    fn open_with(
+        addr: &std::net::SocketAddr,
+        timeout: Duration,
+        read_timeout: Duration,
+        creds: &Credentials,
+        trust: &Connector,
+    ) -> Result<Client, PeerError> {
         let io = |e: std::io::Error| PeerError::Frame(si_proto::frame::FrameError::Io(e));
         let s = TcpStream::connect_timeout(addr, timeout).map_err(io)?;
         s.set_nodelay(true).ok();
-        s.set_read_timeout(Some(Duration::from_secs(120)))
-            .map_err(io)?;
+        s.set_read_timeout(Some(read_timeout)).map_err(io)?;
         let mut s = trust
             .wrap(s)
             .map_err(|e| PeerError::Protocol(format!("{e:#}")))?;
@@ -290,6 +319,18 @@ impl Client {
         threads: usize,
         f: &(dyn Fn(Digest, Vec<u8>) -> Result<()> + Sync),
     ) -> Result<()> {
+        self.fetch_with(wants, threads, &|d, _, data| f(d, data))
+    }
+
+    /// [`Client::fetch`], also handing `f` each object's compressed bytes as they arrived
+    /// (verified: they decompress to `data`, whose digest is `d`), for a relay to pass on.
+    /// When it fails, every object already handed to `f` was handled by it.
+    pub fn fetch_with(
+        &mut self,
+        wants: &[(Digest, u32)],
+        threads: usize,
+        f: &Arrived<'_>,
+    ) -> Result<()> {
         let batches: Vec<&[(Digest, u32)]> = wants.chunks(WANT_BATCH).collect();
         let (tx, rx) = crossbeam_channel::bounded::<(Digest, u32, u32, Vec<u8>)>(32);
         let c = &mut self.conn;
@@ -303,7 +344,7 @@ impl Client {
                                 bail!("object {d}: server says {raw} bytes, manifest {expect}");
                             }
                             let data = verify(&d, raw, &z)?;
-                            f(d, data)?;
+                            f(d, &z, data)?;
                         }
                         Ok(())
                     })

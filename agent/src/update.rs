@@ -791,6 +791,17 @@ pub fn deploy_fresh(
     root: &Path,
     threads: usize,
 ) -> Result<(u64, u64)> {
+    deploy_fresh_with(m, root, &mut |wants, f| client.fetch(wants, threads, f))
+}
+
+/// What [`deploy_fresh_with`] gets its objects with: called once with every object the version
+/// needs (digest, length) and the function that writes one into the tree; it returns once each
+/// was handed to that function (a relay fetches them from its upstreams).
+pub type Fetch<'a> =
+    dyn FnMut(&[(Digest, u32)], &(dyn Fn(Digest, Vec<u8>) -> Result<()> + Sync)) -> Result<()> + 'a;
+
+/// [`deploy_fresh`] with the objects from `fetch`.
+pub fn deploy_fresh_with(m: &Manifest, root: &Path, fetch: &mut Fetch<'_>) -> Result<(u64, u64)> {
     m.validate()?;
     let rootfd = apply::open_root(root)?;
     let rfd = rootfd.as_fd();
@@ -860,7 +871,7 @@ pub fn deploy_fresh(
         }
         Ok(())
     };
-    client.fetch(&wants, threads, &f)?;
+    fetch(&wants, &f)?;
     for e in m
         .entries
         .iter()
@@ -1369,15 +1380,33 @@ fn swap_stage(
 
 /// Records the installed version: its manifest, its digest list and `installed.toml`.
 fn record(o: &UpdateOptions, planned: &Planned) -> Result<()> {
-    let (info, m, mbytes, sdir) = (&planned.info, &planned.m, &planned.mbytes, &planned.sdir);
     std::fs::remove_dir_all(&planned.staging.dir).ok();
+    record_installed(
+        &planned.sdir,
+        &o.server,
+        &planned.info,
+        &planned.m,
+        &planned.mbytes,
+    )
+}
+
+/// Records the version now on the node in `sdir` (`installed.manifest`, `installed.digests`,
+/// `installed.toml`): what the next update plans against. `server` is the master it came from.
+pub fn record_installed(
+    sdir: &Path,
+    server: &str,
+    info: &ImageVersionInfo,
+    m: &Manifest,
+    mbytes: &[u8],
+) -> Result<()> {
+    std::fs::create_dir_all(sdir).with_context(|| format!("creating {}", sdir.display()))?;
     let digest = m.digest();
     let inst = Installed {
         image: info.image.clone(),
         version: info.version,
         manifest: digest.to_hex(),
         digest_format: DIGEST_FORMAT,
-        server: o.server.clone(),
+        server: server.to_string(),
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
     si_tree::fsutil::write_atomic(&sdir.join("installed.manifest"), mbytes)?;

@@ -155,6 +155,18 @@ impl Connector {
         })
     }
 
+    /// TLS to another node's relay: the peer must present node `peer`'s certificate from the
+    /// pinned CA (a node certificate carries server-auth usage and `NAME.node.si`); this node
+    /// presents its own identity, which the relay requires.
+    pub fn node_peer(pin: Fingerprint, identity: &NodeIdentity, peer: &str) -> Result<Connector> {
+        Ok(Connector::Tls {
+            config: client_config(pin, Some(identity))?,
+            pin,
+            name: crate::Peer::Node(peer.to_string()).san(),
+            node: Some(identity.name.clone()),
+        })
+    }
+
     /// From the usual client options: `--insecure` wins (and is logged loudly), otherwise a pin
     /// is required; a node identity in `identity_dir` is used when one is there.
     pub fn from_options(
@@ -212,6 +224,32 @@ impl Connector {
             Connector::Insecure => None,
         }
     }
+}
+
+/// A node's server config for its relay listener: its own chain (node certificate, then the
+/// CA's, so the peer finds its pin), and client certificates verified against that CA when sent.
+/// A client certificate stays optional at the TLS layer, as on the master: the relay's gate
+/// refuses every request from a peer without one, so the refusal is an answer, not a reset.
+pub fn node_server_config(identity: &NodeIdentity) -> Result<Arc<rustls::ServerConfig>> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(identity.ca().to_vec()))
+        .context("adding the CA as a root")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        crate::provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("building the client verifier")?;
+    let (chain, key) = identity.rustls();
+    let cfg = rustls::ServerConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("loading the node certificate")?;
+    Ok(Arc::new(cfg))
 }
 
 /// A client's connection: TLS, or TCP under `--insecure`.

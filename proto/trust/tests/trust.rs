@@ -28,7 +28,11 @@ fn node(a: &Authority, name: &str) -> NodeIdentity {
 /// A blocking TLS server on loopback with `a`'s config that answers one line per connection:
 /// the peer it saw ("anon", "master", "node NAME") or the handshake error.
 fn serve(a: &Authority) -> (String, std::thread::JoinHandle<Vec<String>>) {
-    let cfg = a.server_config().unwrap();
+    serve_with(a.server_config().unwrap())
+}
+
+/// [`serve`] with any server config (a node's relay listener).
+fn serve_with(cfg: Arc<rustls::ServerConfig>) -> (String, std::thread::JoinHandle<Vec<String>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let h = std::thread::spawn(move || {
@@ -81,6 +85,34 @@ fn pinning_accepts_the_right_ca_and_refuses_another() {
     let e = talk(&addr, &Connector::master(b.fingerprint(), None).unwrap()).unwrap_err();
     assert!(e.contains("UnknownIssuer") || e.contains("issuer"), "{e}");
     assert!(h.join().unwrap()[0].starts_with("error"));
+}
+
+/// A node's relay listener runs on the node's own certificate: another node of the CA dials it
+/// by its node name and is seen as that node; dialling it under another name, or presenting a
+/// certificate from another CA, fails the handshake.
+#[test]
+fn a_node_serves_another_node_on_its_own_certificate() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (ca(&t, "a"), ca(&t, "b"));
+    let (n1, n2) = (node(&a, "n1"), node(&a, "n2"));
+    let cfg = si_trust::tls::node_server_config(&n1).unwrap();
+    let (addr, h) = serve_with(cfg.clone());
+    let c = Connector::node_peer(a.fingerprint(), &n2, "n1").unwrap();
+    assert_eq!(talk(&addr, &c).unwrap(), "node n2");
+    h.join().unwrap();
+
+    let (addr, h) = serve_with(cfg.clone());
+    let c = Connector::node_peer(a.fingerprint(), &n2, "n3").unwrap();
+    let e = talk(&addr, &c).unwrap_err();
+    assert!(e.contains("NotValidForName") || e.contains("name"), "{e}");
+    h.join().unwrap();
+
+    let foreign = node(&b, "n2");
+    let (addr, h) = serve_with(cfg.clone());
+    let c = Connector::node_peer(a.fingerprint(), &foreign, "n1").unwrap();
+    assert!(talk(&addr, &c).is_err());
+    let seen = h.join().unwrap();
+    assert!(seen[0].starts_with("error"), "{seen:?}");
 }
 
 #[test]

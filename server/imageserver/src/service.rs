@@ -232,6 +232,13 @@ pub type ReportHook = Arc<dyn Fn(&str, &str, &str) -> Result<()> + Send + Sync>;
 pub trait ObjectFinder: Send + Sync + 'static {
     /// The object's uncompressed length and its zstd-compressed bytes.
     fn object(&self, d: &si_proto::Digest) -> Result<(u32, Vec<u8>)>;
+
+    /// Whether `object` may wait for an object that has not arrived yet (a relay forwarding
+    /// as it fetches). Then the service sends each object as soon as it has it: one object per
+    /// read, flushed before the next read, so nothing it has waits behind one it has not.
+    fn may_wait(&self) -> bool {
+        false
+    }
 }
 
 impl ObjectFinder for Store {
@@ -248,6 +255,30 @@ pub async fn run(
     report: Option<ReportHook>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    let objects: Arc<dyn ObjectFinder> = store.clone();
+    serve(listener, Some(store), objects, cfg, report, shutdown).await
+}
+
+/// The object path alone, as a relaying node runs it: the same sessions, limits, transport and
+/// gate as the master's service, objects from `objects`, and no store behind it (manifests,
+/// listings and plans are answered NotFound: they always come from the master, signed).
+pub async fn run_objects(
+    listener: TcpListener,
+    objects: Arc<dyn ObjectFinder>,
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    serve(listener, None, objects, cfg, None, shutdown).await
+}
+
+async fn serve(
+    listener: TcpListener,
+    store: Option<Arc<Store>>,
+    objects: Arc<dyn ObjectFinder>,
+    cfg: ServeConfig,
+    report: Option<ReportHook>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
     let sources = PerSource::new(cfg.per_source);
     if matches!(cfg.transport, si_trust::Acceptor::Insecure) {
@@ -258,11 +289,10 @@ pub async fn run(
     let gate = cfg.gate.clone();
     let plans = cfg.plans.clone();
     let cache = Arc::new(ManifestCache::default());
-    let objects: Arc<dyn ObjectFinder> = store.clone();
     // The delta to each image's newest version is ready before the first node asks.
     // Dropping the set (when this returns) stops the warmer.
     let mut background = tokio::task::JoinSet::new();
-    {
+    if let Some(store) = &store {
         let (store, cache) = (store.clone(), cache.clone());
         background.spawn(async move {
             loop {
@@ -499,7 +529,8 @@ fn read_group(
 
 /// What one session works with.
 struct Session {
-    store: Arc<Store>,
+    /// None on a relay: it serves objects only.
+    store: Option<Arc<Store>>,
     objects: Arc<dyn ObjectFinder>,
     cache: Arc<ManifestCache>,
     report: Option<ReportHook>,
@@ -612,8 +643,20 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
         };
         let res: Result<()> = match m {
             Msg::Bye => return Ok(()),
+            Msg::ListImages | Msg::GetManifest { .. } | Msg::GetManifestDelta { .. }
+                if store.is_none() =>
+            {
+                let m = Msg::Error {
+                    kind: ErrorKind::NotFound,
+                    message: "this relay serves objects only; manifests come from the master"
+                        .into(),
+                };
+                write_msg_async(&mut w, &m).await.map_err(Into::into)
+            }
             Msg::ListImages => {
-                let st = store.clone();
+                let Some(st) = store.clone() else {
+                    bail!("no store behind this service")
+                };
                 let (g, c) = (gate.clone(), caller.clone());
                 let list = tokio::task::spawn_blocking(move || -> Result<Vec<ImageVersionInfo>> {
                     let mut out = Vec::new();
@@ -652,7 +695,10 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                 {
                     return refuse(&mut w, e).await;
                 }
-                let (st, c, sg) = (store.clone(), cache.clone(), signer.clone());
+                let Some(st) = store.clone() else {
+                    bail!("no store behind this service")
+                };
+                let (c, sg) = (cache.clone(), signer.clone());
                 let got = tokio::task::spawn_blocking(move || {
                     manifest_reply(&st, &c, sg.as_ref(), &image, version, base)
                 })
@@ -684,11 +730,14 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                     return refuse(&mut w, e).await;
                 }
                 let mut rest = &ds[..];
+                let streaming = objects.may_wait();
+                let budget = if streaming { 1 } else { GROUP_BYTES };
                 while !rest.is_empty() {
                     let src = objects.clone();
-                    let todo = rest.to_vec();
+                    let todo =
+                        rest[..rest.len().min(if streaming { 1 } else { rest.len() })].to_vec();
                     let (objs, taken) =
-                        tokio::task::spawn_blocking(move || read_group(&*src, &todo, GROUP_BYTES))
+                        tokio::task::spawn_blocking(move || read_group(&*src, &todo, budget))
                             .await?;
                     rest = &rest[taken..];
                     match objs {
@@ -703,6 +752,9 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                                 )
                                 .await?;
                                 write_data_async(&mut w, &z).await?;
+                            }
+                            if streaming {
+                                w.flush().await?;
                             }
                         }
                         Err(e) => {

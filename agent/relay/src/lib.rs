@@ -1,0 +1,800 @@
+//! Chain relays (Kascade-style): nodes moving to the same version form a chain
+//! master → n1 → n2 → … → nK, each fetching objects from its predecessor, which serves what it
+//! has already verified and written.
+//!
+//! - A relay runs the image service's object path ([`si_imageserver::service::run_objects`])
+//!   over [`RelayObjects`]: the bounded [`buffer::Buffer`] of recent objects, else the node's
+//!   own tree (read back, checked against the digest, compressed again). An object the relay
+//!   still expects is waited for (up to `--wait-secs`), not refused.
+//! - Manifests and their signatures always come from the master, checked against the pinned CA.
+//!   Objects are content-addressed and verified on arrival, whoever sends them.
+//! - Trust: TLS with si-trust. The node dials its upstream as `NAME.node.si` (the upstream's
+//!   node certificate from the pinned CA) and presents its own; the relay's gate serves only
+//!   peers with a certificate from that CA (or anyone under `--insecure`, logged).
+//! - Healing: an upstream that sends nothing for `--stall-secs` (killed, link down) is left for
+//!   the next candidate (the predecessor's predecessor, …, the master last); the node asks it
+//!   only for what it still lacks, so no object is fetched twice.
+
+pub mod buffer;
+
+use anyhow::{anyhow, bail, Context, Result};
+use buffer::{Buffer, Found};
+use serde::{Deserialize, Serialize};
+use si_agent::pull::{Client, TrustArgs};
+use si_imageserver::service::{self, Caller, EnrollRequest, Gate, ObjectFinder, ServeConfig};
+use si_proto::manifest::{Kind, Manifest};
+use si_proto::Digest;
+use si_trust::{Connector, NodeIdentity};
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+fn default_buffer_mib() -> usize {
+    256
+}
+fn default_stall() -> u64 {
+    5
+}
+fn default_wait() -> u64 {
+    30
+}
+fn default_linger() -> u64 {
+    10
+}
+fn default_threads() -> usize {
+    2
+}
+
+/// si-relay's configuration: the command line, and the same as a TOML file.
+#[derive(Clone, Debug, clap::Parser, Serialize, Deserialize)]
+#[command(
+    name = "si-relay",
+    disable_version_flag = true,
+    about = "Deploy an image version onto an empty root, fetching objects along a chain of relays and relaying them on"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The master (HOST or HOST:PORT): manifests and signatures always come from it, and it is
+    /// the last upstream for objects.
+    #[arg(long)]
+    pub server: String,
+    #[arg(long)]
+    pub image: String,
+    /// The version (default: the newest).
+    #[arg(long)]
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// The empty root to deploy onto.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Where the installed record goes, as si-updateclient keeps it (default ROOT/var/lib/si):
+    /// a later update of this node is differential.
+    #[arg(long)]
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Upstream relays, nearest first, as NAME@HOST:PORT (NAME: the node its certificate
+    /// names; HOST:PORT alone under --insecure). The master is tried after them.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub relay_from: Vec<String>,
+    /// Serve the objects this node has to its successor on this address (HOST:PORT).
+    #[arg(long)]
+    #[serde(default)]
+    pub relay_listen: Option<String>,
+    /// The most memory (MiB of compressed objects) the relay keeps for its successor; older
+    /// objects are read back from the tree.
+    #[arg(long, default_value_t = default_buffer_mib())]
+    #[serde(default = "default_buffer_mib")]
+    pub buffer_mib: usize,
+    /// An upstream that sends no byte for this long is left for the next candidate.
+    #[arg(long, default_value_t = default_stall())]
+    #[serde(default = "default_stall")]
+    pub stall_secs: u64,
+    /// How long the relay waits for an object its successor asks for and it has not yet.
+    #[arg(long, default_value_t = default_wait())]
+    #[serde(default = "default_wait")]
+    pub wait_secs: u64,
+    /// Once deployed, keep relaying until no successor asked for anything for this long.
+    #[arg(long, default_value_t = default_linger())]
+    #[serde(default = "default_linger")]
+    pub linger_secs: u64,
+    /// Threads verifying and writing objects.
+    #[arg(long, default_value_t = default_threads())]
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Write the summary as JSON to this file.
+    #[arg(long)]
+    #[serde(default)]
+    pub summary_json: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// What came from one upstream.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FromUpstream {
+    pub upstream: String,
+    pub objects: u64,
+    /// Compressed bytes, as they travelled.
+    pub bytes: u64,
+}
+
+/// What a relaying deploy did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RelaySummary {
+    pub image: String,
+    pub version: u32,
+    /// Distinct objects the version needs, and their uncompressed bytes written.
+    pub objects: u64,
+    pub bytes: u64,
+    pub from: Vec<FromUpstream>,
+    /// Times the node left an upstream for the next candidate.
+    pub reattaches: u64,
+    /// What this node relayed to its successors.
+    pub served_objects: u64,
+    pub served_bytes: u64,
+    pub seconds: f64,
+}
+
+/// An upstream relay: its label (as given), address, and how it is trusted.
+struct Upstream {
+    label: String,
+    addr: SocketAddr,
+    trust: Connector,
+}
+
+/// Parses `NAME@HOST:PORT` (or `HOST:PORT` under `--insecure`).
+fn upstream(
+    spec: &str,
+    pin_id: Option<(si_trust::Fingerprint, &NodeIdentity)>,
+) -> Result<Upstream> {
+    let (name, addr) = match spec.split_once('@') {
+        Some((n, a)) => (Some(n), a),
+        None => (None, spec),
+    };
+    let addr = addr
+        .to_socket_addrs()
+        .with_context(|| format!("resolving relay {spec}"))?
+        .next()
+        .ok_or_else(|| anyhow!("relay {spec} resolves to nothing"))?;
+    let trust = match (pin_id, name) {
+        (None, _) => Connector::Insecure,
+        (Some((pin, id)), Some(n)) => Connector::node_peer(pin, id, n)?,
+        (Some(_), None) => {
+            bail!("relay {spec}: give it as NAME@HOST:PORT (NAME: the node its certificate names)")
+        }
+    };
+    Ok(Upstream {
+        label: spec.to_string(),
+        addr,
+        trust,
+    })
+}
+
+/// The relay's gate: objects to peers holding a certificate from the pinned CA (the TLS layer
+/// verified it), or to anyone under `--insecure`; nothing else.
+pub struct RelayGate {
+    insecure: bool,
+}
+
+impl RelayGate {
+    pub fn new(insecure: bool) -> RelayGate {
+        RelayGate { insecure }
+    }
+}
+
+impl Gate for RelayGate {
+    fn may_read_image(&self, _: &Caller, _: &str) -> Result<()> {
+        bail!("a relay serves objects only")
+    }
+    fn may_fetch_objects(&self, c: &Caller) -> Result<()> {
+        if self.insecure || c.peer.is_some() {
+            Ok(())
+        } else {
+            bail!("a relay serves only enrolled nodes (no certificate from the CA was presented)")
+        }
+    }
+    fn may_report(&self, _: &Caller, _: &str) -> Result<()> {
+        bail!("a relay takes no reports")
+    }
+    fn enroll(&self, _: &Caller, _: &EnrollRequest) -> Result<Vec<Vec<u8>>> {
+        bail!("a relay does not enroll nodes")
+    }
+}
+
+/// Where each object of a version lies in the tree: its first use (entry, offset, length).
+type Index = HashMap<Digest, (Vec<u8>, u64, u32)>;
+
+fn index(m: &Manifest) -> Index {
+    let mut ix = Index::new();
+    for e in &m.entries {
+        if let Kind::File { chunks, .. } = &e.kind {
+            for c in chunks {
+                ix.entry(c.digest)
+                    .or_insert_with(|| (e.path.clone(), c.offset, c.len));
+            }
+        }
+    }
+    ix
+}
+
+/// The objects a relay serves: the buffer, else the node's tree.
+pub struct RelayObjects {
+    buffer: Arc<Buffer>,
+    root: PathBuf,
+    index: OnceLock<Index>,
+    wait: Duration,
+    served_objects: AtomicU64,
+    served_bytes: AtomicU64,
+    busy: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl RelayObjects {
+    pub fn new(buffer: Arc<Buffer>, root: &Path, wait: Duration) -> RelayObjects {
+        RelayObjects {
+            buffer,
+            root: root.to_path_buf(),
+            index: OnceLock::new(),
+            wait,
+            served_objects: AtomicU64::new(0),
+            served_bytes: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The version being deployed: where its objects will lie in the tree.
+    pub fn set_manifest(&self, m: &Manifest) {
+        let _ = self.index.set(index(m));
+    }
+
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// How long since a successor last asked for an object (zero while one is being served).
+    pub fn idle(&self) -> Duration {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    fn read_back(&self, d: &Digest) -> Result<(u32, Vec<u8>)> {
+        let (path, offset, len) = self
+            .index
+            .get()
+            .and_then(|ix| ix.get(d))
+            .ok_or_else(|| anyhow!("object {d} is in no file of this version"))?;
+        let root = si_tree::apply::open_root(&self.root)?;
+        let parent =
+            si_proto::path::parent(path).ok_or_else(|| anyhow!("object {d} at the root"))?;
+        let pd = si_tree::apply::open_dir_beneath(std::os::fd::AsFd::as_fd(&root), parent)?;
+        let fd = rustix::fs::openat(
+            &pd,
+            OsStr::from_bytes(si_proto::path::file_name(path)),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .with_context(|| format!("opening the file that holds {d}"))?;
+        let f = std::fs::File::from(fd);
+        if *len > si_proto::limits::MAX_OBJECT {
+            bail!("object {d}: {len} bytes is past the largest object");
+        }
+        let mut data = vec![0u8; *len as usize];
+        f.read_exact_at(&mut data, *offset)
+            .with_context(|| format!("reading {d} back from the tree"))?;
+        if Digest::of(&data) != *d {
+            bail!("object {d} changed in the tree since it was written");
+        }
+        let z = si_tree::codec::compress(&data)?;
+        Ok((*len, z))
+    }
+}
+
+impl ObjectFinder for RelayObjects {
+    fn object(&self, d: &Digest) -> Result<(u32, Vec<u8>)> {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        let r = match self.buffer.get(d, self.wait) {
+            Found::Memory(raw, z) => Ok((raw, z.to_vec())),
+            Found::Disk => self.read_back(d),
+            Found::Absent => Err(anyhow!("object {d} is not on this relay")),
+        };
+        self.touch();
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+        if let Ok((_, z)) = &r {
+            self.served_objects.fetch_add(1, Ordering::Relaxed);
+            self.served_bytes
+                .fetch_add(z.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn may_wait(&self) -> bool {
+        true
+    }
+}
+
+/// The relay listener's limits: few peers (a successor, and one healing past a dead relay).
+pub fn serve_config(transport: si_trust::Acceptor, insecure: bool) -> ServeConfig {
+    let mut c = ServeConfig::new(transport);
+    c.max_connections = 16;
+    c.per_source = 4;
+    c.message_deadline = Duration::from_secs(10);
+    c.idle_timeout = Duration::from_secs(60);
+    c.write_stall = Duration::from_secs(30);
+    c.gate = Arc::new(RelayGate::new(insecure));
+    c
+}
+
+/// How long the first attach keeps trying an upstream that does not accept yet (it may still
+/// be starting).
+const FIRST_ATTACH_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Fetches `wants` from the upstreams in order, then the master; on an upstream that fails or
+/// stalls, moves on and asks the next only for what is still missing. Each object arrives
+/// once: `write` writes it, then it enters the buffer.
+#[allow(clippy::too_many_arguments)]
+fn fetch_chain(
+    upstreams: &[Upstream],
+    master: &mut Client,
+    master_label: &str,
+    wants: &[(Digest, u32)],
+    threads: usize,
+    stall: Duration,
+    buffer: &Buffer,
+    write: &(dyn Fn(Digest, Vec<u8>) -> Result<()> + Sync),
+) -> Result<(Vec<FromUpstream>, u64)> {
+    let got = Mutex::new(HashSet::<Digest>::with_capacity(wants.len()));
+    let mut from: Vec<FromUpstream> = Vec::new();
+    let mut reattaches = 0u64;
+    let local_failed = AtomicBool::new(false);
+    let n = upstreams.len() + 1;
+    for i in 0..n {
+        let rest: Vec<(Digest, u32)> = {
+            let g = got.lock().unwrap_or_else(|p| p.into_inner());
+            wants
+                .iter()
+                .filter(|w| !g.contains(&w.0))
+                .copied()
+                .collect()
+        };
+        if rest.is_empty() {
+            break;
+        }
+        if i > 0 {
+            reattaches += 1;
+        }
+        let label = upstreams
+            .get(i)
+            .map_or(master_label, |u| &u.label)
+            .to_string();
+        tracing::info!(upstream = %label, missing = rest.len(), reattach = i > 0, "attaching to an upstream");
+        let (objs, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+        let on_object = |d: Digest, z: &[u8], data: Vec<u8>| -> Result<()> {
+            let raw = data.len() as u32;
+            if let Err(e) = write(d, data) {
+                local_failed.store(true, Ordering::Release);
+                return Err(e);
+            }
+            buffer.put(d, raw, z);
+            got.lock().unwrap_or_else(|p| p.into_inner()).insert(d);
+            objs.fetch_add(1, Ordering::Relaxed);
+            bytes.fetch_add(z.len() as u64, Ordering::Relaxed);
+            Ok(())
+        };
+        let res = match upstreams.get(i) {
+            Some(u) => attach(u, i == 0, stall).and_then(|mut c| {
+                let r = c.fetch_with(&rest, threads, &on_object);
+                if r.is_ok() {
+                    c.bye();
+                }
+                r
+            }),
+            None => master.fetch_with(&rest, threads, &on_object),
+        };
+        from.push(FromUpstream {
+            upstream: label.clone(),
+            objects: objs.load(Ordering::Relaxed),
+            bytes: bytes.load(Ordering::Relaxed),
+        });
+        match res {
+            Ok(()) => {}
+            Err(e) if local_failed.load(Ordering::Acquire) => {
+                return Err(e.context("writing an object into the tree"))
+            }
+            Err(e) if i + 1 < n => {
+                tracing::warn!(upstream = %label, error = format!("{e:#}"), "upstream failed or stalled; reattaching to the next");
+            }
+            Err(e) => return Err(e.context(format!("fetching objects from {label}"))),
+        }
+    }
+    let g = got.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(w) = wants.iter().find(|w| !g.contains(&w.0)) {
+        bail!("object {} never arrived", w.0);
+    }
+    Ok((from, reattaches))
+}
+
+/// A session with an upstream relay. The first one may not accept yet (it is starting too):
+/// refused connections are retried for a while; a later (healing) attach gets one try.
+fn attach(u: &Upstream, first: bool, stall: Duration) -> Result<Client> {
+    let deadline = Instant::now()
+        + if first {
+            FIRST_ATTACH_PATIENCE
+        } else {
+            Duration::ZERO
+        };
+    loop {
+        match Client::connect_once(&u.addr, Duration::from_secs(3), stall, &u.trust) {
+            Ok(c) => return Ok(c),
+            Err(e) if e.retryable() && Instant::now() < deadline => {
+                tracing::debug!(upstream = %u.label, error = %e, "upstream not ready; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(anyhow!(e)).with_context(|| format!("attaching to {}", u.label)),
+        }
+    }
+}
+
+/// Deploys the version onto the empty root, relaying as it goes; returns once deployed and no
+/// successor asked for anything for `linger_secs`.
+pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
+    let start = Instant::now();
+    let master_trust = cfg.trust.connector()?;
+    let insecure = matches!(master_trust, Connector::Insecure);
+    let identity = match master_trust.pin() {
+        Some(pin) => {
+            let dir = cfg
+                .trust
+                .identity_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(si_agent::pull::DEFAULT_IDENTITY_DIR));
+            Some((
+                pin,
+                NodeIdentity::load(&dir, &pin)
+                    .context("loading this node's identity (a relay needs one)")?,
+            ))
+        }
+        None => None,
+    };
+    let pin_id = identity.as_ref().map(|(p, i)| (*p, i));
+    let upstreams = cfg
+        .relay_from
+        .iter()
+        .map(|s| upstream(s, pin_id))
+        .collect::<Result<Vec<_>>>()?;
+    let buffer = Arc::new(Buffer::new(cfg.buffer_mib.saturating_mul(1 << 20)));
+    let objects = Arc::new(RelayObjects::new(
+        buffer.clone(),
+        &cfg.root,
+        Duration::from_secs(cfg.wait_secs),
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the relay's runtime")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = match &cfg.relay_listen {
+        Some(addr) => {
+            let transport = match &identity {
+                None => {
+                    tracing::warn!("--insecure: this relay serves objects over plain TCP to anyone who reaches it");
+                    si_trust::Acceptor::Insecure
+                }
+                Some((_, id)) => si_trust::Acceptor::tls(si_trust::tls::node_server_config(id)?),
+            };
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("listening on {addr}"))?;
+            l.set_nonblocking(true)
+                .context("making the listener non-blocking")?;
+            let sc = serve_config(transport, insecure);
+            let finder: Arc<dyn ObjectFinder> = objects.clone();
+            let _guard = rt.enter();
+            let l = tokio::net::TcpListener::from_std(l).context("registering the listener")?;
+            tracing::info!(listen = %addr, "relay listening");
+            Some(rt.spawn(service::run_objects(l, finder, sc, async {
+                let _ = stopped.await;
+            })))
+        }
+        None => None,
+    };
+    let deployed = (|| -> Result<RelaySummary> {
+        let mut master = Client::connect(&cfg.server, Duration::from_secs(10), &master_trust)?;
+        let (info, m, mbytes) = master
+            .manifest(&cfg.image, cfg.version)
+            .with_context(|| format!("fetching the manifest of {}", cfg.image))?;
+        objects.set_manifest(&m);
+        let ix = index(&m);
+        buffer.expect(ix.keys().copied());
+        let mut from = Vec::new();
+        let mut reattaches = 0;
+        let (n, bytes) =
+            si_agent::update::deploy_fresh_with(&m, &cfg.root, &mut |wants, write| {
+                let (f, r) = fetch_chain(
+                    &upstreams,
+                    &mut master,
+                    &format!("master {}", cfg.server),
+                    wants,
+                    cfg.threads,
+                    Duration::from_secs(cfg.stall_secs),
+                    &buffer,
+                    write,
+                )?;
+                from = f;
+                reattaches = r;
+                Ok(())
+            })?;
+        let sdir = cfg
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| cfg.root.join("var/lib/si"));
+        si_agent::update::record_installed(&sdir, &cfg.server, &info, &m, &mbytes)?;
+        master.bye();
+        Ok(RelaySummary {
+            image: info.image,
+            version: info.version,
+            objects: n,
+            bytes,
+            from,
+            reattaches,
+            ..Default::default()
+        })
+    })();
+    buffer.close();
+    let mut sum = deployed?;
+    if server.is_some() {
+        let linger = Duration::from_secs(cfg.linger_secs);
+        while objects.idle() < linger {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = stop.send(());
+    if let Some(h) = server {
+        match rt.block_on(h) {
+            Ok(r) => r.context("the relay listener")?,
+            Err(e) => bail!("the relay listener ended abnormally: {e}"),
+        }
+    }
+    sum.served_objects = objects.served_objects.load(Ordering::Relaxed);
+    sum.served_bytes = objects.served_bytes.load(Ordering::Relaxed);
+    sum.seconds = start.elapsed().as_secs_f64();
+    for f in &sum.from {
+        tracing::info!(upstream = %f.upstream, objects = f.objects, bytes = f.bytes, "objects from an upstream");
+    }
+    tracing::info!(
+        image = %sum.image,
+        version = sum.version,
+        objects = sum.objects,
+        reattaches = sum.reattaches,
+        from = ?sum.from,
+        served_objects = sum.served_objects,
+        served_bytes = sum.served_bytes,
+        seconds = sum.seconds,
+        "relayed deploy done"
+    );
+    Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use si_proto::frame::{read_frame_async, recv_msg_async, write_msg_async, Frame, FrameError};
+    use si_proto::handshake::{self, Credentials};
+    use si_proto::manifest::Entry;
+    use si_proto::msg::{ErrorKind, Msg, Role};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn entry(path: &[u8], kind: Kind) -> Entry {
+        Entry {
+            path: path.to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        }
+    }
+
+    /// A relay listener over plain TCP whose gate is `insecure` or not, holding `objects`.
+    async fn listener(
+        objects: Arc<RelayObjects>,
+        insecure: bool,
+        deadline: Duration,
+    ) -> SocketAddr {
+        let mut sc = serve_config(si_trust::Acceptor::Insecure, insecure);
+        sc.message_deadline = deadline;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(service::run_objects(l, objects, sc, std::future::pending()));
+        addr
+    }
+
+    fn one_object() -> (Arc<RelayObjects>, Digest) {
+        let b = Arc::new(Buffer::new(1 << 20));
+        let data = b"relayed object".to_vec();
+        let d = Digest::of(&data);
+        b.expect([d]);
+        b.put(
+            d,
+            data.len() as u32,
+            &si_tree::codec::compress(&data).unwrap(),
+        );
+        let o = Arc::new(RelayObjects::new(
+            b,
+            Path::new("/nonexistent"),
+            Duration::from_millis(100),
+        ));
+        (o, d)
+    }
+
+    async fn want(addr: SocketAddr, d: Digest) -> Result<Msg, FrameError> {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let creds = Credentials {
+            client: "n2".into(),
+            token: String::new(),
+        };
+        handshake::connect_async(&mut c, Role::Deploy, &creds)
+            .await
+            .unwrap();
+        write_msg_async(&mut c, &Msg::Want(vec![d])).await.unwrap();
+        c.flush().await.unwrap();
+        let m = recv_msg_async(&mut c).await?;
+        if matches!(m, Msg::Blob { .. }) {
+            let Some(Frame::Data(z)) = read_frame_async(&mut c).await.unwrap() else {
+                panic!("a blob without data")
+            };
+            assert!(si_tree::codec::verify(&d, 14, &z).is_ok());
+        }
+        Ok(m)
+    }
+
+    /// An object request from a peer without a certificate is refused with a Refused error;
+    /// the same request where the gate lets everyone in (`--insecure`) gets the object.
+    #[tokio::test]
+    async fn an_unauthenticated_peer_is_refused() {
+        let (o, d) = one_object();
+        let addr = listener(o.clone(), false, Duration::from_secs(5)).await;
+        let m = want(addr, d).await;
+        assert!(
+            matches!(
+                m,
+                Err(FrameError::Peer {
+                    kind: ErrorKind::Refused,
+                    ..
+                })
+            ),
+            "{m:?}"
+        );
+        let addr = listener(o.clone(), true, Duration::from_secs(5)).await;
+        let m = want(addr, d).await;
+        assert!(
+            matches!(m, Ok(Msg::Blob { digest, raw_len: 14 }) if digest == d),
+            "{m:?}"
+        );
+        assert_eq!(o.served_objects.load(Ordering::Relaxed), 1);
+    }
+
+    /// A peer that connects and says nothing is dropped once the message deadline passes.
+    #[tokio::test]
+    async fn a_silent_peer_is_dropped_after_the_deadline() {
+        let (o, _) = one_object();
+        let addr = listener(o, true, Duration::from_millis(300)).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t = Instant::now();
+        let mut buf = [0u8; 64];
+        let got = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("the relay kept a silent peer for 10 s");
+        assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    /// Manifests never come from a relay, whoever asks.
+    #[tokio::test]
+    async fn a_relay_serves_no_manifests() {
+        let (o, _) = one_object();
+        let addr = listener(o, true, Duration::from_secs(5)).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let creds = Credentials {
+            client: "n2".into(),
+            token: String::new(),
+        };
+        handshake::connect_async(&mut c, Role::Deploy, &creds)
+            .await
+            .unwrap();
+        let ask = Msg::GetManifest {
+            image: "img".into(),
+            version: None,
+        };
+        write_msg_async(&mut c, &ask).await.unwrap();
+        c.flush().await.unwrap();
+        let m = recv_msg_async(&mut c).await;
+        assert!(
+            matches!(
+                m,
+                Err(FrameError::Peer {
+                    kind: ErrorKind::NotFound,
+                    ..
+                })
+            ),
+            "{m:?}"
+        );
+    }
+
+    /// An object evicted from memory is read back from the tree, checked and compressed
+    /// again; one whose bytes in the tree changed is refused, not served.
+    #[test]
+    fn falls_back_to_the_tree() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("d")).unwrap();
+        let a = vec![1u8; 3000];
+        let b: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let mut file = a.clone();
+        file.extend_from_slice(&b);
+        std::fs::write(t.path().join("d/f"), &file).unwrap();
+        let (da, db) = (Digest::of(&a), Digest::of(&b));
+        let m = Manifest {
+            entries: vec![
+                entry(b"", Kind::Dir),
+                entry(b"d", Kind::Dir),
+                entry(
+                    b"d/f",
+                    Kind::File {
+                        size: 6000,
+                        chunks: vec![
+                            si_proto::Chunk {
+                                offset: 0,
+                                len: 3000,
+                                digest: da,
+                            },
+                            si_proto::Chunk {
+                                offset: 3000,
+                                len: 3000,
+                                digest: db,
+                            },
+                        ],
+                    },
+                ),
+            ],
+        };
+        // Room for one compressed object only: the first is evicted by the second.
+        let za = si_tree::codec::compress(&a).unwrap();
+        let zb = si_tree::codec::compress(&b).unwrap();
+        let buf = Arc::new(Buffer::new(za.len().max(zb.len())));
+        buf.expect([da, db]);
+        let o = RelayObjects::new(buf.clone(), t.path(), Duration::ZERO);
+        o.set_manifest(&m);
+        buf.put(da, 3000, &za);
+        buf.put(db, 3000, &zb);
+        assert_eq!(buf.get(&da, Duration::ZERO), Found::Disk);
+        let (raw, z) = o.object(&da).unwrap();
+        assert_eq!(raw, 3000);
+        assert_eq!(si_tree::codec::verify(&da, raw, &z).unwrap(), a);
+        let (_, z) = o.object(&db).unwrap();
+        assert_eq!(z, zb);
+        // The tree changed under the relay: refused.
+        std::fs::write(t.path().join("d/f"), vec![9u8; 6000]).unwrap();
+        assert!(o.object(&da).is_err());
+        // Not in this version at all: refused at once.
+        assert!(o.object(&Digest::of(b"other")).is_err());
+    }
+}

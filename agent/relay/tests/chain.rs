@@ -1,0 +1,265 @@
+//! The chain on loopback, unprivileged and in one process (`--insecure`: the TLS link is tested
+//! as root in tests/tests/relay.rs and in si-trust): a master serving a small version from a
+//! store, relays started by `si_relay::run`, and upstreams that stop sending half way.
+
+use si_imageserver::service::{self, ObjectFinder, ServeConfig};
+use si_proto::manifest::{Entry, Kind, Manifest};
+use si_proto::{Chunk, Digest};
+use si_relay::RelayConfig;
+use si_store::Store;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn entry(path: &[u8], kind: Kind, mode: u32) -> Entry {
+    Entry {
+        path: path.to_vec(),
+        kind,
+        mode,
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+        mtime: 1_700_000_000,
+        mtime_nsec: 0,
+        xattrs: vec![],
+    }
+}
+
+/// A version of two files of 24 objects (128 KiB of noise each) in a store; the files' bytes.
+fn version(store: &Store) -> (Manifest, Vec<(String, Vec<u8>)>) {
+    let mut w = store.pack_writer().unwrap();
+    let mut files = Vec::new();
+    let mut entries = vec![entry(b"", Kind::Dir, 0o755)];
+    for (f, name) in ["a", "b"].iter().enumerate() {
+        let mut content = Vec::new();
+        let mut chunks = Vec::new();
+        for i in 0..12u64 {
+            let data = noise(128 << 10, f as u64 * 100 + i);
+            let digest = w.add_raw(&data).unwrap();
+            chunks.push(Chunk {
+                offset: content.len() as u64,
+                len: data.len() as u32,
+                digest,
+            });
+            content.extend_from_slice(&data);
+        }
+        entries.push(entry(
+            name.as_bytes(),
+            Kind::File {
+                size: content.len() as u64,
+                chunks,
+            },
+            0o644,
+        ));
+        files.push((name.to_string(), content));
+    }
+    w.finish().unwrap();
+    let m = Manifest { entries };
+    store
+        .record_version("img", &m, Default::default(), None)
+        .unwrap();
+    (m, files)
+}
+
+/// The master: the store's image service over plain TCP, every version signed by a dummy
+/// signer (an `--insecure` node does not check signatures) before it starts, as si-server does
+/// (signing on the fly while several nodes ask at once races in the store: two writers of one
+/// signature file).
+fn master(store: Arc<Store>) -> SocketAddr {
+    let signer: service::Signer = Arc::new(|_: &str, _: u32, d: &Digest| Ok(d.0.to_vec()));
+    service::sign_unsigned(&store, &signer).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            let mut cfg = ServeConfig::new(si_trust::Acceptor::Insecure);
+            cfg.signer = Some(signer);
+            service::run(l, store, cfg, None, std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// An upstream that serves the first `good` objects it is asked for, then sends nothing more
+/// (a relay that stopped making progress).
+struct Stalls {
+    objects: HashMap<Digest, (u32, Vec<u8>)>,
+    good: usize,
+    served: std::sync::Mutex<usize>,
+}
+
+impl ObjectFinder for Stalls {
+    fn object(&self, d: &Digest) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut n = self.served.lock().unwrap();
+        if *n >= self.good {
+            drop(n);
+            std::thread::sleep(Duration::from_secs(30));
+            anyhow::bail!("stalled");
+        }
+        *n += 1;
+        self.objects
+            .get(d)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("not here"))
+    }
+
+    fn may_wait(&self) -> bool {
+        true
+    }
+}
+
+fn stalling_upstream(store: &Store, m: &Manifest, good: usize) -> SocketAddr {
+    let mut objects = HashMap::new();
+    for e in &m.entries {
+        if let Kind::File { chunks, .. } = &e.kind {
+            for c in chunks {
+                objects.insert(c.digest, store.get_compressed(&c.digest).unwrap());
+            }
+        }
+    }
+    let finder = Arc::new(Stalls {
+        objects,
+        good,
+        served: std::sync::Mutex::new(0),
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            let cfg = si_relay::serve_config(si_trust::Acceptor::Insecure, true);
+            service::run_objects(l, finder, cfg, std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn config(
+    server: SocketAddr,
+    root: &Path,
+    from: &[String],
+    listen: Option<SocketAddr>,
+) -> RelayConfig {
+    std::fs::create_dir_all(root).unwrap();
+    RelayConfig {
+        server: server.to_string(),
+        image: "img".into(),
+        version: None,
+        root: root.to_path_buf(),
+        state_dir: Some(root.with_extension("state")),
+        relay_from: from.to_vec(),
+        relay_listen: listen.map(|a| a.to_string()),
+        buffer_mib: 1,
+        stall_secs: 1,
+        wait_secs: 20,
+        linger_secs: 2,
+        threads: 2,
+        summary_json: None,
+        trust: si_agent::pull::TrustArgs {
+            insecure: true,
+            ..Default::default()
+        },
+    }
+}
+
+fn exact(root: &Path, files: &[(String, Vec<u8>)]) {
+    for (name, content) in files {
+        let got = std::fs::read(root.join(name)).unwrap();
+        assert!(got == *content, "{name} differs in {}", root.display());
+    }
+}
+
+/// Three nodes in a chain: node0 from the master, node1 from node0, node2 from node1; each
+/// ends with the version's bytes, each object came once, and from its predecessor. A 1 MiB
+/// buffer holds fewer objects than the version (3 MiB compressed at least): the rest is read
+/// back from the tree.
+#[test]
+fn three_nodes_in_a_chain() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&t.path().join("store")).unwrap());
+    let (_, files) = version(&store);
+    let m = master(store);
+    let ports: Vec<SocketAddr> = (0..2).map(|_| free_port()).collect();
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let from: Vec<String> = (0..i).rev().map(|j| ports[j].to_string()).collect();
+            let cfg = config(
+                m,
+                &t.path().join(format!("n{i}")),
+                &from,
+                ports.get(i).copied(),
+            );
+            std::thread::spawn(move || si_relay::run(&cfg))
+        })
+        .collect();
+    let sums: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    for (i, s) in sums.iter().enumerate() {
+        exact(&t.path().join(format!("n{i}")), &files);
+        assert_eq!(s.objects, 24);
+        assert_eq!(s.reattaches, 0, "{s:?}");
+        assert_eq!(s.from.len(), 1, "{s:?}");
+        assert_eq!(s.from[0].objects, 24, "{s:?}");
+        let want = if i == 0 {
+            format!("master {m}")
+        } else {
+            ports[i - 1].to_string()
+        };
+        assert_eq!(s.from[0].upstream, want);
+        if i < 2 {
+            assert_eq!(s.served_objects, 24, "node{i}: {s:?}");
+        }
+    }
+    assert!(t.path().join("n2.state/installed.toml").exists());
+}
+
+/// An upstream that sends 10 objects and then nothing: after the stall the node moves to the
+/// next candidate (the master), asks only for the 14 it lacks, and ends exact.
+#[test]
+fn a_stalled_upstream_is_left_and_nothing_is_fetched_twice() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&t.path().join("store")).unwrap());
+    let (manifest, files) = version(&store);
+    let stall = stalling_upstream(&store, &manifest, 10);
+    let m = master(store);
+    let cfg = config(m, &t.path().join("n"), &[stall.to_string()], None);
+    let start = std::time::Instant::now();
+    let s = si_relay::run(&cfg).unwrap();
+    exact(&t.path().join("n"), &files);
+    assert_eq!(s.reattaches, 1, "{s:?}");
+    assert_eq!(s.from.len(), 2, "{s:?}");
+    assert_eq!((s.from[0].objects, s.from[1].objects), (10, 14), "{s:?}");
+    assert!(s.from[1].upstream.starts_with("master"), "{s:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+}

@@ -52,6 +52,11 @@ struct SimConfig {
     fanout: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Every node from the master instead of chains (the baseline a session is planned
+    /// against).
+    #[arg(long)]
+    #[serde(default)]
+    direct: bool,
     /// Print JSON lines instead of the table.
     #[arg(long)]
     #[serde(default)]
@@ -91,7 +96,12 @@ fn main() -> Result<()> {
         .max;
         for &n in &c.nodes {
             let p = mk(n);
-            let o = simulate(&p);
+            let o = if c.direct {
+                let names = (0..n).map(|i| format!("n{i:05}")).collect();
+                si_broadcast::sim::simulate_plan(&p, &si_broadcast::plan::Plan::Direct(names))
+            } else {
+                simulate(&p)
+            };
             if c.json {
                 println!("{}", serde_json::json!({"params": p, "outcome": o}));
             } else {

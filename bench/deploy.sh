@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "$0: needs root (namespaces, tc, device nodes)" >&2; exit 1; }
-for b in si-image si-server si-updateclient; do
+for b in si-image si-server si-updateclient si-node si-enroll; do
     [ -x "$bindir/$b" ] || { echo "$0: $bindir/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
 done
 for tool in rsync tc python3 zstd; do
@@ -123,6 +123,18 @@ CONF
 ip netns exec "$ns_m" rsync --daemon --no-detach --config="$work/rsyncd.conf" &
 pids+=($!)
 sleep 1
+if [ "$insecure" = 0 ]; then
+    # The node enrolls once, as its installer would: armed in the inventory, the master's
+    # one-time token, a key and certificate of its own; its updates then present it.
+    "$bindir/si-node" --state-dir "$work/state" --images bench add bench-node \
+        --mac 52:54:00:be:00:01 --image bench --boot install >/dev/null 2>&1
+    token=$("$bindir/si-server" --state-dir "$work/state" ca token bench-node)
+    SI_ENROLL_TOKEN=$token ip netns exec "$ns_n" "$bindir/si-enroll" --server "$M:7811" \
+        --ca-fingerprint "$pin" --node bench-node --mac 52:54:00:be:00:01 --uuid bench-node \
+        --identity-dir "$work/node.id" >/dev/null
+    tls_client+=(--identity-dir "$work/node.id")
+    log "node enrolled"
+fi
 
 ncpu() { # CPU seconds of a process tree so far: utime+stime of everything in a namespace
     ip netns pids "$1" | while read -r p; do awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || true; done |

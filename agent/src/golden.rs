@@ -191,13 +191,14 @@ pub fn serve_on(
         tracing::warn!("--insecure: the capture runs over plain TCP; the tree and the token cross the network in the clear");
         None
     } else {
-        let pin = match &self_pin(cfg)? {
-            Some(p) => {
-                tracing::info!(ca = %p, "the master must present its certificate from the pinned CA");
-                Some(*p)
-            }
-            None => None,
-        };
+        let pin: Option<si_trust::Fingerprint> = cfg
+            .ca_fingerprint
+            .as_deref()
+            .map(|p| p.parse().context("parsing --ca-fingerprint"))
+            .transpose()?;
+        if let Some(p) = &pin {
+            tracing::info!(ca = %p, "the master must present its certificate from the pinned CA");
+        }
         Some(si_trust::capture::golden_server_config(pin)?)
     };
     // Non-blocking so a connection gone between poll(2) and accept(2) cannot block past the
@@ -232,14 +233,6 @@ pub fn serve_on(
             Err(e) => tracing::warn!(%peer, error = format!("{e:#}"), "refused a connection"),
         }
     }
-}
-
-/// The pinned CA, if one was given.
-fn self_pin(cfg: &ServeConfig) -> Result<Option<si_trust::Fingerprint>> {
-    cfg.ca_fingerprint
-        .as_deref()
-        .map(|p| p.parse().context("parsing --ca-fingerprint"))
-        .transpose()
 }
 
 /// The golden client's side of a session past the handshake.

@@ -170,6 +170,60 @@ impl Netns {
     }
 }
 
+/// A master namespace with a bridge at 10.213.`net`.1/24 and node namespaces on it, each
+/// joined by a veth pair, node `i` at 10.213.`net`.`first + i`/24.
+pub struct Bridged {
+    pub master: Netns,
+    pub nodes: Vec<Netns>,
+    /// The master-side end of each node's link (on the bridge).
+    pub ports: Vec<String>,
+    /// The node-side end of each node's link.
+    pub links: Vec<String>,
+}
+
+impl Bridged {
+    pub fn new(net: u8, n: usize, first: u8) -> Result<Bridged> {
+        let master = Netns::new()?;
+        master.sh(&format!(
+            "ip link add br0 type bridge && ip addr add 10.213.{net}.1/24 dev br0 && ip link set br0 up"
+        ))?;
+        let nodes: Vec<Netns> = (0..n).map(|_| Netns::new()).collect::<Result<_>>()?;
+        let (mut ports, mut links) = (Vec::new(), Vec::new());
+        for (i, node) in nodes.iter().enumerate() {
+            let k = COUNTER.fetch_add(1, Ordering::SeqCst);
+            let a = format!("sb{}m{k}", std::process::id() % 100000);
+            let b = format!("sb{}n{k}", std::process::id() % 100000);
+            run(Command::new("ip").args([
+                "link",
+                "add",
+                &a,
+                "netns",
+                &master.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b,
+                "netns",
+                &node.name,
+            ]))?;
+            master.sh(&format!("ip link set {a} master br0 up"))?;
+            node.sh(&format!(
+                "ip addr add 10.213.{net}.{}/24 dev {b} && ip link set {b} up",
+                usize::from(first) + i
+            ))?;
+            ports.push(a);
+            links.push(b);
+        }
+        Ok(Bridged {
+            master,
+            nodes,
+            ports,
+            links,
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

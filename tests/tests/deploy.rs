@@ -251,44 +251,8 @@ fn deploy_update_and_resume_across_namespaces() {
 
 /// A master namespace with a bridge at 10.213.`net`.1/24 and `n` node namespaces on it
 /// (10.213.`net`.11, .12, ...), each joined by a veth pair.
-fn bridged(net: u8, n: usize) -> (Netns, Vec<Netns>) {
-    let master = Netns::new().unwrap();
-    master
-        .sh(&format!(
-            "ip link add br0 type bridge && ip addr add 10.213.{net}.1/24 dev br0 && ip link set br0 up"
-        ))
-        .unwrap();
-    let nodes: Vec<Netns> = (0..n).map(|_| Netns::new().unwrap()).collect();
-    for (i, node) in nodes.iter().enumerate() {
-        let (a, b) = (
-            format!("sp{}m{net}x{i}", std::process::id() % 10000),
-            format!("sp{}n{net}x{i}", std::process::id() % 10000),
-        );
-        run(Command::new("ip").args([
-            "link",
-            "add",
-            &a,
-            "netns",
-            &master.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &b,
-            "netns",
-            &node.name,
-        ]))
-        .unwrap();
-        master
-            .sh(&format!("ip link set {a} master br0 up"))
-            .unwrap();
-        node.sh(&format!(
-            "ip addr add 10.213.{net}.{}/24 dev {b} && ip link set {b} up",
-            11 + i
-        ))
-        .unwrap();
-    }
-    (master, nodes)
+fn bridged(net: u8, n: usize) -> si_tests::Bridged {
+    si_tests::Bridged::new(net, n, 11).unwrap()
 }
 
 /// si-pushupdate to eight nodes' si-agentd over TLS (the master's certificate from the CA;
@@ -303,7 +267,7 @@ fn push_to_eight_nodes_with_one_down() {
     let store = t.path().join("store");
     run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
     // One boot network: a bridge in the master's namespace, each node on it by a veth pair.
-    let (master, nodes) = bridged(9, 8);
+    let si_tests::Bridged { master, nodes, .. } = bridged(9, 8);
     let _server = start_server(&master, &store);
     let mut agents = Vec::new();
     for (i, n) in nodes.iter().enumerate().take(7) {
@@ -395,7 +359,7 @@ fn push_over_ssh() {
     std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap(); // sshd's privilege separation directory
 
-    let (master, nodes) = bridged(10, 3);
+    let si_tests::Bridged { master, nodes, .. } = bridged(10, 3);
     let _server = start_server(&master, &store);
     let mut sshds = Vec::new();
     for (i, n) in nodes.iter().enumerate().take(2) {
@@ -560,9 +524,13 @@ fn deploy_and_update_complete_under_loss_and_delay() {
     let store = t.path().join("store");
     run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
     let net = 12;
-    let (master, nodes) = bridged(net, 2);
+    let si_tests::Bridged {
+        master,
+        nodes,
+        ports,
+        links,
+    } = bridged(net, 2);
     let _server = start_server(&master, &store);
-    let pid = std::process::id() % 10000;
     for (i, loss) in [(0usize, 1u32), (1, 10)] {
         let p = f64::from(loss) / 100.0;
         for (chain, lo) in [("INPUT", "-i lo"), ("OUTPUT", "-o lo")] {
@@ -575,10 +543,10 @@ fn deploy_and_update_complete_under_loss_and_delay() {
         }
         let delay = "netem delay 50ms";
         let ok = master
-            .sh(&format!("tc qdisc add dev sp{pid}m{net}x{i} root {delay}"))
+            .sh(&format!("tc qdisc add dev {} root {delay}", ports[i]))
             .is_ok()
             && nodes[i]
-                .sh(&format!("tc qdisc add dev sp{pid}n{net}x{i} root {delay}"))
+                .sh(&format!("tc qdisc add dev {} root {delay}", links[i]))
                 .is_ok();
         if !ok {
             eprintln!(

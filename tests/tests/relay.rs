@@ -50,42 +50,13 @@ impl Lab {
         rand_file(&src.join("var/big.img"), mb, 7);
         let store = t.path().join("store");
         run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
-        let master = Netns::new().unwrap();
-        master
-            .sh(&format!(
-                "ip link add br0 type bridge && ip addr add 10.213.{subnet}.1/24 dev br0 && ip link set br0 up"
-            ))
-            .unwrap();
-        let nodes: Vec<Netns> = (0..n).map(|_| Netns::new().unwrap()).collect();
-        let mut ports = Vec::new();
-        for (i, node) in nodes.iter().enumerate() {
-            let a = format!("rl{}m{i}", std::process::id() % 100000);
-            let b = format!("rl{}n{i}", std::process::id() % 100000);
-            run(Command::new("ip").args([
-                "link",
-                "add",
-                &a,
-                "netns",
-                &master.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &b,
-                "netns",
-                &node.name,
-            ]))
-            .unwrap();
-            master
-                .sh(&format!("ip link set {a} master br0 && ip link set {a} up"))
-                .unwrap();
-            node.sh(&format!(
-                "ip addr add {} dev {b} && ip link set {b} up",
-                addr(subnet, i, 24)
-            ))
-            .unwrap();
-            ports.push(a);
-        }
+        // Nodes at 10.213.SUBNET.10 + i (see `addr`).
+        let si_tests::Bridged {
+            master,
+            nodes,
+            ports,
+            ..
+        } = si_tests::Bridged::new(subnet, n, 10).unwrap();
         let p = master
             .cmd(bin("si-server"))
             .arg("--ca-dir")

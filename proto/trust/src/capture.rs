@@ -11,8 +11,7 @@
 //! own proof (`Msg::CaptureProof`) before it sends anything of the tree.
 
 use anyhow::{Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use std::sync::Arc;
 
@@ -88,7 +87,9 @@ pub fn master_client_config(master: Option<Chain>) -> Result<Arc<rustls::ClientC
         .with_safe_default_protocol_versions()
         .context("choosing TLS versions")?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(TokenBound(crate::provider())));
+        .with_custom_certificate_verifier(Arc::new(TokenBound {
+            provider: crate::provider(),
+        }));
     let cfg = match master {
         Some((chain, key)) => b
             .with_client_auth_cert(chain, key)
@@ -151,45 +152,15 @@ impl rustls::server::danger::ClientCertVerifier for PinnedClientVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    crate::handshake_signatures!();
 }
 
 /// Takes the golden client's self-signed certificate: the session is authenticated by the
 /// token proofs bound to it, never by the certificate.
 #[derive(Debug)]
-struct TokenBound(Arc<rustls::crypto::CryptoProvider>);
+struct TokenBound {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
 
 impl ServerCertVerifier for TokenBound {
     fn verify_server_cert(
@@ -203,37 +174,7 @@ impl ServerCertVerifier for TokenBound {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    crate::handshake_signatures!();
 }
 
 #[cfg(test)]

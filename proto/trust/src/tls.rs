@@ -3,9 +3,9 @@
 
 use crate::{Fingerprint, NodeIdentity};
 use anyhow::{anyhow, bail, Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -63,39 +63,7 @@ impl ServerCertVerifier for PinnedVerifier {
             .verify_server_cert(end_entity, &[], server_name, ocsp, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    crate::handshake_signatures!();
 }
 
 /// A client config that trusts only the CA pinned by `pin`, presenting `identity` (a node's
@@ -560,39 +528,7 @@ impl ServerCertVerifier for NodeVerifier {
             .verify_server_cert(end_entity, intermediates, &name, ocsp, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    crate::handshake_signatures!();
 }
 
 /// A node agent's server config (si-agentd): it presents the node's certificate and requires
@@ -669,18 +605,14 @@ pub fn accept_master(
     config: &Arc<rustls::ServerConfig>,
     tcp: TcpStream,
 ) -> Result<TlsServerStream> {
-    let conn = rustls::ServerConnection::new(config.clone()).context("starting a TLS session")?;
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock).context("TLS handshake")?;
-    }
-    let cert = s
-        .conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .context("the peer presented no certificate")?;
+    let s = accept_any(config, tcp)?;
+    let cert =
+        s.0.conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .context("the peer presented no certificate")?;
     match crate::Peer::from_cert(cert.as_ref())? {
-        crate::Peer::Master => Ok(TlsServerStream(Box::new(s))),
+        crate::Peer::Master => Ok(s),
         p => bail!("refused: {p} is not the master"),
     }
 }

@@ -223,13 +223,11 @@ async fn push_one(node: &str, cfg: &PushConfig, trust: &Trust) -> Result<String>
             // any node certificate of the CA (which node it was is logged).
             let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            let by_address = host.parse::<std::net::IpAddr>().is_ok();
-            let expect = (!by_address).then_some(host);
-            let config = a.agent_client_config(expect)?;
-            let name = match host.parse::<std::net::IpAddr>() {
-                Ok(ip) => rustls_pki_types::ServerName::IpAddress(ip.into()),
-                Err(_) => si_trust::ca::node_server_name(host)?,
+            let (expect, name) = match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => (None, rustls_pki_types::ServerName::IpAddress(ip.into())),
+                Err(_) => (Some(host), si_trust::ca::node_server_name(host)?),
             };
+            let config = a.agent_client_config(expect)?;
             let mut s = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await

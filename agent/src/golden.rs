@@ -204,6 +204,7 @@ pub fn serve_on(
     // Non-blocking so a connection gone between poll(2) and accept(2) cannot block past the
     // deadline; the wait itself is poll(2).
     listener.set_nonblocking(true)?;
+    let kept = KeptBase::start(StateFiles::new(cfg));
     let deadline = Instant::now() + cfg.timeout();
     loop {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
@@ -228,8 +229,8 @@ pub fn serve_on(
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true).ok();
         match open_session(stream, cfg, tls.as_ref()) {
-            Ok(Golden::Tls(s)) => return capture(s, cfg, layout),
-            Ok(Golden::Plain(s)) => return capture(s, cfg, layout),
+            Ok(Golden::Tls(s)) => return capture(s, cfg, layout, kept),
+            Ok(Golden::Plain(s)) => return capture(s, cfg, layout, kept),
             Err(e) => tracing::warn!(%peer, error = format!("{e:#}"), "refused a connection"),
         }
     }
@@ -314,9 +315,9 @@ impl StateFiles {
         }
     }
 
-    /// The manifest last sent, if it is there, decodes, and has the manifest digest `want`
-    /// (anything else, a missing, corrupt or different manifest, is no base).
-    fn base(&self, want: &Digest) -> Option<Manifest> {
+    /// The manifest last sent, if it is there and decodes, with its manifest digest (a
+    /// missing or corrupt one is no base).
+    fn kept(&self) -> Option<(Manifest, Digest)> {
         let data = match std::fs::read(&self.sent_manifest) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -326,17 +327,36 @@ impl StateFiles {
             }
         };
         match Manifest::decode_with_digest(&data) {
-            Ok((m, d)) if d == *want => Some(m),
-            Ok(_) => {
+            Ok(x) => Some(x),
+            Err(e) => {
+                tracing::warn!(path = %self.sent_manifest.display(), error = %e, "the last manifest sent is corrupt");
+                None
+            }
+        }
+    }
+}
+
+/// The manifest last sent, decoding on a thread of its own from the moment the client starts
+/// listening, so a re-capture does not wait for it when the master names its base.
+struct KeptBase(Option<std::thread::JoinHandle<Option<(Manifest, Digest)>>>);
+
+impl KeptBase {
+    fn start(files: StateFiles) -> KeptBase {
+        KeptBase(Some(std::thread::spawn(move || files.kept())))
+    }
+
+    /// The kept manifest if its digest is `want` (anything else is no base).
+    fn matching(&mut self, want: &Digest) -> Option<Manifest> {
+        let kept = self.0.take()?.join().ok().flatten();
+        match kept {
+            Some((m, d)) if d == *want => Some(m),
+            Some(_) => {
                 tracing::info!(
                     "the master's newest version is not the manifest last sent from here"
                 );
                 None
             }
-            Err(e) => {
-                tracing::warn!(path = %self.sent_manifest.display(), error = %e, "the last manifest sent is corrupt");
-                None
-            }
+            None => None,
         }
     }
 }
@@ -350,7 +370,7 @@ struct Offered {
 }
 
 /// Reads `CaptureStart`, answers a `CaptureBase`, reads the `Have` list.
-fn offered<S: std::io::Read + Write>(conn: &mut S, files: &StateFiles) -> Result<Offered> {
+fn offered<S: std::io::Read + Write>(conn: &mut S, kept: &mut KeptBase) -> Result<Offered> {
     let Msg::CaptureStart { excludes } = recv_msg(conn)? else {
         bail!("expected CaptureStart")
     };
@@ -359,7 +379,7 @@ fn offered<S: std::io::Read + Write>(conn: &mut S, files: &StateFiles) -> Result
     loop {
         match recv_msg(conn)? {
             Msg::CaptureBase { manifest } => {
-                base = files.base(&manifest);
+                base = kept.matching(&manifest);
                 write_msg(conn, &Msg::BaseKnown(base.is_some()))?;
                 conn.flush()?;
             }
@@ -388,12 +408,13 @@ fn capture<S: std::io::Read + Write>(
     stream: S,
     cfg: &ServeConfig,
     layout: Option<String>,
+    mut kept: KeptBase,
 ) -> Result<ScanStats> {
     let mut conn = BufStream::with_capacities(64 << 10, 1 << 20, stream);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let files = StateFiles::new(cfg);
-    let offer = offered(&mut conn, &files)?;
+    let offer = offered(&mut conn, &mut kept)?;
     write_msg(&mut conn, &Msg::Layout(layout.unwrap_or_default()))?;
     let mut scfg = ScanConfig::new(&cfg.root);
     scfg.excludes = Excludes::new(&offer.excludes)?;

@@ -130,10 +130,13 @@ fn progress_bar(show: bool) -> indicatif::ProgressBar {
 /// recorded, the golden client told).
 pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
     let start = Instant::now();
-    let prepared = prepare(store, cfg)?;
-    let mut session = connect(cfg)?;
+    let mut prepared = prepare(store, cfg)?;
+    // The base decodes on its thread while the connection and its TLS handshake are made.
+    let connected = connect(cfg);
+    let base = prepared.base()?;
+    let mut session = connected?;
     let staged = (|| -> Result<(Rebuilt, Received)> {
-        let offer = offer(&mut session, store, cfg, prepared.base.as_ref())?;
+        let offer = offer(&mut session, store, cfg, base.as_ref())?;
         let received = receive(&mut session, store, cfg.progress)?;
         let rebuilt = rebuild(&mut session, &offer, &received)?;
         Ok((rebuilt, received))
@@ -159,10 +162,23 @@ pub fn get_image(store: &Store, cfg: &GetImage) -> Result<Summary> {
     Ok(summary)
 }
 
-/// What a capture starts from: the store locked for writing, and the newest version.
+/// What a capture starts from: the store locked for writing, and the newest version's
+/// manifest being decoded on a thread of its own.
 struct Prepared {
     _lock: si_store::StoreLock,
-    base: Option<Base>,
+    decoding: Option<std::thread::JoinHandle<Option<Base>>>,
+}
+
+impl Prepared {
+    /// The base, once decoded (None: no version yet, or one that is no base).
+    fn base(&mut self) -> Result<Option<Base>> {
+        match self.decoding.take() {
+            None => Ok(None),
+            Some(h) => h
+                .join()
+                .map_err(|_| anyhow::anyhow!("decoding the newest version's manifest panicked")),
+        }
+    }
 }
 
 /// The image's newest version, which the golden client may send a delta against.
@@ -171,26 +187,37 @@ struct Base {
     digest: Digest,
 }
 
-/// Checks the name, takes the writer lock and reads the newest version (if any). A version
-/// whose manifest does not decode to the digest its record names is no base (a full capture
-/// needs none).
+/// Checks the name, takes the writer lock, reads the newest version's manifest (if any) and
+/// starts decoding it. A version whose manifest does not decode to the digest its record names
+/// is no base (a full capture needs none).
 fn prepare(store: &Store, cfg: &GetImage) -> Result<Prepared> {
     si_store::valid_image_name(&cfg.image)?;
     let lock = store.writer_lock()?;
-    let base = match store.resolve(&cfg.image, None) {
+    let decoding = match store.resolve(&cfg.image, None) {
         Err(_) => None,
         Ok(v) => {
             let data = store.manifest_bytes(&cfg.image, v)?;
-            let (manifest, digest) = Manifest::decode_with_digest(&data)
-                .with_context(|| format!("decoding the manifest of {}@{v}", cfg.image))?;
             let recorded = store.manifest_digest(&cfg.image, v)?;
-            if recorded != digest {
-                tracing::warn!(image = %cfg.image, version = v, "the manifest does not have its recorded digest; capturing without a base");
-            }
-            (recorded == digest).then_some(Base { manifest, digest })
+            let image = cfg.image.clone();
+            Some(std::thread::spawn(
+                move || match Manifest::decode_with_digest(&data) {
+                    Ok((manifest, digest)) if digest == recorded => Some(Base { manifest, digest }),
+                    Ok(_) => {
+                        tracing::warn!(%image, version = v, "the manifest does not have its recorded digest; capturing without a base");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(%image, version = v, error = %format!("{e:#}"), "the newest version's manifest does not decode; capturing without a base");
+                        None
+                    }
+                },
+            ))
         }
     };
-    Ok(Prepared { _lock: lock, base })
+    Ok(Prepared {
+        _lock: lock,
+        decoding,
+    })
 }
 
 /// A connection to the golden client, past the handshake, counting what it receives.

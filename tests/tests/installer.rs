@@ -789,7 +789,9 @@ fn the_master_serves_install_plans_from_the_inventory() {
 
     let plans: si_imageserver::service::PlanHook = {
         let (inv, store, layouts) = (inv.clone(), store.clone(), state.join("layouts"));
-        Arc::new(move |n: &str| si_server::plans::install_plan(&inv, &store, &layouts, n))
+        Arc::new(move |n: &str| {
+            si_server::plans::install_plan(&inv, &store, &layouts, &Default::default(), n)
+        })
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let st = store.clone();

@@ -15,6 +15,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A relaying installer's memory for its successors (MiB of compressed objects; older ones
+/// are read back from the tree).
+const RELAY_BUFFER_MIB: usize = 256;
+/// An upstream silent this long is left for the next one.
+const RELAY_STALL: Duration = Duration::from_secs(5);
+/// How long the relay waits for an object a successor asks for before it has it.
+const RELAY_WAIT: Duration = Duration::from_secs(30);
+/// Once pulled, the pull step goes on serving until no successor asked for this long.
+const RELAY_LINGER: Duration = Duration::from_secs(10);
+
 /// The steps, in order (`si.break=` and `si.fail=` take these names).
 pub const STEPS: &[&str] = &[
     "plan",
@@ -942,6 +952,28 @@ impl Installer {
         ex.push("/var/lib/si/install.toml".into());
         ex.push("/var/log/si-install.log".into());
         let trust = self.connector(&server)?;
+        if let Some(relay) = &plan.relay {
+            let why_not = if self.synced {
+                Some("the tree is updated in place")
+            } else if self.identity.is_none() && !matches!(trust, Connector::Insecure) {
+                Some("no node identity to relay with (no si.token= enrollment)")
+            } else {
+                None
+            };
+            match why_not {
+                Some(why) => self.say(format!(
+                    "install wave: {why}; pulling from the master alone"
+                )),
+                None => match self.pull_relayed(&server, &plan, relay, &ex, &trust) {
+                    Ok(()) => return Ok(()),
+                    // What the chain wrote is kept; the update below finishes it from the
+                    // master, checking every file.
+                    Err(e) => self.say(format!(
+                        "install wave: the relayed pull failed ({e:#}); pulling the rest from the master"
+                    )),
+                },
+            }
+        }
         let o = si_agent::update::UpdateOptions {
             server,
             image: plan.image.clone(),
@@ -966,6 +998,68 @@ impl Installer {
         ));
         if let Some(p) = self.plan.as_mut() {
             p.version = Some(sum.version);
+        }
+        Ok(())
+    }
+
+    /// The pull as a member of an install wave: objects from the upstreams the plan names
+    /// (nearest first, the master last), served on to this node's successors from the tree
+    /// being written (si-relay, presenting the node's enrolled certificate); returns once
+    /// deployed and the successors stopped asking. The install log says which upstream gave
+    /// how many objects.
+    fn pull_relayed(
+        &mut self,
+        server: &str,
+        plan: &InstallPlan,
+        relay: &si_proto::plan::Relay,
+        excludes: &[String],
+        trust: &Connector,
+    ) -> Result<()> {
+        self.say(format!(
+            "install wave: upstreams {} (then the master){}",
+            if relay.upstreams.is_empty() {
+                "none".to_string()
+            } else {
+                relay.upstreams.join(", ")
+            },
+            relay
+                .listen
+                .as_ref()
+                .map(|l| format!("; relaying on {l}"))
+                .unwrap_or_default()
+        ));
+        let d = si_relay::Deploy {
+            server: server.to_string(),
+            image: plan.image.clone(),
+            version: plan.version,
+            root: self.target.clone(),
+            state_dir: None,
+            relay_from: relay.upstreams.clone(),
+            relay_listen: relay.listen.clone(),
+            buffer_mib: RELAY_BUFFER_MIB,
+            stall: RELAY_STALL,
+            wait: RELAY_WAIT,
+            linger: RELAY_LINGER,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            master: trust.clone(),
+            identity: self.identity.as_ref(),
+            excludes: si_tree::exclude::Excludes::new(excludes)?,
+        };
+        let s = si_relay::deploy(&d)?;
+        for f in &s.from {
+            self.say(format!(
+                "relay: {} objects ({} bytes) from {}",
+                f.objects, f.bytes, f.upstream
+            ));
+        }
+        self.say(format!(
+            "pulled {}@{} through the wave: {} objects, {} bytes; {} reattaches; relayed {} objects ({} bytes); {:.1} s",
+            s.image, s.version, s.objects, s.bytes, s.reattaches, s.served_objects, s.served_bytes, s.seconds
+        ));
+        // The master hears of the version as from an update.
+        self.send("updated", &format!("{}@{}", s.image, s.version));
+        if let Some(p) = self.plan.as_mut() {
+            p.version = Some(s.version);
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ use si_agent::pull::{Client, TrustArgs};
 use si_imageserver::service::{self, Caller, EnrollRequest, Gate, ObjectFinder, ServeConfig};
 use si_proto::manifest::{Kind, Manifest};
 use si_proto::Digest;
+use si_tree::exclude::Excludes;
 use si_trust::{Connector, NodeIdentity};
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -448,39 +449,115 @@ fn attach(u: &Upstream, first: bool, stall: Duration) -> Result<Client> {
     }
 }
 
+/// A relaying deploy, as [`run`] makes it from the command line and the installer from its
+/// plan (si-installer pulls onto filesystems it just made, with its own excludes).
+pub struct Deploy<'a> {
+    /// The master (HOST or HOST:PORT): manifests, signatures, and the last upstream.
+    pub server: String,
+    pub image: String,
+    pub version: Option<u32>,
+    /// The root to deploy onto: empty but for the version's own directories (mount points)
+    /// and excluded paths.
+    pub root: PathBuf,
+    /// Where the installed record goes (default ROOT/var/lib/si).
+    pub state_dir: Option<PathBuf>,
+    /// Upstream relays, nearest first, `NAME@HOST:PORT` (`HOST:PORT` under `--insecure`).
+    pub relay_from: Vec<String>,
+    /// Where to serve successors (HOST:PORT).
+    pub relay_listen: Option<String>,
+    pub buffer_mib: usize,
+    pub stall: Duration,
+    pub wait: Duration,
+    pub linger: Duration,
+    pub threads: usize,
+    /// How the master is reached; its pin is the CA relays are checked against.
+    pub master: Connector,
+    /// The node's key and certificate, which its relay presents and it dials upstreams with
+    /// (required unless `master` is `--insecure`).
+    pub identity: Option<&'a NodeIdentity>,
+    /// Entries of the version left out of the deploy (neither written nor relayed): the
+    /// installer's own files and the filesystems' lost+found.
+    pub excludes: Excludes,
+}
+
 /// Deploys the version onto the empty root, relaying as it goes; returns once deployed and no
 /// successor asked for anything for `linger_secs`.
 pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
-    let start = Instant::now();
-    let master_trust = cfg.trust.connector()?;
-    let insecure = matches!(master_trust, Connector::Insecure);
-    let identity = match master_trust.pin() {
+    let master = cfg.trust.connector()?;
+    let identity = match master.pin() {
         Some(pin) => {
             let dir = cfg
                 .trust
                 .identity_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(si_agent::pull::DEFAULT_IDENTITY_DIR));
-            Some((
-                pin,
+            Some(
                 NodeIdentity::load(&dir, &pin)
                     .context("loading this node's identity (a relay needs one)")?,
-            ))
+            )
         }
         None => None,
     };
-    let pin_id = identity.as_ref().map(|(p, i)| (*p, i));
+    deploy(&Deploy {
+        server: cfg.server.clone(),
+        image: cfg.image.clone(),
+        version: cfg.version,
+        root: cfg.root.clone(),
+        state_dir: cfg.state_dir.clone(),
+        relay_from: cfg.relay_from.clone(),
+        relay_listen: cfg.relay_listen.clone(),
+        buffer_mib: cfg.buffer_mib,
+        stall: Duration::from_secs(cfg.stall_secs),
+        wait: Duration::from_secs(cfg.wait_secs),
+        linger: Duration::from_secs(cfg.linger_secs),
+        threads: cfg.threads,
+        master,
+        identity: identity.as_ref(),
+        excludes: Excludes::default(),
+    })
+}
+
+/// The version without its excluded entries (and what lies below them), nor hard links to
+/// them.
+fn without_excluded(m: &Manifest, ex: &Excludes) -> Manifest {
+    let kept = |p: &[u8]| p.is_empty() || !ex.is_excluded(p);
+    Manifest {
+        entries: m
+            .entries
+            .iter()
+            .filter(|e| {
+                kept(&e.path)
+                    && match &e.kind {
+                        Kind::Hardlink { target } => kept(target),
+                        _ => true,
+                    }
+            })
+            .cloned()
+            .collect(),
+    }
+}
+
+/// [`run`] with everything given: the installer's entry point.
+pub fn deploy(cfg: &Deploy<'_>) -> Result<RelaySummary> {
+    let start = Instant::now();
+    let master_trust = cfg.master.clone();
+    let insecure = matches!(master_trust, Connector::Insecure);
+    let identity = match master_trust.pin() {
+        Some(pin) => Some((
+            pin,
+            cfg.identity.ok_or_else(|| {
+                anyhow!("a relay needs the node's identity (key and certificate)")
+            })?,
+        )),
+        None => None,
+    };
     let upstreams = cfg
         .relay_from
         .iter()
-        .map(|s| upstream(s, pin_id))
+        .map(|s| upstream(s, identity))
         .collect::<Result<Vec<_>>>()?;
     let buffer = Arc::new(Buffer::new(cfg.buffer_mib.saturating_mul(1 << 20)));
-    let objects = Arc::new(RelayObjects::new(
-        buffer.clone(),
-        &cfg.root,
-        Duration::from_secs(cfg.wait_secs),
-    ));
+    let objects = Arc::new(RelayObjects::new(buffer.clone(), &cfg.root, cfg.wait));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -489,7 +566,7 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = match &cfg.relay_listen {
         Some(addr) => {
-            let transport = match &identity {
+            let transport = match identity {
                 None => {
                     tracing::warn!("--insecure: this relay serves objects over plain TCP to anyone who reaches it");
                     si_trust::Acceptor::Insecure
@@ -513,9 +590,10 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
     };
     let deployed = (|| -> Result<RelaySummary> {
         let mut master = Client::connect(&cfg.server, Duration::from_secs(10), &master_trust)?;
-        let (info, m, mbytes) = master
+        let (info, full, mbytes) = master
             .manifest(&cfg.image, cfg.version)
             .with_context(|| format!("fetching the manifest of {}", cfg.image))?;
+        let m = without_excluded(&full, &cfg.excludes);
         objects.set_manifest(&m);
         let ix = index(&m);
         buffer.expect(ix.keys().copied());
@@ -529,7 +607,7 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
                     &format!("master {}", cfg.server),
                     wants,
                     cfg.threads,
-                    Duration::from_secs(cfg.stall_secs),
+                    cfg.stall,
                     &buffer,
                     write,
                 )?;
@@ -541,7 +619,9 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
             .state_dir
             .clone()
             .unwrap_or_else(|| cfg.root.join("var/lib/si"));
-        si_agent::update::record_installed(&sdir, &cfg.server, &info, &m, &mbytes)?;
+        // The whole version is recorded, as an update records it: what a later update plans
+        // against (it keeps its own excludes).
+        si_agent::update::record_installed(&sdir, &cfg.server, &info, &full, &mbytes)?;
         master.bye();
         Ok(RelaySummary {
             image: info.image,
@@ -556,7 +636,7 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
     buffer.close();
     let mut sum = deployed?;
     if server.is_some() {
-        let linger = Duration::from_secs(cfg.linger_secs);
+        let linger = cfg.linger;
         while objects.idle() < linger {
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -796,5 +876,52 @@ mod tests {
         assert!(o.object(&da).is_err());
         // Not in this version at all: refused at once.
         assert!(o.object(&Digest::of(b"other")).is_err());
+    }
+
+    /// The installer's excludes leave its own files and the filesystems' lost+found out of a
+    /// relayed deploy, with hard links to them; the rest is kept in order.
+    #[test]
+    fn excluded_entries_are_left_out() {
+        let file = Kind::File {
+            size: 0,
+            chunks: vec![],
+        };
+        let m = Manifest {
+            entries: vec![
+                entry(b"", Kind::Dir),
+                entry(b"lost+found", Kind::Dir),
+                entry(b"lost+found/x", file.clone()),
+                entry(b"var", Kind::Dir),
+                entry(b"var/log", Kind::Dir),
+                entry(b"var/log/app.log", file.clone()),
+                entry(b"var/log/si-install.log", file.clone()),
+                entry(
+                    b"var/log/z-link",
+                    Kind::Hardlink {
+                        target: b"var/log/si-install.log".to_vec(),
+                    },
+                ),
+                entry(
+                    b"var/log/zz-link",
+                    Kind::Hardlink {
+                        target: b"var/log/app.log".to_vec(),
+                    },
+                ),
+            ],
+        };
+        let ex = Excludes::new(["/lost+found", "/var/log/si-install.log"]).unwrap();
+        let kept = without_excluded(&m, &ex);
+        let kept: Vec<&[u8]> = kept.entries.iter().map(|e| e.path.as_slice()).collect();
+        assert_eq!(
+            kept,
+            [
+                &b""[..],
+                b"var",
+                b"var/log",
+                b"var/log/app.log",
+                b"var/log/zz-link"
+            ]
+        );
+        assert_eq!(without_excluded(&m, &Excludes::default()), m);
     }
 }

@@ -69,6 +69,39 @@ pub struct Script {
     pub body: String,
 }
 
+/// The node's role in an install wave (see docs/installer.md, "Install waves"): it pulls the
+/// image's objects through a chain of relays (si-relay) rather than from the master alone.
+/// Manifests and signatures always come from the master; the master is also the last
+/// upstream, implicitly, after those listed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Relay {
+    /// Where this node serves what it has to its successors (HOST:PORT). None: it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Its upstream relays, nearest first, as `NAME@HOST:PORT` (NAME: the node whose
+    /// certificate the relay presents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<String>,
+}
+
+/// A relay address: HOST:PORT with a port and a host of address or name characters.
+fn host_port_ok(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':'))
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct InstallPlan {
@@ -94,7 +127,14 @@ pub struct InstallPlan {
     pub scripts: Vec<Script>,
     #[serde(default)]
     pub post: PostAction,
+    /// The node's place in an install wave; None (plans from before waves, a wave served
+    /// directly, waves turned off): every object comes from the master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<Relay>,
 }
+
+/// Most upstreams a relay section lists (a chain's length bounds it; the master caps chains).
+pub const MAX_UPSTREAMS: usize = 1024;
 
 impl InstallPlan {
     /// Checks the names that become paths or command arguments on the node.
@@ -129,6 +169,29 @@ impl InstallPlan {
                 return Err(format!("install plan: bad script name {:?}", s.name));
             }
         }
+        if let Some(r) = &self.relay {
+            if let Some(l) = &r.listen {
+                if !host_port_ok(l) {
+                    return Err(format!("install plan: bad relay listen address {l:?}"));
+                }
+            }
+            if r.upstreams.len() > MAX_UPSTREAMS {
+                return Err(format!(
+                    "install plan: {} relay upstreams (at most {MAX_UPSTREAMS})",
+                    r.upstreams.len()
+                ));
+            }
+            for u in &r.upstreams {
+                let ok = u
+                    .split_once('@')
+                    .is_some_and(|(n, a)| name_ok(n) && host_port_ok(a));
+                if !ok {
+                    return Err(format!(
+                        "install plan: bad relay upstream {u:?} (NAME@HOST:PORT)"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -159,5 +222,49 @@ mod tests {
         assert!(bad.check().unwrap_err().contains("override"));
         assert_eq!("kexec".parse::<PostAction>(), Ok(PostAction::Kexec));
         assert!("halt".parse::<PostAction>().is_err());
+    }
+
+    /// A plan written before waves (no relay section) still decodes, to no relay; a plan
+    /// with one round-trips, and its addresses are checked.
+    #[test]
+    fn relay_sections_are_optional_and_checked() {
+        let old = "node = \"n01\"\nimage = \"deb\"\nversion = 3\npost = \"reboot\"\n\n[network]\n";
+        let p: InstallPlan = toml::from_str(old).unwrap();
+        assert_eq!(p.relay, None);
+        p.check().unwrap();
+        // Without a relay section nothing new is written: an older installer reads it.
+        assert!(!toml::to_string(&p).unwrap().contains("relay"));
+        let mut p = p;
+        p.relay = Some(Relay {
+            listen: Some("10.213.5.12:7812".into()),
+            upstreams: vec!["n02@10.213.5.11:7812".into(), "n01@10.213.5.10:7812".into()],
+        });
+        let t = toml::to_string(&p).unwrap();
+        assert!(t.contains("[relay]"), "{t}");
+        assert_eq!(toml::from_str::<InstallPlan>(&t).unwrap(), p);
+        p.check().unwrap();
+        // An empty section (the last of a chain with no upstreams is impossible, but a hand
+        // written one) decodes too.
+        let e: InstallPlan = toml::from_str(&format!("{old}\n[relay]\n")).unwrap();
+        assert_eq!(e.relay, Some(Relay::default()));
+        for bad in [
+            "n02@10.213.5.11",
+            "10.213.5.11:7812",
+            "../x@10.213.5.11:7812",
+            "n02@10.213.5.11:0",
+            "n02@10.213.5.11:99999",
+            "n02@a b:7812",
+        ] {
+            let mut b = p.clone();
+            b.relay.as_mut().unwrap().upstreams = vec![bad.into()];
+            assert!(b.check().unwrap_err().contains("relay upstream"), "{bad}");
+        }
+        let mut b = p.clone();
+        b.relay.as_mut().unwrap().listen = Some("0.0.0.0".into());
+        assert!(b.check().unwrap_err().contains("listen"));
+        // Unknown keys in the section are refused, as everywhere in the plan.
+        assert!(
+            toml::from_str::<InstallPlan>(&format!("{old}\n[relay]\nlisen = \"x:1\"\n")).is_err()
+        );
     }
 }

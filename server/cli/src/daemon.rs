@@ -88,6 +88,13 @@ pub struct DaemonArgs {
     /// connection is logged as a warning).
     #[arg(long)]
     pub insecure: bool,
+    /// Install waves: how the nodes armed for install of one image share its objects.
+    #[command(flatten)]
+    pub waves: crate::wave::WaveConfig,
+    /// Install wave settings as TOML (instead of the --broadcast-*, --relay-port and
+    /// --no-waves flags).
+    #[arg(long)]
+    pub wave_config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<ServerCmd>,
 }
@@ -543,9 +550,14 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             Ok(())
         })
     };
+    let waves = match &a.wave_config {
+        Some(p) => crate::wave::WaveConfig::from_file(p)?,
+        None => a.waves.clone(),
+    };
+    tracing::info!(waves = ?waves, "install waves");
     let plans: serve::PlanHook = {
         let (inv, store, layouts) = (inv.clone(), store.clone(), a.state_dir.join("layouts"));
-        Arc::new(move |node: &str| crate::plans::install_plan(&inv, &store, &layouts, node))
+        Arc::new(move |node: &str| crate::plans::install_plan(&inv, &store, &layouts, &waves, node))
     };
     let transport = if a.insecure {
         tracing::warn!("--insecure: the image service runs without TLS; any host that reaches it reads every image and can report for any node");

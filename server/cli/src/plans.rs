@@ -2,6 +2,7 @@
 //! from the inventory (node, its group), the store (the image's own layout, override images)
 //! and the master's layout directory.
 
+use crate::wave::WaveConfig;
 use anyhow::{bail, Context, Result};
 use si_inventory::{normalize_mac, Inventory};
 use si_proto::plan::{InstallPlan, Network};
@@ -16,11 +17,14 @@ use std::path::Path;
 /// - network: the node's static address with its subnet's prefix, router, DNS and domain,
 ///   else DHCP;
 /// - overrides: the images `override-all`, `override-GROUP`, `override-NODE` that exist, in
-///   that order (SystemImager's global, group, host; later wins).
+///   that order (SystemImager's global, group, host; later wins);
+/// - relay: the node's place in its install wave ([`crate::wave`]), unless the wave is
+///   served directly. A wave that cannot be planned leaves the node pulling from the master.
 pub fn install_plan(
     inv: &Inventory,
     store: &Store,
     layouts: &Path,
+    waves: &WaveConfig,
     node: &str,
 ) -> Result<Option<String>> {
     let info = if node.contains(':') {
@@ -87,6 +91,11 @@ pub fn install_plan(
             overrides.push(name);
         }
     }
+    // A relay section only speeds the install up: an install goes on without one.
+    let relay = crate::wave::relay_for(inv, store, &b, &image, version, waves).unwrap_or_else(|e| {
+        tracing::warn!(node = %b.name, error = format!("{e:#}"), "no install wave for this node: it pulls from the master");
+        None
+    });
     let plan = InstallPlan {
         node: b.name.clone(),
         image,
@@ -98,6 +107,7 @@ pub fn install_plan(
         overrides,
         scripts: Vec::new(),
         post: Default::default(),
+        relay,
     };
     plan.check().map_err(|e| anyhow::anyhow!(e))?;
     Ok(Some(toml::to_string(&plan)?))

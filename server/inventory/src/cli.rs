@@ -143,6 +143,12 @@ pub enum NodeCmd {
         /// Automatic-install profile (`si-profile`); overrides the group's.
         #[arg(long)]
         profile: Option<String>,
+        /// Rack label: install waves chain the nodes of a rack together.
+        #[arg(long)]
+        rack: Option<String>,
+        /// Switch label (the next grouping when racks are not recorded).
+        #[arg(long)]
+        switch: Option<String>,
         /// Permanent (infinite) DHCP lease.
         #[arg(long)]
         permanent: bool,
@@ -178,6 +184,12 @@ pub enum NodeCmd {
         /// Automatic-install profile (`si-profile`); an empty value clears it.
         #[arg(long)]
         profile: Option<String>,
+        /// Rack label; an empty value clears it.
+        #[arg(long)]
+        rack: Option<String>,
+        /// Switch label; an empty value clears it.
+        #[arg(long)]
+        switch: Option<String>,
         #[arg(long)]
         kernel: Option<String>,
         #[arg(long)]
@@ -372,6 +384,8 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
             hostname,
             boot,
             profile,
+            rack,
+            switch,
             permanent,
             bmc,
         } => {
@@ -399,6 +413,8 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                     permanent,
                     bmc: Bmc::default(),
                     profile: profile.clone(),
+                    rack: rack.clone(),
+                    switch: switch.clone(),
                 };
                 bmc.apply(&mut n.bmc, i)?;
                 list.push(n);
@@ -445,7 +461,7 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                 let bmc = inv.bmc(&n.name)?.unwrap_or_default().redacted();
                 writeln!(
                     out,
-                    "name: {}\nmacs: {}\nip: {}\nhostname: {}\ngroup: {}\nimage: {}\nboot: {}\nstate: {}\npermanent lease: {}\nkernel args: {}\nfirmware: {}\nprofile: {}\nbmc: host={} port={} user={} password={} driver={} cipher-suite={}\n",
+                    "name: {}\nmacs: {}\nip: {}\nhostname: {}\ngroup: {}\nimage: {}\nboot: {}\nstate: {}\npermanent lease: {}\nkernel args: {}\nfirmware: {}\nprofile: {}\nrack: {}\nswitch: {}\nbmc: host={} port={} user={} password={} driver={} cipher-suite={}\n",
                     n.name,
                     n.macs.join(", "),
                     opt(&n.ip),
@@ -458,6 +474,8 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                     b.kernel_args,
                     b.firmware.as_str(),
                     opt(&b.profile),
+                    opt(&n.rack),
+                    opt(&n.switch),
                     opt(&bmc.host),
                     opt(&bmc.port),
                     opt(&bmc.user),
@@ -516,6 +534,8 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
             hostname,
             boot,
             profile,
+            rack,
+            switch,
             kernel,
             initrd,
             cmdline,
@@ -561,6 +581,12 @@ pub fn node_main(mut cli: NodeCli) -> Result<()> {
                 }
                 if let Some(p) = &profile {
                     n.profile = (!p.is_empty()).then(|| p.clone());
+                }
+                if let Some(r) = &rack {
+                    n.rack = (!r.is_empty()).then(|| r.clone());
+                }
+                if let Some(s) = &switch {
+                    n.switch = (!s.is_empty()).then(|| s.clone());
                 }
                 if let Some(s) = &state {
                     n.state.clone_from(s);

@@ -313,7 +313,9 @@ impl Inventory {
         let c = self.conn();
         let mut v = {
             let mut st = c
-                .prepare(&format!("SELECT {NODE_COLS}, profile FROM nodes"))
+                .prepare(&format!(
+                    "SELECT {NODE_COLS}, profile, rack, switch FROM nodes"
+                ))
                 .context("listing nodes")?;
             let r = st
                 .query_map([], node_from_row)
@@ -775,6 +777,8 @@ fn node_from_row(r: &Row<'_>) -> rusqlite::Result<Node> {
         permanent: r.get(10)?,
         bmc: bmc_from_row(r, 11)?,
         profile: r.get(17)?,
+        rack: r.get(18)?,
+        switch: r.get(19)?,
     })
 }
 
@@ -849,7 +853,7 @@ fn group(c: &Connection, name: &str) -> Result<Option<Group>> {
 fn node(c: &Connection, name: &str) -> Result<Option<Node>> {
     let Some(mut n) = c
         .prepare_cached(&format!(
-            "SELECT {NODE_COLS}, profile FROM nodes WHERE name = ?1"
+            "SELECT {NODE_COLS}, profile, rack, switch FROM nodes WHERE name = ?1"
         ))
         .and_then(|mut st| st.query_row([name], node_from_row).optional())
         .with_context(|| format!("looking up node {name:?}"))?
@@ -888,6 +892,8 @@ fn boot_info(c: &Connection, n: Node) -> Result<BootInfo> {
             .profile
             .clone()
             .or_else(|| g.as_ref().and_then(|g| g.profile.clone())),
+        rack: n.rack,
+        switch: n.switch,
         name: n.name,
         macs: n.macs,
         ip: n.ip,
@@ -999,6 +1005,12 @@ fn put_node(
         crate::ranges::check_name(p)
             .with_context(|| format!("checking the profile of node {}", n.name))?;
     }
+    for (what, label) in [("rack", &n.rack), ("switch", &n.switch)] {
+        if let Some(l) = label {
+            crate::ranges::check_name(l)
+                .with_context(|| format!("checking the {what} of node {}", n.name))?;
+        }
+    }
     let mut n = n.clone();
     n.macs = n
         .macs
@@ -1107,10 +1119,10 @@ fn put_node(
     )
     .with_context(|| format!("writing node {}", n.name))?;
     tx.execute(
-        "UPDATE nodes SET profile = ?2 WHERE name = ?1",
-        params![n.name, n.profile],
+        "UPDATE nodes SET profile = ?2, rack = ?3, switch = ?4 WHERE name = ?1",
+        params![n.name, n.profile, n.rack, n.switch],
     )
-    .with_context(|| format!("writing the profile of node {}", n.name))?;
+    .with_context(|| format!("writing the profile and labels of node {}", n.name))?;
     for m in &n.macs {
         tx.execute(
             "INSERT INTO node_macs (mac, node) VALUES (?1, ?2)",
@@ -1165,6 +1177,8 @@ fn node_fields(n: &Node) -> Vec<(&'static str, String)> {
         ("state", n.state.clone()),
         ("permanent", n.permanent.to_string()),
         ("profile", opt(&n.profile)),
+        ("rack", opt(&n.rack)),
+        ("switch", opt(&n.switch)),
     ];
     bmc_fields(&n.bmc, &mut v);
     v

@@ -198,6 +198,13 @@ pub struct Node {
     /// Automatic-install profile; overrides the group's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// Rack label (nodes of a rack share a top-of-rack switch): install waves chain a rack's
+    /// nodes together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    /// Switch label, for nodes whose rack is not recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
 }
 
 fn default_state() -> String {
@@ -345,6 +352,9 @@ pub struct BootInfo {
     pub state: String,
     /// Node profile, else its group's.
     pub profile: Option<String>,
+    /// The node's topology labels.
+    pub rack: Option<String>,
+    pub switch: Option<String>,
 }
 
 /// The whole cluster as declarative TOML (`si-node export` / `si-node import`).

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use rusqlite::Connection;
 
 /// Each entry upgrades the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: initial schema
     r#"
 CREATE TABLE groups (
@@ -85,6 +85,11 @@ CREATE TABLE enrollments (
     revoked INTEGER NOT NULL DEFAULT 0,
     alarm TEXT
 );
+"#,
+    // 4: topology labels of nodes (the install waves' broadcast plan groups by them)
+    r#"
+ALTER TABLE nodes ADD COLUMN rack TEXT;
+ALTER TABLE nodes ADD COLUMN switch TEXT;
 "#,
 ];
 

@@ -232,3 +232,74 @@ fn profiles_of_nodes_and_groups() {
     i.mark_installed("n1").unwrap();
     assert_eq!(i.node("n1").unwrap().unwrap().boot, BootAction::Local);
 }
+
+#[test]
+fn rack_and_switch_labels_are_kept_checked_and_recorded() {
+    let (_d, i) = inv();
+    let mut n = node("n1", "52:54:00:00:00:01", "10.213.0.11");
+    n.rack = Some("r07".into());
+    i.add_node(&n, &NoCatalog).unwrap();
+    let b = i.boot_info("n1").unwrap().unwrap();
+    assert_eq!(
+        (b.rack.as_deref(), b.switch.as_deref()),
+        (Some("r07"), None)
+    );
+    n.rack = None;
+    n.switch = Some("sw-2".into());
+    i.update_nodes(&[n.clone()], &NoCatalog).unwrap();
+    let got = i.node("n1").unwrap().unwrap();
+    assert_eq!((got.rack, got.switch.as_deref()), (None, Some("sw-2")));
+    assert!(i
+        .history(Some("node/n1"), 10)
+        .unwrap()
+        .iter()
+        .any(|h| h.detail.contains("rack: r07 -> -") && h.detail.contains("switch: - -> sw-2")));
+    // Validated like every other name.
+    for bad in ["", "r 1", "../r", &"r".repeat(64)] {
+        n.rack = Some(bad.into());
+        let e = i.update_nodes(&[n.clone()], &NoCatalog).unwrap_err();
+        assert!(format!("{e:#}").contains("rack of node n1"), "{bad}: {e:#}");
+    }
+    // Exported and imported with the rest of the cluster.
+    let c = i.export(false).unwrap();
+    let text = toml::to_string(&c).unwrap();
+    assert!(text.contains("switch = \"sw-2\""), "{text}");
+}
+
+/// A database written before the labels existed (schema 3) opens, migrates, and keeps its nodes.
+#[test]
+fn an_old_database_gains_the_labels() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("inventory.db");
+    {
+        let mut c = rusqlite::Connection::open(&p).unwrap();
+        for (v, sql) in crate::schema::MIGRATIONS[..3].iter().enumerate() {
+            let tx = c.transaction().unwrap();
+            tx.execute_batch(sql).unwrap();
+            tx.pragma_update(None, "user_version", (v + 1) as i64)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        c.execute(
+            "INSERT INTO nodes (name, ip, state) VALUES ('old1', NULL, 'installed')",
+            [],
+        )
+        .unwrap();
+    }
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let i = Inventory::open(&p).unwrap();
+    let n = i.node("old1").unwrap().unwrap();
+    assert_eq!(
+        (n.rack, n.switch, n.state.as_str()),
+        (None, None, "installed")
+    );
+    let v: i64 = i
+        .conn()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, crate::schema::VERSION);
+    let mut n = i.node("old1").unwrap().unwrap();
+    n.rack = Some("r1".into());
+    i.update_nodes(&[n], &NoCatalog).unwrap();
+    assert_eq!(i.node("old1").unwrap().unwrap().rack.as_deref(), Some("r1"));
+}

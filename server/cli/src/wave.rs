@@ -180,41 +180,6 @@ pub fn relay_section(
     Some(Relay { listen, upstreams })
 }
 
-/// Every node's boot information, from two queries (nodes and groups), not one per node.
-fn boot_rows(inv: &Inventory) -> Result<Vec<BootInfo>> {
-    let groups: HashMap<String, si_inventory::Group> = inv
-        .groups()?
-        .into_iter()
-        .map(|g| (g.name.clone(), g))
-        .collect();
-    Ok(inv
-        .nodes()?
-        .into_iter()
-        .map(|n| {
-            let g = n.group.as_ref().and_then(|g| groups.get(g));
-            BootInfo {
-                hostname: n.hostname.clone().unwrap_or_else(|| n.name.clone()),
-                image: n.image.clone().or_else(|| g.and_then(|g| g.image.clone())),
-                kernel_args: g.map(|g| g.kernel_args.clone()).unwrap_or_default(),
-                disk_layout: g.and_then(|g| g.disk_layout.clone()),
-                firmware: g.map(|g| g.firmware).unwrap_or_default(),
-                profile: n
-                    .profile
-                    .clone()
-                    .or_else(|| g.and_then(|g| g.profile.clone())),
-                rack: n.rack,
-                switch: n.switch,
-                name: n.name,
-                macs: n.macs,
-                ip: n.ip,
-                group: n.group,
-                action: n.boot,
-                state: n.state,
-            }
-        })
-        .collect())
-}
-
 /// The relay section of the plan si-server serves `node` for `image@version`, from the
 /// inventory (the wave) and the store (the payload: the version's bytes).
 pub fn relay_for(
@@ -232,7 +197,7 @@ pub fn relay_for(
         .meta(image, version)
         .with_context(|| format!("reading the size of {image}@{version}"))?
         .bytes;
-    let wave = wave_of(&boot_rows(inv)?, image);
+    let wave = wave_of(&inv.boot_infos()?, image);
     let relay = relay_section(&wave, &node.name, payload, cfg);
     tracing::info!(
         node = %node.name,

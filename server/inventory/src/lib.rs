@@ -499,6 +499,23 @@ impl Inventory {
         }
     }
 
+    /// Boot information of every node, from two queries (nodes and groups), not one per node.
+    pub fn boot_infos(&self) -> Result<Vec<BootInfo>> {
+        let groups: std::collections::HashMap<String, Group> = self
+            .groups()?
+            .into_iter()
+            .map(|g| (g.name.clone(), g))
+            .collect();
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .map(|n| {
+                let g = n.group.as_ref().and_then(|g| groups.get(g));
+                boot_info_in(n, g)
+            })
+            .collect())
+    }
+
     /// Boot information of the node owning `mac`.
     pub fn boot_info_by_mac(&self, mac: &str) -> Result<Option<BootInfo>> {
         match self.node_by_mac(mac)? {
@@ -876,22 +893,21 @@ fn boot_info(c: &Connection, n: Node) -> Result<BootInfo> {
         Some(g) => group(c, g)?,
         None => None,
     };
-    Ok(BootInfo {
+    Ok(boot_info_in(n, g.as_ref()))
+}
+
+/// A node's boot information, completed from its group (`g`, the node's group if it has one).
+fn boot_info_in(n: Node, g: Option<&Group>) -> BootInfo {
+    BootInfo {
         hostname: n.hostname.clone().unwrap_or_else(|| n.name.clone()),
-        image: n
-            .image
-            .clone()
-            .or_else(|| g.as_ref().and_then(|g| g.image.clone())),
-        kernel_args: g
-            .as_ref()
-            .map(|g| g.kernel_args.clone())
-            .unwrap_or_default(),
-        disk_layout: g.as_ref().and_then(|g| g.disk_layout.clone()),
-        firmware: g.as_ref().map(|g| g.firmware).unwrap_or_default(),
+        image: n.image.clone().or_else(|| g.and_then(|g| g.image.clone())),
+        kernel_args: g.map(|g| g.kernel_args.clone()).unwrap_or_default(),
+        disk_layout: g.and_then(|g| g.disk_layout.clone()),
+        firmware: g.map(|g| g.firmware).unwrap_or_default(),
         profile: n
             .profile
             .clone()
-            .or_else(|| g.as_ref().and_then(|g| g.profile.clone())),
+            .or_else(|| g.and_then(|g| g.profile.clone())),
         rack: n.rack,
         switch: n.switch,
         name: n.name,
@@ -900,7 +916,7 @@ fn boot_info(c: &Connection, n: Node) -> Result<BootInfo> {
         group: n.group,
         action: n.boot,
         state: n.state,
-    })
+    }
 }
 
 fn check_image(catalog: &dyn ImageCatalog, image: &Option<String>) -> Result<()> {

@@ -546,6 +546,11 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
                     // The node is recorded; its boot files follow at the next change.
                     Err(e) => tracing::error!(error = format!("{e:#}"), "regenerating boot files"),
                 }
+            } else if state == "failed" {
+                // The node stays armed (its next boot installs again); the inventory shows
+                // it failed, and its history why.
+                inv.mark_failed(node, detail)
+                    .with_context(|| format!("recording {node}'s failed install"))?;
             }
             Ok(())
         })

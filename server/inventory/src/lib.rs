@@ -474,6 +474,23 @@ impl Inventory {
         self.write(|tx, actor| history(tx, actor, &format!("node/{name}"), action, detail))
     }
 
+    /// Records a failed install: state `failed`, and the installer's reason (already cleaned
+    /// and bounded by the image service) in the node's history, in one transaction.
+    pub fn mark_failed(&self, name: &str, reason: &str) -> Result<()> {
+        self.write(|tx, actor| {
+            let old = node(tx, name)?.with_context(|| format!("unknown node {name:?}"))?;
+            tx.execute("UPDATE nodes SET state = 'failed' WHERE name = ?1", [name])
+                .context("setting node state")?;
+            history(
+                tx,
+                actor,
+                &format!("node/{name}"),
+                "install-failed",
+                &format!("state: {} -> failed: {reason}", old.state),
+            )
+        })
+    }
+
     /// Sets the free-text state of a node (`installing`, `failed`...).
     pub fn set_state(&self, name: &str, state: &str) -> Result<()> {
         self.write(|tx, actor| {

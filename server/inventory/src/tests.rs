@@ -303,3 +303,28 @@ fn an_old_database_gains_the_labels() {
     i.update_nodes(&[n], &NoCatalog).unwrap();
     assert_eq!(i.node("old1").unwrap().unwrap().rack.as_deref(), Some("r1"));
 }
+
+/// A failed install shows as the node's state, the installer's reason in its history, and the
+/// node stays armed so its next boot installs again.
+#[test]
+fn a_failed_install_is_recorded_with_its_reason() {
+    let (_d, i) = inv();
+    let mut n = node("n1", "52:54:00:00:00:01", "10.213.0.11");
+    n.boot = BootAction::Install;
+    i.add_node(&n, &NoCatalog).unwrap();
+    i.mark_failed(
+        "n1",
+        "status=-1 disks: vda is 1.0 GiB, the layout needs 8.0 GiB",
+    )
+    .unwrap();
+    let got = i.node("n1").unwrap().unwrap();
+    assert_eq!(got.state, "failed");
+    assert_eq!(got.boot, BootAction::Install);
+    let h = i.history(Some("node/n1"), 10).unwrap();
+    assert!(
+        h.iter()
+            .any(|e| e.action == "install-failed" && e.detail.contains("the layout needs 8.0 GiB")),
+        "{h:?}"
+    );
+    assert!(i.mark_failed("nope", "x").is_err());
+}

@@ -394,3 +394,80 @@ pub fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// A TCP relay inside a namespace that holds every byte for `delay` in each direction before
+/// passing it on: the latency of a long link, for kernels without netem. A client in `ns`
+/// dials the returned address instead of `upstream`; the relay dials `upstream` from `ns` too,
+/// so the far side sees the client's namespace address. TLS and the si protocol pass through
+/// untouched. The relay lives as long as the test process (its threads block in accept/read).
+pub fn delay_proxy(
+    ns: &Netns,
+    upstream: std::net::SocketAddr,
+    delay: std::time::Duration,
+) -> Result<std::net::SocketAddr> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let path = format!("/run/netns/{}", ns.name);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let bound = (|| -> Result<TcpListener> {
+            let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // This thread only (and the threads it starts) enter the namespace.
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering the namespace")?;
+            Ok(TcpListener::bind("127.0.0.1:0")?)
+        })();
+        let l = match bound {
+            Ok(l) => {
+                let _ = tx.send(l.local_addr().map_err(anyhow::Error::from));
+                l
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        // One direction: read, stamp, hand to a writer that sends each piece when it is due.
+        fn pump(mut from: TcpStream, mut to: TcpStream, delay: std::time::Duration) {
+            let (q, due) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+            std::thread::spawn(move || {
+                for (at, piece) in due {
+                    if let Some(wait) = at.checked_duration_since(std::time::Instant::now()) {
+                        std::thread::sleep(wait); // the emulated latency, not a synchronisation
+                    }
+                    if to.write_all(&piece).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+            // Pieces of about one segment: written one by one, they leave as packets of their
+            // own, so a loss rule on the link counts packets, not 64 KiB GSO batches.
+            let mut buf = vec![0u8; 1400];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if q.send((std::time::Instant::now() + delay, buf[..n].to_vec()))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        for client in l.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(upstream) else {
+                continue;
+            };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                continue;
+            };
+            std::thread::spawn(move || pump(client, s2, delay));
+            std::thread::spawn(move || pump(server, c2, delay));
+        }
+    });
+    rx.recv().context("the delay proxy's thread")?
+}

@@ -4,6 +4,7 @@
 use si_tests::{bin, require_root, rootfs, run, treecmp, wait_port, Netns, Proc};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn si_image(store: &Path) -> Command {
     let mut c = Command::new(bin("si-image"));
@@ -504,9 +505,10 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
 }
 
 /// Lossy, slow links: 1 % and 10 % packet loss in both directions of a node's link (an
-/// iptables `statistic` match in the node's namespace: this kernel has no netem), with 50 ms of
-/// delay added by tc netem where the kernel has it. Enrollment, a fresh deploy and an update
-/// all complete, and each node ends exactly equal to the image.
+/// iptables `statistic` match in the node's namespace: this kernel has no netem), and 50 ms of
+/// delay each way: tc netem where the kernel has it, else a relay in the node's namespace that
+/// holds every byte 50 ms each way (`si_tests::delay_proxy`). Enrollment, a fresh deploy and an
+/// update all complete, and each node ends exactly equal to the image.
 #[test]
 fn deploy_and_update_complete_under_loss_and_delay() {
     require_root!();
@@ -519,8 +521,8 @@ fn deploy_and_update_complete_under_loss_and_delay() {
     std::fs::create_dir_all(src.join("etc")).unwrap();
     std::fs::create_dir_all(src.join("var")).unwrap();
     std::fs::write(src.join("etc/role"), b"compute\n").unwrap();
-    rand_file(&src.join("var/a"), 1, 21);
-    rand_file(&src.join("var/b"), 1, 22);
+    rand_file(&src.join("var/a"), 2, 21);
+    rand_file(&src.join("var/b"), 2, 22);
     let store = t.path().join("store");
     run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
     let net = 12;
@@ -531,8 +533,18 @@ fn deploy_and_update_complete_under_loss_and_delay() {
         links,
     } = bridged(net, 2);
     let _server = start_server(&master, &store);
+    let server = format!("10.213.{net}.1");
+    let mut via = [server.clone(), server.clone()];
     for (i, loss) in [(0usize, 1u32), (1, 10)] {
         let p = f64::from(loss) / 100.0;
+        // Packets of one segment each (no 64 KiB GSO batches), so the loss rule drops real
+        // packets at its rate.
+        nodes[i]
+            .sh(&format!("ip link set dev {} gso_max_size 1500", links[i]))
+            .unwrap();
+        master
+            .sh(&format!("ip link set dev {} gso_max_size 1500", ports[i]))
+            .unwrap();
         for (chain, lo) in [("INPUT", "-i lo"), ("OUTPUT", "-o lo")] {
             nodes[i]
                 .sh(&format!(
@@ -549,12 +561,16 @@ fn deploy_and_update_complete_under_loss_and_delay() {
                 .sh(&format!("tc qdisc add dev {} root {delay}", links[i]))
                 .is_ok();
         if !ok {
-            eprintln!(
-                "note: this kernel has no netem; node {i} gets {loss} % loss without added delay"
-            );
+            let proxy = si_tests::delay_proxy(
+                &nodes[i],
+                format!("{server}:7811").parse().unwrap(),
+                Duration::from_millis(50),
+            )
+            .unwrap();
+            eprintln!("note: this kernel has no netem; node {i} gets {loss} % loss and 50 ms each way through {proxy}");
+            via[i] = proxy.to_string();
         }
     }
-    let server = format!("10.213.{net}.1");
     let roots: Vec<_> = (0..2)
         .map(|i| {
             let root = t.path().join(format!("lossy{i}"));
@@ -569,7 +585,9 @@ fn deploy_and_update_complete_under_loss_and_delay() {
         })
         .collect();
     for (i, root) in roots.iter().enumerate() {
-        let out = update(&nodes[i], &server, root, &[]);
+        let t0 = Instant::now();
+        let out = update(&nodes[i], &via[i], root, &[]);
+        eprintln!("node {i}: deployed in {:.1?}", t0.elapsed());
         assert!(
             out.status.success(),
             "deploy over a lossy link ({i}): {}",
@@ -582,7 +600,7 @@ fn deploy_and_update_complete_under_loss_and_delay() {
     std::fs::write(src.join("etc/new"), b"v2\n").unwrap();
     run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
     for (i, root) in roots.iter().enumerate() {
-        let out = update(&nodes[i], &server, root, &[]);
+        let out = update(&nodes[i], &via[i], root, &[]);
         assert!(
             out.status.success(),
             "update over a lossy link ({i}): {}",

@@ -807,7 +807,10 @@ fn install_bios_nvme_beside_virtio_picks_the_nvme_disk() {
         Firmware::Bios,
     )
     .unwrap();
-    // The virtio disk first on the PCI bus, and of another size: only the selector picks.
+    // The virtio disk first on the PCI bus, and of another size. (By order alone the installer
+    // would take nvme0n1 too: natural order puts nvme before vd. What this shows is that the
+    // selector's transport and serial are read right in the initramfs, which has no udev,
+    // and that the other disk is left alone.)
     let virtio = lab.add_disk(&mut vms[0], "vda", "4G").unwrap();
     let nvme = lab
         .add_nvme(&mut vms[0], "nvme", "6G", "SI-NVME-0001")
@@ -818,6 +821,11 @@ fn install_bios_nvme_beside_virtio_picks_the_nvme_disk() {
         &std::fs::read(&vms[0].serial).unwrap(),
     ));
     // The installer's plan named the NVMe disk for the layout disk, and GRUB went there.
+    assert!(
+        console.contains("disk /dev/nvme0n1 (6442450944 bytes) <- layout disk a"),
+        "{}",
+        tail(&console, 120)
+    );
     assert!(
         console.contains("grub-install --target=i386-pc /dev/nvme0n1"),
         "{}",

@@ -931,11 +931,19 @@ fn install_on_a_too_small_disk_fails_before_writing() {
         report.contains("status=-1") && report.contains("too small for layout disk a"),
         "{report}"
     );
-    // The node is not marked installed: its next netboot installs again.
+    // The inventory shows the failure and keeps the node armed: its next netboot installs
+    // again; the reason is in its history.
     let shown = si(&lab.state, "si-node", &["show", name]).unwrap();
     eprintln!("{shown}");
-    assert!(!shown.contains("state: installed"), "{shown}");
+    assert!(shown.contains("state: failed"), "{shown}");
     assert!(shown.contains("boot: install"), "{shown}");
+    let history = si(&lab.state, "si-node", &["history"]).unwrap();
+    assert!(
+        history.lines().any(|l| l.contains(&format!("node/{name}"))
+            && l.contains("install-failed")
+            && l.contains("too small for layout disk a")),
+        "{history}"
+    );
     drop(run);
     assert!(first_mib_is_zero(&disk).unwrap(), "the disk was written");
     assert_eq!(allocated(&disk).unwrap(), 0, "the disk has written blocks");

@@ -471,3 +471,84 @@ pub fn delay_proxy(
     });
     rx.recv().context("the delay proxy's thread")?
 }
+
+/// Loop devices backed by sparse files; detached (with whatever is on them) on drop.
+pub struct LoopDisks {
+    /// Kernel names (`loop3`).
+    pub devs: Vec<String>,
+    /// Mounted by the test: unmounted (lazily, last first) on drop.
+    pub mounts: Vec<PathBuf>,
+    /// Volume groups the test made: deactivated on drop.
+    pub vgs: Vec<String>,
+}
+
+impl LoopDisks {
+    /// One disk per size (MiB), each a sparse file in `dir` on a loop device with partitions
+    /// scanned.
+    pub fn new(dir: &std::path::Path, sizes_mib: &[u64]) -> LoopDisks {
+        let mut devs = Vec::new();
+        for (i, s) in sizes_mib.iter().enumerate() {
+            let f = dir.join(format!("disk{i}.img"));
+            std::fs::File::create(&f).unwrap().set_len(s << 20).unwrap();
+            let out = run(Command::new("losetup").args(["-f", "--show", "-P"]).arg(&f)).unwrap();
+            devs.push(
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .trim_start_matches("/dev/")
+                    .to_string(),
+            );
+        }
+        LoopDisks {
+            devs,
+            mounts: vec![],
+            vgs: vec![],
+        }
+    }
+}
+
+impl Drop for LoopDisks {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        for vg in &self.vgs {
+            let _ = Command::new("lvm").args(["vgchange", "-an", vg]).output();
+        }
+        for d in &self.devs {
+            // Arrays on our partitions.
+            if let Ok(rd) = std::fs::read_dir(format!("/sys/class/block/{d}")) {
+                for e in rd.flatten() {
+                    if let Ok(h) = std::fs::read_dir(e.path().join("holders")) {
+                        for x in h.flatten() {
+                            let _ = Command::new("mdadm")
+                                .arg("--stop")
+                                .arg(std::path::Path::new("/dev").join(x.file_name()))
+                                .output();
+                        }
+                    }
+                }
+            }
+            let _ = Command::new("partx")
+                .args(["-d", &format!("/dev/{d}")])
+                .output();
+            let _ = Command::new("losetup")
+                .args(["-d", &format!("/dev/{d}")])
+                .output();
+        }
+    }
+}
+
+/// The device node of partition `n` of `disk`, found through sysfs (never by appending a digit).
+pub fn partition_node(disk: &str, n: u32) -> PathBuf {
+    for e in std::fs::read_dir(format!("/sys/class/block/{disk}"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_to_string(e.path().join("partition"))
+            .is_ok_and(|s| s.trim() == n.to_string())
+        {
+            return std::path::Path::new("/dev").join(e.file_name());
+        }
+    }
+    panic!("{disk} has no partition {n}");
+}

@@ -5,7 +5,7 @@
 
 use si_imaging::getimage as capture;
 use si_store::Store;
-use si_tests::{bin, fixtures, rand_bytes, require_root, run, treecmp};
+use si_tests::{bin, fixtures, rand_bytes, require_root, run, treecmp, LoopDisks as Loops};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -59,67 +59,6 @@ fn start_server(store: &Path, reports: Reports) -> String {
         });
     });
     rx.recv().unwrap()
-}
-
-/// Loop devices backed by sparse files; detached (with whatever is on them) on drop.
-struct Loops {
-    devs: Vec<String>,
-    mounts: Vec<PathBuf>,
-    vgs: Vec<String>,
-}
-
-impl Loops {
-    fn new(dir: &Path, sizes_mib: &[u64]) -> Loops {
-        let mut devs = Vec::new();
-        for (i, s) in sizes_mib.iter().enumerate() {
-            let f = dir.join(format!("disk{i}.img"));
-            std::fs::File::create(&f).unwrap().set_len(s << 20).unwrap();
-            let out = run(Command::new("losetup").args(["-f", "--show", "-P"]).arg(&f)).unwrap();
-            devs.push(
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .trim_start_matches("/dev/")
-                    .to_string(),
-            );
-        }
-        Loops {
-            devs,
-            mounts: vec![],
-            vgs: vec![],
-        }
-    }
-}
-
-impl Drop for Loops {
-    fn drop(&mut self) {
-        for m in self.mounts.iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        for vg in &self.vgs {
-            let _ = Command::new("lvm").args(["vgchange", "-an", vg]).output();
-        }
-        for d in &self.devs {
-            // Arrays on our partitions.
-            if let Ok(rd) = std::fs::read_dir(format!("/sys/class/block/{d}")) {
-                for e in rd.flatten() {
-                    if let Ok(h) = std::fs::read_dir(e.path().join("holders")) {
-                        for x in h.flatten() {
-                            let _ = Command::new("mdadm")
-                                .arg("--stop")
-                                .arg(Path::new("/dev").join(x.file_name()))
-                                .output();
-                        }
-                    }
-                }
-            }
-            let _ = Command::new("partx")
-                .args(["-d", &format!("/dev/{d}")])
-                .output();
-            let _ = Command::new("losetup")
-                .args(["-d", &format!("/dev/{d}")])
-                .output();
-        }
-    }
 }
 
 /// The image: every special case (special.sh) plus a /boot and a /var that go on their own
@@ -227,17 +166,7 @@ fn install(
 }
 
 fn node(disk: &str, n: u32) -> PathBuf {
-    for e in std::fs::read_dir(format!("/sys/class/block/{disk}"))
-        .unwrap()
-        .flatten()
-    {
-        if std::fs::read_to_string(e.path().join("partition"))
-            .is_ok_and(|s| s.trim() == n.to_string())
-        {
-            return Path::new("/dev").join(e.file_name());
-        }
-    }
-    panic!("{disk} has no partition {n}");
+    si_tests::partition_node(disk, n)
 }
 
 fn blkid(dev: &Path, tag: &str) -> String {

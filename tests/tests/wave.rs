@@ -8,7 +8,9 @@
 //! equal to the image, nodes 1 and 2 must get every object from their predecessor, and the
 //! master's egress (its bridge's transmit counter) must stay near one payload.
 
-use si_tests::{bin, fixtures, rand_bytes, require_root, run, treecmp, wait_port, Bridged, Proc};
+use si_tests::{
+    bin, fixtures, rand_bytes, require_root, run, treecmp, wait_port, Bridged, LoopDisks, Proc,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,53 +53,6 @@ const CONFIGURED: &[&str] = &[
     "lost+found",
 ];
 
-/// Loop devices backed by sparse files, detached on drop (after lazy unmounts of what the test
-/// mounted).
-struct Loops {
-    devs: Vec<String>,
-    mounts: Vec<PathBuf>,
-}
-
-impl Loops {
-    fn new(dir: &Path, n: usize, mib: u64) -> Loops {
-        let mut l = Loops {
-            devs: vec![],
-            mounts: vec![],
-        };
-        for i in 0..n {
-            let f = dir.join(format!("disk{i}.img"));
-            std::fs::File::create(&f)
-                .unwrap()
-                .set_len(mib << 20)
-                .unwrap();
-            let out = run(Command::new("losetup").args(["-f", "--show", "-P"]).arg(&f)).unwrap();
-            l.devs.push(
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .trim_start_matches("/dev/")
-                    .to_string(),
-            );
-        }
-        l
-    }
-}
-
-impl Drop for Loops {
-    fn drop(&mut self) {
-        for m in self.mounts.iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        for d in &self.devs {
-            let _ = Command::new("partx")
-                .args(["-d", &format!("/dev/{d}")])
-                .output();
-            let _ = Command::new("losetup")
-                .args(["-d", &format!("/dev/{d}")])
-                .output();
-        }
-    }
-}
-
 /// The image: every special case (special.sh), an /etc the installer configures, and 24 MiB
 /// of noise, so the payload dwarfs what the master says besides.
 fn make_image(src: &Path) {
@@ -132,19 +87,6 @@ fn mac(i: usize) -> String {
 
 fn addr(i: usize) -> String {
     format!("10.213.{NET}.{}", 10 + i)
-}
-
-/// The partition the installer made on a loop disk.
-fn partition(disk: &str) -> PathBuf {
-    for e in std::fs::read_dir(format!("/sys/class/block/{disk}"))
-        .unwrap()
-        .flatten()
-    {
-        if std::fs::read_to_string(e.path().join("partition")).is_ok_and(|s| s.trim() == "1") {
-            return Path::new("/dev").join(e.file_name());
-        }
-    }
-    panic!("{disk} has no partition 1");
 }
 
 /// `relay: OBJECTS objects (BYTES bytes) from UPSTREAM` lines of an install's output.
@@ -272,7 +214,7 @@ fn three_nodes_install_in_one_wave_through_the_chain() {
         })
         .collect();
 
-    let mut loops = Loops::new(t.path(), N, 192);
+    let mut loops = LoopDisks::new(t.path(), &[192; N]);
     let before = master_tx(&lab);
     let started = Instant::now();
     let out_of = |i: usize| t.path().join(format!("node{i}.out"));
@@ -376,7 +318,10 @@ fn three_nodes_install_in_one_wave_through_the_chain() {
     for (i, d) in loops.devs.clone().iter().enumerate() {
         let m = t.path().join(format!("check{i}"));
         std::fs::create_dir_all(&m).unwrap();
-        run(Command::new("mount").arg(partition(d)).arg(&m)).unwrap();
+        run(Command::new("mount")
+            .arg(si_tests::partition_node(d, 1))
+            .arg(&m))
+        .unwrap();
         loops.mounts.push(m.clone());
         treecmp(&src, &m, CONFIGURED).unwrap_or_else(|e| panic!("node{i}: {e:#}"));
         let log = std::fs::read_to_string(m.join("var/log/si-install.log")).unwrap();

@@ -10,7 +10,11 @@
 #   --workdir  where the trees and stores go (default /var/tmp)
 #   --rate     link rate for tc (default 1gbit)
 #   --insecure si without TLS (plain TCP on both sides); the default is TLS with the CA pinned.
-#              Run both ways to compare: TLS should cost at most 10 % in wall and node CPU.
+#   --compare-tls  si both ways in one run, side by side: `si` (TLS, the node enrolled) and
+#              `si-plain` (a second si-server on the same store and state under --insecure), in
+#              alternating order each rep, so both see the same machine; prints what TLS costs
+#              in wall and node CPU per scenario (the target: at most 10 %). Skips the 1 GiB file.
+#              Use an even --repeat: each order then runs as often.
 #   --quick    only the disk deploy (once) and the update scenario (the update runs --repeat times,
 #              each rep a new version with other files changed)
 #
@@ -30,6 +34,7 @@ rate=1gbit
 keep=0
 quick=0
 insecure=0
+compare=0
 bindir=$repo/target/release
 while [ $# -gt 0 ]; do
     case $1 in
@@ -39,11 +44,13 @@ while [ $# -gt 0 ]; do
     --keep) keep=1; shift ;;
     --quick) quick=1; shift ;;
     --insecure) insecure=1; shift ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    --compare-tls) compare=1; shift ;;
+    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
     -*) echo "$0: unknown option $1" >&2; exit 2 ;;
     *) bindir=$1; shift ;;
     esac
 done
+[ "$compare" = 1 ] && [ "$insecure" = 1 ] && { echo "$0: --compare-tls runs both; drop --insecure" >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || { echo "$0: needs root (namespaces, tc, device nodes)" >&2; exit 1; }
 for b in si-image si-server si-updateclient si-node si-enroll; do
     [ -x "$bindir/$b" ] || { echo "$0: $bindir/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
@@ -122,7 +129,22 @@ use chroot = yes
 CONF
 ip netns exec "$ns_m" rsync --daemon --no-detach --config="$work/rsyncd.conf" &
 pids+=($!)
-sleep 1
+wait_port() { # port log: until the master's service accepts there (at most 20 s)
+    local i
+    for ((i = 0; i < 200; i++)); do
+        ip netns exec "$ns_m" bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "$0: nothing listens on port $1:" >&2; cat "$2" >&2; exit 1
+}
+wait_port 7811 "$work/server.log"
+wait_port 873 /dev/null
+if [ "$compare" = 1 ]; then
+    # The same store and state, without TLS, on another port: the si-plain rows.
+    ip netns exec "$ns_m" "$bindir/si-server" --store "$store" --state-dir "$work/state" --listen 0.0.0.0:7813 --insecure 2>"$work/server-plain.log" &
+    pids+=($!)
+    wait_port 7813 "$work/server-plain.log"
+fi
 if [ "$insecure" = 0 ]; then
     # The node enrolls once, as its installer would: armed in the inventory, the master's
     # one-time token, a key and certificate of its own; its updates then present it.
@@ -141,17 +163,33 @@ ncpu() { # CPU seconds of a process tree so far: utime+stime of everything in a 
         awk -v hz="$(getconf CLK_TCK)" '{s+=$1} END {printf "%.2f", s/hz}'
 }
 
-si_pull() { # rep scenario dest [extra...]
+si_pull() { # rep scenario dest [extra...]: as `si` (the default transport), or `si-plain` when
+    # SI_AS=plain (the --insecure server of --compare-tls)
     local rep=$1 sc=$2 dest=$3; shift 3
-    local before after
+    local before after tool=si client=("${tls_client[@]}") server=$M
+    if [ "${SI_AS:-}" = plain ]; then tool=si-plain; client=(--insecure); server=$M:7813; fi
     before=$(ncpu "$ns_m")
     /usr/bin/time -f '%e %U %S %M' -o "$work/t.si" ip netns exec "$ns_n" "$bindir/si-updateclient" \
-        --server $M --image bench --root "$dest" --state-dir "$dest.state" --no-default-excludes \
-        --summary-json "$work/si.json" "${tls_client[@]}" "$@" >/dev/null 2>"$work/si.log" || { cat "$work/si.log" >&2; return 1; }
+        --server "$server" --image bench --root "$dest" --state-dir "$dest.state" --no-default-excludes \
+        --summary-json "$work/si.json" "${client[@]}" "$@" >/dev/null 2>"$work/si.log" || { cat "$work/si.log" >&2; return 1; }
     after=$(ncpu "$ns_m")
     read -r wall u s rss <"$work/t.si"
     wire=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["wire_bytes"])' "$work/si.json")
-    record "$rep" "$sc" si "$wall" "$(echo "$u + $s" | bc) (+$(echo "$after - $before" | bc))" "$wire" "$rss"
+    record "$rep" "$sc" "$tool" "$wall" "$(echo "$u + $s" | bc) (+$(echo "$after - $before" | bc))" "$wire" "$rss"
+}
+
+si_pulls() { # rep scenario dest [extra...]: si, and under --compare-tls also si-plain (into
+    # DEST-plain), the two in alternating order each rep, `between` run before each (the same
+    # caches and free memory for both: whichever went first would otherwise pay for reclaim)
+    local rep=$1 sc=$2 dest=$3; shift 3
+    if [ "$compare" = 0 ]; then si_pull "$rep" "$sc" "$dest" "$@"; return; fi
+    if [ $((rep % 2)) = 1 ]; then
+        between; si_pull "$rep" "$sc" "$dest" "$@"
+        between; SI_AS=plain si_pull "$rep" "$sc" "$dest-plain" "$@"
+    else
+        between; SI_AS=plain si_pull "$rep" "$sc" "$dest-plain" "$@"
+        between; si_pull "$rep" "$sc" "$dest" "$@"
+    fi
 }
 
 rsync_pull() { # rep scenario dest [extra...]
@@ -169,23 +207,28 @@ mkdir -p "$work/tmpfs"
 mount -t tmpfs -o size=4g tmpfs "$work/tmpfs"
 changed_bytes=0
 deploy_reps=$repeat
-[ "$quick" -eq 1 ] && deploy_reps=1
+# One fresh deploy is enough for --quick, not for a comparison.
+[ "$quick" -eq 1 ] && [ "$compare" -eq 0 ] && deploy_reps=1
 for ((rep = 1; rep <= deploy_reps; rep++)); do
     log "rep $rep: fresh deploys"
-    rm -rf --one-file-system "$work/si-disk" "$work/si-disk.state" "$work/rs-disk" "$work"/tmpfs/*
-    sync; echo 3 >/proc/sys/vm/drop_caches
-    si_pull "$rep" deploy-disk "$work/si-disk"
-    sync; echo 3 >/proc/sys/vm/drop_caches
+    rm -rf --one-file-system "$work/si-disk" "$work/si-disk.state" "$work/si-disk-plain" "$work/si-disk-plain.state" \
+        "$work/rs-disk" "$work"/tmpfs/*
+    between() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+    between
+    si_pulls "$rep" deploy-disk "$work/si-disk"
+    between
     rsync_pull "$rep" deploy-disk "$work/rs-disk"
-    [ "$quick" -eq 1 ] && break
-    si_pull "$rep" deploy-tmpfs "$work/tmpfs/si"
-    rm -rf "$work/tmpfs/si" "$work/tmpfs/si.state"
+    [ "$quick" -eq 1 ] && continue
+    between() { rm -rf "$work"/tmpfs/si*; sync; echo 3 >/proc/sys/vm/drop_caches; }
+    si_pulls "$rep" deploy-tmpfs "$work/tmpfs/si"
+    between
     rsync_pull "$rep" deploy-tmpfs "$work/tmpfs/rs"
     rm -rf "$work/tmpfs/rs"
 done
 
-# Each rep: a new version with 20 other files changed, 5 added, 5 deleted; both nodes follow.
+# Each rep: a new version with 20 other files changed, 5 added, 5 deleted; every node follows.
 : >"$work/changed_z"
+between() { :; }
 for ((rep = 1; rep <= repeat; rep++)); do
     log "rep $rep: update: 20 changed, 5 added, 5 deleted"
     python3 "$repo/bench/mutate.py" "$src" --count 20 --seed $((6 + rep)) >"$work/changed.lst"
@@ -195,14 +238,14 @@ for ((rep = 1; rep <= repeat; rep++)); do
     (tr '\0' '\n' <"$work/changed.lst"; ls "$src"/usr/share/bench-added-$rep-*) | xargs cat | zstd -3 -c | wc -c >>"$work/changed_z"
     "$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
     sleep 2.5 # the server notices the new version (it looks every 2 s)
-    # Both node trees warm in the page cache, as on a running node (the si tree was written
+    # The node trees warm in the page cache, as on a running node (the si tree was written
     # before the caches were dropped for rsync's deploy).
-    find "$work/si-disk" "$work/rs-disk" -printf '' 2>/dev/null
-    si_pull "$rep" update "$work/si-disk"
+    find "$work"/si-disk* "$work/rs-disk" -printf '' 2>/dev/null
+    si_pulls "$rep" update "$work/si-disk"
     python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("  si phases: " + " ".join(f"{k}={j[k]:.3f}" for k in j if k.endswith("seconds")))' "$work/si.json" >&2
     rsync_pull "$rep" update "$work/rs-disk" --delete
 done
-[ "$quick" -eq 1 ] && skip1g=1 || skip1g=0
+{ [ "$quick" -eq 1 ] || [ "$compare" -eq 1 ]; } && skip1g=1 || skip1g=0
 
 if [ "$skip1g" -eq 0 ]; then
 log "1 MiB changed inside a 1 GiB file"
@@ -241,6 +284,19 @@ for sc in ("deploy-disk", "deploy-tmpfs", "update"):
     a, b = med(sc, "si"), med(sc, "rsync")
     if a and b:
         print(f"{sc}: si/rsync wall = {a / b:.2f}")
+for sc in ("deploy-disk", "deploy-tmpfs", "update"):
+    t, p = by.get((sc, "si")), by.get((sc, "si-plain"))
+    if t and p:
+        wall = statistics.median(x[0] for x in t) / statistics.median(x[0] for x in p)
+        cput = statistics.median(cpu(x[1])[0] for x in t) / statistics.median(cpu(x[1])[0] for x in p)
+        # The two ran back to back in each rep: the ratio within each rep, its median and range.
+        tr = {r[0]: r for r in rows if r[1] == sc and r[2] == "si"}
+        pr = {r[0]: r for r in rows if r[1] == sc and r[2] == "si-plain"}
+        per = sorted(float(tr[k][3]) / float(pr[k][3]) for k in tr if k in pr)
+        perc = sorted(cpu(tr[k][4])[0] / cpu(pr[k][4])[0] for k in tr if k in pr)
+        print(f"{sc}: TLS cost (si / si-plain): wall {wall:.2f}x, node CPU {cput:.2f}x (ratios of the medians of {len(t)});"
+              f" per rep: wall {statistics.median(per):.2f}x ({per[0]:.2f}..{per[-1]:.2f}),"
+              f" node CPU {statistics.median(perc):.2f}x ({perc[0]:.2f}..{perc[-1]:.2f})")
 si_up = [r for r in rows if r[1] == "update" and r[2] == "si"]
 if si_up and changed_z:
     ratios = [int(r[5]) / changed_z[int(r[0]) - 1] for r in si_up]

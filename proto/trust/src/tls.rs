@@ -171,7 +171,8 @@ impl Connector {
                 let conn = rustls::ClientConnection::new(config.clone(), sn)
                     .context("starting a TLS session")?;
                 Ok(ClientStream::Tls(Box::new(rustls::StreamOwned::new(
-                    conn, tcp,
+                    conn,
+                    ReadAhead::new(tcp),
                 ))))
             }
         }
@@ -220,17 +221,75 @@ pub fn node_server_config(identity: &NodeIdentity) -> Result<Arc<rustls::ServerC
     Ok(Arc::new(cfg))
 }
 
+/// The socket under a client's TLS session, read in large pieces. rustls asks its transport
+/// for at most 4 KiB at a time, one system call each, so a 16 KiB record took four or five;
+/// here one `read` takes whatever the socket holds (up to [`READ_AHEAD`]) and rustls's small
+/// reads are served from memory. Writes go straight through. Nothing is read before rustls
+/// asks for it, so a read never blocks where the bare socket would not have.
+pub struct ReadAhead {
+    sock: TcpStream,
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+}
+
+/// How much a [`ReadAhead`] takes from the socket at once.
+pub const READ_AHEAD: usize = 256 << 10;
+
+impl ReadAhead {
+    pub fn new(sock: TcpStream) -> ReadAhead {
+        ReadAhead {
+            sock,
+            buf: vec![0; READ_AHEAD].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.end {
+            if out.len() >= self.buf.len() {
+                return self.sock.read(out);
+            }
+            self.end = self.sock.read(&mut self.buf)?;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.end - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for ReadAhead {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.sock.write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
 /// A client's connection: TLS, or TCP under `--insecure`.
 pub enum ClientStream {
     Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, ReadAhead>>),
 }
 
 impl ClientStream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             ClientStream::Plain(s) => s,
-            ClientStream::Tls(s) => s.get_ref(),
+            ClientStream::Tls(s) => s.get_ref().get_ref(),
         }
     }
 
@@ -242,6 +301,14 @@ impl ClientStream {
             }
         }
         Ok(())
+    }
+
+    /// The cipher suite the handshake settled on (None under `--insecure` or before it).
+    pub fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
+        match self {
+            ClientStream::Plain(_) => None,
+            ClientStream::Tls(s) => s.conn.negotiated_cipher_suite().map(|c| c.suite()),
+        }
     }
 
     /// This session's binding ([`crate::capture::binding`]); `None` under `--insecure`.
@@ -259,7 +326,10 @@ impl ClientStream {
         let conn =
             rustls::ClientConnection::new(crate::capture::master_client_config(master)?, name)
                 .context("starting a TLS session")?;
-        let mut s = ClientStream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)));
+        let mut s = ClientStream::Tls(Box::new(rustls::StreamOwned::new(
+            conn,
+            ReadAhead::new(tcp),
+        )));
         s.handshake()
             .context("TLS handshake with the golden client")?;
         Ok(s)

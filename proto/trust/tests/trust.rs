@@ -258,3 +258,87 @@ fn version_signatures_verify_and_tampering_is_refused() {
         assert!(format!("{e:#}").contains("sign"), "{e:#}");
     }
 }
+
+/// A large transfer through the client's read-ahead arrives exact, whatever the sizes the
+/// server writes and the client reads in (one byte, a record's worth, more than the
+/// read-ahead holds), and the session runs the suite first in si's order (AES-128-GCM on a CPU
+/// with AES instructions, else ChaCha20-Poly1305).
+#[test]
+fn a_large_transfer_arrives_exact_through_the_read_ahead() {
+    let t = tempfile::tempdir().unwrap();
+    let a = ca(&t, "a");
+    let cfg = a.server_config().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let data: Vec<u8> = (0..(3u32 << 20) + 12345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let sent = data.clone();
+    let h = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut tls = rustls::StreamOwned::new(rustls::ServerConnection::new(cfg).unwrap(), s);
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).unwrap();
+        let mut at = 0;
+        for (i, n) in [1usize, 7, 16_384, 100_000, 1 << 20]
+            .iter()
+            .cycle()
+            .enumerate()
+        {
+            if at == sent.len() {
+                break;
+            }
+            let n = (*n + i).min(sent.len() - at);
+            tls.write_all(&sent[at..at + n]).unwrap();
+            at += n;
+        }
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+    });
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut s = Connector::master(a.fingerprint(), None)
+        .unwrap()
+        .wrap(tcp)
+        .unwrap();
+    s.write_all(b"x").unwrap();
+    s.flush().unwrap();
+    let mut got = Vec::with_capacity(data.len());
+    let mut buf = vec![0u8; si_trust::tls::READ_AHEAD + 4096];
+    for n in [1usize, 4096, 16_389, si_trust::tls::READ_AHEAD + 4096]
+        .iter()
+        .cycle()
+    {
+        let k = s.read(&mut buf[..*n]).unwrap();
+        if k == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..k]);
+    }
+    h.join().unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "the bytes differ");
+    assert_eq!(
+        s.cipher_suite(),
+        Some(si_trust::provider().cipher_suites[0].suite())
+    );
+}
+
+/// si's cipher order: AES-128-GCM first where the CPU has AES instructions (this test cannot
+/// turn them off, so it checks the order this machine gets and that every suite ring offers is
+/// still there).
+#[test]
+fn the_fast_cipher_for_this_cpu_comes_first() {
+    let p = si_trust::provider();
+    let ring = rustls::crypto::ring::default_provider();
+    assert_eq!(p.cipher_suites.len(), ring.cipher_suites.len());
+    let first = p.cipher_suites[0].suite();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("aes")
+        && std::arch::is_x86_feature_detected!("pclmulqdq")
+    {
+        assert_eq!(first, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    } else {
+        assert_eq!(first, rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    }
+}

@@ -924,4 +924,80 @@ mod tests {
         );
         assert_eq!(without_excluded(&m, &Excludes::default()), m);
     }
+
+    /// A piece corrupted in a relay's buffer (the bytes it holds no longer decompress to the
+    /// digest) is caught by the next node before anything is written, and that node fetches
+    /// it, and whatever else it still lacks, from the next upstream (the master here); every
+    /// object ends written once with its right bytes.
+    #[test]
+    fn a_piece_corrupted_in_a_relays_buffer_is_caught_and_refetched() {
+        let objs: Vec<Vec<u8>> = (0..4u8)
+            .map(|k| (0..5000u32).map(|i| (i * (k as u32 + 3)) as u8).collect())
+            .collect();
+        let ds: Vec<Digest> = objs.iter().map(|o| Digest::of(o)).collect();
+        let holding = |corrupt: Option<usize>| {
+            let b = Arc::new(Buffer::new(1 << 20));
+            b.expect(ds.iter().copied());
+            for (i, o) in objs.iter().enumerate() {
+                let mut z = si_tree::codec::compress(o).unwrap();
+                if corrupt == Some(i) {
+                    // A well-formed object of other bytes: only the digest check can tell.
+                    z = si_tree::codec::compress(&vec![0x5a; o.len()]).unwrap();
+                }
+                b.put(ds[i], o.len() as u32, &z);
+            }
+            Arc::new(RelayObjects::new(
+                b,
+                Path::new("/nonexistent"),
+                Duration::from_millis(100),
+            ))
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let bad = holding(Some(2));
+        let good = holding(None);
+        let bad_addr = rt.block_on(listener(bad.clone(), true, Duration::from_secs(5)));
+        let good_addr = rt.block_on(listener(good.clone(), true, Duration::from_secs(5)));
+        let mut master = Client::connect_once(
+            &good_addr,
+            Duration::from_secs(3),
+            Duration::from_secs(5),
+            &Connector::Insecure,
+        )
+        .unwrap();
+        let upstreams = [Upstream {
+            label: "n1".into(),
+            addr: bad_addr,
+            trust: Connector::Insecure,
+        }];
+        let wants: Vec<(Digest, u32)> = ds.iter().map(|d| (*d, 5000)).collect();
+        let written = Mutex::new(Vec::<(Digest, Vec<u8>)>::new());
+        let mine = Buffer::new(1 << 20);
+        let (from, reattaches) = fetch_chain(
+            &upstreams,
+            &mut master,
+            "master",
+            &wants,
+            1,
+            Duration::from_secs(5),
+            &mine,
+            &|d, data| {
+                written.lock().unwrap().push((d, data));
+                Ok(())
+            },
+        )
+        .unwrap();
+        let mut written = written.into_inner().unwrap();
+        written.sort_by_key(|(d, _)| ds.iter().position(|x| x == d));
+        let want: Vec<(Digest, Vec<u8>)> = ds.iter().copied().zip(objs.iter().cloned()).collect();
+        assert_eq!(
+            written, want,
+            "every object written once, with its own bytes"
+        );
+        assert_eq!(reattaches, 1);
+        assert_eq!(from.len(), 2, "{from:?}");
+        assert_eq!((from[0].upstream.as_str(), from[0].objects), ("n1", 2));
+        assert_eq!((from[1].upstream.as_str(), from[1].objects), ("master", 2));
+        // The master served exactly the corrupted piece and the one after it.
+        assert_eq!(good.served_objects.load(Ordering::Relaxed), 2);
+    }
 }

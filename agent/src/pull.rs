@@ -360,9 +360,13 @@ impl Client {
                 c.flush()?;
                 for (i, batch) in batches.iter().enumerate() {
                     for &(d, expect) in batch.iter() {
-                        let (digest, raw_len) = match recv_msg(c)? {
-                            Msg::Blob { digest, raw_len } => (digest, raw_len),
-                            m => bail!("expected an object, got {m:?}"),
+                        let (digest, raw_len) = loop {
+                            match recv_msg(c)? {
+                                Msg::Blob { digest, raw_len } => break (digest, raw_len),
+                                // A relay waiting for it from its upstream (alive, not stalled).
+                                Msg::Waiting => continue,
+                                m => bail!("expected an object, got {}", m.name()),
+                            }
                         };
                         if digest != d {
                             bail!("server sent {digest} where {d} was due");

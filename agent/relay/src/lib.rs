@@ -13,7 +13,9 @@
 //!   peers with a certificate from that CA (or anyone under `--insecure`, logged).
 //! - Healing: an upstream that sends nothing for `--stall-secs` (killed, link down) is left for
 //!   the next candidate (the predecessor's predecessor, …, the master last); the node asks it
-//!   only for what it still lacks, so no object is fetched twice.
+//!   only for what it still lacks, so no object is fetched twice. A relay waiting for an
+//!   object from its own upstream is not silent: it sends `Waiting` every 0.5 s (at most its
+//!   `--wait-secs`), so its successor stays while it is alive and heals it out when it dies.
 
 pub mod buffer;
 
@@ -999,5 +1001,47 @@ mod tests {
         assert_eq!((from[1].upstream.as_str(), from[1].objects), ("master", 2));
         // The master served exactly the corrupted piece and the one after it.
         assert_eq!(good.served_objects.load(Ordering::Relaxed), 2);
+    }
+
+    /// A relay waiting for an object from its own upstream says so (`Waiting`) while it
+    /// waits: a successor whose stall limit is shorter than the wait gets the object when it
+    /// arrives instead of leaving a live upstream. The object here arrives 2.5 s after the ask,
+    /// the successor's stall limit is 1 s.
+    #[test]
+    fn a_waiting_relay_is_not_taken_for_a_stalled_one() {
+        let data = b"late object".to_vec();
+        let d = Digest::of(&data);
+        let b = Arc::new(Buffer::new(1 << 20));
+        b.expect([d]);
+        let o = Arc::new(RelayObjects::new(
+            b.clone(),
+            Path::new("/nonexistent"),
+            Duration::from_secs(20),
+        ));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let addr = rt.block_on(listener(o, true, Duration::from_secs(5)));
+        let mut c = Client::connect_once(
+            &addr,
+            Duration::from_secs(3),
+            Duration::from_secs(1),
+            &Connector::Insecure,
+        )
+        .unwrap();
+        let z = si_tree::codec::compress(&data).unwrap();
+        let late = std::thread::spawn(move || {
+            // The upstream's delivery, late: this delay is what the test is about.
+            std::thread::sleep(Duration::from_millis(2500));
+            b.put(d, 11, &z);
+        });
+        let got = Mutex::new(None);
+        let t = Instant::now();
+        c.fetch(&[(d, 11)], 1, &|dd, bytes| {
+            *got.lock().unwrap() = Some((dd, bytes));
+            Ok(())
+        })
+        .expect("the successor gave up on a relay that was waiting");
+        late.join().unwrap();
+        assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(got.into_inner().unwrap(), Some((d, data)));
     }
 }

@@ -51,6 +51,8 @@
 //!                                          the node rebuilds the manifest and checks its digest)
 //! Want([digest..])                   ->    (at most MAX_WANT per message)
 //!                                    <-    Blob{..} + Data, one per digest, in order
+//!                                          (from a relay, `Waiting` between them while an
+//!                                          object is still on its way from upstream)
 //! ...
 //! Bye                                ->
 //! ```
@@ -277,7 +279,16 @@ pub enum Msg {
     /// Capture over TLS, golden → master right after the welcome: proof that the golden
     /// client knows the one-time token, bound to this TLS session (`si_trust::capture`).
     CaptureProof(String),
+    /// A relay to its successor, in answer to a `Want`: the next object is not here yet, it is
+    /// waited for from upstream (sent every [`WAITING_EVERY`] while it waits, at most its
+    /// `--wait-secs`). It tells an upstream that waits from one that died: the successor's
+    /// stall timer counts silence, and a waiting relay is not silent.
+    Waiting,
 }
+
+/// How often a relay waiting for an object tells its successor so ([`Msg::Waiting`]); well
+/// below the successor's stall limit (`si-relay --stall-secs`, 5 s by default, at least 2).
+pub const WAITING_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Msg {
     /// The message's name, for errors and logs (never its contents: they may hold secrets).
@@ -317,6 +328,7 @@ impl Msg {
             Msg::CaptureDelta { .. } => "CaptureDelta",
             Msg::SendEntries => "SendEntries",
             Msg::CaptureProof(_) => "CaptureProof",
+            Msg::Waiting => "Waiting",
         }
     }
 }

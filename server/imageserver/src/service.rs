@@ -736,9 +736,25 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                     let src = objects.clone();
                     let todo =
                         rest[..rest.len().min(if streaming { 1 } else { rest.len() })].to_vec();
-                    let (objs, taken) =
-                        tokio::task::spawn_blocking(move || read_group(&*src, &todo, budget))
-                            .await?;
+                    let mut job =
+                        tokio::task::spawn_blocking(move || read_group(&*src, &todo, budget));
+                    // A relay may wait for the object to arrive from its upstream: it says so
+                    // while it waits, so the successor does not take it for dead.
+                    let (objs, taken) = if streaming {
+                        let mut tick = tokio::time::interval(msg::WAITING_EVERY);
+                        tick.tick().await; // the first tick is immediate
+                        loop {
+                            tokio::select! {
+                                done = &mut job => break done?,
+                                _ = tick.tick() => {
+                                    write_msg_async(&mut w, &Msg::Waiting).await?;
+                                    w.flush().await?;
+                                }
+                            }
+                        }
+                    } else {
+                        job.await?
+                    };
                     rest = &rest[taken..];
                     match objs {
                         Ok(objs) => {

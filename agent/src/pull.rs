@@ -11,7 +11,9 @@ use si_trust::{ClientStream, Connector, Fingerprint};
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// How long a node keeps retrying a server that answers Busy or cannot be reached (an installer
 /// whose master is restarting waits for it; the retries are logged as warnings).
@@ -91,6 +93,41 @@ pub struct Client {
     /// The pinned CA certificate as the server sent it (None under `--insecure`): the key that
     /// signs versions.
     ca: Option<Vec<u8>>,
+    watch: Watched,
+}
+
+/// What another thread may watch of a session while it fetches ([`Client::watch`]): the bytes
+/// received, the `Waiting`s a relay sent, the time this node held the stream up itself
+/// (its workers busy), and a way to cut the session.
+#[derive(Clone, Default)]
+struct Watched {
+    waits: Arc<AtomicU64>,
+    held_up_ns: Arc<AtomicU64>,
+}
+
+pub struct Watch {
+    traffic: Traffic,
+    watched: Watched,
+    sock: TcpStream,
+}
+
+impl Watch {
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.traffic.read()
+    }
+    /// `Waiting` messages received so far: the upstream had nothing to send yet.
+    pub fn waits(&self) -> u64 {
+        self.watched.waits.load(Ordering::Relaxed)
+    }
+    /// How long, in all, the session waited on this node's own workers (verify and write).
+    pub fn held_up(&self) -> Duration {
+        Duration::from_nanos(self.watched.held_up_ns.load(Ordering::Relaxed))
+    }
+    /// Ends the session now: the fetch in progress fails with an error.
+    pub fn cut(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Client {
@@ -165,7 +202,12 @@ impl Client {
         let traffic = counted.traffic();
         let mut conn = BufStream::with_capacities(1 << 20, 64 << 10, counted);
         handshake::connect(&mut conn, Role::Deploy, creds)?;
-        Ok(Client { conn, traffic, ca })
+        Ok(Client {
+            conn,
+            traffic,
+            ca,
+            watch: Watched::default(),
+        })
     }
 
     /// Checks that an answer is the version asked for and carries the master's signature on
@@ -204,6 +246,21 @@ impl Client {
     /// Bytes received from the server so far.
     pub fn received(&self) -> u64 {
         self.traffic.read()
+    }
+
+    /// A handle another thread watches this session's progress with, and may cut it by.
+    pub fn watch(&self) -> Result<Watch> {
+        Ok(Watch {
+            traffic: self.traffic.clone(),
+            watched: self.watch.clone(),
+            sock: self
+                .conn
+                .get_ref()
+                .get_ref()
+                .tcp()
+                .try_clone()
+                .context("cloning the session's socket")?,
+        })
     }
 
     pub fn list(&mut self) -> Result<Vec<ImageVersionInfo>> {
@@ -334,6 +391,7 @@ impl Client {
         let batches: Vec<&[(Digest, u32)]> = wants.chunks(WANT_BATCH).collect();
         let (tx, rx) = crossbeam_channel::bounded::<(Digest, u32, u32, Vec<u8>)>(32);
         let c = &mut self.conn;
+        let watched = self.watch.clone();
         std::thread::scope(|s| -> Result<()> {
             let workers: Vec<_> = (0..threads.max(1))
                 .map(|_| {
@@ -364,7 +422,10 @@ impl Client {
                             match recv_msg(c)? {
                                 Msg::Blob { digest, raw_len } => break (digest, raw_len),
                                 // A relay waiting for it from its upstream (alive, not stalled).
-                                Msg::Waiting => continue,
+                                Msg::Waiting => {
+                                    watched.waits.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
                                 m => bail!("expected an object, got {}", m.name()),
                             }
                         };
@@ -374,9 +435,13 @@ impl Client {
                         let Some(Frame::Data(z)) = read_frame(c)? else {
                             bail!("object {d} without data")
                         };
+                        let t = Instant::now();
                         if tx.send((d, raw_len, expect, z)).is_err() {
                             return Ok(()); // a worker failed; its error is reported below
                         }
+                        watched
+                            .held_up_ns
+                            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     }
                     if sent < batches.len() {
                         write_msg(c, &Msg::Want(batches[sent].iter().map(|x| x.0).collect()))?;

@@ -1038,6 +1038,7 @@ impl Installer {
             relay_listen: relay.listen.clone(),
             buffer_mib: RELAY_BUFFER_MIB,
             stall: RELAY_STALL,
+            min_rate: relay.min_rate_kbit.saturating_mul(125),
             wait: RELAY_WAIT,
             linger: RELAY_LINGER,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -99,6 +99,12 @@ pub struct RelayConfig {
     #[arg(long, default_value_t = default_stall())]
     #[serde(default = "default_stall")]
     pub stall_secs: u64,
+    /// An upstream relay that has objects to send but delivers fewer than this many kbit/s
+    /// over a stretch of `SLOW_WINDOW` is left as if it had stalled (a node much slower
+    /// than its chain becomes a leaf: nobody fetches from it any more). 0: off.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub min_rate_kbit: u64,
     /// How long the relay waits for an object its successor asks for and it has not yet.
     #[arg(long, default_value_t = default_wait())]
     #[serde(default = "default_wait")]
@@ -127,6 +133,53 @@ pub struct FromUpstream {
     pub objects: u64,
     /// Compressed bytes, as they travelled.
     pub bytes: u64,
+    /// Why the node left this upstream before it had everything (it failed, stalled, or was
+    /// too slow); None when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<String>,
+}
+
+/// How long an upstream must stay below `--min-rate-kbit` before it is left: long enough
+/// that a burst of small files or a TCP recovery does not count.
+pub const SLOW_WINDOW: Duration = Duration::from_secs(4);
+
+/// Watches a session with an upstream relay once a second and cuts it when, over the last
+/// [`SLOW_WINDOW`], the upstream had objects to send (it sent no `Waiting`), this node was not
+/// the one holding the stream up (its workers took less than half the window), and fewer
+/// than `min_rate` bytes a second arrived. Returns the reason when it cut; runs until `stop`
+/// ends.
+fn watch_rate(
+    w: &si_agent::pull::Watch,
+    min_rate: u64,
+    stop: &std::sync::mpsc::Receiver<()>,
+) -> Option<String> {
+    let mut seen: std::collections::VecDeque<(Instant, u64, u64, Duration)> = Default::default();
+    loop {
+        match stop.recv_timeout(Duration::from_secs(1)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return None,
+        }
+        let now = (Instant::now(), w.received(), w.waits(), w.held_up());
+        seen.push_back(now);
+        while seen.len() > 1 && now.0.duration_since(seen[1].0) >= SLOW_WINDOW {
+            seen.pop_front();
+        }
+        let first = seen[0];
+        let span = now.0.duration_since(first.0);
+        if span < SLOW_WINDOW || now.2 != first.2 || now.3 - first.3 > span / 2 {
+            continue;
+        }
+        let rate = (now.1 - first.1) as f64 / span.as_secs_f64();
+        if rate < min_rate as f64 {
+            w.cut();
+            return Some(format!(
+                "too slow: {:.1} Mbit/s for {:.0} s, below the floor of {:.1} Mbit/s",
+                rate * 8.0 / 1e6,
+                span.as_secs_f64(),
+                min_rate as f64 * 8.0 / 1e6
+            ));
+        }
+    }
 }
 
 /// What a relaying deploy did.
@@ -356,6 +409,7 @@ fn fetch_chain(
     wants: &[(Digest, u32)],
     threads: usize,
     stall: Duration,
+    min_rate: u64,
     buffer: &Buffer,
     write: &(dyn Fn(Digest, Vec<u8>) -> Result<()> + Sync),
 ) -> Result<(Vec<FromUpstream>, u64)> {
@@ -397,9 +451,23 @@ fn fetch_chain(
             bytes.fetch_add(z.len() as u64, Ordering::Relaxed);
             Ok(())
         };
+        let mut slow = None;
         let res = match upstreams.get(i) {
             Some(u) => attach(u, i == 0, stall).and_then(|mut c| {
-                let r = c.fetch_with(&rest, threads, &on_object);
+                let r = if min_rate > 0 {
+                    let w = c.watch()?;
+                    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+                    std::thread::scope(|sc| {
+                        let w = &w;
+                        let dog = sc.spawn(move || watch_rate(w, min_rate, &stopped));
+                        let r = c.fetch_with(&rest, threads, &on_object);
+                        drop(stop);
+                        slow = dog.join().unwrap_or(None);
+                        r
+                    })
+                } else {
+                    c.fetch_with(&rest, threads, &on_object)
+                };
                 if r.is_ok() {
                     c.bye();
                 }
@@ -407,18 +475,28 @@ fn fetch_chain(
             }),
             None => master.fetch_with(&rest, threads, &on_object),
         };
-        from.push(FromUpstream {
+        let mut f = FromUpstream {
             upstream: label.clone(),
             objects: objs.load(Ordering::Relaxed),
             bytes: bytes.load(Ordering::Relaxed),
-        });
+            left: None,
+        };
         match res {
-            Ok(()) => {}
+            Ok(()) => from.push(f),
             Err(e) if local_failed.load(Ordering::Acquire) => {
                 return Err(e.context("writing an object into the tree"))
             }
             Err(e) if i + 1 < n => {
-                tracing::warn!(upstream = %label, error = format!("{e:#}"), "upstream failed or stalled; reattaching to the next");
+                let why = slow.unwrap_or_else(|| {
+                    if timed_out(&e) {
+                        format!("stalled: nothing arrived for {} s", stall.as_secs_f64())
+                    } else {
+                        format!("failed: {e:#}")
+                    }
+                });
+                tracing::warn!(upstream = %label, reason = %why, "leaving the upstream; reattaching to the next");
+                f.left = Some(why);
+                from.push(f);
             }
             Err(e) => return Err(e.context(format!("fetching objects from {label}"))),
         }
@@ -432,6 +510,19 @@ fn fetch_chain(
 
 /// A session with an upstream relay. The first one may not accept yet (it is starting too):
 /// refused connections are retried for a while; a later (healing) attach gets one try.
+/// Whether an error comes from a socket read that timed out (the upstream sent nothing for the
+/// stall deadline).
+fn timed_out(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        })
+    })
+}
+
 fn attach(u: &Upstream, first: bool, stall: Duration) -> Result<Client> {
     let deadline = Instant::now()
         + if first {
@@ -469,6 +560,8 @@ pub struct Deploy<'a> {
     pub relay_listen: Option<String>,
     pub buffer_mib: usize,
     pub stall: Duration,
+    /// Leave an upstream relay slower than this (bytes a second) as if it had stalled; 0: off.
+    pub min_rate: u64,
     pub wait: Duration,
     pub linger: Duration,
     pub threads: usize,
@@ -510,6 +603,7 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
         relay_listen: cfg.relay_listen.clone(),
         buffer_mib: cfg.buffer_mib,
         stall: Duration::from_secs(cfg.stall_secs),
+        min_rate: cfg.min_rate_kbit.saturating_mul(125),
         wait: Duration::from_secs(cfg.wait_secs),
         linger: Duration::from_secs(cfg.linger_secs),
         threads: cfg.threads,
@@ -610,6 +704,7 @@ pub fn deploy(cfg: &Deploy<'_>) -> Result<RelaySummary> {
                     wants,
                     cfg.threads,
                     cfg.stall,
+                    cfg.min_rate,
                     &buffer,
                     write,
                 )?;
@@ -981,6 +1076,7 @@ mod tests {
             &wants,
             1,
             Duration::from_secs(5),
+            0,
             &mine,
             &|d, data| {
                 written.lock().unwrap().push((d, data));

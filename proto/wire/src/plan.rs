@@ -83,6 +83,14 @@ pub struct Relay {
     /// certificate the relay presents).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<String>,
+    /// Leave an upstream relay that delivers fewer kbit/s than this while it has objects to
+    /// send (`si-relay --min-rate-kbit`); 0 (left out): off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_rate_kbit: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A relay address: HOST:PORT with a port and a host of address or name characters.
@@ -238,6 +246,7 @@ mod tests {
         p.relay = Some(Relay {
             listen: Some("10.213.5.12:7812".into()),
             upstreams: vec!["n02@10.213.5.11:7812".into(), "n01@10.213.5.10:7812".into()],
+            ..Default::default()
         });
         let t = toml::to_string(&p).unwrap();
         assert!(t.contains("[relay]"), "{t}");

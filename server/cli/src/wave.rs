@@ -64,6 +64,11 @@ pub struct WaveConfig {
     #[arg(long, default_value_t = default_relay_port())]
     #[serde(default = "default_relay_port")]
     pub relay_port: u16,
+    /// A member leaves an upstream relay that has objects to send but delivers fewer kbit/s
+    /// than this for 4 s (that relay becomes a leaf); 0: off.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub broadcast_min_rate_kbit: u64,
 }
 
 impl Default for WaveConfig {
@@ -74,6 +79,7 @@ impl Default for WaveConfig {
             broadcast_fanout: default_fanout(),
             broadcast_max_chain: default_max_chain(),
             relay_port: default_relay_port(),
+            broadcast_min_rate_kbit: 0,
         }
     }
 }
@@ -177,7 +183,11 @@ pub fn relay_section(
         // A chain of one fed by the master: nothing to relay.
         return None;
     }
-    Some(Relay { listen, upstreams })
+    Some(Relay {
+        listen,
+        upstreams,
+        min_rate_kbit: cfg.broadcast_min_rate_kbit,
+    })
 }
 
 /// The relay section of the plan si-server serves `node` for `image@version`, from the
@@ -321,6 +331,7 @@ mod tests {
             Some(Relay {
                 listen: Some("10.213.7.10:7812".into()),
                 upstreams: vec![],
+                ..Default::default()
             })
         );
         assert_eq!(
@@ -328,6 +339,7 @@ mod tests {
             Some(Relay {
                 listen: Some("10.213.7.11:7812".into()),
                 upstreams: vec!["node0@10.213.7.10:7812".into()],
+                ..Default::default()
             })
         );
         assert_eq!(
@@ -338,6 +350,7 @@ mod tests {
                     "node1@10.213.7.11:7812".into(),
                     "node0@10.213.7.10:7812".into()
                 ],
+                ..Default::default()
             })
         );
         // Every section is one an installer accepts.
@@ -404,6 +417,7 @@ mod tests {
             Some(Relay {
                 listen: None,
                 upstreams: vec!["node1@10.213.7.11:7812".into()],
+                ..Default::default()
             })
         );
         // Without racks, switches then subnets group.

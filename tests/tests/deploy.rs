@@ -332,6 +332,123 @@ fn push_to_eight_nodes_with_one_down() {
     }
 }
 
+/// The rollout budget: canaries first, and a stop on the first failure. Four nodes, the first
+/// (10.213.13.11) without an agent. With it as the canary nothing else is touched; with a
+/// healthy canary, `--on-failure stop` and one node at a time, the canary updates, the node
+/// without an agent fails, and the two after it are never started. Every node not reached still
+/// has an empty tree, and pushupdate.failed lists it with why, for a retry.
+#[test]
+fn a_failed_canary_stops_the_push() {
+    require_root!();
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = t.path().join("golden");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/role"), b"compute\n").unwrap();
+    let store = t.path().join("store");
+    run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
+    let si_tests::Bridged { master, nodes, .. } = bridged(13, 4);
+    let _server = start_server(&master, &store);
+    let root = |i: usize| t.path().join(format!("node{i}"));
+    let mut agents = Vec::new();
+    for (i, n) in nodes.iter().enumerate().skip(1) {
+        std::fs::create_dir_all(root(i)).unwrap();
+        let id = enroll(
+            n,
+            "10.213.13.1",
+            &store,
+            &format!("node{i}"),
+            &root(i).with_extension("id"),
+        );
+        let p = n
+            .cmd(bin("si-agentd"))
+            .arg("--identity-dir")
+            .arg(&id)
+            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+            .args(["--listen", "0.0.0.0:7812", "--master", "10.213.13.1"])
+            .arg("--root")
+            .arg(root(i))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        agents.push(Proc(p));
+        wait_port(n, "127.0.0.1:7812").unwrap();
+    }
+    let push = |nodes: &[&str], extra: &[&str], results: &Path| {
+        let out = master
+            .cmd(bin("si-pushupdate"))
+            .args(nodes)
+            .args([
+                "--server",
+                "10.213.13.1",
+                "--image",
+                "debian",
+                "--timeout",
+                "30",
+            ])
+            .args(extra)
+            .arg("--ca-dir")
+            .arg(&si_tests::test_ca().dir)
+            .arg("--results")
+            .arg(results)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a failed node makes the push fail");
+        let failed = std::fs::read_to_string(results.join("pushupdate.failed")).unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), failed)
+    };
+    let updated = |i: usize| root(i).join("etc/role").exists();
+
+    // The canary has no agent: nobody else is pushed.
+    let (stdout, failed) = push(
+        &["10.213.13.[11-14]"],
+        &["--canary", "10.213.13.11"],
+        &t.path().join("r1"),
+    );
+    assert!(
+        stdout.contains("0 succeeded, 1 failed, 3 not started"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("FAILED 10.213.13.11"), "{stdout}");
+    for i in 1..4 {
+        assert!(!updated(i), "node{i} was pushed after its canary failed");
+        let ip = format!("10.213.13.{}", 11 + i);
+        assert!(
+            failed.contains(&format!("{ip}\tnot started: canary 10.213.13.11 failed")),
+            "{failed}"
+        );
+    }
+
+    // A healthy canary, then one at a time, stopping at the first failure.
+    let (stdout, failed) = push(
+        &[
+            "10.213.13.12",
+            "10.213.13.11",
+            "10.213.13.13",
+            "10.213.13.14",
+        ],
+        &["--canary", "1", "--on-failure", "stop", "--fanout", "1"],
+        &t.path().join("r2"),
+    );
+    assert!(
+        stdout.contains("1 succeeded, 1 failed, 2 not started"),
+        "{stdout}"
+    );
+    assert!(updated(1), "the canary was not updated: {stdout}");
+    assert!(
+        !updated(2) && !updated(3),
+        "nodes started after a failure: {stdout}"
+    );
+    let lines: Vec<&str> = failed.lines().collect();
+    assert_eq!(lines.len(), 3, "{failed}");
+    assert!(lines[0].starts_with("10.213.13.11\t"), "{failed}");
+    for (l, ip) in lines[1..].iter().zip(["10.213.13.13", "10.213.13.14"]) {
+        assert_eq!(
+            *l,
+            format!("{ip}\tnot started: stopped after 10.213.13.11 failed")
+        );
+    }
+}
+
 /// The push's other transport: ssh to each node, which runs si-updateclient against the master
 /// (real sshd in each node's namespace, key authentication). A node without sshd fails with
 /// ssh's reason; the others end up with the image.

@@ -1,8 +1,10 @@
 //! `si-pushupdate`: update many nodes at once, through their `si-agentd` or over ssh (the
 //! node runs `si-updateclient` against the master, as SystemImager's si_pushupdate does).
 //!
-//! Nodes run in parallel up to a fan-out limit, each with its own timeout (a node that does not
-//! answer costs one timeout, not a stall). Progress is printed as each node finishes; at the end
+//! Nodes run in parallel up to a fan-out limit (`--fanout`, and `--max-percent` of the nodes),
+//! each with its own timeout (a node that does not answer costs one timeout, not a stall). A
+//! rollout budget as Dominator has it: `--canary` nodes go first and alone, and the rest only
+//! if every canary succeeded; `--on-failure stop` starts no node after one failed. Progress is printed as each node finishes; at the end
 //! the nodes that succeeded and those that failed (with why) are printed and written to
 //! `pushupdate.ok` and `pushupdate.failed` for a retry (`--nodes-file pushupdate.failed`).
 
@@ -53,6 +55,21 @@ pub struct PushConfig {
     /// Nodes updated at once.
     #[arg(long, default_value_t = 32)]
     pub fanout: usize,
+    /// At most this percentage of the nodes at once (1-100; with --fanout, whichever allows
+    /// fewer; at least one node).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    #[serde(default)]
+    pub max_percent: Option<u8>,
+    /// Canary nodes, pushed first and on their own: a count (the first N nodes given) or names
+    /// and ranges among the nodes. The rest start only when every canary succeeded.
+    #[arg(long)]
+    #[serde(default)]
+    pub canary: Option<String>,
+    /// What a failed node does to the rest: `continue` (they are still pushed) or `stop` (no
+    /// node starts after one failed; those not started are listed as such).
+    #[arg(long, value_enum, default_value_t)]
+    #[serde(default)]
+    pub on_failure: OnFailure,
     /// Per-node timeout in seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
@@ -86,7 +103,70 @@ pub struct PushConfig {
     pub results: PathBuf,
 }
 
+/// What a failed node does to the rest of a push.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// The others are still pushed (the default).
+    #[default]
+    Continue,
+    /// No node starts after one failed.
+    Stop,
+}
+
 impl PushConfig {
+    /// Nodes pushed at once for `total` nodes: --fanout, lowered to --max-percent of them.
+    pub fn parallel(&self, total: usize) -> usize {
+        let mut n = self.fanout.max(1);
+        if let Some(p) = self.max_percent {
+            n = n.min((total * p as usize).div_ceil(100).max(1));
+        }
+        n
+    }
+
+    /// Splits `nodes` into the canaries and the rest, each in the order given; `expand` turns
+    /// a range expression into names (si-inventory's, in si-pushupdate).
+    pub fn canaries(
+        &self,
+        nodes: &[String],
+        expand: impl Fn(&str) -> Result<Vec<String>>,
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let Some(spec) = self.canary.as_deref().map(str::trim) else {
+            return Ok((vec![], nodes.to_vec()));
+        };
+        if let Ok(n) = spec.parse::<usize>() {
+            if n == 0 || n >= nodes.len() {
+                bail!(
+                    "--canary {n}: a count must be at least 1 and below the {} nodes pushed",
+                    nodes.len()
+                );
+            }
+            return Ok((nodes[..n].to_vec(), nodes[n..].to_vec()));
+        }
+        let named = expand(spec).context("--canary")?;
+        if named.is_empty() {
+            bail!("--canary names no node");
+        }
+        if let Some(stray) = named.iter().find(|c| !nodes.contains(c)) {
+            bail!("--canary {stray} is not among the nodes pushed");
+        }
+        if named.len() >= nodes.len() {
+            bail!("--canary names every node: nothing would follow the canaries");
+        }
+        let (c, rest) = nodes.iter().cloned().partition(|n| named.contains(n));
+        Ok((c, rest))
+    }
+
     /// How the node side is reached.
     pub fn via(&self) -> Via {
         if self.ssh {
@@ -201,8 +281,23 @@ async fn push_ssh(node: &str, ssh: &str, remote: &str, cfg: &PushConfig) -> Resu
 pub struct NodeResult {
     pub node: String,
     pub ok: bool,
+    /// False for a node the push never reached (a canary or, under `--on-failure stop`,
+    /// another node failed first).
+    pub started: bool,
     pub detail: String,
     pub seconds: f64,
+}
+
+impl NodeResult {
+    fn not_started(node: &str, why: &str) -> NodeResult {
+        NodeResult {
+            node: node.to_string(),
+            ok: false,
+            started: false,
+            detail: why.to_string(),
+            seconds: 0.0,
+        }
+    }
 }
 
 async fn push_one(node: &str, cfg: &PushConfig, trust: &Trust) -> Result<String> {
@@ -304,36 +399,73 @@ async fn push_session<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-/// Pushes to every node (authenticated by `trust`, see [`PushConfig::trust`]); returns one
-/// result per node, in the order given.
+/// Pushes to the canaries, then, if every one of them succeeded, to the rest (see
+/// [`PushConfig::canaries`]); returns one result per node, canaries first, each group in the
+/// order given. Without canaries it is [`push`].
+pub async fn rollout(
+    canaries: &[String],
+    rest: &[String],
+    cfg: &PushConfig,
+    trust: &Trust,
+) -> Vec<NodeResult> {
+    let mut out = Vec::new();
+    if !canaries.is_empty() {
+        tracing::info!(
+            canaries = canaries.len(),
+            rest = rest.len(),
+            "pushing to the canaries first"
+        );
+        out = push(canaries, cfg, trust).await;
+        if let Some(bad) = out.iter().find(|r| !r.ok) {
+            let why = format!("not started: canary {} failed", bad.node);
+            tracing::warn!(canary = %bad.node, not_started = rest.len(), "a canary failed; the rest are not pushed");
+            out.extend(rest.iter().map(|n| NodeResult::not_started(n, &why)));
+            return out;
+        }
+    }
+    out.extend(push(rest, cfg, trust).await);
+    out
+}
+
+/// Pushes to every node (authenticated by `trust`, see [`PushConfig::trust`]), at most
+/// [`PushConfig::parallel`] at once; under `--on-failure stop` no node starts after one
+/// failed. Returns one result per node, in the order given.
 pub async fn push(nodes: &[String], cfg: &PushConfig, trust: &Trust) -> Vec<NodeResult> {
-    let sem = Arc::new(Semaphore::new(cfg.fanout.max(1)));
     let total = nodes.len();
+    let sem = Arc::new(Semaphore::new(cfg.parallel(total)));
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The first node that failed, once one has and the policy is to stop.
+    let stopped: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let mut tasks = Vec::new();
     for node in nodes {
         let (sem, cfg, node, done) = (sem.clone(), cfg.clone(), node.clone(), done.clone());
-        let trust = trust.clone();
+        let (trust, stopped) = (trust.clone(), stopped.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
+            if let Some(bad) = stopped.lock().expect("not poisoned").as_ref() {
+                return NodeResult::not_started(&node, &format!("not started: stopped after {bad} failed"));
+            }
             let start = Instant::now();
             let limit = cfg.node_timeout();
             let r = match tokio::time::timeout(limit, push_one(&node, &cfg, &trust)).await {
                 Ok(Ok(detail)) => NodeResult {
                     node,
                     ok: true,
+                    started: true,
                     detail,
                     seconds: 0.0,
                 },
                 Ok(Err(e)) => NodeResult {
                     node,
                     ok: false,
+                    started: true,
                     detail: format!("{e:#}"),
                     seconds: 0.0,
                 },
                 Err(_) => NodeResult {
                     node,
                     ok: false,
+                    started: true,
                     detail: format!("timed out after {limit:?}"),
                     seconds: 0.0,
                 },
@@ -342,6 +474,13 @@ pub async fn push(nodes: &[String], cfg: &PushConfig, trust: &Trust) -> Vec<Node
                 seconds: start.elapsed().as_secs_f64(),
                 ..r
             };
+            if !r.ok && cfg.on_failure == OnFailure::Stop {
+                let mut first = stopped.lock().expect("not poisoned");
+                if first.is_none() {
+                    tracing::warn!(node = %r.node, "--on-failure stop: no more nodes start");
+                    *first = Some(r.node.clone());
+                }
+            }
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if r.ok {
                 tracing::info!(done = n, total, node = %r.node, seconds = r.seconds, detail = %r.detail, "pushed");
@@ -356,6 +495,7 @@ pub async fn push(nodes: &[String], cfg: &PushConfig, trust: &Trust) -> Vec<Node
         out.push(t.await.unwrap_or_else(|e| NodeResult {
             node: node.clone(),
             ok: false,
+            started: true,
             detail: format!("internal error: {e}"),
             seconds: 0.0,
         }));
@@ -367,9 +507,19 @@ pub async fn push(nodes: &[String], cfg: &PushConfig, trust: &Trust) -> Vec<Node
 pub fn report(results: &[NodeResult], dir: Option<&std::path::Path>) -> Result<()> {
     let ok: Vec<&NodeResult> = results.iter().filter(|r| r.ok).collect();
     let failed: Vec<&NodeResult> = results.iter().filter(|r| !r.ok).collect();
-    println!("{} succeeded, {} failed", ok.len(), failed.len());
+    let not_started = failed.iter().filter(|r| !r.started).count();
+    let tried = failed.len() - not_started;
+    if not_started > 0 {
+        println!(
+            "{} succeeded, {tried} failed, {not_started} not started",
+            ok.len()
+        );
+    } else {
+        println!("{} succeeded, {tried} failed", ok.len());
+    }
     for r in &failed {
-        println!("FAILED {}: {}", r.node, r.detail);
+        let tag = if r.started { "FAILED" } else { "NOT STARTED" };
+        println!("{tag} {}: {}", r.node, r.detail);
     }
     if let Some(d) = dir {
         std::fs::create_dir_all(d)?;
@@ -413,6 +563,73 @@ mod tests {
         .unwrap();
         assert_eq!(format!("{cli:?}"), format!("{file:?}"));
         assert!(toml::from_str::<PushConfig>("server = \"m\"\nbogus = 1\n").is_err());
+    }
+
+    fn names(s: &str) -> Result<Vec<String>> {
+        Ok(s.split(',').map(|n| n.trim().to_string()).collect())
+    }
+
+    #[test]
+    fn canaries_go_first_by_count_or_by_name() {
+        use clap::Parser;
+        let nodes: Vec<String> = ["n1", "n2", "n3", "n4"].map(String::from).to_vec();
+        let cfg = |extra: &[&str]| {
+            let mut a = vec!["si-pushupdate", "--server", "m"];
+            a.extend_from_slice(extra);
+            PushConfig::parse_from(a)
+        };
+        let (c, r) = cfg(&[]).canaries(&nodes, names).unwrap();
+        assert!(c.is_empty());
+        assert_eq!(r, nodes);
+        let (c, r) = cfg(&["--canary", "1"]).canaries(&nodes, names).unwrap();
+        assert_eq!((c, r), (vec!["n1".into()], nodes[1..].to_vec()));
+        let (c, r) = cfg(&["--canary", "n3,n1"]).canaries(&nodes, names).unwrap();
+        assert_eq!(c, ["n1", "n3"]);
+        assert_eq!(r, ["n2", "n4"]);
+        for (bad, says) in [
+            ("0", "at least 1"),
+            ("4", "below the 4 nodes"),
+            ("n9", "n9 is not among the nodes"),
+            ("n1,n2,n3,n4", "every node"),
+        ] {
+            let e = cfg(&["--canary", bad]).canaries(&nodes, names).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn at_most_a_percentage_at_once() {
+        use clap::Parser;
+        let cfg = |extra: &[&str]| {
+            let mut a = vec!["si-pushupdate", "--server", "m"];
+            a.extend_from_slice(extra);
+            PushConfig::parse_from(a)
+        };
+        assert_eq!(cfg(&[]).parallel(100), 32);
+        assert_eq!(cfg(&["--max-percent", "10"]).parallel(100), 10);
+        assert_eq!(cfg(&["--max-percent", "10"]).parallel(1000), 32);
+        assert_eq!(
+            cfg(&["--max-percent", "10", "--fanout", "500"]).parallel(1000),
+            100
+        );
+        assert_eq!(cfg(&["--max-percent", "10"]).parallel(15), 2); // rounded up
+        assert_eq!(cfg(&["--max-percent", "1"]).parallel(3), 1); // never none
+        assert!(PushConfig::try_parse_from([
+            "si-pushupdate",
+            "--server",
+            "m",
+            "--max-percent",
+            "0"
+        ])
+        .is_err());
+        assert!(PushConfig::try_parse_from([
+            "si-pushupdate",
+            "--server",
+            "m",
+            "--max-percent",
+            "101"
+        ])
+        .is_err());
     }
 
     #[test]

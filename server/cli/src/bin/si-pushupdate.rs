@@ -21,8 +21,9 @@ async fn main() -> Result<()> {
     if nodes.is_empty() {
         bail!("no nodes given");
     }
+    let (canaries, rest) = a.canaries(&nodes, si_inventory::ranges::expand)?;
     let trust = a.trust()?;
-    let results = si_imageserver::push::push(&nodes, &a, &trust).await;
+    let results = si_imageserver::push::rollout(&canaries, &rest, &a, &trust).await;
     si_imageserver::push::report(&results, Some(&a.results))?;
     if results.iter().any(|r| !r.ok) {
         std::process::exit(1);

@@ -181,6 +181,17 @@ pub struct Bridged {
     pub links: Vec<String>,
 }
 
+/// A veth pair from `a`'s namespace to `b`'s; returns the two ends' names.
+fn veth(a: &Netns, b: &Netns) -> Result<(String, String)> {
+    let k = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let x = format!("sb{}m{k}", std::process::id() % 100000);
+    let y = format!("sb{}n{k}", std::process::id() % 100000);
+    run(Command::new("ip").args([
+        "link", "add", &x, "netns", &a.name, "type", "veth", "peer", "name", &y, "netns", &b.name,
+    ]))?;
+    Ok((x, y))
+}
+
 impl Bridged {
     pub fn new(net: u8, n: usize, first: u8) -> Result<Bridged> {
         let master = Netns::new()?;
@@ -190,23 +201,7 @@ impl Bridged {
         let nodes: Vec<Netns> = (0..n).map(|_| Netns::new()).collect::<Result<_>>()?;
         let (mut ports, mut links) = (Vec::new(), Vec::new());
         for (i, node) in nodes.iter().enumerate() {
-            let k = COUNTER.fetch_add(1, Ordering::SeqCst);
-            let a = format!("sb{}m{k}", std::process::id() % 100000);
-            let b = format!("sb{}n{k}", std::process::id() % 100000);
-            run(Command::new("ip").args([
-                "link",
-                "add",
-                &a,
-                "netns",
-                &master.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &b,
-                "netns",
-                &node.name,
-            ]))?;
+            let (a, b) = veth(&master, node)?;
             master.sh(&format!("ip link set {a} master br0 up"))?;
             node.sh(&format!(
                 "ip addr add 10.213.{net}.{}/24 dev {b} && ip link set {b} up",
@@ -220,6 +215,65 @@ impl Bridged {
             nodes,
             ports,
             links,
+        })
+    }
+}
+
+/// Racks on one segment: the master's namespace holds the core bridge (br0,
+/// 10.213.`net`.1/24); each rack is a namespace of its own with a bridge (its top-of-rack
+/// switch) joined to br0 by one veth pair, the rack's uplink; the rack's nodes hang off its
+/// bridge. Node `i` (racks in order, `per_rack` each) is at 10.213.`net`.`first + i`/24.
+pub struct Racked {
+    /// `ports` are the switch-side ends of the nodes' links (in `switches[rack]`).
+    pub net: Bridged,
+    pub switches: Vec<Netns>,
+    /// The master-side end of each rack's uplink (on br0): its transmit counter is what went
+    /// into the rack, its receive counter what came out.
+    pub uplinks: Vec<String>,
+    /// The switch-side end of each rack's uplink (in `switches[rack]`).
+    pub trunks: Vec<String>,
+}
+
+impl Racked {
+    pub fn new(net: u8, racks: usize, per_rack: usize, first: u8) -> Result<Racked> {
+        let master = Netns::new()?;
+        master.sh(&format!(
+            "ip link add br0 type bridge && ip addr add 10.213.{net}.1/24 dev br0 && ip link set br0 up"
+        ))?;
+        let (mut switches, mut uplinks, mut trunks) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut nodes, mut ports, mut links) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..racks {
+            let sw = Netns::new()?;
+            sw.sh("ip link add br0 type bridge && ip link set br0 up")?;
+            let (up, down) = veth(&master, &sw)?;
+            master.sh(&format!("ip link set {up} master br0 up"))?;
+            sw.sh(&format!("ip link set {down} master br0 up"))?;
+            for j in 0..per_rack {
+                let node = Netns::new()?;
+                let (a, b) = veth(&sw, &node)?;
+                sw.sh(&format!("ip link set {a} master br0 up"))?;
+                node.sh(&format!(
+                    "ip addr add 10.213.{net}.{}/24 dev {b} && ip link set {b} up",
+                    usize::from(first) + r * per_rack + j
+                ))?;
+                nodes.push(node);
+                ports.push(a);
+                links.push(b);
+            }
+            switches.push(sw);
+            uplinks.push(up);
+            trunks.push(down);
+        }
+        Ok(Racked {
+            net: Bridged {
+                master,
+                nodes,
+                ports,
+                links,
+            },
+            switches,
+            uplinks,
+            trunks,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! from its bridge's transmit counter (what the master itself sent, not what the bridge
 //! forwarded between nodes).
 
+use si_broadcast::plan::{Member, Options};
 use si_tests::{bin, require_root, rootfs, run, treecmp, wait_port, Netns, Proc};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +28,8 @@ struct Lab {
     ports: Vec<String>,
     /// The node-side end of each node's link (in the node's namespace).
     links: Vec<String>,
+    /// With racks: each rack's switch namespace (kept for the lab's life).
+    _switches: Vec<Netns>,
     _server: Proc,
 }
 
@@ -48,6 +51,17 @@ fn rand_file(p: &Path, mb: usize, seed: u64) {
 impl Lab {
     /// An image of the small rootfs plus `mb` MiB of noise, a master, and `n` enrolled nodes.
     fn new(n: usize, subnet: u8, mb: usize) -> Lab {
+        Lab::on(
+            si_tests::Bridged::new(subnet, n, 10).unwrap(),
+            vec![],
+            subnet,
+            mb,
+        )
+    }
+
+    /// [`Lab::new`] on a network made already (nodes at 10.213.SUBNET.10 + i).
+    fn on(net: si_tests::Bridged, switches: Vec<Netns>, subnet: u8, mb: usize) -> Lab {
+        let n = net.nodes.len();
         // On disk by default; SI_RELAY_TEST_DIR=/dev/shm measures on tmpfs.
         let base = std::env::var("SI_RELAY_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
         let t = tempfile::tempdir_in(base).unwrap();
@@ -56,13 +70,12 @@ impl Lab {
         rand_file(&src.join("var/big.img"), mb, 7);
         let store = t.path().join("store");
         run(si_image(&store).arg("commit").arg(&src).arg("debian")).unwrap();
-        // Nodes at 10.213.SUBNET.10 + i (see `addr`).
         let si_tests::Bridged {
             master,
             nodes,
             ports,
             links,
-        } = si_tests::Bridged::new(subnet, n, 10).unwrap();
+        } = net;
         let p = master
             .cmd(bin("si-server"))
             .arg("--ca-dir")
@@ -84,6 +97,7 @@ impl Lab {
             nodes,
             ports,
             links,
+            _switches: switches,
             _server: Proc(p),
             t,
         };
@@ -164,6 +178,17 @@ impl Lab {
 
     /// [`Lab::start`] with more si-relay arguments.
     fn start_with(&self, i: usize, chain: bool, extra: &[&str]) -> Child {
+        let (ups, listen): (Vec<usize>, bool) = if chain {
+            ((0..i).rev().collect(), i + 1 < self.nodes.len())
+        } else {
+            (vec![], false)
+        };
+        self.spawn(i, &ups, listen, extra)
+    }
+
+    /// Starts si-relay on node `i` with these upstreams (nearest first; the master is the last
+    /// resort), listening for successors when `listen`.
+    fn spawn(&self, i: usize, ups: &[usize], listen: bool, extra: &[&str]) -> Child {
         let root = self.root(i);
         let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::remove_dir_all(root.with_extension("state"));
@@ -184,18 +209,16 @@ impl Lab {
             .args(extra)
             .stdout(std::fs::File::create(root.with_extension("out")).unwrap())
             .stderr(std::fs::File::create(root.with_extension("log")).unwrap());
-        if chain {
-            let ups: Vec<String> = (0..i)
-                .rev()
-                .map(|j| format!("node{j}@{}:{PORT}", addr(self.subnet, j, 0)))
-                .collect();
-            if !ups.is_empty() {
-                c.arg("--relay-from").arg(ups.join(","));
-            }
-            if i + 1 < self.nodes.len() {
-                c.arg("--relay-listen")
-                    .arg(format!("{}:{PORT}", addr(self.subnet, i, 0)));
-            }
+        let ups: Vec<String> = ups
+            .iter()
+            .map(|j| format!("node{j}@{}:{PORT}", addr(self.subnet, *j, 0)))
+            .collect();
+        if !ups.is_empty() {
+            c.arg("--relay-from").arg(ups.join(","));
+        }
+        if listen {
+            c.arg("--relay-listen")
+                .arg(format!("{}:{PORT}", addr(self.subnet, i, 0)));
         }
         c.spawn().unwrap()
     }
@@ -529,4 +552,123 @@ fn a_throttled_relay_becomes_a_leaf() {
         "node2 served everything: {s2}"
     );
     eprintln!("node3 summary: {s}");
+}
+
+/// Bytes (received, sent) by interface `dev` in `ns`.
+fn link_bytes(ns: &Netns, dev: &str) -> (u64, u64) {
+    let out = ns.ip(&["-s", "-j", "link", "show", dev]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v[0]["stats64"];
+    (
+        s["rx"]["bytes"].as_u64().unwrap(),
+        s["tx"]["bytes"].as_u64().unwrap(),
+    )
+}
+
+/// Two racks of three nodes, each rack a switch of its own with one uplink to the core
+/// (shaped to 100 Mbit/s each way), the session planned by si-broadcast's planner from the
+/// nodes' rack labels as si-server plans an install wave (one string: the master feeds rack
+/// a's chain, whose tail feeds rack b's). Counted on the uplinks: rack a's carries the stream
+/// once in and once out (to rack b), rack b's once in; the master sends it once. Every node
+/// ends exact.
+#[test]
+fn two_racks_carry_the_stream_once_each() {
+    require_root!();
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let subnet = 145;
+    let racked = si_tests::Racked::new(subnet, 2, 3, 10).unwrap();
+    let (uplinks, trunks) = (racked.uplinks.clone(), racked.trunks.clone());
+    let switches = racked.switches;
+    for (r, sw) in switches.iter().enumerate() {
+        for (ns, dev) in [(None, &uplinks[r]), (Some(sw), &trunks[r])] {
+            let tc =
+                format!("tc qdisc add dev {dev} root tbf rate 100mbit burst 64kb latency 200ms");
+            match ns {
+                None => racked.net.master.sh(&tc).unwrap(),
+                Some(sw) => sw.sh(&tc).unwrap(),
+            };
+        }
+    }
+    let lab = Lab::on(racked.net, switches, subnet, 32);
+    let members: Vec<Member> = (0..6)
+        .map(|i| Member {
+            name: format!("node{i}"),
+            rack: Some(if i < 3 { "a" } else { "b" }.into()),
+            lacks: 32 << 20,
+            ..Default::default()
+        })
+        .collect();
+    let plan = si_broadcast::plan::plan(
+        &members,
+        &Options {
+            direct_below: 0,
+            fanout: 1,
+            max_chain: 64,
+        },
+    );
+    let feeders = plan.feeders();
+    let index = |n: &str| n.trim_start_matches("node").parse::<usize>().unwrap();
+    let before: Vec<(u64, u64)> = uplinks.iter().map(|u| link_bytes(&lab.master, u)).collect();
+    let master_before = lab.master_tx();
+    let mut kids: Vec<Option<Child>> = (0..6)
+        .map(|i| {
+            let name = format!("node{i}");
+            let ups: Vec<usize> = plan
+                .upstreams(&name)
+                .into_iter()
+                .flatten()
+                .map(|n| index(&n))
+                .collect();
+            let listen = feeders
+                .iter()
+                .any(|(_, f)| f.as_deref() == Some(name.as_str()));
+            Some(lab.spawn(i, &ups, listen, &[]))
+        })
+        .collect();
+    let ok = wait_all(&lab, &mut kids, Duration::from_secs(600));
+    for (i, ok) in ok.iter().enumerate() {
+        assert!(ok, "node{i} failed:\n{}", lab.log(i));
+        let s = lab.check(i);
+        assert_eq!(s["reattaches"], 0, "node{i}: {s}");
+    }
+    // node3, rack b's head, took the stream from node2, rack a's tail.
+    let s3 = lab.summary(3);
+    assert_eq!(
+        s3["from"][0]["upstream"],
+        format!("node2@{}:{PORT}", addr(subnet, 2, 0)).as_str(),
+        "{s3}"
+    );
+    let payload = lab.summary(0)["from"][0]["bytes"].as_u64().unwrap() as f64;
+    let after: Vec<(u64, u64)> = uplinks.iter().map(|u| link_bytes(&lab.master, u)).collect();
+    // On the master's side of an uplink, tx is what went into the rack, rx what came out.
+    let into = |r: usize| (after[r].1 - before[r].1) as f64 / payload;
+    let out_of = |r: usize| (after[r].0 - before[r].0) as f64 / payload;
+    let master = (lab.master_tx() - master_before) as f64 / payload;
+    eprintln!(
+        "RACK FIGURES: payload {payload:.0} bytes; master sent {master:.2}x; rack a uplink in {:.2}x out {:.2}x; rack b uplink in {:.2}x out {:.2}x",
+        into(0),
+        out_of(0),
+        into(1),
+        out_of(1)
+    );
+    assert!(
+        (0.9..1.15).contains(&master),
+        "master sent {master:.2} payloads"
+    );
+    assert!(
+        (0.9..1.15).contains(&into(0)),
+        "rack a took in {:.2} payloads",
+        into(0)
+    );
+    assert!(
+        (0.9..1.15).contains(&out_of(0)),
+        "rack a sent out {:.2} payloads",
+        out_of(0)
+    );
+    assert!(
+        (0.9..1.15).contains(&into(1)),
+        "rack b took in {:.2} payloads",
+        into(1)
+    );
+    assert!(out_of(1) < 0.1, "rack b sent out {:.2} payloads", out_of(1));
 }

@@ -120,6 +120,11 @@ impl Buffer {
         }
     }
 
+    /// The object if it is in memory now (no waiting).
+    pub fn in_memory(&self, d: &Digest) -> Option<(u32, Arc<[u8]>)> {
+        self.lock().mem.get(d).map(|(raw, z)| (*raw, z.clone()))
+    }
+
     /// Compressed bytes held in memory now.
     pub fn held(&self) -> usize {
         self.lock().bytes

@@ -239,6 +239,13 @@ pub trait ObjectFinder: Send + Sync + 'static {
     fn may_wait(&self) -> bool {
         false
     }
+
+    /// The object, if it is at hand without waiting or reading a disk (a relay's memory
+    /// buffer): the service then sends it from its own thread, together with the others at
+    /// hand, in one flush. None sends it the `object` way.
+    fn at_hand(&self, _d: &si_proto::Digest) -> Option<(u32, Vec<u8>)> {
+        None
+    }
 }
 
 impl ObjectFinder for Store {
@@ -733,6 +740,33 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                 let streaming = objects.may_wait();
                 let budget = if streaming { 1 } else { GROUP_BYTES };
                 while !rest.is_empty() {
+                    if streaming {
+                        // What the relay holds already goes out at once, a group in one
+                        // flush: a round trip to a blocking thread and a flush per object
+                        // held a chain to about 1 ms an object.
+                        let (mut n, mut bytes) = (0, 0);
+                        while n < rest.len() && bytes < GROUP_BYTES {
+                            let Some((raw, z)) = objects.at_hand(&rest[n]) else {
+                                break;
+                            };
+                            write_msg_async(
+                                &mut w,
+                                &Msg::Blob {
+                                    digest: rest[n],
+                                    raw_len: raw,
+                                },
+                            )
+                            .await?;
+                            write_data_async(&mut w, &z).await?;
+                            bytes += z.len();
+                            n += 1;
+                        }
+                        if n > 0 {
+                            w.flush().await?;
+                            rest = &rest[n..];
+                            continue;
+                        }
+                    }
                     let src = objects.clone();
                     let todo =
                         rest[..rest.len().min(if streaming { 1 } else { rest.len() })].to_vec();

@@ -14,6 +14,9 @@
 #   --rates    link rates for tc (default "200mbit 1gbit")
 #   --mb       MiB of incompressible data in the image beside the small Debian tree (default 128)
 #   --tools    which tools run (default all three)
+#   --queue    how long a shaped link may queue (tbf latency; default 5ms, a switch port's
+#              buffer: a deep queue on a relay's link holds its acknowledgements to its own
+#              upstream behind the data it forwards)
 #
 # Columns: completion p50 and max (s, from the start of the session to each node's tree being
 # complete: si's installed record, rsync's and tar's exit), the master's egress (bytes it sent,
@@ -28,6 +31,7 @@ sizes="1 2 4 8 16"
 rates="200mbit 1gbit"
 mb=128
 tools="si rsync udpcast"
+queue=5ms
 workbase=/var/tmp
 keep=0
 bindir=$repo/target/release
@@ -37,9 +41,10 @@ while [ $# -gt 0 ]; do
     --rates) rates=$2; shift 2 ;;
     --mb) mb=$2; shift 2 ;;
     --tools) tools=$2; shift 2 ;;
+    --queue) queue=$2; shift 2 ;;
     --workdir) workbase=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "$0: unknown option $1" >&2; exit 2 ;;
     *) bindir=$1; shift ;;
     esac
@@ -64,6 +69,7 @@ work=$(mktemp -d "$workbase/si-bench-broadcast.XXXXXX")
 pids=()
 cleanup() {
     local p ns
+    disown -a 2>/dev/null || true # the services are killed below: no "Killed" lines
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for ns in $(ip netns list | awk '{print $1}' | grep "^$pfx-" || true); do
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
@@ -87,7 +93,7 @@ nm=$pfx-m
 ip netns add "$nm"
 ip -n "$nm" link set lo up
 ip -n "$nm" link add br0 type bridge mcast_snooping 0
-ip -n "$nm" addr add $M/24 dev br0
+ip -n "$nm" addr add $M/24 brd + dev br0 # udpcast finds its rendezvous by the broadcast address
 ip -n "$nm" link set br0 up
 node_ip() { echo "10.213.210.$((10 + $1))"; }
 for ((i = 0; i < max; i++)); do
@@ -95,7 +101,7 @@ for ((i = 0; i < max; i++)); do
     ip -n "$pfx-n$i" link set lo up
     ip link add "bb$$m$i" netns "$nm" type veth peer name "bb$$n$i" netns "$pfx-n$i"
     ip -n "$nm" link set "bb$$m$i" master br0 up
-    ip -n "$pfx-n$i" addr add "$(node_ip "$i")/24" dev "bb$$n$i"
+    ip -n "$pfx-n$i" addr add "$(node_ip "$i")/24" brd + dev "bb$$n$i"
     ip -n "$pfx-n$i" link set "bb$$n$i" up
     # Multicast leaves by this link (udp-receiver joins the group on it).
     ip -n "$pfx-n$i" route add 224.0.0.0/4 dev "bb$$n$i"
@@ -103,17 +109,17 @@ done
 ip -n "$nm" route add 224.0.0.0/4 dev br0
 shape() { # rate: every link, both ways, and the master's own
     local i
-    ip netns exec "$nm" tc qdisc replace dev br0 root tbf rate "$1" burst 256kb latency 50ms
+    ip netns exec "$nm" tc qdisc replace dev br0 root tbf rate "$1" burst 256kb latency "$queue"
     for ((i = 0; i < max; i++)); do
-        ip netns exec "$nm" tc qdisc replace dev "bb$$m$i" root tbf rate "$1" burst 256kb latency 50ms
-        ip netns exec "$pfx-n$i" tc qdisc replace dev "bb$$n$i" root tbf rate "$1" burst 256kb latency 50ms
+        ip netns exec "$nm" tc qdisc replace dev "bb$$m$i" root tbf rate "$1" burst 256kb latency "$queue"
+        ip netns exec "$pfx-n$i" tc qdisc replace dev "bb$$n$i" root tbf rate "$1" burst 256kb latency "$queue"
     done
 }
 
 log "building the image: the small Debian tree and $mb MiB of noise"
 src=$work/golden
 bash "$repo/tests/fixtures/rootfs.sh" "$src" small >/dev/null
-openssl enc -aes-128-ctr -nosalt -pass pass:bench </dev/zero 2>/dev/null | head -c "${mb}M" >"$src/var/big.img"
+{ openssl enc -aes-128-ctr -nosalt -pass pass:bench </dev/zero 2>/dev/null || true; } | head -c "${mb}M" >"$src/var/big.img"
 store=$work/store
 "$bindir/si-image" --store "$store" commit "$src" bench >/dev/null 2>&1
 payload=$(du -sb --apparent-size "$src" | awk '{print $1}')
@@ -266,7 +272,8 @@ if os.path.exists(f"{work}/t.sender"):
     _, u, s = open(f"{work}/t.sender").read().split()[-3:]
     mcpu += float(u) + float(s)
 wall = t1 - t0
-load = (sum(cpu) + mcpu) / wall
+# CPU per second of the session until the last node was complete (relays linger idle after)
+load = (sum(cpu) + mcpu) / max(done[-1], 1e-3)
 print("\t".join([rate, str(n), tool, f"{statistics.median(done):.2f}", f"{done[-1]:.2f}",
                  f"{tx / payload:.2f}", f"{sum(cpu) / n:.2f}", f"{load:.2f}",
                  "cpu-bound" if load >= 1.6 else ""]))

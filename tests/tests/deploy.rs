@@ -256,6 +256,27 @@ fn bridged(net: u8, n: usize) -> si_tests::Bridged {
     si_tests::Bridged::new(net, n, 11).unwrap()
 }
 
+/// Enrolls `name` from `node` (identity in ROOT.id) and starts its si-agentd on port 7812,
+/// updating `root` from `server`; returns once the agent listens.
+fn start_agent(node: &Netns, server: &str, store: &Path, name: &str, root: &Path) -> Proc {
+    std::fs::create_dir_all(root).unwrap();
+    let id = enroll(node, server, store, name, &root.with_extension("id"));
+    let p = Proc(
+        node.cmd(bin("si-agentd"))
+            .arg("--identity-dir")
+            .arg(&id)
+            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+            .args(["--listen", "0.0.0.0:7812", "--master", server])
+            .arg("--root")
+            .arg(root)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(node, "127.0.0.1:7812").unwrap();
+    p
+}
+
 /// si-pushupdate to eight nodes' si-agentd over TLS (the master's certificate from the CA;
 /// no shared token), one of them down: seven update, the eighth is reported with why.
 #[test]
@@ -273,27 +294,13 @@ fn push_to_eight_nodes_with_one_down() {
     let mut agents = Vec::new();
     for (i, n) in nodes.iter().enumerate().take(7) {
         let root = t.path().join(format!("node{i}"));
-        std::fs::create_dir_all(&root).unwrap();
-        let id = enroll(
+        agents.push(start_agent(
             n,
             "10.213.9.1",
             &store,
             &format!("node{i}"),
-            &root.with_extension("id"),
-        );
-        let p = n
-            .cmd(bin("si-agentd"))
-            .arg("--identity-dir")
-            .arg(&id)
-            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
-            .args(["--listen", "0.0.0.0:7812", "--master", "10.213.9.1"])
-            .arg("--root")
-            .arg(&root)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        agents.push(Proc(p));
-        wait_port(n, "127.0.0.1:7812").unwrap();
+            &root,
+        ));
     }
     // Node 8 (10.213.9.18) is down: its namespace runs no agent.
     let results = t.path().join("results");
@@ -351,27 +358,13 @@ fn a_failed_canary_stops_the_push() {
     let root = |i: usize| t.path().join(format!("node{i}"));
     let mut agents = Vec::new();
     for (i, n) in nodes.iter().enumerate().skip(1) {
-        std::fs::create_dir_all(root(i)).unwrap();
-        let id = enroll(
+        agents.push(start_agent(
             n,
             "10.213.13.1",
             &store,
             &format!("node{i}"),
-            &root(i).with_extension("id"),
-        );
-        let p = n
-            .cmd(bin("si-agentd"))
-            .arg("--identity-dir")
-            .arg(&id)
-            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
-            .args(["--listen", "0.0.0.0:7812", "--master", "10.213.13.1"])
-            .arg("--root")
-            .arg(root(i))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        agents.push(Proc(p));
-        wait_port(n, "127.0.0.1:7812").unwrap();
+            &root(i),
+        ));
     }
     let push = |nodes: &[&str], extra: &[&str], results: &Path| {
         let out = master

@@ -313,28 +313,41 @@ fn a_stalled_upstream_is_left_and_nothing_is_fetched_twice() {
     );
 }
 
+/// A node with a floor of 16 Mbit/s (`--min-rate-kbit 16000`) and `stall_secs` behind a
+/// [`Paced`] upstream, the master last; checks the node ends exact and returns its summary.
+fn behind_paced(
+    delay: Duration,
+    slow_for: usize,
+    may_wait: bool,
+    stall_secs: u64,
+) -> si_relay::RelaySummary {
+    let t = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&t.path().join("store")).unwrap());
+    let (manifest, files) = version(&store);
+    let up = serve(Arc::new(Paced {
+        objects: objects_of(&store, &manifest),
+        delay,
+        slow_for,
+        served: Default::default(),
+        may_wait,
+    }));
+    let m = master(store);
+    let mut cfg = config(m, &t.path().join("n"), &[up.to_string()], None);
+    cfg.min_rate_kbit = 16_000;
+    cfg.stall_secs = stall_secs;
+    let s = si_relay::run(&cfg).unwrap();
+    exact(&t.path().join("n"), &files);
+    s
+}
+
 /// An upstream that has every object but sends about 3 Mbit/s (300 ms an object, in 1 MiB
 /// groups) against a floor of 16: after `SLOW_WINDOW` the node leaves it, says why, and
 /// fetches only the rest from the master (nothing twice). Without the floor the whole version
 /// would come from the slow upstream.
 #[test]
 fn an_upstream_slower_than_the_floor_is_left() {
-    let t = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&t.path().join("store")).unwrap());
-    let (manifest, files) = version(&store);
-    let slow = serve(Arc::new(Paced {
-        objects: objects_of(&store, &manifest),
-        delay: Duration::from_millis(300),
-        slow_for: usize::MAX,
-        served: Default::default(),
-        may_wait: false,
-    }));
-    let m = master(store);
-    let mut cfg = config(m, &t.path().join("n"), &[slow.to_string()], None);
-    cfg.min_rate_kbit = 16_000;
-    cfg.stall_secs = 10; // it sends a group every 2.4 s: slow, not stalled
-    let s = si_relay::run(&cfg).unwrap();
-    exact(&t.path().join("n"), &files);
+    // It sends a group every 2.4 s: slow, not stalled.
+    let s = behind_paced(Duration::from_millis(300), usize::MAX, false, 10);
     assert_eq!(s.reattaches, 1, "{s:?}");
     assert_eq!(s.from.len(), 2, "{s:?}");
     let why = s.from[0].left.as_deref().unwrap_or("");
@@ -350,21 +363,7 @@ fn an_upstream_slower_than_the_floor_is_left() {
 /// fewer than 16 Mbit/s arrive over the window.
 #[test]
 fn an_upstream_that_waits_is_not_left_for_being_slow() {
-    let t = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&t.path().join("store")).unwrap());
-    let (manifest, files) = version(&store);
-    let waits = serve(Arc::new(Paced {
-        objects: objects_of(&store, &manifest),
-        delay: Duration::from_millis(700),
-        slow_for: 8,
-        served: Default::default(),
-        may_wait: true,
-    }));
-    let m = master(store);
-    let mut cfg = config(m, &t.path().join("n"), &[waits.to_string()], None);
-    cfg.min_rate_kbit = 16_000;
-    let s = si_relay::run(&cfg).unwrap();
-    exact(&t.path().join("n"), &files);
+    let s = behind_paced(Duration::from_millis(700), 8, true, 1);
     assert_eq!(s.reattaches, 0, "{s:?}");
     assert_eq!(s.from.len(), 1, "{s:?}");
     assert_eq!(s.from[0].objects, 24, "{s:?}");

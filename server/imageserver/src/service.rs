@@ -581,6 +581,18 @@ async fn allowed(
     r
 }
 
+/// One object as it goes out: its Blob message, then its compressed bytes.
+async fn write_blob<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    digest: si_proto::Digest,
+    raw_len: u32,
+    z: &[u8],
+) -> Result<()> {
+    write_msg_async(w, &Msg::Blob { digest, raw_len }).await?;
+    write_data_async(w, z).await?;
+    Ok(())
+}
+
 async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, e: anyhow::Error) -> Result<()> {
     write_msg_async(
         w,
@@ -749,15 +761,7 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                             let Some((raw, z)) = objects.at_hand(&rest[n]) else {
                                 break;
                             };
-                            write_msg_async(
-                                &mut w,
-                                &Msg::Blob {
-                                    digest: rest[n],
-                                    raw_len: raw,
-                                },
-                            )
-                            .await?;
-                            write_data_async(&mut w, &z).await?;
+                            write_blob(&mut w, rest[n], raw, &z).await?;
                             bytes += z.len();
                             n += 1;
                         }
@@ -793,15 +797,7 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                     match objs {
                         Ok(objs) => {
                             for (d, raw, z) in objs {
-                                write_msg_async(
-                                    &mut w,
-                                    &Msg::Blob {
-                                        digest: d,
-                                        raw_len: raw,
-                                    },
-                                )
-                                .await?;
-                                write_data_async(&mut w, &z).await?;
+                                write_blob(&mut w, d, raw, &z).await?;
                             }
                             if streaming {
                                 w.flush().await?;

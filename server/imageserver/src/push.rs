@@ -438,10 +438,13 @@ pub async fn push(nodes: &[String], cfg: &PushConfig, trust: &Trust) -> Vec<Node
     let stopped: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let mut tasks = Vec::new();
     for node in nodes {
-        let (sem, cfg, node, done) = (sem.clone(), cfg.clone(), node.clone(), done.clone());
+        // The permit is taken here, not in the task, so nodes start in the order given (tasks
+        // reach a semaphore in whatever order the runtime's threads run them).
+        let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+        let (cfg, node, done) = (cfg.clone(), node.clone(), done.clone());
         let (trust, stopped) = (trust.clone(), stopped.clone());
         tasks.push(tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            let _permit = permit;
             if let Some(bad) = stopped.lock().expect("not poisoned").as_ref() {
                 return NodeResult::not_started(&node, &format!("not started: stopped after {bad} failed"));
             }
@@ -630,6 +633,42 @@ mod tests {
             "101"
         ])
         .is_err());
+    }
+
+    /// Under `--on-failure stop`, one at a time, the nodes start in the order given: the first
+    /// fails and none after it starts. (Tasks that took their permit inside the runtime started
+    /// in whatever order its threads ran them, so a later node could go first.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_stop_keeps_the_order_given() {
+        use clap::Parser;
+        // Ports nothing listens on: each push fails at once with "connection refused".
+        let closed: Vec<String> = (0..8)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().to_string()
+            })
+            .collect();
+        let cfg = PushConfig::parse_from([
+            "si-pushupdate",
+            "--server",
+            "m",
+            "--fanout",
+            "1",
+            "--on-failure",
+            "stop",
+        ]);
+        let trust = Trust::Token("t".into());
+        for _ in 0..20 {
+            let out = push(&closed, &cfg, &trust).await;
+            assert!(out[0].started && !out[0].ok, "{:?}", out[0].detail);
+            for r in &out[1..] {
+                assert!(!r.started, "{} started after the first failed", r.node);
+                assert_eq!(
+                    r.detail,
+                    format!("not started: stopped after {} failed", closed[0])
+                );
+            }
+        }
     }
 
     #[test]

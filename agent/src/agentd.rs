@@ -197,6 +197,12 @@ fn serve_push<S: std::io::Read + Write>(
         server: si_tree::fsutil::hostname(),
     };
     handshake::accept(&mut conn, &policy)?;
+    let mut msg = recv_msg(&mut conn)?;
+    let mut max_rate_kbit = 0;
+    if let Msg::PushRate { max_kbit } = msg {
+        max_rate_kbit = max_kbit;
+        msg = recv_msg(&mut conn)?;
+    }
     let Msg::PushUpdate {
         server,
         image,
@@ -204,9 +210,9 @@ fn serve_push<S: std::io::Read + Write>(
         verify,
         force,
         dry_run,
-    } = recv_msg(&mut conn)?
+    } = msg
     else {
-        bail!("expected PushUpdate")
+        bail!("expected PushUpdate, got {}", msg.name())
     };
     // The update takes as long as it takes; the master waits for its answer.
     tcp(&conn).set_read_timeout(None)?;
@@ -224,6 +230,7 @@ fn serve_push<S: std::io::Read + Write>(
         ca_fingerprint: cfg.ca_fingerprint.clone(),
         insecure: cfg.insecure,
         identity_dir: cfg.identity_dir.clone(),
+        max_rate_kbit,
         ..Default::default()
     })
     .and_then(|o| update::update(&o, &mut std::io::sink()));
@@ -231,8 +238,18 @@ fn serve_push<S: std::io::Read + Write>(
         Ok(s) => Msg::PushDone {
             ok: true,
             detail: format!(
-                "{}@{}: {} created, {} replaced, {} deleted, {} bytes fetched",
-                s.image, s.version, s.created, s.replaced, s.deleted, s.fetched_bytes
+                "{}@{}: {} created, {} replaced, {} deleted, {} bytes fetched{}",
+                s.image,
+                s.version,
+                s.created,
+                s.replaced,
+                s.deleted,
+                s.fetched_bytes,
+                if max_rate_kbit > 0 {
+                    format!(" at most {max_rate_kbit} kbit/s")
+                } else {
+                    String::new()
+                }
             ),
         },
         Err(e) => Msg::PushDone {

@@ -210,6 +210,12 @@ impl Client {
         })
     }
 
+    /// Reads at most `kbit` kbit/s from the server from now on (0: no cap): a node's share of
+    /// the network in a push (`si-update --max-rate-kbit`).
+    pub fn limit_rate(&mut self, kbit: u64) {
+        self.conn.get_mut().limit_read(kbit.saturating_mul(125));
+    }
+
     /// Checks that an answer is the version asked for and carries the master's signature on
     /// its manifest digest, before any of it is used (the bytes are then checked against the
     /// digest). Under `--insecure` there is no pinned key: the check is skipped, loudly.

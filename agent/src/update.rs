@@ -69,6 +69,8 @@ pub struct UpdateOptions {
     pub node: String,
     pub pre_hooks: Vec<String>,
     pub post_hooks: Vec<String>,
+    /// Most kbit/s read from the server (0: no cap).
+    pub max_rate_kbit: u64,
 }
 
 /// What the node records about its installed version (`installed.toml`).
@@ -1029,6 +1031,13 @@ fn prepare(o: &UpdateOptions) -> Result<Prepared> {
         std::thread::spawn(move || read_installed_manifest(&dir))
     };
     let mut client = Client::connect(&o.server, Duration::from_secs(10), &o.trust)?;
+    if o.max_rate_kbit > 0 {
+        tracing::info!(
+            max_rate_kbit = o.max_rate_kbit,
+            "reading from the server at a capped rate"
+        );
+        client.limit_rate(o.max_rate_kbit);
+    }
     timing("connected");
     let has_manifest = sdir.join("installed.manifest").exists();
     let base = inst
@@ -1615,6 +1624,11 @@ pub struct OptionArgs {
     #[arg(long)]
     #[serde(default)]
     pub identity_dir: Option<PathBuf>,
+    /// Read at most this many kbit/s from the server (0: no cap), so an update leaves the
+    /// node's link to its work. si-pushupdate --max-rate-kbit sets it for every node pushed.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub max_rate_kbit: u64,
 }
 
 /// Resolves arguments into options: the image defaults to the installed one; the exclude list
@@ -1668,6 +1682,7 @@ pub fn options(a: OptionArgs) -> Result<UpdateOptions> {
             .unwrap_or_else(si_tree::fsutil::hostname),
         pre_hooks: a.pre_hook,
         post_hooks: a.post_hook,
+        max_rate_kbit: a.max_rate_kbit,
     })
 }
 

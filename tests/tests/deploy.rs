@@ -278,7 +278,8 @@ fn start_agent(node: &Netns, server: &str, store: &Path, name: &str, root: &Path
 }
 
 /// si-pushupdate to eight nodes' si-agentd over TLS (the master's certificate from the CA;
-/// no shared token), one of them down: seven update, the eighth is reported with why.
+/// no shared token), one of them down: seven update, the eighth is reported with why. The
+/// push carries a per-node bandwidth cap, and each agent says it updated under it.
 #[test]
 fn push_to_eight_nodes_with_one_down() {
     require_root!();
@@ -316,6 +317,9 @@ fn push_to_eight_nodes_with_one_down() {
             "30",
             "--fanout",
             "4",
+            // A per-node cap (well above what the test moves): it reaches each agent.
+            "--max-rate-kbit",
+            "100000",
         ])
         .arg("--ca-dir")
         .arg(&si_tests::test_ca().dir)
@@ -327,6 +331,12 @@ fn push_to_eight_nodes_with_one_down() {
     assert!(!out.status.success(), "a failed node makes the push fail");
     assert!(stdout.contains("7 succeeded, 1 failed"), "{stdout}");
     assert!(stdout.contains("FAILED 10.213.9.18"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("at most 100000 kbit/s").count(),
+        7,
+        "each agent ran its update under the cap: {stderr}"
+    );
     let ok = std::fs::read_to_string(results.join("pushupdate.ok")).unwrap();
     assert_eq!(ok.lines().count(), 7, "{ok}");
     let f = std::fs::read_to_string(results.join("pushupdate.failed")).unwrap();

@@ -1000,3 +1000,35 @@ fn an_object_corrupted_on_the_master_is_refused_and_the_node_keeps_its_version()
     let inst = std::fs::read_to_string(node.join("var/lib/si/installed.toml")).unwrap();
     assert!(inst.contains("version = 1"), "{inst}");
 }
+
+/// `--max-rate-kbit` caps what an update reads: 1.5 MB of incompressible content through a
+/// 4 Mbit/s cap cannot arrive in less than its bytes at the cap (less the reader's 0.1 s of
+/// burst); the tree still ends exact.
+#[test]
+fn a_bandwidth_cap_paces_the_pull() {
+    let t = tempfile::tempdir().unwrap();
+    let (store_dir, src) = (t.path().join("store"), t.path().join("src"));
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..6 {
+        std::fs::write(src.join(format!("d/f{i}")), rand_bytes(250_000, i)).unwrap();
+    }
+    capture::commit(&Store::open(&store_dir).unwrap(), &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    let kbit = 4_000;
+    let start = std::time::Instant::now();
+    let s = run(OptionArgs {
+        max_rate_kbit: kbit,
+        ..args(&server, "img", &node)
+    })
+    .unwrap();
+    let took = start.elapsed().as_secs_f64();
+    same_tree(&src, &node, &["/var"]);
+    assert!(s.fetched_bytes >= 1_500_000, "{} bytes", s.fetched_bytes);
+    let floor = s.fetched_bytes as f64 / (kbit as f64 * 125.0) - 0.1;
+    assert!(
+        took >= floor,
+        "{} bytes in {took:.2} s through a {kbit} kbit/s cap (at least {floor:.2} s)",
+        s.fetched_bytes
+    );
+}

@@ -989,6 +989,7 @@ impl Installer {
             pre_hooks: vec![],
             post_hooks: vec![],
             trust,
+            max_rate_kbit: 0,
         };
         let mut out = Vec::new();
         let sum = si_agent::update::update(&o, &mut out)?;

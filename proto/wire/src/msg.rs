@@ -66,6 +66,7 @@
 //! master                                   node agent
 //! Hello{role: Push, token}           ->
 //!                                    <-    Welcome
+//! PushRate{max_kbit}                 ->    (only with a per-node bandwidth cap)
 //! PushUpdate{server, image, ..}      ->    (the node runs the update against `server`)
 //!                                    <-    PushDone{ok, detail}
 //! ```
@@ -284,6 +285,13 @@ pub enum Msg {
     /// `--wait-secs`). It tells an upstream that waits from one that died: the successor's
     /// stall timer counts silence, and a waiting relay is not silent.
     Waiting,
+    /// Master to node agent, just before `PushUpdate` and only when the push has a per-node
+    /// bandwidth cap (`si-pushupdate --max-rate-kbit`): the node's update reads at most
+    /// `max_kbit` kbit/s from the server. (An agent from before this message refuses the push
+    /// with "expected PushUpdate" rather than ignore its cap; pushes without a cap never send it.)
+    PushRate {
+        max_kbit: u64,
+    },
 }
 
 /// How often a relay waiting for an object tells its successor so ([`Msg::Waiting`]); well
@@ -329,6 +337,7 @@ impl Msg {
             Msg::SendEntries => "SendEntries",
             Msg::CaptureProof(_) => "CaptureProof",
             Msg::Waiting => "Waiting",
+            Msg::PushRate { .. } => "PushRate",
         }
     }
 }

@@ -70,6 +70,11 @@ pub struct PushConfig {
     #[arg(long, value_enum, default_value_t)]
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Per-node bandwidth cap: each node's update reads at most this many kbit/s from the
+    /// server (0: no cap). Agents from before the cap refuse a capped push.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub max_rate_kbit: u64,
     /// Per-node timeout in seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
@@ -233,6 +238,10 @@ fn remote_command(node: &str, remote: &str, cfg: &PushConfig) -> String {
         arg("--version");
         arg(&v.to_string());
     }
+    if cfg.max_rate_kbit > 0 {
+        arg("--max-rate-kbit");
+        arg(&cfg.max_rate_kbit.to_string());
+    }
     for (on, flag) in [
         (cfg.verify, "--verify"),
         (cfg.force, "--force"),
@@ -379,6 +388,15 @@ async fn push_session<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     handshake::connect_async(s, Role::Push, &creds)
         .await
         .with_context(|| format!("handshake with the agent at {addr}"))?;
+    if cfg.max_rate_kbit > 0 {
+        write_msg_async(
+            s,
+            &Msg::PushRate {
+                max_kbit: cfg.max_rate_kbit,
+            },
+        )
+        .await?;
+    }
     write_msg_async(
         s,
         &Msg::PushUpdate {
@@ -688,10 +706,12 @@ mod tests {
             "--version",
             "3",
             "--verify",
+            "--max-rate-kbit",
+            "50000",
         ]);
         assert_eq!(
             remote_command("n7", "si-updateclient --root /srv/{node}", &cfg),
-            "si-updateclient --root /srv/n7 --server 10.213.0.1 --image compute --version 3 --verify"
+            "si-updateclient --root /srv/n7 --server 10.213.0.1 --image compute --version 3 --max-rate-kbit 50000 --verify"
         );
     }
 }

@@ -386,7 +386,7 @@ pub fn read_installed(dir: &Path) -> Option<Installed> {
 }
 
 /// The installed version's manifest (`installed.manifest`), decoded.
-fn read_installed_manifest(dir: &Path) -> Option<Manifest> {
+pub fn read_installed_manifest(dir: &Path) -> Option<Manifest> {
     let data = std::fs::read(dir.join("installed.manifest")).ok()?;
     Manifest::decode(&data).ok()
 }

@@ -223,6 +223,34 @@ impl Lab {
         c.spawn().unwrap()
     }
 
+    /// Starts `si-relay --serve-installed` on node `i`, whose deploy finished: it serves the
+    /// version on its root until nobody asked for anything for `linger` seconds.
+    fn serve_installed(&self, i: usize, linger: u64) -> Child {
+        let root = self.root(i);
+        let listen = format!("{}:{PORT}", addr(self.subnet, i, 0));
+        let c = self.nodes[i]
+            .cmd(bin("si-relay"))
+            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+            .env("RUST_LOG", "info")
+            .args(["--server", &self.server(), "--image", "debian"])
+            .arg("--root")
+            .arg(&root)
+            .arg("--identity-dir")
+            .arg(root.with_extension("id"))
+            .arg("--summary-json")
+            .arg(root.with_extension("json"))
+            .arg("--state-dir")
+            .arg(root.with_extension("state"))
+            .args(["--serve-installed", "--relay-listen", &listen])
+            .args(["--linger-secs", &linger.to_string()])
+            .stdout(std::fs::File::create(root.with_extension("out")).unwrap())
+            .stderr(std::fs::File::create(root.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_port(&self.nodes[i], &listen).unwrap();
+        c
+    }
+
     fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.root(i).with_extension("log")).unwrap_or_default()
     }
@@ -671,4 +699,49 @@ fn two_racks_carry_the_stream_once_each() {
         into(1)
     );
     assert!(out_of(1) < 0.1, "rack b sent out {:.2} payloads", out_of(1));
+}
+
+/// A late joiner: three nodes deploy as a chain and finish (their relays end). node1 then
+/// serves its installed version (`si-relay --serve-installed`, as a finished node of the rack
+/// would), and node3, joining late, names it as its upstream: node3 ends exact with every object
+/// from node1 over TLS, and the master sends it little more than the manifest.
+#[test]
+fn a_late_joiner_takes_the_version_from_a_finished_node() {
+    require_root!();
+    let lab = Lab::new(4, 146, 32);
+    let mut kids: Vec<Option<Child>> = (0..3)
+        .map(|i| Some(lab.spawn(i, &(0..i).rev().collect::<Vec<_>>(), i < 2, &[])))
+        .collect();
+    let ok = wait_all(&lab, &mut kids, Duration::from_secs(600));
+    for (i, ok) in ok.iter().enumerate() {
+        assert!(ok, "node{i} failed:\n{}", lab.log(i));
+        lab.check(i);
+    }
+    let before = lab.master_tx();
+    let mut late = vec![
+        None,
+        Some(lab.serve_installed(1, 4)),
+        None,
+        Some(lab.spawn(3, &[1], false, &[])),
+    ];
+    let ok = wait_all(&lab, &mut late, Duration::from_secs(600));
+    assert!(ok[3], "node3 failed:\n{}", lab.log(3));
+    assert!(ok[1], "node1's serving failed:\n{}", lab.log(1));
+    let s = lab.check(3);
+    let from = s["from"].as_array().unwrap();
+    assert_eq!(from.len(), 1, "{s}");
+    assert!(
+        from[0]["upstream"].as_str().unwrap().starts_with("node1@"),
+        "{s}"
+    );
+    assert_eq!(from[0]["objects"], s["objects"], "{s}");
+    let served = lab.summary(1);
+    assert_eq!(served["served_objects"], s["objects"], "{served}");
+    let payload = from[0]["bytes"].as_u64().unwrap();
+    let master = lab.master_tx() - before;
+    assert!(
+        master < payload / 20,
+        "the master sent {master} bytes to the late joiner, of a {payload}-byte payload"
+    );
+    eprintln!("late joiner: master sent {master} bytes, node1 {payload}");
 }

@@ -88,6 +88,13 @@ impl Buffer {
         self.arrived.notify_all();
     }
 
+    /// Objects already in the node's tree (a finished node serving its installed version):
+    /// found on disk, never in memory.
+    pub fn on_disk(&self, ds: impl IntoIterator<Item = Digest>) {
+        self.lock().have.extend(ds);
+        self.arrived.notify_all();
+    }
+
     /// No more objects will arrive: waiting readers are answered now.
     pub fn close(&self) {
         self.lock().closed = true;

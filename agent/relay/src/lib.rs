@@ -16,6 +16,10 @@
 //!   only for what it still lacks, so no object is fetched twice. A relay waiting for an
 //!   object from its own upstream is not silent: it sends `Waiting` every 0.5 s (at most its
 //!   `--wait-secs`), so its successor stays while it is alive and heals it out when it dies.
+//! - Late joiners: a node that finished (its deploy done, maybe rebooted since) serves the
+//!   version installed on its root with `--serve-installed`, every object read back from its
+//!   tree and checked against its digest, so a node that joins after the session attaches to
+//!   it rather than to the master.
 
 pub mod buffer;
 
@@ -113,6 +117,14 @@ pub struct RelayConfig {
     #[arg(long, default_value_t = default_linger())]
     #[serde(default = "default_linger")]
     pub linger_secs: u64,
+    /// Deploy nothing: serve the version installed on ROOT (the image and, if given, the
+    /// version must be what its state directory records) on `--relay-listen` until no one
+    /// asked for anything for `--linger-secs`. A finished node feeds late joiners this way;
+    /// an object that changed in its tree since is refused, and the joiner takes it from its
+    /// next upstream.
+    #[arg(long, requires = "relay_listen", conflicts_with = "relay_from")]
+    #[serde(default)]
+    pub serve_installed: bool,
     /// Threads verifying and writing objects.
     #[arg(long, default_value_t = default_threads())]
     #[serde(default = "default_threads")]
@@ -602,6 +614,9 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
         }
         None => None,
     };
+    if cfg.serve_installed {
+        return serve_installed(cfg, identity.as_ref());
+    }
     deploy(&Deploy {
         server: cfg.server.clone(),
         image: cfg.image.clone(),
@@ -620,6 +635,134 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
         identity: identity.as_ref(),
         excludes: Excludes::default(),
     })
+}
+
+/// A relay's listener: the image service's object path over [`RelayObjects`].
+struct Listener {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Listener {
+    /// Serves `objects` on `addr`: over TLS to peers with a node certificate of the pinned CA
+    /// when the node has an `identity`, else (`--insecure`) over plain TCP to anyone.
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        addr: &str,
+        identity: Option<&NodeIdentity>,
+        insecure: bool,
+        objects: Arc<RelayObjects>,
+    ) -> Result<Listener> {
+        let transport = match identity {
+            None => {
+                tracing::warn!(
+                    "--insecure: this relay serves objects over plain TCP to anyone who reaches it"
+                );
+                si_trust::Acceptor::Insecure
+            }
+            Some(id) => si_trust::Acceptor::tls(si_trust::tls::node_server_config(id)?),
+        };
+        let l =
+            std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        l.set_nonblocking(true)
+            .context("making the listener non-blocking")?;
+        let sc = serve_config(transport, insecure);
+        let finder: Arc<dyn ObjectFinder> = objects;
+        let _guard = rt.enter();
+        let l = tokio::net::TcpListener::from_std(l).context("registering the listener")?;
+        tracing::info!(listen = %addr, "relay listening");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(service::run_objects(l, finder, sc, async {
+            let _ = stopped.await;
+        }));
+        Ok(Listener { stop, task })
+    }
+
+    /// Keeps serving until no one asked for anything for `linger`, then stops.
+    fn linger(
+        self,
+        rt: &tokio::runtime::Runtime,
+        objects: &RelayObjects,
+        linger: Duration,
+    ) -> Result<()> {
+        while objects.idle() < linger {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.stop.send(());
+        match rt.block_on(self.task) {
+            Ok(r) => r.context("the relay listener"),
+            Err(e) => bail!("the relay listener ended abnormally: {e}"),
+        }
+    }
+}
+
+/// `--serve-installed`: serves the version recorded as installed on the root, read back from
+/// the tree, until no one asked for anything for `--linger-secs`.
+fn serve_installed(cfg: &RelayConfig, identity: Option<&NodeIdentity>) -> Result<RelaySummary> {
+    let start = Instant::now();
+    let addr = cfg
+        .relay_listen
+        .as_deref()
+        .ok_or_else(|| anyhow!("--serve-installed needs --relay-listen"))?;
+    let sdir = cfg
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| cfg.root.join("var/lib/si"));
+    let inst = si_agent::update::read_installed(&sdir).ok_or_else(|| {
+        anyhow!(
+            "nothing is recorded as installed in {} (no readable installed.toml)",
+            sdir.display()
+        )
+    })?;
+    if inst.image != cfg.image || cfg.version.is_some_and(|v| v != inst.version) {
+        bail!(
+            "{} has {}@{} installed, not {}@{}",
+            cfg.root.display(),
+            inst.image,
+            inst.version,
+            cfg.image,
+            cfg.version.map_or("any".into(), |v| v.to_string())
+        );
+    }
+    let m = si_agent::update::read_installed_manifest(&sdir).ok_or_else(|| {
+        anyhow!(
+            "the installed manifest in {} is missing or unreadable",
+            sdir.display()
+        )
+    })?;
+    let ix = index(&m);
+    let buffer = Arc::new(Buffer::new(0));
+    buffer.on_disk(ix.keys().copied());
+    buffer.close();
+    let objects = Arc::new(RelayObjects::new(buffer, &cfg.root, Duration::ZERO));
+    objects.set_manifest(&m);
+    tracing::info!(image = %inst.image, version = inst.version, objects = ix.len(), "serving the installed version");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the relay's runtime")?;
+    let insecure = matches!(cfg.trust.connector()?, Connector::Insecure);
+    Listener::start(&rt, addr, identity, insecure, objects.clone())?.linger(
+        &rt,
+        &objects,
+        Duration::from_secs(cfg.linger_secs),
+    )?;
+    let sum = RelaySummary {
+        image: inst.image,
+        version: inst.version,
+        served_objects: objects.served_objects.load(Ordering::Relaxed),
+        served_bytes: objects.served_bytes.load(Ordering::Relaxed),
+        seconds: start.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    tracing::info!(
+        served_objects = sum.served_objects,
+        served_bytes = sum.served_bytes,
+        seconds = sum.seconds,
+        "serving the installed version done"
+    );
+    Ok(sum)
 }
 
 /// The version without its excluded entries (and what lies below them), nor hard links to
@@ -668,29 +811,14 @@ pub fn deploy(cfg: &Deploy<'_>) -> Result<RelaySummary> {
         .enable_all()
         .build()
         .context("starting the relay's runtime")?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = match &cfg.relay_listen {
-        Some(addr) => {
-            let transport = match identity {
-                None => {
-                    tracing::warn!("--insecure: this relay serves objects over plain TCP to anyone who reaches it");
-                    si_trust::Acceptor::Insecure
-                }
-                Some((_, id)) => si_trust::Acceptor::tls(si_trust::tls::node_server_config(id)?),
-            };
-            let l = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("listening on {addr}"))?;
-            l.set_nonblocking(true)
-                .context("making the listener non-blocking")?;
-            let sc = serve_config(transport, insecure);
-            let finder: Arc<dyn ObjectFinder> = objects.clone();
-            let _guard = rt.enter();
-            let l = tokio::net::TcpListener::from_std(l).context("registering the listener")?;
-            tracing::info!(listen = %addr, "relay listening");
-            Some(rt.spawn(service::run_objects(l, finder, sc, async {
-                let _ = stopped.await;
-            })))
-        }
+        Some(addr) => Some(Listener::start(
+            &rt,
+            addr,
+            identity.map(|(_, id)| id),
+            insecure,
+            objects.clone(),
+        )?),
         None => None,
     };
     let deployed = (|| -> Result<RelaySummary> {
@@ -741,18 +869,8 @@ pub fn deploy(cfg: &Deploy<'_>) -> Result<RelaySummary> {
     })();
     buffer.close();
     let mut sum = deployed?;
-    if server.is_some() {
-        let linger = cfg.linger;
-        while objects.idle() < linger {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    let _ = stop.send(());
-    if let Some(h) = server {
-        match rt.block_on(h) {
-            Ok(r) => r.context("the relay listener")?,
-            Err(e) => bail!("the relay listener ended abnormally: {e}"),
-        }
+    if let Some(l) = server {
+        l.linger(&rt, &objects, cfg.linger)?;
     }
     sum.served_objects = objects.served_objects.load(Ordering::Relaxed);
     sum.served_bytes = objects.served_bytes.load(Ordering::Relaxed);

@@ -223,6 +223,7 @@ fn config(
         min_rate_kbit: 0,
         wait_secs: 20,
         linger_secs: 2,
+        serve_installed: false,
         threads: 2,
         summary_json: None,
         trust: si_agent::pull::TrustArgs {
@@ -368,4 +369,62 @@ fn an_upstream_that_waits_is_not_left_for_being_slow() {
     assert_eq!(s.from.len(), 1, "{s:?}");
     assert_eq!(s.from[0].objects, 24, "{s:?}");
     assert!(s.from[0].left.is_none(), "{s:?}");
+}
+
+/// A late joiner: node n0 deployed and finished (its relay ended); it then serves its installed
+/// version (`--serve-installed`), and n1, joining late, takes every object from it and none
+/// from the master. n2 joins once a file on n0 has drifted: the drifted object is refused (it
+/// no longer matches its digest), n2 leaves n0 and takes the rest from the master, and ends
+/// exact all the same. Serving needs an installed record of the image asked for.
+#[test]
+fn a_late_joiner_attaches_to_a_finished_node() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&t.path().join("store")).unwrap());
+    let (_, files) = version(&store);
+    let m = master(store);
+    let n0 = t.path().join("n0");
+    si_relay::run(&config(m, &n0, &[], None)).unwrap();
+    let serve_n0 = |linger: u64| {
+        let port = free_port();
+        let mut cfg = config(m, &n0, &[], Some(port));
+        cfg.serve_installed = true;
+        cfg.linger_secs = linger;
+        (port, std::thread::spawn(move || si_relay::run(&cfg)))
+    };
+
+    let (port, served) = serve_n0(2);
+    let s1 = si_relay::run(&config(m, &t.path().join("n1"), &[port.to_string()], None)).unwrap();
+    exact(&t.path().join("n1"), &files);
+    assert_eq!(s1.from.len(), 1, "{s1:?}");
+    assert_eq!(s1.from[0].upstream, port.to_string());
+    assert_eq!(s1.from[0].objects, 24, "{s1:?}");
+    let sv = served.join().unwrap().unwrap();
+    assert_eq!((sv.served_objects, sv.objects), (24, 0), "{sv:?}");
+    assert_eq!(sv.image, "img");
+
+    // A byte of n0's file "b" changes: its objects there no longer match their digests.
+    let mut b = std::fs::read(n0.join("b")).unwrap();
+    b[5] ^= 0xff;
+    std::fs::write(n0.join("b"), &b).unwrap();
+    let (port, served) = serve_n0(2);
+    let s2 = si_relay::run(&config(m, &t.path().join("n2"), &[port.to_string()], None)).unwrap();
+    exact(&t.path().join("n2"), &files);
+    assert_eq!(s2.reattaches, 1, "{s2:?}");
+    assert!(s2.from[1].upstream.starts_with("master"), "{s2:?}");
+    assert_eq!(s2.from[0].objects + s2.from[1].objects, 24, "{s2:?}");
+    // Everything of "a" came from n0; the drifted object of "b" (and what followed) from the
+    // master.
+    assert!((12..24).contains(&s2.from[0].objects), "{s2:?}");
+    served.join().unwrap().unwrap();
+
+    // Serving needs the image asked for installed on the root.
+    let mut cfg = config(m, &n0, &[], Some(free_port()));
+    cfg.serve_installed = true;
+    cfg.image = "other".into();
+    let e = format!("{:#}", si_relay::run(&cfg).unwrap_err());
+    assert!(e.contains("img@1 installed, not other@any"), "{e}");
+    let mut cfg = config(m, &t.path().join("empty"), &[], Some(free_port()));
+    cfg.serve_installed = true;
+    let e = format!("{:#}", si_relay::run(&cfg).unwrap_err());
+    assert!(e.contains("nothing is recorded as installed"), "{e}");
 }

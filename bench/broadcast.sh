@@ -13,7 +13,12 @@
 #   --nodes    the session sizes (default "1 2 4 8 16")
 #   --rates    link rates for tc (default "200mbit 1gbit")
 #   --mb       MiB of incompressible data in the image beside the small Debian tree (default 128)
-#   --tools    which tools run (default all three)
+#   --tools    which tools run (default "si si-kill rsync udpcast"; si-kill is si's chain with
+#              node1 killed by SIGKILL once half the payload reached it, for N >= 3: its
+#              successors heal around it; node1 is left out of the figures; si-cut is the
+#              same with node1's link set down instead, which only the stall timer notices)
+#   --stall    si-relay's --stall-secs (default 5, its own default): how long a silent upstream
+#              is waited for before a node moves on (what a cut link costs)
 #   --queue    how long a shaped link may queue (tbf latency; default 5ms, a switch port's
 #              buffer: a deep queue on a relay's link holds its acknowledgements to its own
 #              upstream behind the data it forwards)
@@ -30,8 +35,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 sizes="1 2 4 8 16"
 rates="200mbit 1gbit"
 mb=128
-tools="si rsync udpcast"
+tools="si si-kill rsync udpcast"
 queue=5ms
+stall=5
 workbase=/var/tmp
 keep=0
 bindir=$repo/target/release
@@ -42,9 +48,10 @@ while [ $# -gt 0 ]; do
     --mb) mb=$2; shift 2 ;;
     --tools) tools=$2; shift 2 ;;
     --queue) queue=$2; shift 2 ;;
+    --stall) stall=$2; shift 2 ;;
     --workdir) workbase=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,32p' "$0"; exit 0 ;;
     -*) echo "$0: unknown option $1" >&2; exit 2 ;;
     *) bindir=$1; shift ;;
     esac
@@ -185,21 +192,44 @@ fresh() { # n: empty roots and state, caches dropped (the image is read from dis
     echo 3 >/proc/sys/vm/drop_caches
 }
 
-run_si() { # n: a chain node0 → node1 → ...; each node's completion is its installed record
-    local n=$1 i j ups
+run_si() { # n [victim kill|cut]: a chain node0 → node1 → ...; each node's completion is its
+    # installed record. With a victim, that node is killed (SIGKILL) or its link set down once
+    # half the noise reached it.
+    local n=$1 victim=${2:--1} how=${3:-kill} i j ups
     local kids=()
     for ((i = 0; i < n; i++)); do
         ups=()
         for ((j = i - 1; j >= 0; j--)); do ups+=("node$j@$(node_ip "$j"):7812"); done
         local args=(--server "$M" --image bench --root "$(root "$i")" --state-dir "$(root "$i").state"
-            --identity-dir "$work/node$i.id" --ca-fingerprint "$pin" --linger-secs 2)
+            --identity-dir "$work/node$i.id" --ca-fingerprint "$pin" --stall-secs "$stall"
+            # With a fault, a finished relay stays until its successors' stall timers ran out
+            # (a healing node reattaches to it); otherwise 2 s is enough.
+            --linger-secs $([ "$victim" -ge 0 ] && echo $((stall + 3)) || echo 2))
         [ ${#ups[@]} -gt 0 ] && args+=(--relay-from "$(IFS=,; echo "${ups[*]}")")
         [ $((i + 1)) -lt "$n" ] && args+=(--relay-listen "$(node_ip "$i"):7812")
         /usr/bin/time -f '%e %U %S' -o "$work/t.$i" ip netns exec "$pfx-n$i" "$bindir/si-relay" "${args[@]}" \
             >/dev/null 2>"$work/relay$i.log" &
         kids+=($!)
     done
+    if [ "$victim" -ge 0 ]; then
+        local half=$((mb * 1048576 / 2)) got=0
+        while [ "$got" -lt "$half" ]; do
+            got=$(($(stat -c '%b * %B' "$(root "$victim")/var/big.img" 2>/dev/null || echo 0)))
+            kill -0 "${kids[$victim]}" 2>/dev/null || { echo "node$victim ended before it was killed" >&2; return 1; }
+            sleep 0.05
+        done
+        if [ "$how" = kill ]; then
+            ip netns pids "$pfx-n$victim" | xargs -r kill -9
+        else
+            ip -n "$nm" link set "bb$$m$victim" down
+            ip netns pids "$pfx-n$victim" | xargs -r kill -9 # it could not finish: not waited for
+        fi
+    fi
     for ((i = 0; i < n; i++)); do
+        if [ "$i" -eq "$victim" ]; then
+            wait "${kids[$i]}" 2>/dev/null || true
+            continue
+        fi
         wait "${kids[$i]}" || { echo "si-relay on node$i failed:" >&2; tail -5 "$work/relay$i.log" >&2; return 1; }
         stat -c %.9Y "$(root "$i").state/installed.toml" >"$work/done.$i"
     done
@@ -245,6 +275,7 @@ for rate in $rates; do
     shape "$rate"
     for n in $sizes; do
         for tool in $tools; do
+            case $tool in si-kill | si-cut) [ "$n" -lt 3 ] && continue ;; esac
             fresh "$n"
             log "$rate: $tool to $n nodes"
             tx0=$(master_tx)
@@ -253,6 +284,8 @@ for rate in $rates; do
             rm -f "$work"/t.* "$work"/done.*
             case $tool in
             si) run_si "$n" ;;
+            si-kill) run_si "$n" 1 kill ;;
+            si-cut) run_si "$n" 1 cut; ip -n "$nm" link set "bb$$m1" up ;;
             rsync) run_rsync "$n" ;;
             udpcast) run_udpcast "$n" "$rate" ;;
             esac
@@ -263,9 +296,11 @@ for rate in $rates; do
 import os, statistics, sys
 work, n, t0, t1, tx, payload, mcpu, rate, tool = sys.argv[1:]
 n, t0, t1, tx, payload, mcpu = int(n), float(t0), float(t1), int(tx), int(payload), float(mcpu)
-done = sorted(float(open(f"{work}/done.{i}").read()) - t0 for i in range(n))
+# A killed node (si-kill: node1) has no completion and is left out.
+alive = [i for i in range(n) if os.path.exists(f"{work}/done.{i}")]
+done = sorted(float(open(f"{work}/done.{i}").read()) - t0 for i in alive)
 cpu = []
-for i in range(n):
+for i in alive:
     _, u, s = open(f"{work}/t.{i}").read().split()[-3:]
     cpu.append(float(u) + float(s))
 if os.path.exists(f"{work}/t.sender"):
@@ -275,11 +310,12 @@ wall = t1 - t0
 # CPU per second of the session until the last node was complete (relays linger idle after)
 load = (sum(cpu) + mcpu) / max(done[-1], 1e-3)
 print("\t".join([rate, str(n), tool, f"{statistics.median(done):.2f}", f"{done[-1]:.2f}",
-                 f"{tx / payload:.2f}", f"{sum(cpu) / n:.2f}", f"{load:.2f}",
+                 f"{tx / payload:.2f}", f"{sum(cpu) / len(alive):.2f}", f"{load:.2f}",
                  "cpu-bound" if load >= 1.6 else ""]))
 PY
             # Every node's tree is the image (spot check: the big file and the file count).
             for ((i = 0; i < n; i++)); do
+                case $tool in si-kill | si-cut) [ "$i" -eq 1 ] && continue ;; esac
                 cmp -s "$src/var/big.img" "$(root "$i")/var/big.img" || { echo "$tool: node$i's var/big.img differs" >&2; exit 1; }
             done
         done
@@ -305,6 +341,12 @@ for rate in sorted({r[0] for r in rows}, key=[r[0] for r in rows].index):
         print(f"{rate}: si T(N)/T(1) (max): " + ", ".join(
             f"N={n} {float(t[(rate, n, 'si')][4]) / one:.2f}" + ("*" if t[(rate, n, 'si')][8] else "")
             for n in ns if (rate, n, "si") in t))
+    for fault, what in (("si-kill", "node1 killed half way"), ("si-cut", "node1's link cut half way")):
+        pairs = [(n, t[(rate, n, fault)], t[(rate, n, "si")]) for n in ns
+                 if (rate, n, fault) in t and (rate, n, "si") in t]
+        if pairs:
+            print(f"{rate}: {fault}/si (max, {what}): " + ", ".join(
+                f"N={n} {float(k[4]) / float(s[4]):.2f}" + ("*" if k[8] or s[8] else "") for n, k, s in pairs))
     for other in ("udpcast", "rsync"):
         pairs = [(n, t[(rate, n, other)], t[(rate, n, "si")]) for n in ns
                  if (rate, n, other) in t and (rate, n, "si") in t]

@@ -1098,11 +1098,7 @@ pub fn sfdisk_script(disk: &Disk, disk_size: u64, sector_size: u64) -> Result<St
 }
 
 fn is_extended(table: Table, ptype: &str) -> bool {
-    table == Table::Msdos
-        && matches!(
-            ptype.trim_start_matches("0x").to_ascii_lowercase().as_str(),
-            "5" | "05" | "f" | "0f" | "85"
-        )
+    table.is_extended(ptype)
 }
 
 /// Writes the partition table of `layout_disk` on `disk` (a block device or an image file) of

@@ -116,6 +116,7 @@ const CONFIGURED: &[&str] = &[
     "lost+found",
     "boot/lost+found",
     "var/lost+found",
+    "var/lib/app/lost+found",
 ];
 
 fn plan_toml(layout: &str, node: &str, overrides: &[&str]) -> String {
@@ -222,6 +223,14 @@ table = "msdos"
 number = 1
 percent = 50
 type = "0x83"
+[[disk.partition]]
+number = 5
+size = 33554432
+type = "0x82"
+[[disk.partition]]
+number = 6
+size = 67108864
+type = "0x83"
 
 [[filesystem]]
 device = "a3"
@@ -239,6 +248,13 @@ type = "swap"
 device = "b1"
 type = "ext4"
 mountpoint = "/var"
+[[filesystem]]
+device = "b5"
+type = "swap"
+[[filesystem]]
+device = "b6"
+type = "ext4"
+mountpoint = "/var/lib/app"
 "#;
 
 #[test]
@@ -295,19 +311,30 @@ fn install_on_loop_disks_then_fast_reinstall_then_failure_clears() {
         )),
         "{stdout}"
     );
-    assert!(stdout.contains("mount order: / /boot /var"), "{stdout}");
+    assert!(
+        stdout.contains("mount order: / /boot /var /var/lib/app"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(added: extended, holding the logical partitions)"),
+        "{stdout}"
+    );
 
-    // Every filesystem is clean.
-    let (root, boot, swap, var) = (
+    // Every filesystem is clean; b5 and b6 are logical partitions in an extended partition 2
+    // the installer added.
+    let (root, boot, swap, var, swap2, app) = (
         node(&small, 3),
         node(&small, 1),
         node(&small, 2),
         node(&big, 1),
+        node(&big, 5),
+        node(&big, 6),
     );
-    for d in [&root, &boot, &var] {
+    for d in [&root, &boot, &var, &app] {
         fsck_ext(d);
     }
     assert_eq!(blkid(&swap, "TYPE"), "swap");
+    assert_eq!(blkid(&swap2, "TYPE"), "swap");
     assert_eq!(blkid(&root, "LABEL"), "root");
     // The layout's geometry: 1 MiB aligned, b1 half of its disk.
     let sf = run(Command::new("sfdisk")
@@ -318,6 +345,22 @@ fn install_on_loop_disks_then_fast_reinstall_then_failure_clears() {
     let p1 = &sf["partitiontable"]["partitions"][0];
     assert_eq!(p1["start"].as_u64(), Some(2048));
     assert_eq!(p1["size"].as_u64().unwrap() * 512, 600 << 20);
+    let types: Vec<(String, String)> = sf["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["node"].as_str().unwrap().to_string(),
+                p["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expect: Vec<(String, String)> = [(1, "83"), (2, "5"), (5, "82"), (6, "83")]
+        .iter()
+        .map(|(n, t)| (node(&big, *n).display().to_string(), t.to_string()))
+        .collect();
+    assert_eq!(types, expect);
     // A BIOS node on GPT got a BIOS boot partition on the disk holding /boot.
     let sf = run(Command::new("sfdisk")
         .args(["-J"])
@@ -336,6 +379,7 @@ fn install_on_loop_disks_then_fast_reinstall_then_failure_clears() {
             (&root, m.clone()),
             (&boot, m.join("boot")),
             (&var, m.join("var")),
+            (&app, m.join("var/lib/app")),
         ] {
             std::fs::create_dir_all(&dir).unwrap();
             run(Command::new("mount").arg(dev).arg(&dir)).unwrap();
@@ -355,7 +399,9 @@ fn install_on_loop_disks_then_fast_reinstall_then_failure_clears() {
         (&root, "/ ext4"),
         (&boot, "/boot ext4"),
         (&var, "/var ext4"),
+        (&app, "/var/lib/app ext4"),
         (&swap, "none swap"),
+        (&swap2, "none swap"),
     ] {
         let line = format!("UUID={} {mp}", blkid(dev, "UUID"));
         assert!(fstab.contains(&line), "{line} not in\n{fstab}");
@@ -422,7 +468,7 @@ fn install_on_loop_disks_then_fast_reinstall_then_failure_clears() {
     assert!(stdout.contains("updating in place"), "{stdout}");
     assert!(!stdout.contains("step mkfs"), "{stdout}");
     assert_eq!(blkid(&root, "UUID"), uuid_before, "not reformatted");
-    for d in [&root, &boot, &var] {
+    for d in [&root, &boot, &var, &app] {
         fsck_ext(d);
     }
     mount(&mut loops);

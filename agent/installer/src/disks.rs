@@ -286,17 +286,27 @@ fn natural_key(n: &str) -> (String, Vec<u64>) {
 /// (the backup GPT).
 pub fn min_size(d: &Disk) -> u64 {
     const MIB: u64 = 1 << 20;
+    // An msdos extended partition is as large as its logical partitions and their 1 MiB
+    // gaps (each logical's boot record): those count, its own recorded size does not.
     let parts: u64 = d
         .partitions
         .iter()
         .map(|p| {
-            if p.grow || p.percent.is_some() {
+            if d.table.is_extended(&p.ptype) {
+                0
+            } else if p.grow || p.percent.is_some() {
                 MIB
             } else {
                 p.size.div_ceil(MIB) * MIB
             }
         })
         .sum();
+    let gaps = if d.table == si_proto::layout::Table::Msdos {
+        d.partitions.iter().filter(|p| p.number > 4).count() as u64 * MIB
+    } else {
+        0
+    };
+    let parts = parts + gaps;
     2 * MIB + parts
 }
 

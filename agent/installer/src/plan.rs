@@ -10,6 +10,64 @@ use si_proto::layout::{partition_device, Firmware, Layout, Table};
 use std::fmt::Write as _;
 
 pub const MIB: u64 = 1 << 20;
+
+/// The msdos extended partition of a layout disk with logical partitions: the one the layout
+/// records, or one the installer adds in the first free primary slot.
+struct Extended {
+    number: u32,
+    ptype: String,
+    added: bool,
+    logicals: u64,
+}
+
+impl Extended {
+    fn of(ld: &si_proto::layout::Disk) -> Result<Option<Extended>> {
+        let logicals = ld.partitions.iter().filter(|p| p.number > 4).count() as u64;
+        if ld.table != Table::Msdos {
+            return Ok(None);
+        }
+        let recorded: Vec<_> = ld
+            .partitions
+            .iter()
+            .filter(|p| ld.table.is_extended(&p.ptype))
+            .collect();
+        match (logicals, recorded.as_slice()) {
+            (0, []) => Ok(None),
+            (0, [e, ..]) => bail!(
+                "layout disk {}: extended partition {} holds no logical partition",
+                ld.name,
+                e.number
+            ),
+            (_, [e]) if e.number <= 4 => Ok(Some(Extended {
+                number: e.number,
+                ptype: e.ptype.clone(),
+                added: false,
+                logicals,
+            })),
+            (_, [e]) => bail!(
+                "layout disk {}: extended partition {} must be a primary one (1-4)",
+                ld.name,
+                e.number
+            ),
+            (_, []) => {
+                let free = (1..=4).find(|n| ld.partitions.iter().all(|p| p.number != *n));
+                let Some(number) = free else {
+                    bail!(
+                        "layout disk {}: four primary partitions leave no slot for the extended one its logical partitions need",
+                        ld.name
+                    );
+                };
+                Ok(Some(Extended {
+                    number,
+                    ptype: "0x05".into(),
+                    added: true,
+                    logicals,
+                }))
+            }
+            (_, _) => bail!("layout disk {}: more than one extended partition", ld.name),
+        }
+    }
+}
 pub const GUID_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
 pub const GUID_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 
@@ -23,7 +81,8 @@ pub struct PartPlan {
     pub ptype: String,
     pub name: Option<String>,
     pub flags: Vec<String>,
-    /// Added by the installer (a BIOS boot partition on GPT for a BIOS node).
+    /// Added by the installer: a BIOS boot partition on GPT for a BIOS node, or the msdos
+    /// extended partition the logical ones need when the layout has none.
     pub added: bool,
 }
 
@@ -83,17 +142,17 @@ impl Concrete {
                     pd.name, ld.name, pd.size
                 );
             }
-            if ld.table == Table::Msdos && ld.partitions.iter().any(|p| p.number > 4) {
-                bail!(
-                    "layout disk {}: logical msdos partitions are not supported by the installer; use gpt",
-                    ld.name
-                );
-            }
+            let ext = Extended::of(ld)?;
             let mut parts: Vec<(u32, u64, &si_proto::layout::Partition)> = Vec::new();
-            // Sizes: fixed, then percent of the disk, then the growing one takes the rest.
+            // Sizes: fixed, then percent of the disk, then the growing one takes the rest. An
+            // extended partition takes its size from its logical partitions, each of which
+            // starts 1 MiB into its own stretch (its boot record, aligned).
             let usable = (pd.size / MIB) * MIB - 2 * MIB;
-            let mut used = 0u64;
+            let mut used = ext.as_ref().map_or(0, |e| e.logicals * MIB);
             for p in &ld.partitions {
+                if ld.table.is_extended(&p.ptype) {
+                    continue;
+                }
                 let size = match p.percent {
                     Some(pct) => ((pd.size / 100 * u64::from(pct)) / MIB * MIB).max(MIB),
                     None if p.grow => 0,
@@ -141,9 +200,13 @@ impl Concrete {
                 });
                 start += MIB;
             }
+            // Primaries first, in number order; then the extended partition, holding the
+            // logical ones, at the end of the disk (their place on the disk need not follow
+            // their numbers).
+            let mut logical = Vec::new();
             for (number, size, p) in parts {
                 let size = if p.grow { usable - used } else { size };
-                out.push(PartPlan {
+                let plan = PartPlan {
                     number,
                     layout_dev: partition_device(&ld.name, number),
                     start,
@@ -152,8 +215,32 @@ impl Concrete {
                     name: p.name.clone(),
                     flags: p.flags.clone(),
                     added: false,
+                };
+                if number > 4 && ext.is_some() {
+                    logical.push(plan);
+                } else {
+                    out.push(plan);
+                    start += size;
+                }
+            }
+            if let Some(e) = &ext {
+                let ext_start = start;
+                for l in &mut logical {
+                    start += MIB;
+                    l.start = start;
+                    start += l.size;
+                }
+                out.push(PartPlan {
+                    number: e.number,
+                    layout_dev: partition_device(&ld.name, e.number),
+                    start: ext_start,
+                    size: start - ext_start,
+                    ptype: e.ptype.clone(),
+                    name: None,
+                    flags: vec![],
+                    added: e.added,
                 });
-                start += size;
+                out.extend(logical);
             }
             let mut wipe = vec![pd.name.clone()];
             wipe.extend(pd.holders.iter().cloned());
@@ -199,6 +286,13 @@ impl Concrete {
             vgs: layout.vgs.clone(),
             filesystems,
         })
+    }
+
+    /// The disk's partitions that hold data: all but an msdos extended partition.
+    pub fn data_partitions(d: &DiskPlan) -> impl Iterator<Item = &PartPlan> {
+        d.partitions
+            .iter()
+            .filter(|p| !d.table.is_extended(&p.ptype))
     }
 
     /// The physical disk (`/dev` name) holding layout partition `layout_dev`, and its number.
@@ -295,10 +389,10 @@ impl Concrete {
                     } else {
                         format!(", flags {}", p.flags.join(","))
                     },
-                    if p.added {
-                        " (added: BIOS boot on GPT)"
-                    } else {
-                        ""
+                    match (p.added, d.table.is_extended(&p.ptype)) {
+                        (false, _) => "",
+                        (true, true) => " (added: extended, holding the logical partitions)",
+                        (true, false) => " (added: BIOS boot on GPT)",
                     }
                 );
             }

@@ -728,7 +728,9 @@ impl Installer {
                     format!("adding the partitions of {} with partx", dev.display())
                 })?;
             }
-            for p in &d.partitions {
+            // Not the extended partition: its first sector is the first logical's boot
+            // record, which a wipe would take for a partition table and erase.
+            for p in Concrete::data_partitions(d) {
                 let node = wait_partition(&d.disk, p.number)?;
                 wipefs(&node)?;
             }

@@ -407,3 +407,102 @@ fn the_sample_mirror_layout_picks_the_pair_and_leaves_the_rest() {
         .collect();
     assert_eq!(mounts, ["/", "/boot", "/var", "/boot/efi"]);
 }
+
+/// Debian's installer default on an msdos disk, as `si-prepareclient` records it: root on 1,
+/// an extended partition 2, swap as logical 5 growing to the end. On a smaller disk the
+/// extended partition is sized from its logical one (its recorded size is the golden disk's),
+/// and the logical starts 1 MiB into it (its boot record, aligned).
+#[test]
+fn logical_msdos_partitions() {
+    let parse = |parts: &str| {
+        Layout::parse(&format!(
+            "format = 2\nfirmware = \"bios\"\n[[disk]]\nname = \"a\"\ntable = \"msdos\"\n{parts}\
+             [[filesystem]]\ndevice = \"a1\"\ntype = \"ext4\"\nmountpoint = \"/\"\n\
+             [[filesystem]]\ndevice = \"a5\"\ntype = \"swap\"\n"
+        ))
+        .unwrap()
+    };
+    let debian = parse(
+        "[[disk.partition]]\nnumber = 1\nsize = 19327352832\ntype = \"0x83\"\nflags = [\"boot\"]\n\
+         [[disk.partition]]\nnumber = 2\nsize = 2145387520\ntype = \"0x05\"\n\
+         [[disk.partition]]\nnumber = 5\nsize = 0\ngrow = true\ntype = \"0x82\"\n",
+    );
+    let c = Concrete::new(&debian, &[one("sda", 30 * GIB)], Firmware::Bios).unwrap();
+    let p = &c.disks[0].partitions;
+    let geometry: Vec<_> = p.iter().map(|p| (p.number, p.start, p.size)).collect();
+    let root_end = MIB + 18 * GIB;
+    assert_eq!(
+        geometry,
+        vec![
+            (1, MIB, 18 * GIB),
+            (2, root_end, 30 * GIB - MIB - root_end),
+            (5, root_end + MIB, 30 * GIB - 2 * MIB - root_end),
+        ]
+    );
+    assert!(!p[1].added);
+    assert!(c.render().contains("partition  5 (a5)"), "{}", c.render());
+
+    // Two logical partitions and no extended one recorded: one is added in the first free
+    // primary slot, after the primaries, holding both.
+    let two = parse(
+        "[[disk.partition]]\nnumber = 1\nsize = 1073741824\ntype = \"0x83\"\n\
+         [[disk.partition]]\nnumber = 5\nsize = 536870912\ntype = \"0x82\"\n\
+         [[disk.partition]]\nnumber = 6\nsize = 268435456\ntype = \"0x83\"\n",
+    );
+    let c = Concrete::new(&two, &[one("sda", 4 * GIB)], Firmware::Bios).unwrap();
+    let p = &c.disks[0].partitions;
+    let geometry: Vec<_> = p.iter().map(|p| (p.number, p.start, p.size)).collect();
+    assert_eq!(
+        geometry,
+        vec![
+            (1, MIB, GIB),
+            (2, MIB + GIB, 768 * MIB + 2 * MIB),
+            (5, 2 * MIB + GIB, 512 * MIB),
+            (6, 3 * MIB + GIB + 512 * MIB, 256 * MIB),
+        ]
+    );
+    assert!(p[1].added && p[1].ptype == "0x05");
+    assert!(
+        c.render()
+            .contains("(added: extended, holding the logical partitions)"),
+        "{}",
+        c.render()
+    );
+    let data: Vec<u32> = Concrete::data_partitions(&c.disks[0])
+        .map(|p| p.number)
+        .collect();
+    assert_eq!(data, vec![1, 5, 6], "the extended partition holds no data");
+
+    // Refused with a clear message: no free primary slot, an extended partition with no
+    // logical one, and a disk too small once the boot records count.
+    let full = parse(
+        "[[disk.partition]]\nnumber = 1\nsize = 1048576\ntype = \"0x83\"\n\
+         [[disk.partition]]\nnumber = 2\nsize = 1048576\ntype = \"0x83\"\n\
+         [[disk.partition]]\nnumber = 3\nsize = 1048576\ntype = \"0x83\"\n\
+         [[disk.partition]]\nnumber = 4\nsize = 1048576\ntype = \"0x83\"\n\
+         [[disk.partition]]\nnumber = 5\nsize = 1048576\ntype = \"0x82\"\n",
+    );
+    let e = format!(
+        "{:#}",
+        Concrete::new(&full, &[one("sda", GIB)], Firmware::Bios).unwrap_err()
+    );
+    assert!(e.contains("no slot for the extended one"), "{e}");
+    let lonely = Layout::parse(
+        "format = 2\nfirmware = \"bios\"\n[[disk]]\nname = \"a\"\ntable = \"msdos\"\n\
+         [[disk.partition]]\nnumber = 1\nsize = 1073741824\ntype = \"0x83\"\n\
+         [[disk.partition]]\nnumber = 2\nsize = 1073741824\ntype = \"0x05\"\n\
+         [[filesystem]]\ndevice = \"a1\"\ntype = \"ext4\"\nmountpoint = \"/\"\n",
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        Concrete::new(&lonely, &[one("sda", 4 * GIB)], Firmware::Bios).unwrap_err()
+    );
+    assert!(e.contains("holds no logical partition"), "{e}");
+    // 1 GiB + 512 + 256 MiB and three MiB of boot records and alignment do not fit 1.75 GiB.
+    let e = format!(
+        "{:#}",
+        Concrete::new(&two, &[one("sda", 1792 * MIB)], Firmware::Bios).unwrap_err()
+    );
+    assert!(e.contains("too small"), "{e}");
+}

@@ -112,6 +112,19 @@ pub enum Table {
     Msdos,
 }
 
+impl Table {
+    /// Whether a partition of this type is an msdos extended partition (`0x05`, `0x0f`,
+    /// `0x85`): a container of the logical partitions (numbers 5 and up), holding no
+    /// filesystem.
+    pub fn is_extended(self, ptype: &str) -> bool {
+        self == Table::Msdos
+            && matches!(
+                ptype.trim_start_matches("0x").to_ascii_lowercase().as_str(),
+                "5" | "05" | "f" | "0f" | "85"
+            )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Layout {

@@ -13,6 +13,10 @@
 //! in, each written under a temporary name with all its metadata and renamed over the old one.
 //! Objects already staged survive an interruption, so a second run fetches only the rest.
 //! An update that would delete more than half of the node's files is refused unless forced.
+//! Mount points (a filesystem of the node's layout, a bind mount) are never removed or
+//! replaced: a version without one empties it and keeps the directory and its filesystem's
+//! lost+found; a version that turns one into a file or a symlink is refused before anything
+//! is changed.
 //!
 //! A fresh deploy (an empty target, as the installer has) streams instead: objects are written
 //! into their files as they arrive, with no staging copy.
@@ -457,6 +461,18 @@ fn plan_with(
         })
     };
     p.disk_files = disk.values().filter(|d| d.md.is_file()).count() as u64;
+    // Mount points on the node (a filesystem of its layout, a bind mount): an update empties
+    // or fills them but never removes or replaces the directory itself.
+    let mounts = scan::mount_types();
+    let is_mount = |path: &[u8]| {
+        let Some(d) = disk.get(path).filter(|d| d.md.is_dir() && !path.is_empty()) else {
+            return false;
+        };
+        let other_dev = mpath::parent(path)
+            .and_then(|pp| disk.get(pp))
+            .is_some_and(|pd| pd.md.dev() != d.md.dev());
+        other_dev || mounts.contains_key(&root.join(OsStr::from_bytes(path)))
+    };
     let before: HashMap<&[u8], &Entry> = installed
         .map(|im| im.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
         .unwrap_or_default();
@@ -501,6 +517,11 @@ fn plan_with(
         match action {
             Action::Same => {}
             Action::Meta => p.meta.push(i),
+            Action::Replace if e.kind != Kind::Dir && is_mount(&e.path) => bail!(
+                "/{} is a mount point on this node; {image}@{version} makes it {}: nothing was changed (unmount it, or change the node's layout first)",
+                e.path_lossy(),
+                kind_name(&e.kind)
+            ),
             Action::Replace => {
                 p.replace.push(i);
                 changed.insert(&e.path);
@@ -511,6 +532,17 @@ fn plan_with(
         .keys()
         .filter(|k| {
             !k.is_empty() && !target_paths.contains(k.as_slice()) && !keep.contains(k.as_slice())
+        })
+        .filter(|k| {
+            // What lies inside still goes; the mount point stays, and so does the lost+found
+            // of the filesystem mounted there (e2fsck's, never part of an image).
+            let mount = is_mount(k);
+            if mount {
+                tracing::warn!(path = %String::from_utf8_lossy(k), %image, version, "the version no longer has this mount point; it is kept (emptied)");
+            }
+            let lost_found = mpath::file_name(k) == b"lost+found"
+                && mpath::parent(k).is_some_and(|pp| pp.is_empty() || is_mount(pp));
+            !mount && !lost_found
         })
         .cloned()
         .collect();
@@ -701,6 +733,20 @@ fn fired_triggers(text: &str, changed: &[&[u8]]) -> Result<Vec<Trigger>> {
         }
     }
     Ok(out)
+}
+
+/// What an entry is, for messages.
+fn kind_name(k: &Kind) -> &'static str {
+    match k {
+        Kind::Dir => "a directory",
+        Kind::File { .. } => "a file",
+        Kind::Hardlink { .. } => "a hard link",
+        Kind::Symlink { .. } => "a symlink",
+        Kind::CharDev { .. } => "a character device",
+        Kind::BlockDev { .. } => "a block device",
+        Kind::Fifo => "a fifo",
+        Kind::Socket => "a socket",
+    }
 }
 
 /// Removes the tree at `rel` beneath `root` (no symlink followed).

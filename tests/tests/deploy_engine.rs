@@ -1032,3 +1032,82 @@ fn a_bandwidth_cap_paces_the_pull() {
         s.fetched_bytes
     );
 }
+
+/// A filesystem mounted on the node (a separate /srv of its layout) and versions that drop or
+/// replace that directory. Dropped: what lies in it goes, the mount point stays (removing it
+/// would fail half way, busy, after its content was gone). Replaced by a symlink: refused
+/// before anything is changed, with the path and why; the node keeps its version.
+#[test]
+fn mount_points_are_kept_and_never_replaced() {
+    si_tests::require_root!();
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store_dir, src) = (t.path().join("store"), t.path().join("src"));
+    let store = Store::open(&store_dir).unwrap();
+    std::fs::create_dir_all(src.join("srv/www")).unwrap();
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("srv/www/index.html"), b"v1\n").unwrap();
+    std::fs::write(src.join("etc/role"), b"v1\n").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let server = start_server(&store_dir);
+    let node = t.path().join("node");
+    std::fs::create_dir_all(node.join("srv")).unwrap();
+    let m = node.join("srv");
+    // An ext4 filesystem of its own, as a layout's /srv would be (the update descends into
+    // local disk filesystems only).
+    let img = t.path().join("srv.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    si_tests::run(std::process::Command::new("mkfs.ext4").arg("-q").arg(&img)).unwrap();
+    si_tests::run(
+        std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&m),
+    )
+    .unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(m.clone());
+    run(args(&server, "img", &node)).unwrap();
+    assert_eq!(std::fs::read(m.join("www/index.html")).unwrap(), b"v1\n");
+
+    // Version 2 has no /srv: its content goes, the mount point stays, still mounted.
+    std::fs::remove_dir_all(src.join("srv")).unwrap();
+    std::fs::write(src.join("etc/role"), b"v2\n").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let s = run(args(&server, "img", &node)).unwrap();
+    assert_eq!(s.version, 2);
+    assert!(
+        m.is_dir() && !m.join("www").exists(),
+        "/srv kept and emptied"
+    );
+    assert!(
+        m.join("lost+found").is_dir(),
+        "the filesystem's lost+found is kept"
+    );
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounted.contains(&format!(" {} ", m.display())),
+        "still mounted"
+    );
+    assert_eq!(std::fs::read(node.join("etc/role")).unwrap(), b"v2\n");
+
+    // Version 3 makes /srv a symlink: refused, nothing changed.
+    std::os::unix::fs::symlink("/var/www", src.join("srv")).unwrap();
+    std::fs::write(src.join("etc/role"), b"v3\n").unwrap();
+    capture::commit(&store, &src, "img", &[], None).unwrap();
+    let e = format!("{:#}", run(args(&server, "img", &node)).unwrap_err());
+    assert!(
+        e.contains("/srv is a mount point on this node") && e.contains("a symlink"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(node.join("etc/role")).unwrap(), b"v2\n");
+    let inst = std::fs::read_to_string(node.join("var/lib/si/installed.toml")).unwrap();
+    assert!(inst.contains("version = 2"), "{inst}");
+}

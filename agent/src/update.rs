@@ -518,9 +518,9 @@ fn plan_with(
             Action::Same => {}
             Action::Meta => p.meta.push(i),
             Action::Replace if e.kind != Kind::Dir && is_mount(&e.path) => bail!(
-                "/{} is a mount point on this node; {image}@{version} makes it {}: nothing was changed (unmount it, or change the node's layout first)",
+                "/{} is a mount point on this node; {image}@{version} makes it a {}: nothing was changed (unmount it, or change the node's layout first)",
                 e.path_lossy(),
-                kind_name(&e.kind)
+                e.kind.name()
             ),
             Action::Replace => {
                 p.replace.push(i);
@@ -733,20 +733,6 @@ fn fired_triggers(text: &str, changed: &[&[u8]]) -> Result<Vec<Trigger>> {
         }
     }
     Ok(out)
-}
-
-/// What an entry is, for messages.
-fn kind_name(k: &Kind) -> &'static str {
-    match k {
-        Kind::Dir => "a directory",
-        Kind::File { .. } => "a file",
-        Kind::Hardlink { .. } => "a hard link",
-        Kind::Symlink { .. } => "a symlink",
-        Kind::CharDev { .. } => "a character device",
-        Kind::BlockDev { .. } => "a block device",
-        Kind::Fifo => "a fifo",
-        Kind::Socket => "a socket",
-    }
 }
 
 /// Removes the tree at `rel` beneath `root` (no symlink followed).

@@ -194,22 +194,9 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::remove_dir_all(root.with_extension("state"));
         std::fs::create_dir(&root).unwrap();
-        let mut c = self.nodes[i].cmd(bin("si-relay"));
-        c.env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
-            .env("RUST_LOG", "info")
-            .args(["--server", &self.server(), "--image", "debian"])
-            .arg("--root")
-            .arg(&root)
-            .arg("--identity-dir")
-            .arg(root.with_extension("id"))
-            .arg("--summary-json")
-            .arg(root.with_extension("json"))
-            .arg("--state-dir")
-            .arg(root.with_extension("state"))
-            .args(["--stall-secs", "3", "--linger-secs", "8"])
-            .args(extra)
-            .stdout(std::fs::File::create(root.with_extension("out")).unwrap())
-            .stderr(std::fs::File::create(root.with_extension("log")).unwrap());
+        let mut c = self.relay_cmd(i);
+        c.args(["--stall-secs", "3", "--linger-secs", "8"])
+            .args(extra);
         let ups: Vec<String> = ups
             .iter()
             .map(|j| format!("node{j}@{}:{PORT}", addr(self.subnet, *j, 0)))
@@ -227,11 +214,23 @@ impl Lab {
     /// Starts `si-relay --serve-installed` on node `i`, whose deploy finished: it serves the
     /// version on its root until nobody asked for anything for `linger` seconds.
     fn serve_installed(&self, i: usize, linger: u64) -> Child {
-        let root = self.root(i);
         let listen = format!("{}:{PORT}", addr(self.subnet, i, 0));
-        let c = self.nodes[i]
-            .cmd(bin("si-relay"))
-            .env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
+        let c = self
+            .relay_cmd(i)
+            .args(["--serve-installed", "--relay-listen", &listen])
+            .args(["--linger-secs", &linger.to_string()])
+            .spawn()
+            .unwrap();
+        wait_port(&self.nodes[i], &listen).unwrap();
+        c
+    }
+
+    /// si-relay on node `i` with what every run there shares: the master, the image, the
+    /// node's root, identity, summary and state beside it, its output in ROOT.out and ROOT.log.
+    fn relay_cmd(&self, i: usize) -> Command {
+        let root = self.root(i);
+        let mut c = self.nodes[i].cmd(bin("si-relay"));
+        c.env("SI_CA_FINGERPRINT", &si_tests::test_ca().pin)
             .env("RUST_LOG", "info")
             .args(["--server", &self.server(), "--image", "debian"])
             .arg("--root")
@@ -242,13 +241,8 @@ impl Lab {
             .arg(root.with_extension("json"))
             .arg("--state-dir")
             .arg(root.with_extension("state"))
-            .args(["--serve-installed", "--relay-listen", &listen])
-            .args(["--linger-secs", &linger.to_string()])
             .stdout(std::fs::File::create(root.with_extension("out")).unwrap())
-            .stderr(std::fs::File::create(root.with_extension("log")).unwrap())
-            .spawn()
-            .unwrap();
-        wait_port(&self.nodes[i], &listen).unwrap();
+            .stderr(std::fs::File::create(root.with_extension("log")).unwrap());
         c
     }
 

@@ -645,12 +645,12 @@ struct Listener {
 
 impl Listener {
     /// Serves `objects` on `addr`: over TLS to peers with a node certificate of the pinned CA
-    /// when the node has an `identity`, else (`--insecure`) over plain TCP to anyone.
+    /// when the node has an `identity` (it has one unless `--insecure`), else over plain TCP
+    /// to anyone.
     fn start(
         rt: &tokio::runtime::Runtime,
         addr: &str,
         identity: Option<&NodeIdentity>,
-        insecure: bool,
         objects: Arc<RelayObjects>,
     ) -> Result<Listener> {
         let transport = match identity {
@@ -666,7 +666,7 @@ impl Listener {
             std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
         l.set_nonblocking(true)
             .context("making the listener non-blocking")?;
-        let sc = serve_config(transport, insecure);
+        let sc = serve_config(transport, identity.is_none());
         let finder: Arc<dyn ObjectFinder> = objects;
         let _guard = rt.enter();
         let l = tokio::net::TcpListener::from_std(l).context("registering the listener")?;
@@ -730,20 +730,18 @@ fn serve_installed(cfg: &RelayConfig, identity: Option<&NodeIdentity>) -> Result
             sdir.display()
         )
     })?;
-    let ix = index(&m);
     let buffer = Arc::new(Buffer::new(0));
-    buffer.on_disk(ix.keys().copied());
+    buffer.on_disk(m.digests().map(|c| c.digest));
     buffer.close();
     let objects = Arc::new(RelayObjects::new(buffer, &cfg.root, Duration::ZERO));
     objects.set_manifest(&m);
-    tracing::info!(image = %inst.image, version = inst.version, objects = ix.len(), "serving the installed version");
+    tracing::info!(image = %inst.image, version = inst.version, entries = m.entries.len(), "serving the installed version");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the relay's runtime")?;
-    let insecure = matches!(cfg.trust.connector()?, Connector::Insecure);
-    Listener::start(&rt, addr, identity, insecure, objects.clone())?.linger(
+    Listener::start(&rt, addr, identity, objects.clone())?.linger(
         &rt,
         &objects,
         Duration::from_secs(cfg.linger_secs),
@@ -789,7 +787,6 @@ fn without_excluded(m: &Manifest, ex: &Excludes) -> Manifest {
 pub fn deploy(cfg: &Deploy<'_>) -> Result<RelaySummary> {
     let start = Instant::now();
     let master_trust = cfg.master.clone();
-    let insecure = matches!(master_trust, Connector::Insecure);
     let identity = match master_trust.pin() {
         Some(pin) => Some((
             pin,
@@ -816,7 +813,6 @@ pub fn deploy(cfg: &Deploy<'_>) -> Result<RelaySummary> {
             &rt,
             addr,
             identity.map(|(_, id)| id),
-            insecure,
             objects.clone(),
         )?),
         None => None,

@@ -499,6 +499,53 @@ impl Client {
         }
     }
 
+    /// Joins the master's multicast session for `image` (`version`, default the newest).
+    pub fn mcast_join(&mut self, image: &str, version: Option<u32>) -> Result<McastSession> {
+        write_msg(
+            &mut self.conn,
+            &Msg::McastJoin {
+                image: image.into(),
+                version,
+            },
+        )?;
+        self.conn.flush()?;
+        match recv_msg(&mut self.conn)? {
+            Msg::McastSession {
+                group,
+                session,
+                key,
+                version,
+                starts_in_ms,
+            } => Ok(McastSession {
+                group: group
+                    .parse()
+                    .with_context(|| format!("the master's multicast group {group:?}"))?,
+                session,
+                key: key.0,
+                version,
+                starts_in: Duration::from_millis(starts_in_ms.min(3_600_000)),
+            }),
+            Msg::Error { message, .. } => bail!("no multicast session for {image}: {message}"),
+            m => bail!("unexpected answer: {}", m.name()),
+        }
+    }
+
+    /// Tells the master this node has joined session `session`'s group.
+    pub fn mcast_ready(&mut self, session: u64) -> Result<()> {
+        write_msg(&mut self.conn, &Msg::McastReady { session })?;
+        self.conn.flush()?;
+        match recv_msg(&mut self.conn)? {
+            Msg::Ok => Ok(()),
+            Msg::Error { message, .. } => bail!("multicast session refused: {message}"),
+            m => bail!("unexpected answer: {}", m.name()),
+        }
+    }
+
+    /// This node's address on the session: the interface facing the master.
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self.conn.get_ref().get_ref().tcp().local_addr()?)
+    }
+
     pub fn bye(mut self) {
         let _ = write_msg(&mut self.conn, &Msg::Bye);
         let _ = self.conn.flush();
@@ -513,6 +560,17 @@ fn checked_manifest(image: &str, data: &[u8], digest: &Digest) -> Result<Manifes
         bail!("manifest of {image} arrived corrupt (its digest is not the one announced)");
     }
     Ok(m)
+}
+
+/// A multicast session the master offered ([`Client::mcast_join`]).
+pub struct McastSession {
+    pub group: std::net::SocketAddrV4,
+    pub session: u64,
+    /// The session key: never printed.
+    pub key: Vec<u8>,
+    pub version: u32,
+    /// The sender starts within this.
+    pub starts_in: Duration,
 }
 
 /// A manifest as the server sent it: whole, or as a delta from the node's installed one.

@@ -1048,6 +1048,7 @@ impl Installer {
             master: trust.clone(),
             identity: self.identity.as_ref(),
             excludes: si_tree::exclude::Excludes::new(excludes)?,
+            multicast: false,
         };
         let s = si_relay::deploy(&d)?;
         for f in &s.from {

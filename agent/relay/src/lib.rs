@@ -22,6 +22,7 @@
 //!   it rather than to the master.
 
 pub mod buffer;
+pub mod multicast;
 
 use anyhow::{anyhow, bail, Context, Result};
 use buffer::{Buffer, Found};
@@ -125,6 +126,12 @@ pub struct RelayConfig {
     #[arg(long, requires = "relay_listen", conflicts_with = "relay_from")]
     #[serde(default)]
     pub serve_installed: bool,
+    /// Receive the version from the master's multicast session first (si-server
+    /// --multicast-group); whatever does not arrive is fetched as usual, from the relays and
+    /// the master.
+    #[arg(long, conflicts_with = "serve_installed")]
+    #[serde(default)]
+    pub multicast: bool,
     /// Threads verifying and writing objects.
     #[arg(long, default_value_t = default_threads())]
     #[serde(default = "default_threads")]
@@ -209,6 +216,9 @@ pub struct RelaySummary {
     pub served_objects: u64,
     pub served_bytes: u64,
     pub seconds: f64,
+    /// What the multicast session brought, when the node joined one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multicast: Option<multicast::MulticastSummary>,
 }
 
 /// An upstream relay: its label (as given), address, and how it is trusted.
@@ -594,6 +604,8 @@ pub struct Deploy<'a> {
     /// Entries of the version left out of the deploy (neither written nor relayed): the
     /// installer's own files and the filesystems' lost+found.
     pub excludes: Excludes,
+    /// Receive from the master's multicast session first.
+    pub multicast: bool,
 }
 
 /// Deploys the version onto the empty root, relaying as it goes; returns once deployed and no
@@ -634,6 +646,7 @@ pub fn run(cfg: &RelayConfig) -> Result<RelaySummary> {
         master,
         identity: identity.as_ref(),
         excludes: Excludes::default(),
+        multicast: cfg.multicast,
     })
 }
 
@@ -828,20 +841,66 @@ pub fn deploy(cfg: &Deploy<'_>) -> Result<RelaySummary> {
         buffer.expect(ix.keys().copied());
         let mut from = Vec::new();
         let mut reattaches = 0;
+        let mut mc = None;
         let (n, bytes) =
             si_agent::update::deploy_fresh_with(&m, &cfg.root, &mut |wants, write| {
+                let mut rest = wants.to_vec();
+                if cfg.multicast {
+                    let on_object = |d: Digest, z: &[u8], data: Vec<u8>| -> Result<()> {
+                        let raw = data.len() as u32;
+                        write(d, data)?;
+                        buffer.put(d, raw, z);
+                        Ok(())
+                    };
+                    match multicast::receive(
+                        &cfg.server,
+                        &master_trust,
+                        &cfg.image,
+                        info.version,
+                        wants,
+                        cfg.stall,
+                        &on_object,
+                    ) {
+                        Ok((sum, missing)) => {
+                            from.push(FromUpstream {
+                                upstream: format!("multicast {}", sum.group),
+                                objects: sum.objects,
+                                bytes: sum.bytes,
+                                left: (!missing.is_empty()).then(|| {
+                                    format!(
+                                        "{} objects did not arrive ({} blocks undecoded)",
+                                        missing.len(),
+                                        sum.abandoned
+                                    )
+                                }),
+                            });
+                            rest = missing;
+                            mc = Some(sum);
+                        }
+                        // A node that cannot join (no multicast on the master, no route for
+                        // the group) fetches everything the usual way.
+                        Err(e) => {
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                "multicast: not received; fetching over TCP"
+                            )
+                        }
+                    }
+                    // The master's session may have idled out meanwhile.
+                    master = Client::connect(&cfg.server, Duration::from_secs(10), &master_trust)?;
+                }
                 let (f, r) = fetch_chain(
                     &upstreams,
                     &mut master,
                     &format!("master {}", cfg.server),
-                    wants,
+                    &rest,
                     cfg.threads,
                     cfg.stall,
                     cfg.min_rate,
                     &buffer,
                     write,
                 )?;
-                from = f;
+                from.extend(f);
                 reattaches = r;
                 Ok(())
             })?;
@@ -860,6 +919,7 @@ pub fn deploy(cfg: &Deploy<'_>) -> Result<RelaySummary> {
             bytes,
             from,
             reattaches,
+            multicast: mc,
             ..Default::default()
         })
     })();

@@ -224,6 +224,7 @@ fn config(
         wait_secs: 20,
         linger_secs: 2,
         serve_installed: false,
+        multicast: false,
         threads: 2,
         summary_json: None,
         trust: si_agent::pull::TrustArgs {

@@ -57,6 +57,17 @@
 //! Bye                                ->
 //! ```
 //!
+//! A node that receives by multicast asks on its Deploy session, before it fetches objects:
+//!
+//! ```text
+//! McastJoin{image, version}          ->
+//!                                    <-    McastSession{group, session, key, ..}
+//!   (the node joins the group)
+//! McastReady{session}                ->
+//!                                    <-    Ok
+//!   (datagrams on the group: si_mcast; then Want for what did not arrive)
+//! ```
+//!
 //! The installer asks for its plan on a Deploy session before it fetches the image:
 //! `GetPlan{node}` → `Plan(toml)` or `Error{NotFound}`.
 //!
@@ -292,6 +303,38 @@ pub enum Msg {
     PushRate {
         max_kbit: u64,
     },
+
+    // multicast (node on a Deploy session with the master)
+    /// Asks to receive a version by multicast.
+    McastJoin {
+        image: String,
+        version: Option<u32>,
+    },
+    /// The session the node receives: the group (`IP:PORT`), the session number and its key
+    /// (given only to a caller who may read the image), and how long until the sender starts
+    /// at the latest.
+    McastSession {
+        group: String,
+        session: u64,
+        key: SessionKey,
+        version: u32,
+        starts_in_ms: u64,
+    },
+    /// The node has joined the group: the sender may count it (answered `Ok`).
+    McastReady {
+        session: u64,
+    },
+}
+
+/// A multicast session key: never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionKey(pub Vec<u8>);
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKey(redacted)")
+    }
 }
 
 /// How often a relay waiting for an object tells its successor so ([`Msg::Waiting`]); well
@@ -338,6 +381,9 @@ impl Msg {
             Msg::CaptureProof(_) => "CaptureProof",
             Msg::Waiting => "Waiting",
             Msg::PushRate { .. } => "PushRate",
+            Msg::McastJoin { .. } => "McastJoin",
+            Msg::McastSession { .. } => "McastSession",
+            Msg::McastReady { .. } => "McastReady",
         }
     }
 }

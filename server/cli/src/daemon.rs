@@ -95,6 +95,9 @@ pub struct DaemonArgs {
     /// --no-waves flags).
     #[arg(long)]
     pub wave_config: Option<PathBuf>,
+    /// Multicast sessions on the nodes' segment (off unless --multicast-group is given).
+    #[command(flatten)]
+    pub multicast: si_imageserver::multicast::MulticastConfig,
     #[command(subcommand)]
     pub command: Option<ServerCmd>,
 }
@@ -585,8 +588,13 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             ca: ca.clone(),
         })
     };
+    let multicast = si_imageserver::multicast::Multicast::new(&a.multicast, store.clone())?;
+    if multicast.is_some() && a.insecure {
+        tracing::warn!("--insecure: multicast session keys go to nodes over plain TCP; anyone on the path can read the stream");
+    }
     let scfg = serve::ServeConfig {
         max_connections: a.max_connections,
+        multicast,
         signer: Some(signer),
         plans: Some(plans),
         gate,

@@ -49,6 +49,8 @@ pub struct ServeConfig {
     /// None for a node the master does not know. Asked of the gate first (a node's plan goes
     /// only to that node); without a hook the service answers NotFound.
     pub plans: Option<PlanHook>,
+    /// Multicast sessions nodes may join (`McastJoin`); None: answered NotFound.
+    pub multicast: Option<Arc<crate::multicast::Multicast>>,
 }
 
 /// See [`ServeConfig::plans`].
@@ -125,6 +127,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("transport", &self.transport)
             .field("signer", &self.signer.is_some())
             .field("plans", &self.plans.is_some())
+            .field("multicast", &self.multicast)
             .field("gate", &"..")
             .finish()
     }
@@ -188,6 +191,7 @@ impl ServeConfig {
             signer: None,
             gate: Arc::new(Open),
             plans: None,
+            multicast: None,
         }
     }
 }
@@ -295,6 +299,7 @@ async fn serve(
     let signer = cfg.signer.clone();
     let gate = cfg.gate.clone();
     let plans = cfg.plans.clone();
+    let multicast = cfg.multicast.clone();
     let cache = Arc::new(ManifestCache::default());
     // The delta to each image's newest version is ready before the first node asks.
     // Dropping the set (when this returns) stops the warmer.
@@ -327,6 +332,7 @@ async fn serve(
         let signer = signer.clone();
         let gate = gate.clone();
         let plans = plans.clone();
+        let multicast = multicast.clone();
         let limits = Limits::of(&cfg);
         let slot = sources.try_take(peer.ip());
         if slot.is_none() {
@@ -353,6 +359,7 @@ async fn serve(
                                 caller,
                                 limits,
                                 plans,
+                                multicast,
                             };
                             handle(sock, ctx).await
                         }
@@ -546,6 +553,7 @@ struct Session {
     caller: Caller,
     limits: Limits,
     plans: Option<PlanHook>,
+    multicast: Option<Arc<crate::multicast::Multicast>>,
 }
 
 /// The per-connection deadlines a session runs under (from [`ServeConfig`]).
@@ -617,6 +625,7 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
         caller,
         limits,
         plans,
+        multicast,
     } = ctx;
     let peer = caller.addr;
     let mut sock = Stalling::new(sock, limits.write_stall);
@@ -848,6 +857,51 @@ async fn handle(sock: si_trust::ServerStream, ctx: Session) -> Result<()> {
                     }
                 }
                 write_msg_async(&mut w, &Msg::Ok).await.map_err(Into::into)
+            }
+            Msg::McastJoin { image, version } => {
+                let img = image.clone();
+                if let Err(e) = allowed(&gate, &caller, "multicast", move |g, c| {
+                    g.may_read_image(c, &img)?;
+                    g.may_fetch_objects(c)
+                })
+                .await
+                {
+                    return refuse(&mut w, e).await;
+                }
+                let reply = match &multicast {
+                    None => Msg::Error {
+                        kind: ErrorKind::NotFound,
+                        message: "this server offers no multicast".into(),
+                    },
+                    Some(mc) => match mc.join(&image, version) {
+                        Ok(m) => m,
+                        Err(e) => Msg::Error {
+                            kind: ErrorKind::NotFound,
+                            message: format!("{e:#}"),
+                        },
+                    },
+                };
+                tracing::info!(%peer, image, joined = matches!(reply, Msg::McastSession { .. }), "multicast join");
+                write_msg_async(&mut w, &reply).await.map_err(Into::into)
+            }
+            Msg::McastReady { session } => {
+                if let Err(e) =
+                    allowed(&gate, &caller, "multicast", |g, c| g.may_fetch_objects(c)).await
+                {
+                    return refuse(&mut w, e).await;
+                }
+                let reply = match multicast.as_ref().map(|mc| mc.ready(session)) {
+                    Some(Ok(())) => Msg::Ok,
+                    Some(Err(e)) => Msg::Error {
+                        kind: ErrorKind::NotFound,
+                        message: format!("{e:#}"),
+                    },
+                    None => Msg::Error {
+                        kind: ErrorKind::NotFound,
+                        message: "this server offers no multicast".into(),
+                    },
+                };
+                write_msg_async(&mut w, &reply).await.map_err(Into::into)
             }
             Msg::GetPlan { node } => {
                 let n = node.clone();

@@ -358,7 +358,10 @@ impl<'a> Sender<'a> {
             match self.sock.send_to(d, self.dest) {
                 Ok(_) => break,
                 // The interface queue is full: give it a moment rather than drop.
-                Err(e) if e.raw_os_error() == Some(105) && tries < 100 => {
+                Err(e)
+                    if e.raw_os_error() == Some(rustix::io::Errno::NOBUFS.raw_os_error())
+                        && tries < 100 =>
+                {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(1));
                 }
